@@ -1,0 +1,5 @@
+import sys
+
+from neonctl.cli import main
+
+sys.exit(main())

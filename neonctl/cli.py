@@ -1,0 +1,76 @@
+"""The `neonctl` command line: wires the command modules into one typer app.
+
+Errors from the engine (NeonctlError) are printed as one line on stderr with a
+non-zero exit code; nothing else is caught, so a bug still shows a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from neonctl import __version__
+from neonctl.commands import endpoint, project, quickstart, storage
+from neonctl.errors import NeonctlError
+
+app = typer.Typer(
+    name="neonctl",
+    help="Local, branchable serverless Postgres: Neon's storage/compute split on your machine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"neonctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+app.command("init")(project.init)
+app.add_typer(project.app, name="project")
+app.add_typer(project.app, name="projects", hidden=True)
+app.command("start")(storage.start)
+app.command("stop")(storage.stop)
+app.command("status")(storage.status)
+app.add_typer(endpoint.app, name="endpoint")
+app.add_typer(endpoint.app, name="endpoints", hidden=True)
+app.command("connection-string")(endpoint.connection_string)
+app.command("cs", hidden=True)(endpoint.connection_string)
+app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(endpoint.psql)
+app.command("quickstart")(quickstart.quickstart)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="neonctl")
+    except NeonctlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except click.exceptions.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

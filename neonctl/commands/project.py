@@ -1,0 +1,60 @@
+"""`neonctl init` and `neonctl project list|delete`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from neonctl.commands.common import OutputOpt, ProjectOpt
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.project import create_project, delete_project, list_projects, load_project
+from neonctl.output import Format, emit, info
+
+app = typer.Typer(help="Manage projects (one Postgres cluster's storage and branches each).", no_args_is_help=True)
+
+
+def project_row(p) -> dict:
+    c = p.config
+    return {"name": c.name, "id": c.id, "pg_version": c.pg_version, "default_branch": c.default_branch,
+            "branches": len(c.branches), "safekeepers": len(c.safekeepers), "pageserver_port": c.pageserver_port,
+            "broker_port": c.broker_port, "safekeeper_ports": [s["port"] for s in c.safekeepers],
+            "pg_bin": c.pg_bin, "path": str(p.dir)}
+
+
+def init(
+    name: Annotated[str, typer.Option("--name", help="Project name.")] = "default",
+    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory (>= 15); default: embedded PG 18.")] = None,
+    safekeepers: Annotated[int, typer.Option("--safekeepers", help="Number of safekeepers.")] = 1,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Create a project: initdb once, import it into the pageserver as branch `main`."""
+    p = create_project(name, pg_bin=pg_bin, safekeepers=safekeepers, progress=info)
+    info(f"created project {name!r}; next: `neonctl start`, then `neonctl endpoint start main`")
+    emit(project_row(p), output, ["name", "pg_version", "default_branch", "safekeepers", "pageserver_port", "path"])
+
+
+@app.command("list")
+def list_cmd(output: OutputOpt = Format.table) -> None:
+    """List projects."""
+    emit([project_row(p) for p in list_projects()], output, ["name", "pg_version", "branches", "pageserver_port", "path"])
+
+
+@app.command("get")
+def get_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Show one project, with its branches."""
+    p = load_project(project)
+    row = project_row(p)
+    row["branch_list"] = [{"name": b.name, "timeline_id": b.timeline_id, "parent": b.parent,
+                           "parent_lsn": format_lsn(b.parent_lsn) if b.parent_lsn else None}
+                          for b in p.config.branches.values()]
+    emit(row, output, ["name", "id", "pg_version", "default_branch", "branches", "path"])
+
+
+@app.command("delete")
+def delete_cmd(name: Annotated[str, typer.Argument(help="Project to delete.")],
+               output: OutputOpt = Format.table) -> None:
+    """Stop a project's endpoints and daemons and delete all its data."""
+    p = load_project(name)
+    delete_project(p)
+    emit({"name": name, "deleted": True}, output)

@@ -1,0 +1,55 @@
+"""`neonctl start|stop|status`: the project's storage daemons."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from neonctl.commands.common import OutputOpt, ProjectOpt
+from neonctl.engine.compute.endpoint import list_endpoints
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.project import load_project
+from neonctl.engine.storage import start_storage, stop_storage, storage_status
+from neonctl.output import Format, emit, info
+
+
+def start(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Start the storage broker, safekeepers and pageserver (harmless if running)."""
+    p = load_project(project)
+    emit(start_storage(p, progress=info), output)
+
+
+def stop(
+    project: ProjectOpt = None,
+    immediate: Annotated[bool, typer.Option("--immediate", help="SIGKILL instead of a clean shutdown.")] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Stop the project's daemons. Running endpoints keep running but their commits wait."""
+    p = load_project(project)
+    emit(stop_storage(p, immediate=immediate), output)
+
+
+def _lsns(timelines: dict) -> str:
+    parts = []
+    for v in timelines.values():
+        parts.append(" ".join(f"{k}={format_lsn(x) if isinstance(x, int) and k.endswith('lsn') else x}"
+                              for k, x in v.items()))
+    return "; ".join(parts)
+
+
+def status(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Show each daemon's pid, address, state and key LSNs, and the endpoints."""
+    p = load_project(project)
+    rows = storage_status(p)
+    if output == Format.table:
+        for r in rows:
+            r["lsns"] = _lsns(r.pop("timelines", {}))
+        emit(rows, output, ["name", "pid", "address", "state", "lsns"])
+        eps = [{"branch": st.branch, "port": st.port, "status": s} for st, s in list_endpoints(p)]
+        if eps:
+            print()
+            emit(eps, output)
+    else:
+        emit({"daemons": rows, "endpoints": [{"branch": st.branch, "port": st.port, "status": s}
+                                             for st, s in list_endpoints(p)]}, output)

@@ -1,0 +1,3 @@
+from neonctl.engine.broker.service import main
+
+main()

@@ -1,0 +1,222 @@
+"""Endpoints: a Postgres compute running on a branch, built from storage at every start.
+
+Start = ask the safekeepers where the branch's WAL ends, ask the pageserver
+for a data directory at the last complete record there, configure it afresh
+(the compute streams WAL to the safekeepers as a synchronous standby, so a
+commit returns only once a quorum fsynced it) and start Postgres. Stop =
+shut Postgres down (its final WAL reaches the safekeepers) and delete the
+data directory: it was only ever a cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from neonctl.engine import client, ports
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.process import log_tail, pid_alive
+from neonctl.engine.project import Project, list_projects
+from neonctl.engine.storage import require_running
+from neonctl.errors import Conflict, InvalidInput, NotFound, PostgresError
+
+
+@dataclass
+class EndpointState:
+    branch: str
+    timeline_id: str
+    port: int
+    pgdata: str
+    start_lsn: int
+    started_at: float
+    pg_version: int
+    fsync: bool = False
+
+    @property
+    def connection_string(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+
+def endpoints_dir(project: Project) -> Path:
+    d = project.dir / "endpoints"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _state_path(project: Project, branch: str) -> Path:
+    return endpoints_dir(project) / f"{branch}.json"
+
+
+def read_state(project: Project, branch: str) -> EndpointState | None:
+    try:
+        return EndpointState(**json.loads(_state_path(project, branch).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def postgres_pid(pgdata: str | Path) -> int | None:
+    try:
+        pid = int((Path(pgdata) / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def endpoint_status(st: EndpointState) -> str:
+    return "running" if postgres_pid(st.pgdata) else "crashed"
+
+
+def _ports_in_use() -> set[int]:
+    used = set()
+    for p in list_projects():
+        for f in (p.dir / "endpoints").glob("*.json") if (p.dir / "endpoints").exists() else []:
+            try:
+                used.add(json.loads(f.read_text())["port"])
+            except (OSError, ValueError, KeyError):
+                pass
+    return used
+
+
+def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -> str:
+    sks = [f"sk{sk['id']}" for sk in project.config.safekeepers]
+    quorum = len(sks) // 2 + 1
+    return "\n".join([
+        "",
+        "# --- neonctl compute settings (rewritten at every endpoint start) ---",
+        "listen_addresses = '127.0.0.1'",
+        f"port = {port}",
+        f"unix_socket_directories = '{socket_dir}'",
+        f"fsync = {'on' if fsync else 'off'}  # durability is the safekeepers' job",
+        "synchronous_commit = on",
+        f"synchronous_standby_names = 'ANY {quorum} ({', '.join(sks)})'",
+        "wal_level = replica",
+        "max_wal_senders = 10",
+        "max_replication_slots = 10",
+        "wal_sender_timeout = 60s",
+        "recovery_init_sync_method = syncfs",
+        "shared_buffers = 128MB",
+        "log_line_prefix = '%m [%p] '",
+        "",
+    ])
+
+
+def start_endpoint(project: Project, branch: str, port: int | None = None, fsync: bool = False,
+                   progress=lambda msg: None) -> EndpointState:
+    with project.lock():
+        project.reload()
+        b = project.branch(branch)
+        require_running(project)
+        old = read_state(project, branch)
+        if old is not None:
+            if endpoint_status(old) == "running":
+                raise Conflict(f"endpoint for branch {branch!r} is already running on port {old.port}")
+            progress(f"previous compute of {branch!r} is gone (crashed); rebuilding it from storage")
+            _discard(project, old)
+        if port is not None:
+            if not 1 <= port <= 65535:
+                raise InvalidInput(f"invalid port {port}")
+            if port in _ports_in_use() or not ports.port_free(port):
+                raise Conflict(f"port {port} is already in use")
+        else:
+            port, = ports.allocate(ports.ENDPOINT_BASE_PORT, _ports_in_use())
+        runtime = project.runtime()
+        flush = 0
+        for sk_id, addr in project.safekeeper_addrs().items():
+            info = client.call(f"sk{sk_id}", addr, "GET", f"/v1/timeline/{b.timeline_id}")
+            flush = max(flush, info["flush_lsn"])
+        epdir = project.compute_root() / "endpoints" / branch
+        pgdata = epdir / "pgdata"
+        if epdir.exists():
+            shutil.rmtree(epdir)
+        epdir.mkdir(parents=True)
+        os.chmod(epdir, 0o755)
+        try:
+            progress(f"materialising {branch} at the end of its WAL ({format_lsn(flush)}) ...")
+            res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
+                              {"target": str(pgdata), "wait_for_lsn": flush, "timeout": 60}, timeout=120)
+            lsn = res["lsn"]
+            with open(pgdata / "postgresql.conf", "a") as f:
+                f.write(compute_config(project, port, epdir, fsync))
+            runtime.chown(epdir, recursive=True)
+            progress(f"starting PostgreSQL {runtime.version} on port {port} ...")
+            logfile = epdir / "postgres.log"
+            try:
+                runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata),
+                             "-l", str(logfile)], timeout=180)
+            except PostgresError as e:
+                raise PostgresError(f"PostgreSQL failed to start on branch {branch!r}: {log_tail(logfile)}",
+                                    hint=str(logfile)) from e
+            for sk_id, addr in project.safekeeper_addrs().items():
+                client.call(f"sk{sk_id}", addr, "POST", f"/v1/timeline/{b.timeline_id}/compute",
+                            {"host": "127.0.0.1", "port": port, "user": "postgres", "start_lsn": lsn})
+        except BaseException:
+            pid = postgres_pid(pgdata)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(epdir, ignore_errors=True)
+            raise
+        st = EndpointState(branch=branch, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
+                           started_at=time.time(), pg_version=runtime.version, fsync=fsync)
+        tmp = _state_path(project, branch).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(st), indent=1))
+        os.replace(tmp, _state_path(project, branch))
+        return st
+
+
+def _discard(project: Project, st: EndpointState) -> None:
+    for sk_id, addr in project.safekeeper_addrs().items():
+        try:
+            client.call(f"sk{sk_id}", addr, "DELETE", f"/v1/timeline/{st.timeline_id}/compute")
+        except Exception:  # noqa: BLE001 - a stopped safekeeper re-learns on the next start
+            pass
+    shutil.rmtree(Path(st.pgdata).parent, ignore_errors=True)
+    _state_path(project, st.branch).unlink(missing_ok=True)
+
+
+def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> EndpointState:
+    with project.lock():
+        project.branch(branch)
+        st = read_state(project, branch)
+        if st is None:
+            raise NotFound(f"no endpoint is running on branch {branch!r}")
+        pid = postgres_pid(st.pgdata)
+        if pid:
+            runtime = project.runtime()
+            mode = "immediate" if immediate else "fast"
+            try:
+                runtime.run([runtime.bin("pg_ctl"), "stop", "-w", "-t", "60", "-m", mode, "-D", st.pgdata], timeout=90)
+            except PostgresError:
+                if postgres_pid(st.pgdata):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.time() + 10
+            while pid_alive(pid) and time.time() < deadline:
+                time.sleep(0.05)
+        _discard(project, st)
+        return st
+
+
+def list_endpoints(project: Project) -> list[tuple[EndpointState, str]]:
+    out = []
+    for f in sorted(endpoints_dir(project).glob("*.json")):
+        st = read_state(project, f.stem)
+        if st:
+            out.append((st, endpoint_status(st)))
+    return out
+
+
+def stop_all_endpoints(project: Project, immediate: bool = False) -> None:
+    for st, _ in list_endpoints(project):
+        stop_endpoint(project, st.branch, immediate=immediate)
+
+
+def running_endpoint(project: Project, branch: str) -> EndpointState:
+    project.branch(branch)
+    st = read_state(project, branch)
+    if st is None or endpoint_status(st) != "running":
+        raise NotFound(f"no endpoint is running on branch {branch!r}", hint=f"run `neonctl endpoint start {branch}`")
+    return st

@@ -1,0 +1,60 @@
+"""What every storage daemon shares: logging set-up, an aiohttp app runner, signal handling, JSON errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from neonctl.errors import Conflict, NeonctlError, NotFound
+
+
+def setup_logging(name: str) -> None:
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Turn engine errors into JSON responses the client side re-raises as NeonctlError."""
+    try:
+        return await handler(request)
+    except NeonctlError as e:
+        status = 404 if isinstance(e, NotFound) else 409 if isinstance(e, Conflict) else 400
+        return web.json_response({"error": e.message, "kind": type(e).__name__, "hint": e.hint}, status=status)
+
+
+def json_body(obj) -> web.Response:
+    return web.Response(text=json.dumps(obj), content_type="application/json")
+
+
+def serve(app: web.Application, host: str, port: int,
+          background: list[Callable[[asyncio.Event], Awaitable[None]]]) -> None:
+    """Run the app and background tasks until SIGTERM/SIGINT, then stop tasks and exit cleanly."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        tasks = [asyncio.create_task(fn(stop)) for fn in background]
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        on_stop = app.get("on_stop")
+        if on_stop:
+            on_stop()
+        await runner.cleanup()
+
+    asyncio.run(main())

@@ -1,0 +1,50 @@
+"""The neonctl home: where projects, daemon state and compute data directories live.
+
+``NEONCTL_HOME`` overrides ``platformdirs.user_data_dir("neonctl")``. Compute
+data directories must be reachable by the unprivileged user that runs
+Postgres; when the home is not (root's home is mode 0700), they go to a
+per-home directory under /var/lib/neonctl instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+from neonctl.engine.compute.runtime import shared_dir, traversable_by_others
+
+
+def home_dir() -> Path:
+    env = os.environ.get("NEONCTL_HOME")
+    if env:
+        p = Path(env).expanduser().absolute()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import platformdirs  # noqa: PLC0415
+
+            p = Path(platformdirs.user_data_dir("neonctl"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def projects_dir() -> Path:
+    d = home_dir() / "projects"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def compute_root(project_dir: Path) -> Path:
+    """Directory for a project's compute data dirs, reachable by the Postgres user."""
+    local = project_dir / "compute"
+    if os.geteuid() != 0 or traversable_by_others(project_dir):
+        local.mkdir(parents=True, exist_ok=True)
+        os.chmod(local, 0o755)
+        return local
+    digest = hashlib.sha256(str(project_dir.resolve()).encode()).hexdigest()[:12]
+    d = shared_dir("compute") / digest
+    d.mkdir(exist_ok=True)
+    os.chmod(d, 0o755)
+    return d

@@ -1,0 +1,3 @@
+from neonctl.engine.pageserver.service import main
+
+main()

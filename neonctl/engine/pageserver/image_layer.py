@@ -1,0 +1,136 @@
+"""Image layers: a complete snapshot of a key range at one LSN.
+
+Reconstructing a page from a long chain of deltas is slow, so the pageserver periodically
+materialises every key of a range at an LSN into an image layer. A read at or above that LSN
+stops there: the value in the image is the page as of the layer's LSN. An image layer is also
+authoritative about absence - a key inside its range that is not in the file did not exist at
+that LSN, so the search must not continue into older layers or the ancestor timeline.
+
+Values are whole 8 KiB pages (or other serialized values such as a relation size), compressed
+with zstd level 1 when that makes them smaller, indexed by the 18-byte key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
+from neonctl.engine.pageserver.layer_file import (
+    IMAGE_MAGIC,
+    LayerFileReader,
+    LayerFileWriter,
+    LayerSummary,
+    normalize_timeline_id,
+)
+from neonctl.engine.pageserver.layer_name import ImageLayerName
+from neonctl.errors import CorruptData
+
+
+@dataclass(frozen=True)
+class ImageLayerInfo:
+    """What a finished writer produced."""
+
+    path: Path
+    name: ImageLayerName
+    timeline_id: str
+    file_size: int
+    num_values: int
+
+    @property
+    def key_range(self) -> KeyRange:
+        return self.name.key_range
+
+    @property
+    def lsn(self) -> int:
+        return self.name.lsn
+
+
+class ImageLayerWriter:
+    """Writes one image layer; ``put`` in key order, then ``finish``.
+
+    Use as a context manager: leaving the block without ``finish`` (or on an exception) removes the
+    temporary file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeline_id: str | bytes, key_range: KeyRange, lsn: int):
+        self.name = ImageLayerName(key_range, lsn)  # validates range and LSN
+        self.timeline_id = normalize_timeline_id(timeline_id)
+        self._file = LayerFileWriter(path, KEY_SIZE)
+        self._last: Key | None = None
+        self.num_values = 0
+
+    def put(self, key: Key, page: bytes) -> None:
+        if not self.name.key_range.contains(key):
+            raise ValueError(f"key {key} outside the layer's range {self.name.key_range}")
+        if self._last is not None and key <= self._last:
+            raise ValueError(f"put({key}) is not after the previous key {self._last}")
+        offset = self._file.write_blob(page, compress=True)
+        self._file.index.append(key.to_bytes(), offset)
+        self._last = key
+        self.num_values += 1
+
+    def finish(self) -> ImageLayerInfo:
+        lsn = self.name.lsn
+        summary = self._file.finish(IMAGE_MAGIC, self.timeline_id, self.name.key_range, lsn, lsn + 1)
+        return ImageLayerInfo(self._file.path, self.name, summary.timeline_id, self._file.offset, self.num_values)
+
+    def abort(self) -> None:
+        self._file.abort()
+
+    def __enter__(self) -> ImageLayerWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._file.__exit__(exc_type, exc, tb)
+
+
+class ImageLayerReader:
+    """Point and sequential reads of one image layer; corruption raises ``CorruptData``."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self._file = LayerFileReader(path, IMAGE_MAGIC, "image", KEY_SIZE)
+        self.path = self._file.path
+        self.summary: LayerSummary = self._file.summary
+        try:
+            if self.summary.lsn_end != self.summary.lsn_start + 1:
+                raise ValueError("an image layer's LSN range must be one LSN")
+            self.name = ImageLayerName(self.summary.key_range, self.summary.lsn_start)
+        except ValueError as e:
+            self._file.close()
+            raise CorruptData(f"{self.path}: bad summary: {e}") from e
+
+    @property
+    def key_range(self) -> KeyRange:
+        return self.summary.key_range
+
+    @property
+    def lsn(self) -> int:
+        return self.summary.lsn_start
+
+    def get(self, key: Key) -> bytes | None:
+        """The value of ``key`` at the layer's LSN; None means the key did not exist then."""
+        if not self.key_range.contains(key):
+            raise ValueError(f"key {key} outside the image layer's range {self.key_range}")
+        offset = self._file.index.get(key.to_bytes())
+        return None if offset is None else self._file.read_blob(offset)
+
+    def iter_all(self) -> Iterator[tuple[Key, bytes]]:
+        for kbytes, offset in self._file.index.iter_all():
+            yield Key.from_bytes(kbytes), self._file.read_blob(offset)
+
+    def keys(self) -> Iterator[Key]:
+        for kbytes, _ in self._file.index.iter_all():
+            yield Key.from_bytes(kbytes)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ImageLayerReader:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

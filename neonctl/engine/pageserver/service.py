@@ -1,0 +1,144 @@
+"""The pageserver daemon: timelines, WAL ingest, and data directories on request.
+
+  GET  /v1/status                         health and timelines
+  GET  /v1/timeline/{tl}                  metadata, last_record_lsn, received_lsn
+  POST /v1/timeline/{tl}/basebackup       {target, lsn?, wait_for_lsn?, timeout?}: materialise a
+                                          data directory; with no lsn, at the end of the WAL the
+                                          safekeepers had (wait_for_lsn), rounded down to a record end
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline
+from neonctl.engine.pageserver.walreceiver import receive
+from neonctl.errors import NotFound, Timeout
+
+log = logging.getLogger("pageserver")
+
+
+class Pageserver:
+    def __init__(self, workdir: Path, broker: str | None, safekeepers: list[str]):
+        self.workdir = workdir
+        self.broker = broker
+        self.safekeepers = safekeepers
+        self.timelines: dict[str, Timeline] = {}
+        self.broker_view: dict[str, dict] = {}
+        self.receivers: dict[str, asyncio.Task] = {}
+        self.stop_event: asyncio.Event | None = None
+
+    def load(self) -> None:
+        for tid in list_timelines(self.workdir):
+            if tid not in self.timelines:
+                self.timelines[tid] = open_timeline(self.workdir, tid)
+                log.info("loaded timeline %s at %s", tid, format_lsn(self.timelines[tid].last_record_lsn))
+
+    def get(self, tid: str) -> Timeline:
+        if tid not in self.timelines:
+            self.load()  # a timeline created on disk since start-up
+        tl = self.timelines.get(tid)
+        if tl is None:
+            raise NotFound(f"timeline {tid} not found in the pageserver")
+        return tl
+
+    def info(self, tl: Timeline) -> dict:
+        return {**asdict(tl.meta), "received_lsn": tl.received_lsn, "sk_flush_lsn": tl.sk_flush_lsn}
+
+    async def status(self, request: web.Request) -> web.Response:
+        return json_body({"timelines": {k: self.info(v) for k, v in self.timelines.items()},
+                          "broker_version": getattr(self, "broker_version", None)})
+
+    async def timeline_info(self, request: web.Request) -> web.Response:
+        return json_body(self.info(self.get(request.match_info["tl"])))
+
+    async def basebackup(self, request: web.Request) -> web.Response:
+        tl = self.get(request.match_info["tl"])
+        self.ensure_receiver(tl)
+        body = await request.json()
+        timeout = float(body.get("timeout", 60))
+        deadline = time.monotonic() + timeout
+        wait_for = body.get("wait_for_lsn")
+        lsn = body.get("lsn")
+        target_lsn = int(wait_for if lsn is None else lsn)
+        # Until we hold the WAL up to the requested point, wait for the walreceiver.
+        while (tl.received_lsn if lsn is None else tl.last_record_lsn) < target_lsn:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"pageserver has WAL up to {format_lsn(tl.received_lsn)} of timeline"
+                              f" {tl.timeline_id}, waited {timeout:.0f}s for {format_lsn(target_lsn)}")
+            await tl.wait_progress(min(remaining, 1.0))
+        at = tl.last_record_lsn if lsn is None else int(lsn)
+        await asyncio.to_thread(tl.materialize, at, Path(body["target"]))
+        return json_body({"lsn": at, "timeline_id": tl.timeline_id})
+
+    def ensure_receiver(self, tl: Timeline) -> None:
+        task = self.receivers.get(tl.timeline_id)
+        if (task is None or task.done()) and self.stop_event is not None:
+            self.receivers[tl.timeline_id] = asyncio.create_task(
+                receive(tl, self.http, self.broker_view, self.safekeepers, self.stop_event))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.stop_event = stop
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        try:
+            for tl in self.timelines.values():
+                self.ensure_receiver(tl)
+            await self.follow_broker(stop)
+        finally:
+            await self.http.close()
+
+    async def follow_broker(self, stop: asyncio.Event) -> None:
+        """Subscribe to the broker; keep the last known view while it is down."""
+        version = -1
+        while not stop.is_set():
+            if not self.broker:
+                await asyncio.sleep(1)
+                continue
+            try:
+                async with self.http.get(f"http://{self.broker}/v1/subscribe",
+                                         params={"after": version, "wait": 2}) as r:
+                    r.raise_for_status()
+                    msg = await r.json()
+                if msg["version"] < version:  # the broker restarted
+                    version = -1
+                else:
+                    version = msg["version"]
+                self.broker_version = version
+                for tid, per_sk in msg["timelines"].items():
+                    self.broker_view[tid] = per_sk
+                    if tid in self.timelines or tid in list_timelines(self.workdir):
+                        self.ensure_receiver(self.get(tid))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                await asyncio.sleep(0.5)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware])
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_get("/v1/timeline/{tl}", self.timeline_info)
+        app.router.add_post("/v1/timeline/{tl}/basebackup", self.basebackup)
+        return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="neonctl-pageserver")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--listen", default="127.0.0.1:9898")
+    p.add_argument("--broker", default=None)
+    p.add_argument("--safekeepers", default="", help="comma-separated host:port used when the broker is silent")
+    args = p.parse_args(argv)
+    setup_logging("pageserver")
+    ps = Pageserver(args.workdir, args.broker, [s for s in args.safekeepers.split(",") if s])
+    ps.load()
+    host, port = args.listen.rsplit(":", 1)
+    serve(ps.app(), host, int(port), [ps.run])

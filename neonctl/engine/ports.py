@@ -1,0 +1,30 @@
+"""Loopback port allocation: daemons get fixed ports per project, endpoints from 55432 upward."""
+
+from __future__ import annotations
+
+import socket
+
+ENDPOINT_BASE_PORT = 55432
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def allocate(base: int, taken: set[int], count: int = 1) -> list[int]:
+    """The first `count` ports from `base` that are free now and not promised to anyone else."""
+    out: list[int] = []
+    port = base
+    while len(out) < count:
+        if port > 65535:
+            raise RuntimeError(f"no free port at or above {base}")
+        if port not in taken and port_free(port):
+            out.append(port)
+        port += 1
+    return out

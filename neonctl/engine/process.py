@@ -1,0 +1,137 @@
+"""Background processes: the one place that owns pid files, log files, readiness and shutdown.
+
+Every storage daemon (pageserver, safekeepers, broker) is a detached Python
+process with a pid file and a log file; start waits for a health check with a
+deadline, stop sends SIGTERM then SIGKILL. A pid file whose process is gone (or
+is some other program now) is stale and is cleaned up, so starting twice is
+harmless and a crashed daemon is reported as such.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from neonctl.errors import DaemonError
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pid_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+@dataclass
+class BackgroundProcess:
+    """A daemon identified by name, launched as ``python -m <module> <args>``."""
+
+    name: str
+    module: str
+    args: list[str]
+    workdir: Path
+    health_url: str
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The live pid, or None; removes a stale pid file."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if pid_alive(pid) and self.module in pid_cmdline(pid):
+            return pid
+        self.pid_file.unlink(missing_ok=True)
+        return None
+
+    def state(self) -> str:
+        pid = self.pid()
+        if pid is None:
+            return "stopped"
+        return "running" if http_ok(self.health_url) else "unhealthy"
+
+    def start(self, timeout: float = 15.0) -> int:
+        existing = self.pid()
+        if existing is not None:
+            return existing
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise DaemonError(
+                    f"{self.name} exited during start (code {proc.returncode}): {log_tail(self.log_file)}",
+                    hint=f"see {self.log_file}",
+                )
+            if http_ok(self.health_url, timeout=0.5):
+                return proc.pid
+            time.sleep(0.05)
+        self.stop(immediate=True)
+        raise DaemonError(f"{self.name} did not become healthy within {timeout:.0f}s", hint=f"see {self.log_file}")
+
+    def stop(self, immediate: bool = False, timeout: float = 10.0) -> bool:
+        """Stop the daemon; True if it was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL if immediate else signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+            time.sleep(0.02)
+        self.pid_file.unlink(missing_ok=True)
+        return True

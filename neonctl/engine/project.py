@@ -1,0 +1,263 @@
+"""Projects: one Postgres cluster's storage (pageserver, safekeepers, broker) and its branches.
+
+A project lives in ``<home>/projects/<name>/`` with ``project.json`` (ports,
+Postgres version, branches and their timelines), a directory per daemon, and
+endpoint state. `create` runs initdb once and imports it as the root
+timeline's first image; it either completes or leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from neonctl.engine import ports
+from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
+from neonctl.engine.home import compute_root, home_dir, projects_dir
+from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
+from neonctl.engine.process import BackgroundProcess
+from neonctl.engine.safekeeper.control_file import TimelineState
+from neonctl.engine.safekeeper.timeline import SkTimeline
+from neonctl.errors import AlreadyExists, InvalidInput, NotFound
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+DEFAULT_BRANCH = "main"
+PAGESERVER_BASE_PORT = 64000
+SAFEKEEPER_BASE_PORT = 5454
+BROKER_BASE_PORT = 50051
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidInput(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.' (max 63)")
+    return name
+
+
+@dataclass
+class Branch:
+    name: str
+    timeline_id: str
+    parent: str | None = None
+    parent_lsn: int | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class ProjectConfig:
+    name: str
+    id: str
+    pg_bin: str | None
+    pg_version: int
+    system_id: int
+    pageserver_port: int
+    broker_port: int
+    safekeepers: list[dict]
+    default_branch: str = DEFAULT_BRANCH
+    branches: dict[str, Branch] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ProjectConfig":
+        d = dict(d)
+        d["branches"] = {k: Branch(**v) for k, v in d.get("branches", {}).items()}
+        return cls(**d)
+
+
+class Project:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        try:
+            self.config = ProjectConfig.from_json(json.loads((directory / "project.json").read_text()))
+        except FileNotFoundError:
+            raise NotFound(f"project {directory.name!r} does not exist", hint="run `neonctl init`") from None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def save(self) -> None:
+        tmp = self.dir / "project.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.config), indent=1))
+        os.replace(tmp, self.dir / "project.json")
+
+    @contextmanager
+    def lock(self):
+        """Serialise state-changing commands on one project (two `endpoint start`s, say)."""
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def reload(self) -> None:
+        self.config = Project(self.dir).config
+
+    def runtime(self) -> PgRuntime:
+        return resolve_runtime(self.config.pg_bin)
+
+    def compute_root(self) -> Path:
+        return compute_root(self.dir)
+
+    def branch(self, name: str) -> Branch:
+        b = self.config.branches.get(name)
+        if b is None:
+            raise NotFound(f"branch {name!r} does not exist in project {self.name!r}",
+                           hint=f"branches: {', '.join(sorted(self.config.branches))}")
+        return b
+
+    # -- daemons --------------------------------------------------------------
+
+    @property
+    def pageserver_addr(self) -> str:
+        return f"127.0.0.1:{self.config.pageserver_port}"
+
+    @property
+    def broker_addr(self) -> str:
+        return f"127.0.0.1:{self.config.broker_port}"
+
+    def safekeeper_addrs(self) -> dict[int, str]:
+        return {sk["id"]: f"127.0.0.1:{sk['port']}" for sk in self.config.safekeepers}
+
+    def safekeeper_dir(self, sk_id: int) -> Path:
+        return self.dir / "safekeepers" / f"sk{sk_id}"
+
+    def daemons(self) -> list[BackgroundProcess]:
+        """Broker first, then safekeepers, then the pageserver: the order they start in."""
+        out = [BackgroundProcess("broker", "neonctl.engine.broker", ["--listen", self.broker_addr],
+                                 self.dir / "broker", f"http://{self.broker_addr}/v1/status")]
+        for sk_id, addr in self.safekeeper_addrs().items():
+            out.append(BackgroundProcess(
+                f"sk{sk_id}", "neonctl.engine.safekeeper",
+                ["--id", str(sk_id), "--workdir", str(self.safekeeper_dir(sk_id)), "--listen", addr,
+                 "--broker", self.broker_addr],
+                self.safekeeper_dir(sk_id), f"http://{addr}/v1/status"))
+        out.append(BackgroundProcess(
+            "pageserver", "neonctl.engine.pageserver",
+            ["--workdir", str(self.dir / "pageserver"), "--listen", self.pageserver_addr,
+             "--broker", self.broker_addr, "--safekeepers", ",".join(self.safekeeper_addrs().values())],
+            self.dir / "pageserver", f"http://{self.pageserver_addr}/v1/status"))
+        return out
+
+    def daemon(self, name: str) -> BackgroundProcess:
+        for d in self.daemons():
+            if d.name == name:
+                return d
+        raise NotFound(f"no daemon named {name!r} in project {self.name!r}")
+
+
+def _taken_ports() -> set[int]:
+    taken: set[int] = set()
+    for p in list_projects():
+        c = p.config
+        taken |= {c.pageserver_port, c.broker_port, *(sk["port"] for sk in c.safekeepers)}
+    return taken
+
+
+def list_projects() -> list[Project]:
+    out = []
+    for d in sorted(projects_dir().iterdir()):
+        if (d / "project.json").exists():
+            out.append(Project(d))
+    return out
+
+
+def current_marker() -> Path:
+    return home_dir() / "current"
+
+
+def load_project(name: str | None = None) -> Project:
+    """The named project, or the only one, or the last initialised one."""
+    if name:
+        check_name("project", name)
+        return Project(projects_dir() / name)
+    projects = list_projects()
+    if not projects:
+        raise NotFound("no project here yet", hint="run `neonctl init` or `neonctl quickstart`")
+    if len(projects) == 1:
+        return projects[0]
+    try:
+        cur = current_marker().read_text().strip()
+        return Project(projects_dir() / cur)
+    except (OSError, NotFound):
+        raise InvalidInput("several projects exist; choose one with --project",
+                           hint=", ".join(p.name for p in projects)) from None
+
+
+def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, progress=print) -> Project:
+    check_name("project", name)
+    if safekeepers < 1 or safekeepers > 7:
+        raise InvalidInput("--safekeepers must be between 1 and 7")
+    pdir = projects_dir() / name
+    if (pdir / "project.json").exists():
+        raise AlreadyExists(f"project {name!r} already exists", hint="choose another --name or `neonctl project delete`")
+    runtime = resolve_runtime(pg_bin)  # fails before anything is created
+    taken = _taken_ports()
+    ps_port, = ports.allocate(PAGESERVER_BASE_PORT, taken)
+    broker_port, = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
+    sk_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken | {ps_port, broker_port}, safekeepers)
+    if pdir.exists():
+        shutil.rmtree(pdir)  # leftovers of an interrupted init, never a complete project
+    pdir.mkdir(parents=True)
+    try:
+        timeline_id = uuid.uuid4().hex
+        progress(f"initdb with PostgreSQL {runtime.version_string} ...")
+        with tempfile.TemporaryDirectory(dir=compute_root(pdir)) as tmp:
+            os.chmod(tmp, 0o755)
+            pgdata = Path(tmp) / "pgdata"
+            pgdata.mkdir(mode=0o700)
+            runtime.chown(pgdata)
+            runtime.run([runtime.bin("initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                         "-E", "UTF8", "--locale=C", "-N"])
+            progress("importing the initdb image into the pageserver ...")
+            tl = Timeline.import_initdb(timeline_dir(pdir / "pageserver", timeline_id), timeline_id, pgdata,
+                                        runtime.bin_dir, runtime.version)
+        sk_cfg = []
+        for i, port in enumerate(sk_ports, start=1):
+            sk_cfg.append({"id": i, "port": port})
+            state = TimelineState(timeline_id=timeline_id, system_id=tl.meta.system_id,
+                                  pg_version=runtime.version, timeline_start_lsn=tl.last_record_lsn,
+                                  flush_lsn=tl.last_record_lsn, commit_lsn=tl.last_record_lsn)
+            SkTimeline.create(pdir / "safekeepers" / f"sk{i}" / "timelines" / timeline_id, state)
+        config = ProjectConfig(
+            name=name, id=uuid.uuid4().hex, pg_bin=str(pg_bin) if pg_bin else None, pg_version=runtime.version,
+            system_id=tl.meta.system_id, pageserver_port=ps_port, broker_port=broker_port, safekeepers=sk_cfg,
+            branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
+        )
+        tmp_json = pdir / "project.json.tmp"
+        tmp_json.write_text(json.dumps(asdict(config), indent=1))
+        os.replace(tmp_json, pdir / "project.json")  # the commit point of init
+    except BaseException:
+        croot = compute_root(pdir)
+        if croot != pdir / "compute":
+            shutil.rmtree(croot, ignore_errors=True)
+        shutil.rmtree(pdir, ignore_errors=True)
+        raise
+    current_marker().write_text(name)
+    return Project(pdir)
+
+
+def delete_project(project: Project) -> None:
+    from neonctl.engine.compute.endpoint import stop_all_endpoints  # noqa: PLC0415
+    from neonctl.engine.storage import stop_storage  # noqa: PLC0415
+
+    stop_all_endpoints(project)
+    stop_storage(project, immediate=True)
+    croot = project.compute_root()
+    if croot != project.dir / "compute":
+        shutil.rmtree(croot, ignore_errors=True)
+    shutil.rmtree(project.dir)
+    try:
+        if current_marker().read_text().strip() == project.name:
+            current_marker().unlink()
+    except OSError:
+        pass

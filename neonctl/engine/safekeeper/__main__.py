@@ -1,0 +1,3 @@
+from neonctl.engine.safekeeper.service import main
+
+main()

@@ -1,0 +1,150 @@
+"""The safekeeper as a physical-replication client (a synchronous standby) of the compute.
+
+IDENTIFY_SYSTEM checks the compute belongs to this timeline's cluster; a
+physical slot keeps the compute's WAL while we are away; START_REPLICATION
+opens CopyBoth. Each socket read is a batch: append every XLogData, one
+fdatasync, then report write = flush = apply, so the compute's
+synchronous_commit wait ends only once the WAL is durable here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from neonctl.engine import pgwire
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.safekeeper.timeline import SkTimeline
+from neonctl.errors import InvalidInput
+
+log = logging.getLogger("safekeeper.receiver")
+
+
+class ReplicationConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.buf = pgwire.MessageBuffer()
+
+    async def next_message(self) -> tuple[bytes, bytes]:
+        while (msg := self.buf.next_message()) is None:
+            data = await self.reader.read(1 << 20)
+            if not data:
+                raise ConnectionError("compute closed the replication connection")
+            self.buf.feed(data)
+        if msg[0] == b"E":
+            raise pgwire.ServerError(pgwire.parse_error_fields(msg[1]))
+        return msg
+
+    async def simple_query(self, sql: str) -> list[list[str | None]]:
+        self.writer.write(pgwire.query(sql))
+        rows, error = [], None
+        while True:
+            try:
+                kind, body = await self.next_message()
+            except pgwire.ServerError as e:
+                error = e
+                continue
+            if kind == b"D":
+                rows.append(pgwire.parse_data_row(body))
+            elif kind == b"Z":
+                if error:
+                    raise error
+                return rows
+
+
+async def connect(host: str, port: int, user: str, app_name: str) -> ReplicationConnection:
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = ReplicationConnection(reader, writer)
+    writer.write(pgwire.startup_message(
+        {"user": user, "replication": "true", "application_name": app_name}))
+    while True:
+        kind, body = await conn.next_message()
+        if kind == b"R":
+            code = int.from_bytes(body[:4], "big")
+            if code != 0:
+                raise ConnectionError(f"compute asks for authentication method {code}; neonctl computes use trust")
+        elif kind == b"Z":
+            return conn
+
+
+async def stream(tl: SkTimeline, app_name: str, stop: asyncio.Event) -> None:
+    """Stream WAL from the timeline's compute until stopped or the connection breaks."""
+    c = tl.state.compute
+    conn = await connect(c["host"], int(c["port"]), c.get("user", "postgres"), app_name)
+    try:
+        rows = await conn.simple_query("IDENTIFY_SYSTEM")
+        if int(rows[0][0]) != tl.state.system_id:
+            raise InvalidInput(f"compute at {c['host']}:{c['port']} has system id {rows[0][0]},"
+                               f" timeline expects {tl.state.system_id}")
+        slot = f"neonctl_{app_name}"
+        try:
+            await conn.simple_query(f"CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL")
+        except pgwire.ServerError as e:
+            if e.sqlstate != "42710":  # duplicate_object: the slot survives compute restarts
+                raise
+        conn.writer.write(pgwire.query(
+            f"START_REPLICATION SLOT {slot} PHYSICAL {format_lsn(tl.write_lsn)} TIMELINE 1"))
+        while True:
+            kind, _ = await conn.next_message()
+            if kind == b"W":
+                break
+        tl.streaming = True
+        tl.last_error = None
+        log.info("streaming %s from %s:%s at %s", tl.state.timeline_id, c["host"], c["port"],
+                 format_lsn(tl.write_lsn))
+        last_reply = 0.0
+        while not stop.is_set():
+            reply_wanted = False
+            wrote = False
+            # Drain everything already buffered plus one socket read: that is our batch.
+            if not conn.buf.has_message():
+                try:
+                    data = await asyncio.wait_for(conn.reader.read(1 << 20), timeout=1.0)
+                except asyncio.TimeoutError:
+                    data = None
+                if data == b"":
+                    raise ConnectionError("compute closed the replication connection")
+                if data:
+                    conn.buf.feed(data)
+            while (msg := conn.buf.next_message()) is not None:
+                kind, body = msg
+                if kind == b"d":
+                    payload = pgwire.parse_copy_payload(body)
+                    if isinstance(payload, pgwire.XLogData) and payload.data:
+                        tl.append(payload.start_lsn, payload.data)
+                        wrote = True
+                    elif isinstance(payload, pgwire.Keepalive) and payload.reply_requested:
+                        reply_wanted = True
+                elif kind == b"E":
+                    raise pgwire.ServerError(pgwire.parse_error_fields(body))
+                elif kind == b"c":
+                    return
+            if wrote:
+                await asyncio.to_thread(tl.sync)
+                tl.mark_flushed(tl.write_lsn)
+            now = time.monotonic()
+            if wrote or reply_wanted or now - last_reply >= 1.0:
+                conn.writer.write(pgwire.standby_status_update(tl.flush_lsn, tl.flush_lsn, tl.flush_lsn))
+                await conn.writer.drain()
+                last_reply = now
+    finally:
+        tl.streaming = False
+        conn.writer.close()
+
+
+async def run_receiver(tl: SkTimeline, app_name: str, stop: asyncio.Event) -> None:
+    """Keep streaming from the configured compute, reconnecting after failures, until stopped."""
+    while not stop.is_set():
+        try:
+            await stream(tl, app_name, stop)
+        except (OSError, ConnectionError, pgwire.ServerError, InvalidInput, asyncio.IncompleteReadError) as e:
+            tl.last_error = str(e)
+            log.info("receiver for %s: %s", tl.state.timeline_id, e)
+        except Exception as e:  # noqa: BLE001 - a receiver must never die silently
+            tl.last_error = f"{type(e).__name__}: {e}"
+            log.exception("receiver for %s failed", tl.state.timeline_id)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.3)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,754 @@
+"""WAL record decoding: block references, page images and the records neonctl acts on.
+
+A record (``RawRecord`` from ``reader.py``) is a 24-byte header, then block
+reference headers, an optional origin / top-level xid, a main-data header, then
+the payloads in the same order: for each block its page image (if any) and its
+data, then the main data. Block references name the page a record changes
+(tablespace/database/relfilenode, fork, block number); a page image ("FPI") is
+stored without its zero "hole" and may be compressed (pglz, lz4, zstd).
+``decode_record`` splits a record into these parts the way PostgreSQL's
+DecodeXLogRecord does; the ``parse_*`` helpers read the main data of the
+records the pageserver and the safekeeper act on (transaction end, checkpoint,
+relation create/truncate, database create/drop, relmap update).
+
+Layouts are those of PostgreSQL 15-18; where they differ the helpers take the
+major version (``WalStreamDecoder.pg_version`` knows it from the page magic).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from neonctl.engine.wal.reader import RawRecord, WalDecodeError
+from neonctl.engine.wal.reader import XLOG_SWITCH as XLOG_SWITCH  # re-exported
+from neonctl.engine.lsn import format_lsn
+
+BLCKSZ = 8192
+LATEST_PG_VERSION = 18
+
+# Resource managers (rmgrlist.h): the same ids and names in PostgreSQL 15-18.
+RMGR_NAMES = (
+    "XLOG", "Transaction", "Storage", "CLOG", "Database", "Tablespace", "MultiXact", "RelMap", "Standby",
+    "Heap2", "Heap", "Btree", "Hash", "Gin", "Gist", "Sequence", "SPGist", "BRIN", "CommitTs",
+    "ReplicationOrigin", "Generic", "LogicalMessage",
+)
+RMGR_NAMES_BY_VERSION = {v: RMGR_NAMES for v in (15, 16, 17, 18)}
+RM_XLOG_ID, RM_XACT_ID, RM_SMGR_ID, RM_CLOG_ID, RM_DBASE_ID, RM_TBLSPC_ID, RM_MULTIXACT_ID, RM_RELMAP_ID = range(8)
+RM_STANDBY_ID, RM_HEAP2_ID, RM_HEAP_ID, RM_BTREE_ID = 8, 9, 10, 11
+RM_SEQ_ID, RM_LOGICALMSG_ID = 15, 21
+
+XLR_INFO_MASK = 0x0F
+XLR_RMGR_INFO_MASK = 0xF0
+
+# XLOG rmgr (pg_control.h)
+XLOG_CHECKPOINT_SHUTDOWN = 0x00
+XLOG_CHECKPOINT_ONLINE = 0x10
+XLOG_NEXTOID = 0x30
+XLOG_FPI_FOR_HINT = 0xA0
+XLOG_FPI = 0xB0
+# Transaction rmgr (xact.h)
+XLOG_XACT_COMMIT, XLOG_XACT_PREPARE, XLOG_XACT_ABORT = 0x00, 0x10, 0x20
+XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_ABORT_PREPARED = 0x30, 0x40
+XLOG_XACT_OPMASK = 0x70
+XLOG_XACT_HAS_INFO = 0x80
+XACT_XINFO_HAS_DBINFO = 1 << 0
+XACT_XINFO_HAS_SUBXACTS = 1 << 1
+XACT_XINFO_HAS_RELFILELOCATORS = 1 << 2
+XACT_XINFO_HAS_INVALS = 1 << 3
+XACT_XINFO_HAS_TWOPHASE = 1 << 4
+XACT_XINFO_HAS_ORIGIN = 1 << 5
+XACT_XINFO_HAS_AE_LOCKS = 1 << 6
+XACT_XINFO_HAS_GID = 1 << 7
+XACT_XINFO_HAS_DROPPED_STATS = 1 << 8
+# Storage rmgr (storage_xlog.h)
+XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE = 0x10, 0x20
+SMGR_TRUNCATE_HEAP, SMGR_TRUNCATE_VM, SMGR_TRUNCATE_FSM = 0x1, 0x2, 0x4
+# Database rmgr (dbcommands_xlog.h)
+XLOG_DBASE_CREATE_FILE_COPY, XLOG_DBASE_CREATE_WAL_LOG, XLOG_DBASE_DROP = 0x00, 0x10, 0x20
+# RelMap rmgr (relmapper.h)
+XLOG_RELMAP_UPDATE = 0x00
+
+# Record layout (xlogrecord.h)
+XLR_MAX_BLOCK_ID = 32
+XLR_BLOCK_ID_DATA_SHORT = 255
+XLR_BLOCK_ID_DATA_LONG = 254
+XLR_BLOCK_ID_ORIGIN = 253
+XLR_BLOCK_ID_TOPLEVEL_XID = 252
+BKPBLOCK_FORK_MASK = 0x0F
+BKPBLOCK_HAS_IMAGE = 0x10
+BKPBLOCK_HAS_DATA = 0x20
+BKPBLOCK_WILL_INIT = 0x40
+BKPBLOCK_SAME_REL = 0x80
+BKPIMAGE_HAS_HOLE = 0x01
+BKPIMAGE_APPLY = 0x02
+BKPIMAGE_COMPRESS_PGLZ = 0x04
+BKPIMAGE_COMPRESS_LZ4 = 0x08
+BKPIMAGE_COMPRESS_ZSTD = 0x10
+_BKPIMAGE_COMPRESSED = BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD
+
+FORK_NAMES = ("main", "fsm", "vm", "init")
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+_REC_HDR = struct.Struct("<IIQBB")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_BLK_HDR = struct.Struct("<BH")  # fork_flags, data_length
+_IMG_HDR = struct.Struct("<HHB")  # bimg_len, hole_offset, bimg_info
+_RLOC = struct.Struct("<III")
+_RLOC_BLK = struct.Struct("<IIII")
+
+
+class BlockRef:
+    """One page a record references. ``image`` is the full page (hole restored, decompressed), or None."""
+
+    __slots__ = ("block_id", "spc", "db", "rel", "forknum", "blkno", "flags", "data",
+                 "bimg_info", "hole_offset", "hole_length", "bimg", "_image")
+
+    def __init__(self, block_id: int, flags: int, spc: int, db: int, rel: int, blkno: int):
+        self.block_id = block_id
+        self.flags = flags
+        self.forknum = flags & BKPBLOCK_FORK_MASK
+        self.spc, self.db, self.rel, self.blkno = spc, db, rel, blkno
+        self.data = b""
+        self.bimg_info = 0
+        self.hole_offset = 0
+        self.hole_length = 0
+        self.bimg: bytes | None = None  # the image as stored in the record
+        self._image: bytes | None = None
+
+    has_image = property(lambda self: bool(self.flags & BKPBLOCK_HAS_IMAGE))
+    has_data = property(lambda self: bool(self.flags & BKPBLOCK_HAS_DATA))
+    will_init = property(lambda self: bool(self.flags & BKPBLOCK_WILL_INIT))
+    apply_image = property(lambda self: bool(self.bimg_info & BKPIMAGE_APPLY))
+
+    @property
+    def inits_page(self) -> bool:
+        """Redo does not need the page's earlier contents (WILL_INIT, or an image that is applied)."""
+        return bool(self.flags & BKPBLOCK_WILL_INIT) or bool(self.bimg_info & BKPIMAGE_APPLY)
+
+    @property
+    def compression(self) -> str | None:
+        info = self.bimg_info
+        if info & BKPIMAGE_COMPRESS_PGLZ:
+            return "pglz"
+        if info & BKPIMAGE_COMPRESS_LZ4:
+            return "lz4"
+        if info & BKPIMAGE_COMPRESS_ZSTD:
+            return "zstd"
+        return None
+
+    @property
+    def image(self) -> bytes | None:
+        if self.bimg is None:
+            return None
+        if self._image is None:
+            self._image = restore_image(self)
+        return self._image
+
+    @property
+    def fork(self) -> str:
+        return FORK_NAMES[self.forknum] if self.forknum < len(FORK_NAMES) else str(self.forknum)
+
+    def __repr__(self) -> str:
+        img = f" image({self.compression or 'raw'}{', apply' if self.apply_image else ''})" if self.bimg else ""
+        init = " will_init" if self.will_init else ""
+        return (f"BlockRef(#{self.block_id} {self.spc}/{self.db}/{self.rel} {self.fork} blk {self.blkno}"
+                f"{img}{init} data={len(self.data)})")
+
+
+@dataclass(slots=True)
+class DecodedRecord:
+    lsn: int
+    end_lsn: int
+    tot_len: int
+    xid: int
+    prev: int
+    info: int
+    rmid: int
+    blocks: list[BlockRef]
+    main_data: bytes
+    origin: int | None = None
+    toplevel_xid: int | None = None
+    pg_version: int | None = None
+
+    @property
+    def rmgr(self) -> str:
+        return rmgr_name(self.rmid)
+
+    @property
+    def rmgr_info(self) -> int:
+        """The rmgr-specific opcode bits (xl_info & 0xF0)."""
+        return self.info & XLR_RMGR_INFO_MASK
+
+    @property
+    def fpi_len(self) -> int:
+        return sum(len(b.bimg) for b in self.blocks if b.bimg is not None)
+
+    @property
+    def is_switch(self) -> bool:
+        return self.rmid == RM_XLOG_ID and self.info & XLR_RMGR_INFO_MASK == XLOG_SWITCH
+
+    @property
+    def is_fpi(self) -> bool:
+        """XLOG_FPI or XLOG_FPI_FOR_HINT: the record is nothing but page images."""
+        return self.rmid == RM_XLOG_ID and self.info & XLR_RMGR_INFO_MASK in (XLOG_FPI, XLOG_FPI_FOR_HINT)
+
+    def identify(self) -> str | None:
+        """The record type as pg_waldump names it ("COMMIT", "INSERT+INIT"), None if not known here."""
+        return identify(self.rmid, self.info, self.pg_version or LATEST_PG_VERSION)
+
+    def __repr__(self) -> str:
+        return (f"DecodedRecord({format_lsn(self.lsn)} {self.rmgr} {self.identify() or hex(self.info)} "
+                f"len {self.tot_len} xid {self.xid} blocks {self.blocks} main {len(self.main_data)})")
+
+
+def rmgr_name(rmid: int) -> str:
+    if rmid < len(RMGR_NAMES):
+        return RMGR_NAMES[rmid]
+    return f"custom{rmid:03d}" if rmid >= 128 else f"unknown{rmid}"
+
+
+def _bad(raw_lsn: int, msg: str) -> WalDecodeError:
+    return WalDecodeError(f"invalid WAL record at {format_lsn(raw_lsn)}: {msg}")
+
+
+def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecord:
+    """Split a record into block references and main data, checking it as DecodeXLogRecord does."""
+    data = raw.data
+    lsn = raw.lsn
+    n = len(data)
+    tot_len, xid, prev, info, rmid = _REC_HDR.unpack_from(data)
+    if tot_len != n:
+        raise _bad(lsn, f"length {tot_len} but {n} bytes")
+    off = 24
+    datatotal = 0
+    main_len = 0
+    origin = toplevel = None
+    blocks: list[BlockRef] = []
+    lengths: list[tuple[int, int]] = []  # (image length or -1, data length) per block
+    max_block_id = -1
+    spc = db = rel = None
+    try:
+        while n - off > datatotal:
+            block_id = data[off]
+            off += 1
+            if block_id == XLR_BLOCK_ID_DATA_SHORT:
+                main_len = data[off]
+                off += 1
+                datatotal += main_len
+                break
+            if block_id == XLR_BLOCK_ID_DATA_LONG:
+                main_len = _U32.unpack_from(data, off)[0]
+                off += 4
+                datatotal += main_len
+                break
+            if block_id == XLR_BLOCK_ID_ORIGIN:
+                origin = _U16.unpack_from(data, off)[0]
+                off += 2
+                continue
+            if block_id == XLR_BLOCK_ID_TOPLEVEL_XID:
+                toplevel = _U32.unpack_from(data, off)[0]
+                off += 4
+                continue
+            if block_id > XLR_MAX_BLOCK_ID:
+                raise _bad(lsn, f"invalid block_id {block_id}")
+            if block_id <= max_block_id:
+                raise _bad(lsn, f"out-of-order block_id {block_id}")
+            max_block_id = block_id
+            flags, data_len = _BLK_HDR.unpack_from(data, off)
+            off += 3
+            if flags & BKPBLOCK_HAS_DATA:
+                if data_len == 0:
+                    raise _bad(lsn, "BKPBLOCK_HAS_DATA set, but no data included")
+            elif data_len:
+                raise _bad(lsn, f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
+            datatotal += data_len
+            bimg_len = hole_offset = hole_length = bimg_info = 0
+            if flags & BKPBLOCK_HAS_IMAGE:
+                bimg_len, hole_offset, bimg_info = _IMG_HDR.unpack_from(data, off)
+                off += 5
+                if bimg_info & _BKPIMAGE_COMPRESSED:
+                    if bimg_info & BKPIMAGE_HAS_HOLE:
+                        hole_length = _U16.unpack_from(data, off)[0]
+                        off += 2
+                    if bimg_len == BLCKSZ:
+                        raise _bad(lsn, "compressed block image has full length")
+                else:
+                    hole_length = BLCKSZ - bimg_len
+                if bimg_info & BKPIMAGE_HAS_HOLE:
+                    if hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ:
+                        raise _bad(lsn, f"bad hole (offset {hole_offset}, length {hole_length}, image {bimg_len})")
+                elif hole_offset or hole_length:
+                    raise _bad(lsn, f"hole without BKPIMAGE_HAS_HOLE (offset {hole_offset}, length {hole_length})")
+                datatotal += bimg_len
+            if flags & BKPBLOCK_SAME_REL:
+                if spc is None:
+                    raise _bad(lsn, "BKPBLOCK_SAME_REL set but no previous rel")
+                blkno = _U32.unpack_from(data, off)[0]
+                off += 4
+            else:
+                spc, db, rel, blkno = _RLOC_BLK.unpack_from(data, off)
+                off += 16
+            blk = BlockRef(block_id, flags, spc, db, rel, blkno)
+            if flags & BKPBLOCK_HAS_IMAGE:
+                blk.bimg_info, blk.hole_offset, blk.hole_length = bimg_info, hole_offset, hole_length
+            blocks.append(blk)
+            lengths.append((bimg_len if flags & BKPBLOCK_HAS_IMAGE else -1, data_len))
+    except (struct.error, IndexError):
+        raise _bad(lsn, "record header runs past its length") from None
+    if n - off != datatotal:
+        raise _bad(lsn, f"{n - off} bytes of payload, headers promise {datatotal}")
+    for blk, (img_len, data_len) in zip(blocks, lengths):
+        if img_len >= 0:
+            blk.bimg = data[off:off + img_len]
+            off += img_len
+        if data_len:
+            blk.data = data[off:off + data_len]
+            off += data_len
+    main = data[off:off + main_len] if main_len else b""
+    return DecodedRecord(lsn, raw.end_lsn, tot_len, xid, prev, info, rmid, blocks, main, origin, toplevel, pg_version)
+
+
+# -- page images --------------------------------------------------------------
+
+
+def restore_image(blk: BlockRef) -> bytes:
+    """The full page of a block image: decompressed, with its hole put back."""
+    raw = blk.bimg
+    if raw is None:
+        raise ValueError("block has no image")
+    want = BLCKSZ - blk.hole_length
+    method = blk.compression
+    if method == "pglz":
+        raw = pglz_decompress(raw, want)
+    elif method == "lz4":
+        raw = lz4_decompress(raw, want)
+    elif method == "zstd":
+        raw = zstd_decompress(raw, want)
+    if len(raw) != want:
+        raise WalDecodeError(f"block image of {blk!r} has {len(raw)} bytes, expected {want}")
+    if blk.hole_length:
+        return b"".join((raw[:blk.hole_offset], bytes(blk.hole_length), raw[blk.hole_offset:]))
+    return bytes(raw)
+
+
+def _copy_match(out: bytearray, off: int, length: int) -> None:
+    start = len(out) - off
+    if off >= length:
+        out += out[start:start + length]
+    else:  # overlapping copy: the last `off` bytes repeat
+        out += (out[start:] * (length // off + 1))[:length]
+
+
+def pglz_decompress(src: bytes, rawsize: int) -> bytes:
+    """PostgreSQL's pglz format (pg_lzcompress.c), all of src must yield exactly rawsize bytes."""
+    out = bytearray()
+    sp = 0
+    n = len(src)
+    try:
+        while sp < n and len(out) < rawsize:
+            ctrl = src[sp]
+            sp += 1
+            if ctrl == 0:  # eight literal bytes
+                take = min(8, n - sp, rawsize - len(out))
+                out += src[sp:sp + take]
+                sp += take
+                continue
+            for _ in range(8):
+                if sp >= n or len(out) >= rawsize:
+                    break
+                if ctrl & 1:
+                    b0 = src[sp]
+                    length = (b0 & 0x0F) + 3
+                    off = ((b0 & 0xF0) << 4) | src[sp + 1]
+                    sp += 2
+                    if length == 18:
+                        length += src[sp]
+                        sp += 1
+                    if off == 0 or off > len(out):
+                        raise WalDecodeError("corrupt pglz data: bad match offset")
+                    _copy_match(out, off, min(length, rawsize - len(out)))
+                else:
+                    out.append(src[sp])
+                    sp += 1
+                ctrl >>= 1
+    except IndexError:
+        raise WalDecodeError("corrupt pglz data: truncated") from None
+    if len(out) != rawsize or sp != n:
+        raise WalDecodeError(f"corrupt pglz data: {len(out)} of {rawsize} bytes, {n - sp} input bytes left")
+    return bytes(out)
+
+
+def lz4_decompress(src: bytes, rawsize: int) -> bytes:
+    """An LZ4 block (as LZ4_compress_default writes it); uses the lz4 package when installed."""
+    try:
+        import lz4.block  # noqa: PLC0415
+    except ImportError:
+        return _lz4_block_decompress(src, rawsize)
+    try:
+        return lz4.block.decompress(src, uncompressed_size=rawsize)
+    except Exception as e:  # lz4.block.LZ4BlockError
+        raise WalDecodeError(f"corrupt lz4 data: {e}") from None
+
+
+def _lz4_block_decompress(src: bytes, rawsize: int) -> bytes:
+    out = bytearray()
+    sp = 0
+    n = len(src)
+    try:
+        while sp < n:
+            token = src[sp]
+            sp += 1
+            lit = token >> 4
+            if lit == 15:
+                while True:
+                    b = src[sp]
+                    sp += 1
+                    lit += b
+                    if b != 255:
+                        break
+            out += src[sp:sp + lit]
+            sp += lit
+            if sp >= n:
+                break
+            off = src[sp] | (src[sp + 1] << 8)
+            sp += 2
+            length = token & 15
+            if length == 15:
+                while True:
+                    b = src[sp]
+                    sp += 1
+                    length += b
+                    if b != 255:
+                        break
+            if off == 0 or off > len(out):
+                raise WalDecodeError("corrupt lz4 data: bad match offset")
+            _copy_match(out, off, length + 4)
+            if len(out) > rawsize:
+                break
+    except IndexError:
+        raise WalDecodeError("corrupt lz4 data: truncated") from None
+    if len(out) != rawsize:
+        raise WalDecodeError(f"corrupt lz4 data: {len(out)} bytes, expected {rawsize}")
+    return bytes(out)
+
+
+def zstd_decompress(src: bytes, rawsize: int) -> bytes:
+    try:
+        import zstandard  # noqa: PLC0415
+    except ImportError:
+        raise WalDecodeError("a page image is zstd-compressed: pip install zstandard") from None
+    try:
+        return zstandard.ZstdDecompressor().decompress(src, max_output_size=rawsize)
+    except zstandard.ZstdError as e:
+        raise WalDecodeError(f"corrupt zstd data: {e}") from None
+
+
+# -- record types -------------------------------------------------------------
+
+_XLOG_OPS = {
+    0x00: "CHECKPOINT_SHUTDOWN", 0x10: "CHECKPOINT_ONLINE", 0x20: "NOOP", 0x30: "NEXTOID", 0x40: "SWITCH",
+    0x50: "BACKUP_END", 0x60: "PARAMETER_CHANGE", 0x70: "RESTORE_POINT", 0x80: "FPW_CHANGE",
+    0x90: "END_OF_RECOVERY", 0xA0: "FPI_FOR_HINT", 0xB0: "FPI", 0xD0: "OVERWRITE_CONTRECORD",
+}
+_XLOG_OPS_17 = {**_XLOG_OPS, 0xE0: "CHECKPOINT_REDO"}
+_XACT_OPS = {0x00: "COMMIT", 0x10: "PREPARE", 0x20: "ABORT", 0x30: "COMMIT_PREPARED", 0x40: "ABORT_PREPARED",
+             0x50: "ASSIGNMENT", 0x60: "INVALIDATION"}
+_HEAP_OPS = {0x00: "INSERT", 0x10: "DELETE", 0x20: "UPDATE", 0x30: "TRUNCATE", 0x40: "HOT_UPDATE",
+             0x50: "CONFIRM", 0x60: "LOCK", 0x70: "INPLACE"}
+_HEAP2_OPS_15 = {0x00: "REWRITE", 0x10: "PRUNE", 0x20: "VACUUM", 0x30: "FREEZE_PAGE", 0x40: "VISIBLE",
+                 0x50: "MULTI_INSERT", 0x60: "LOCK_UPDATED", 0x70: "NEW_CID"}
+_HEAP2_OPS_17 = {**_HEAP2_OPS_15, 0x10: "PRUNE_ON_ACCESS", 0x20: "PRUNE_VACUUM_SCAN", 0x30: "PRUNE_VACUUM_CLEANUP"}
+_BTREE_OPS = {0x00: "INSERT_LEAF", 0x10: "INSERT_UPPER", 0x20: "INSERT_META", 0x30: "SPLIT_L", 0x40: "SPLIT_R",
+              0x50: "INSERT_POST", 0x60: "DEDUP", 0x70: "DELETE", 0x80: "UNLINK_PAGE", 0x90: "UNLINK_PAGE_META",
+              0xA0: "NEWROOT", 0xB0: "MARK_PAGE_HALFDEAD", 0xC0: "VACUUM", 0xD0: "REUSE_PAGE",
+              0xE0: "META_CLEANUP"}
+_SIMPLE_OPS = {
+    RM_SMGR_ID: {0x10: "CREATE", 0x20: "TRUNCATE"},
+    RM_CLOG_ID: {0x00: "ZEROPAGE", 0x10: "TRUNCATE"},
+    RM_DBASE_ID: {0x00: "CREATE_FILE_COPY", 0x10: "CREATE_WAL_LOG", 0x20: "DROP"},
+    RM_MULTIXACT_ID: {0x00: "ZERO_OFF_PAGE", 0x10: "ZERO_MEM_PAGE", 0x20: "CREATE_ID", 0x30: "TRUNCATE_ID"},
+    RM_RELMAP_ID: {0x00: "UPDATE"},
+    RM_STANDBY_ID: {0x00: "LOCK", 0x10: "RUNNING_XACTS", 0x20: "INVALIDATIONS"},
+    RM_BTREE_ID: _BTREE_OPS,
+    RM_SEQ_ID: {0x00: "LOG"},
+    RM_LOGICALMSG_ID: {0x00: "MESSAGE"},
+}
+
+
+def identify(rmid: int, info: int, pg_version: int = LATEST_PG_VERSION) -> str | None:
+    op = info & XLR_RMGR_INFO_MASK
+    if rmid == RM_XLOG_ID:
+        return (_XLOG_OPS_17 if pg_version >= 17 else _XLOG_OPS).get(op)
+    if rmid == RM_XACT_ID:
+        return _XACT_OPS.get(op & XLOG_XACT_OPMASK)
+    if rmid == RM_HEAP_ID:
+        name = _HEAP_OPS[op & 0x70]
+        return name + "+INIT" if op & 0x80 and name in ("INSERT", "UPDATE", "HOT_UPDATE") else name
+    if rmid == RM_HEAP2_ID:
+        name = (_HEAP2_OPS_17 if pg_version >= 17 else _HEAP2_OPS_15)[op & 0x70]
+        return name + "+INIT" if op & 0x80 and name == "MULTI_INSERT" else name
+    ops = _SIMPLE_OPS.get(rmid)
+    return ops.get(op) if ops else None
+
+
+def timestamptz_to_datetime(ts: int) -> datetime:
+    """PostgreSQL TimestampTz (microseconds since 2000-01-01 UTC) as an aware datetime."""
+    try:
+        return PG_EPOCH + timedelta(microseconds=ts)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC) if ts > 0 else datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class RelFileLocator:
+    spc: int
+    db: int
+    rel: int
+
+
+@dataclass
+class XactRecord:
+    """A transaction's end (commit, abort, and their two-phase forms) or its prepare."""
+
+    kind: str  # "commit" | "abort" | "commit_prepared" | "abort_prepared"
+    xid: int  # the transaction it ends: the record's xid, or the prepared xid for *_prepared
+    xact_time: int  # TimestampTz
+    xinfo: int = 0
+    db_id: int | None = None
+    ts_id: int | None = None
+    subxacts: list[int] = field(default_factory=list)
+    rels: list[RelFileLocator] = field(default_factory=list)  # relations dropped by this commit/abort
+    ndropped_stats: int = 0
+    ninvals: int = 0
+    twophase_xid: int | None = None
+    gid: str | None = None
+    origin_lsn: int | None = None
+    origin_timestamp: int | None = None
+
+    @property
+    def timestamp(self) -> datetime:
+        return timestamptz_to_datetime(self.xact_time)
+
+    @property
+    def is_commit(self) -> bool:
+        return self.kind in ("commit", "commit_prepared")
+
+
+_XACT_KINDS = {XLOG_XACT_COMMIT: "commit", XLOG_XACT_ABORT: "abort",
+               XLOG_XACT_COMMIT_PREPARED: "commit_prepared", XLOG_XACT_ABORT_PREPARED: "abort_prepared"}
+
+
+def parse_xact(rec: DecodedRecord, pg_version: int | None = None) -> XactRecord | None:
+    """Commit/abort (incl. prepared) details; None for other Transaction records (prepare, assignment, ...)."""
+    if rec.rmid != RM_XACT_ID:
+        return None
+    op = rec.info & XLOG_XACT_OPMASK
+    kind = _XACT_KINDS.get(op)
+    if kind is None:
+        return None
+    d = rec.main_data
+    try:
+        (xact_time,) = struct.unpack_from("<q", d, 0)
+        x = XactRecord(kind, rec.xid, xact_time)
+        off = 8
+        if rec.info & XLOG_XACT_HAS_INFO:
+            x.xinfo = xinfo = _U32.unpack_from(d, off)[0]
+            off += 4
+        else:
+            xinfo = 0
+        if xinfo & XACT_XINFO_HAS_DBINFO:
+            x.db_id, x.ts_id = struct.unpack_from("<II", d, off)
+            off += 8
+        if xinfo & XACT_XINFO_HAS_SUBXACTS:
+            (cnt,) = struct.unpack_from("<i", d, off)
+            x.subxacts = list(struct.unpack_from(f"<{cnt}I", d, off + 4))
+            off += 4 + 4 * cnt
+        if xinfo & XACT_XINFO_HAS_RELFILELOCATORS:
+            (cnt,) = struct.unpack_from("<i", d, off)
+            off += 4
+            for _ in range(cnt):
+                x.rels.append(RelFileLocator(*_RLOC.unpack_from(d, off)))
+                off += 12
+        if xinfo & XACT_XINFO_HAS_DROPPED_STATS:
+            (cnt,) = struct.unpack_from("<i", d, off)
+            x.ndropped_stats = cnt
+            off += 4 + cnt * _stats_item_size(rec, pg_version)
+        if xinfo & XACT_XINFO_HAS_INVALS and op != XLOG_XACT_ABORT and op != XLOG_XACT_ABORT_PREPARED:
+            (cnt,) = struct.unpack_from("<i", d, off)
+            x.ninvals = cnt
+            off += 4 + 16 * cnt  # sizeof(SharedInvalidationMessage)
+        if xinfo & XACT_XINFO_HAS_TWOPHASE:
+            x.twophase_xid = _U32.unpack_from(d, off)[0]
+            off += 4
+            if xinfo & XACT_XINFO_HAS_GID:
+                nul = d.index(b"\0", off)
+                x.gid = d[off:nul].decode("utf-8", "replace")
+                off = nul + 1
+        if xinfo & XACT_XINFO_HAS_ORIGIN:
+            x.origin_lsn, x.origin_timestamp = struct.unpack_from("<Qq", d, off)
+            off += 16
+    except (struct.error, ValueError):
+        raise _bad(rec.lsn, f"truncated {kind} record") from None
+    if kind.endswith("_prepared"):
+        if x.twophase_xid is None:
+            raise _bad(rec.lsn, f"{kind} record without a prepared xid")
+        x.xid = x.twophase_xid
+    return x
+
+
+def _stats_item_size(rec: DecodedRecord, pg_version: int | None) -> int:
+    version = pg_version or rec.pg_version
+    if version is None:
+        raise ValueError("the PostgreSQL version is needed to parse dropped-stats items: pass pg_version")
+    return 16 if version >= 18 else 12  # PG 18 widened xl_xact_stats_item.objoid to 64 bits
+
+
+@dataclass
+class CheckPoint:
+    """The CheckPoint struct (pg_control.h) carried by checkpoint records."""
+
+    redo: int
+    this_timeline: int
+    prev_timeline: int
+    full_page_writes: bool
+    wal_level: int | None  # in the struct from PostgreSQL 17 on
+    next_xid: int  # FullTransactionId: epoch << 32 | xid
+    next_oid: int
+    next_multi: int
+    next_multi_offset: int
+    oldest_xid: int
+    oldest_xid_db: int
+    oldest_multi: int
+    oldest_multi_db: int
+    time: int  # pg_time_t, seconds since 1970
+    oldest_commit_ts_xid: int
+    newest_commit_ts_xid: int
+    oldest_active_xid: int
+    shutdown: bool = False
+
+    @property
+    def next_xid_epoch(self) -> int:
+        return self.next_xid >> 32
+
+    @property
+    def timestamp(self) -> datetime:
+        return datetime.fromtimestamp(self.time, UTC)
+
+
+_CHECKPOINT = struct.Struct("<QII?3xiQIIIIIII4xqIII4x")  # 88 bytes in PostgreSQL 15-18
+CHECKPOINT_SIZE = _CHECKPOINT.size
+
+
+def parse_checkpoint_bytes(d: bytes, pg_version: int | None) -> CheckPoint:
+    if len(d) < CHECKPOINT_SIZE:
+        raise WalDecodeError(f"checkpoint data of {len(d)} bytes, expected {CHECKPOINT_SIZE}")
+    f = _CHECKPOINT.unpack_from(d)
+    wal_level = f[4] if (pg_version or LATEST_PG_VERSION) >= 17 else None
+    return CheckPoint(f[0], f[1], f[2], f[3], wal_level, *f[5:])
+
+
+def parse_checkpoint(rec: DecodedRecord, pg_version: int | None = None) -> CheckPoint | None:
+    """The checkpoint of a CHECKPOINT_SHUTDOWN/ONLINE record, else None."""
+    if rec.rmid != RM_XLOG_ID or rec.rmgr_info not in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE):
+        return None
+    cp = parse_checkpoint_bytes(rec.main_data, pg_version or rec.pg_version)
+    cp.shutdown = rec.rmgr_info == XLOG_CHECKPOINT_SHUTDOWN
+    return cp
+
+
+def parse_nextoid(rec: DecodedRecord) -> int | None:
+    if rec.rmid != RM_XLOG_ID or rec.rmgr_info != XLOG_NEXTOID:
+        return None
+    return _U32.unpack_from(rec.main_data)[0]
+
+
+@dataclass
+class SmgrCreate:
+    rel: RelFileLocator
+    forknum: int
+
+
+@dataclass
+class SmgrTruncate:
+    rel: RelFileLocator
+    blkno: int  # new length in blocks
+    flags: int  # SMGR_TRUNCATE_HEAP | _VM | _FSM: which forks
+
+    truncates_heap = property(lambda self: bool(self.flags & SMGR_TRUNCATE_HEAP))
+    truncates_vm = property(lambda self: bool(self.flags & SMGR_TRUNCATE_VM))
+    truncates_fsm = property(lambda self: bool(self.flags & SMGR_TRUNCATE_FSM))
+
+
+def parse_smgr(rec: DecodedRecord) -> SmgrCreate | SmgrTruncate | None:
+    if rec.rmid != RM_SMGR_ID:
+        return None
+    d = rec.main_data
+    try:
+        if rec.rmgr_info == XLOG_SMGR_CREATE:
+            spc, db, rel, fork = struct.unpack_from("<IIIi", d)
+            return SmgrCreate(RelFileLocator(spc, db, rel), fork)
+        if rec.rmgr_info == XLOG_SMGR_TRUNCATE:
+            blkno, spc, db, rel, flags = struct.unpack_from("<IIIIi", d)
+            return SmgrTruncate(RelFileLocator(spc, db, rel), blkno, flags)
+    except struct.error:
+        raise _bad(rec.lsn, "truncated Storage record") from None
+    return None
+
+
+@dataclass
+class DbaseCreate:
+    db_id: int
+    tablespace_id: int
+    strategy: str  # "file_copy" (copies src directory, logged without page images) | "wal_log"
+    src_db_id: int | None = None
+    src_tablespace_id: int | None = None
+
+
+@dataclass
+class DbaseDrop:
+    db_id: int
+    tablespace_ids: list[int]
+
+
+def parse_dbase(rec: DecodedRecord) -> DbaseCreate | DbaseDrop | None:
+    if rec.rmid != RM_DBASE_ID:
+        return None
+    d = rec.main_data
+    try:
+        if rec.rmgr_info == XLOG_DBASE_CREATE_FILE_COPY:
+            db, ts, src_db, src_ts = struct.unpack_from("<IIII", d)
+            return DbaseCreate(db, ts, "file_copy", src_db, src_ts)
+        if rec.rmgr_info == XLOG_DBASE_CREATE_WAL_LOG:
+            db, ts = struct.unpack_from("<II", d)
+            return DbaseCreate(db, ts, "wal_log")
+        if rec.rmgr_info == XLOG_DBASE_DROP:
+            db, cnt = struct.unpack_from("<Ii", d)
+            return DbaseDrop(db, list(struct.unpack_from(f"<{cnt}I", d, 8)))
+    except struct.error:
+        raise _bad(rec.lsn, "truncated Database record") from None
+    return None
+
+
+@dataclass
+class RelmapUpdate:
+    """A new pg_filenode.map (the whole file) for a database, or the shared one (db_id 0)."""
+
+    db_id: int
+    tablespace_id: int
+    data: bytes
+
+
+def parse_relmap(rec: DecodedRecord) -> RelmapUpdate | None:
+    if rec.rmid != RM_RELMAP_ID or rec.rmgr_info != XLOG_RELMAP_UPDATE:
+        return None
+    d = rec.main_data
+    try:
+        db, ts, nbytes = struct.unpack_from("<IIi", d)
+    except struct.error:
+        raise _bad(rec.lsn, "truncated RelMap record") from None
+    if len(d) < 12 + nbytes:
+        raise _bad(rec.lsn, "truncated RelMap record")
+    return RelmapUpdate(db, ts, d[12:12 + nbytes])
