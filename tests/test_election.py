@@ -462,9 +462,15 @@ MAX_PROPOSERS = 16
 def run(cluster: Cluster, ops) -> None:
     """Interpret (kind, proposer, safekeeper, amount) tuples; mostly drive the newest proposers."""
     for kind, pi, sk, k in ops:
-        if kind == "new":
+        if kind in ("new", "campaign"):
             if len(cluster.proposers) < MAX_PROPOSERS:
-                cluster.new_proposer([i for i in range(N) if (k % 7 + 1) >> i & 1])
+                greeted = [i for i in range(N) if (k % 7 + 1) >> i & 1]
+                p = cluster.new_proposer(greeted)
+                if kind == "campaign":  # the greeted acceptors vote at once and hear the result
+                    for i in greeted:
+                        cluster.vote(p, i)
+                    for i in greeted:
+                        cluster.elected(p, i)
         elif kind == "crash":
             cluster.restart(sk)
         elif cluster.proposers:

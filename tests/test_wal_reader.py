@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from neonctl.engine.wal.decoder import RMGR_NAMES
 from neonctl.engine.wal.reader import RawRecord, WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.errors import CorruptData
-from walgen import WalWriter
 
 pytest_plugins = ["walgen"]
 
@@ -229,7 +228,7 @@ def test_stream_errors_after_good_records(wal_sample):
     assert dec.last_record_end == recs[19].end_lsn
 
 
-def test_bad_page_headers():
+def test_bad_page_headers(WalWriter):
     w = WalWriter(16 << 20)
     for i in range(200):
         w.append(21, 0, bytes([i % 251]) * 300)
@@ -257,7 +256,7 @@ def test_bad_page_headers():
     fails(lambda b: b.__setitem__(slice(40, 44), struct.pack("<I", 12)), "invalid record length")
 
 
-def test_zero_length_means_no_more_records_yet():
+def test_zero_length_means_no_more_records_yet(WalWriter):
     w = WalWriter(16 << 20)
     for _ in range(3):
         w.append(21, 0, b"x" * 100)
@@ -272,7 +271,7 @@ def test_zero_length_means_no_more_records_yet():
     assert len(dec.drain()) == 3 and dec.at_zeros
 
 
-def test_prev_link_checked():
+def test_prev_link_checked(WalWriter):
     w = WalWriter(16 << 20)
     w.append(21, 0, b"a" * 50)
     w.prev = 12345  # the next record points somewhere else
@@ -284,7 +283,7 @@ def test_prev_link_checked():
         dec.poll()
 
 
-def test_overwritten_contrecord_is_skipped():
+def test_overwritten_contrecord_is_skipped(WalWriter):
     """A record torn at a page boundary whose tail was replaced (XLP_FIRST_IS_OVERWRITE_CONTRECORD)."""
     w = WalWriter(16 << 20)
     a = w.append(21, 0, b"a" * 8000)
@@ -299,7 +298,7 @@ def test_overwritten_contrecord_is_skipped():
     assert [r.lsn for r in got] == [a, c]
 
 
-def test_records_across_segments_small_segments():
+def test_records_across_segments_small_segments(WalWriter):
     """1 MiB segments, records of all sizes, some spanning several pages and segments."""
     seg = 1 << 20
     w = WalWriter(3 * seg, seg_size=seg)

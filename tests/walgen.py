@@ -198,6 +198,7 @@ DELETE FROM t1 WHERE id > 200;
 VACUUM t1;
 DROP TABLE t1;
 VACUUM FULL pgbench_branches;
+VACUUM FULL pg_class;
 SELECT pg_logical_emit_message(true, 'neonctl', repeat('m', 200000)) IS NOT NULL;
 SELECT pg_logical_emit_message(false, 'neonctl', repeat('n', 9000)) IS NOT NULL;
 BEGIN;
@@ -361,3 +362,9 @@ class WalWriter:
 
     def data(self) -> bytes:
         return bytes(self.buf)
+
+
+@pytest.fixture(name="WalWriter")
+def wal_writer_class():
+    """The WalWriter class (test modules get it as a fixture: importing walgen would defeat its plugin loading)."""
+    return WalWriter

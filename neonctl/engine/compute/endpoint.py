@@ -169,6 +169,12 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
 
 
 def _discard(project: Project, st: EndpointState) -> None:
+    """Forget a compute: detach the safekeepers, kill stragglers, delete its data directory."""
+    try:  # pg_ctl makes the postmaster a session leader: its group holds every backend
+        pid = int((Path(st.pgdata) / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.killpg(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
     for sk_id, addr in project.safekeeper_addrs().items():
         try:
             client.call(f"sk{sk_id}", addr, "DELETE", f"/v1/timeline/{st.timeline_id}/compute")

@@ -98,7 +98,11 @@ class TimelineState:
             raise InvalidInput(f"timeline {self.timeline_id}: compute must be a dict with keys {sorted(_COMPUTE_KEYS)}")
 
     def copy(self) -> TimelineState:
-        return copy.deepcopy(self)
+        """An independent copy (the lists and dict inside are copied too)."""
+        new = copy.copy(self)
+        new.term_history = list(self.term_history)
+        new.compute = dict(self.compute) if self.compute is not None else None
+        return new
 
 
 def last_log_term(state: TimelineState, flush_lsn: int | None = None) -> int:

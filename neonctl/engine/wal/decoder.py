@@ -541,8 +541,11 @@ _XACT_KINDS = {XLOG_XACT_COMMIT: "commit", XLOG_XACT_ABORT: "abort",
                XLOG_XACT_COMMIT_PREPARED: "commit_prepared", XLOG_XACT_ABORT_PREPARED: "abort_prepared"}
 
 
-def parse_xact(rec: DecodedRecord, pg_version: int | None = None) -> XactRecord | None:
-    """Commit/abort (incl. prepared) details; None for other Transaction records (prepare, assignment, ...)."""
+def parse_xact(rec: DecodedRecord, pg_version: int | None = None, strict: bool = False) -> XactRecord | None:
+    """Commit/abort (incl. prepared) details; None for other Transaction records (prepare, assignment, ...).
+
+    ``strict``: also fail if bytes are left over (a layout mismatch, e.g. the wrong pg_version).
+    """
     if rec.rmid != RM_XACT_ID:
         return None
     op = rec.info & XLOG_XACT_OPMASK
@@ -584,14 +587,18 @@ def parse_xact(rec: DecodedRecord, pg_version: int | None = None) -> XactRecord 
             x.twophase_xid = _U32.unpack_from(d, off)[0]
             off += 4
             if xinfo & XACT_XINFO_HAS_GID:
-                nul = d.index(b"\0", off)
+                nul = d.find(b"\0", off)
+                if nul < 0:
+                    raise struct.error("unterminated gid")
                 x.gid = d[off:nul].decode("utf-8", "replace")
                 off = nul + 1
         if xinfo & XACT_XINFO_HAS_ORIGIN:
             x.origin_lsn, x.origin_timestamp = struct.unpack_from("<Qq", d, off)
             off += 16
-    except (struct.error, ValueError):
+    except struct.error:
         raise _bad(rec.lsn, f"truncated {kind} record") from None
+    if strict and off != len(d):
+        raise _bad(rec.lsn, f"{len(d) - off} bytes left over in {kind} record")
     if kind.endswith("_prepared"):
         if x.twophase_xid is None:
             raise _bad(rec.lsn, f"{kind} record without a prepared xid")
