@@ -12,10 +12,10 @@ from neonctl.engine.project import list_projects, projects_dir
 
 
 def _one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln and not ln.startswith(("initdb", "importing"))]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
+    lines = err.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    return errors[0]
 
 
 def test_unknown_project(cli, pg18):
@@ -97,7 +97,7 @@ def test_daemon_crash_on_start_is_reported(cli):
         assert rc != 0 and "pageserver exited during start" in _one_line(err)
         rc, out, _ = cli("status", "-p", "busy", "-o", "json")
         states = {d["name"]: d["state"] for d in json.loads(out)["daemons"]}
-        assert states["pageserver"] == "stopped"
+        assert set(states.values()) == {"stopped"}, states  # the ones that did start were stopped again
         rc, out, _ = cli("start", "-p", "busy", "-o", "json")  # the port is free again: starts fine
         rc, out, _ = cli("start", "-p", "busy", "-o", "json")  # starting twice is harmless
         assert all(d["already_running"] for d in json.loads(out))

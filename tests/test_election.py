@@ -454,8 +454,7 @@ def _common_prefix(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return n
 
 
-KINDS = ("new", "vote", "sync", "sync", "sync", "sync", "generate", "generate", "crash", "crash_elected",
-         "disconnect")  # fmt: skip
+KINDS = ("campaign","campaign","sync","sync","sync","sync","generate","generate","crash","crash_elected")
 MAX_PROPOSERS = 16
 
 

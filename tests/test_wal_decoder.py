@@ -23,8 +23,9 @@ def decoded(sample) -> list[wd.DecodedRecord]:
     if key not in _decoded:
         dec = WalStreamDecoder(sample.start_lsn, sample.seg_size)
         dec.feed(sample.read(sample.start_lsn, sample.end_lsn - sample.start_lsn))
+        raws = dec.drain()
         assert dec.pg_version == sample.version
-        _decoded[key] = [decode_record(r, dec.pg_version) for r in dec.drain()]
+        _decoded[key] = [decode_record(r, dec.pg_version) for r in raws]
     return _decoded[key]
 
 
@@ -256,7 +257,7 @@ def test_uncompressed_image_with_hole():
     (bytes([0, 0x80]) + struct.pack("<H", 0) + struct.pack("<I", 4), "SAME_REL"),
     (bytes([1, 0]) + struct.pack("<H", 0) + struct.pack("<IIII", 1, 2, 3, 4) + bytes([0, 0]), "out-of-order"),
     (bytes([255, 10]) + b"abc", "payload"),
-    (bytes([0, 0x10]) + struct.pack("<HHB", 100, 0, 0x01) + struct.pack("<IIII", 1, 2, 3, 4), "hole"),
+    (bytes([0, 0x10]) + struct.pack("<HHHB", 0, 100, 0, 0x01) + struct.pack("<IIII", 1, 2, 3, 4), "hole"),
 ])
 def test_malformed_records(body, msg):
     with pytest.raises(WalDecodeError, match=msg):

@@ -46,7 +46,11 @@ def serve(app: web.Application, host: str, port: int,
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            print(f"fatal: cannot listen on {host}:{port}: {e.strerror}", flush=True)
+            raise SystemExit(1) from None
         tasks = [asyncio.create_task(fn(stop)) for fn in background]
         await stop.wait()
         for t in tasks:

@@ -112,7 +112,7 @@ class BackgroundProcess:
             if proc.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise DaemonError(
-                    f"{self.name} exited during start (code {proc.returncode}): {log_tail(self.log_file)}",
+                    f"{self.name} exited during start (code {proc.returncode}): {log_tail(self.log_file, 1)}",
                     hint=f"see {self.log_file}",
                 )
             if http_ok(self.health_url, timeout=0.5):

@@ -15,6 +15,9 @@ def start_storage(project: Project, progress=lambda msg: None) -> list[dict]:
         try:
             pid = d.start()
         except DaemonError:
+            for s in reversed(started):  # leave nothing half-started
+                if not s["already_running"]:
+                    project.daemon(s["name"]).stop()
             raise
         if was is None:
             progress(f"started {d.name} (pid {pid})")
