@@ -411,7 +411,7 @@ class Cluster:
             c = acc.commit_lsn - START
             if not (c <= len(wal) and c <= len(self.committed) and wal[:c] == self.committed[:c]):
                 raise SafetyViolation(f"safekeeper {sk} has commit_lsn {acc.commit_lsn:#x} over uncommitted WAL")
-            adopted = acc.state.term_history
+            adopted = acc.adopted_term_history()
             if adopted:
                 leader = self.leaders[adopted[-1].term]
                 assert leader.log is not None

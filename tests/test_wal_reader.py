@@ -9,7 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neonctl.engine.wal.decoder import RMGR_NAMES
-from neonctl.engine.wal.reader import RawRecord, WalDecodeError, WalStreamDecoder, find_end_of_wal
+from neonctl.engine.wal.reader import (
+    RawRecord,
+    WalDecodeError,
+    WalStreamDecoder,
+    find_end_of_wal,
+)
 from neonctl.errors import CorruptData
 
 pytest_plugins = ["walgen"]

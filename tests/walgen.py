@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
 
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime, shared_dir
 from neonctl.engine.lsn import parse_lsn, segment_file_name
@@ -241,7 +243,6 @@ def generate(rt: PgRuntime, seg_mb: int, extra_sql: str = "") -> WalSample:
         last = parse_lsn(re.search(r"Latest checkpoint location:\s+(\S+)", ctl).group(1))
         # The shutdown checkpoint's end: its record length is in the first 4 bytes (never split).
         sample = WalSample(rt, root, cl.data / "pg_wal", seg_mb << 20, start, 0, last)
-        import struct  # noqa: PLC0415
         (tot_len,) = struct.unpack("<I", sample.read(last, 4))
         sample.end_lsn = last + ((tot_len + 7) & ~7)
         return sample
@@ -291,9 +292,8 @@ def wal_sample(request):
 
 def make_record(rmid: int, info: int, main_data: bytes, xid: int = 0, prev: int = 0) -> bytes:
     """An XLogRecord with only main data, CRC filled in."""
-    import struct  # noqa: PLC0415
+    import struct
 
-    from crc32c import crc32c  # noqa: PLC0415
 
     body = (bytes([255, len(main_data)]) if len(main_data) < 256
             else bytes([254]) + struct.pack("<I", len(main_data))) + main_data
@@ -318,8 +318,6 @@ class WalWriter:
         self.ends: list[int] = []
 
     def _page_header(self, rem_len: int) -> None:
-        import struct  # noqa: PLC0415
-
         info = self.next_page_flags
         self.next_page_flags = 0
         if rem_len:

@@ -117,6 +117,7 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
                 raise Conflict(f"endpoint for branch {branch!r} is already running on port {old.port}")
             progress(f"previous compute of {branch!r} is gone (crashed); rebuilding it from storage")
             _discard(project, old)
+        auto_port = port is None
         if port is not None:
             if not 1 <= port <= 65535:
                 raise InvalidInput(f"invalid port {port}")
@@ -140,17 +141,24 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
                               {"target": str(pgdata), "wait_for_lsn": flush, "timeout": 60}, timeout=120)
             lsn = res["lsn"]
-            with open(pgdata / "postgresql.conf", "a") as f:
-                f.write(compute_config(project, port, epdir, fsync))
-            runtime.chown(epdir, recursive=True)
-            progress(f"starting PostgreSQL {runtime.version} on port {port} ...")
+            base_conf = (pgdata / "postgresql.conf").read_text()
             logfile = epdir / "postgres.log"
-            try:
-                runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata),
-                             "-l", str(logfile)], timeout=180)
-            except PostgresError as e:
-                raise PostgresError(f"PostgreSQL failed to start on branch {branch!r}: {log_tail(logfile)}",
-                                    hint=str(logfile)) from e
+            for attempt in range(5):
+                (pgdata / "postgresql.conf").write_text(base_conf + compute_config(project, port, epdir, fsync))
+                runtime.chown(epdir, recursive=True)
+                progress(f"starting PostgreSQL {runtime.version} on port {port} ...")
+                try:
+                    runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata),
+                                 "-l", str(logfile)], timeout=180)
+                    break
+                except PostgresError as e:
+                    taken = "could not create any TCP/IP sockets" in log_tail(logfile, 5)
+                    if auto_port and taken and attempt < 4:  # lost a race for the port: take the next one
+                        port, = ports.allocate(port + 1, _ports_in_use())
+                        continue
+                    raise PostgresError(f"PostgreSQL failed to start on branch {branch!r}: {log_tail(logfile)}",
+                                        hint=str(logfile)) from e
+            verify_replayed(port, lsn, logfile)
             for sk_id, addr in project.safekeeper_addrs().items():
                 client.call(f"sk{sk_id}", addr, "POST", f"/v1/timeline/{b.timeline_id}/compute",
                             {"host": "127.0.0.1", "port": port, "user": "postgres", "start_lsn": lsn})
@@ -166,6 +174,26 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
         tmp.write_text(json.dumps(asdict(st), indent=1))
         os.replace(tmp, _state_path(project, branch))
         return st
+
+
+def verify_replayed(port: int, lsn: int, logfile: Path) -> None:
+    """Refuse a compute that did not come up at or after the LSN it was built for.
+
+    Postgres happily starts from a clean base that lacks a backup_label and
+    skips all redo - silently, with none of the later data. The end-of-recovery
+    checkpoint is written at the target LSN, so a correctly replayed compute
+    always inserts at or beyond it.
+    """
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True,
+                         connect_timeout=10) as conn:
+        in_recovery, insert = conn.execute(
+            "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
+    if in_recovery or int(insert) < lsn:
+        raise PostgresError(
+            f"compute came up at {format_lsn(int(insert))}, before its target {format_lsn(lsn)}:"
+            " WAL was not replayed; refusing to serve stale data", hint=str(logfile))
 
 
 def _discard(project: Project, st: EndpointState) -> None:

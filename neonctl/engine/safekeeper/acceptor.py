@@ -85,6 +85,10 @@ class VoteResponse:
         object.__setattr__(self, "term_history", _as_switches(self.term_history))
 
     @property
+    def adopted_term_history(self) -> TermHistory:
+        """The history adopted from the last ProposerElected; may run ahead of the WAL."""
+        return TermHistory(self._state.term_history)
+
     def last_log_term(self) -> int:
         return TermHistory(self.term_history).up_to(self.flush_lsn).last_term
 
@@ -158,6 +162,10 @@ class Acceptor:
     def term_history(self) -> TermHistory:
         """The history of the WAL actually held (the adopted one may run ahead)."""
         return TermHistory(self._state.term_history).up_to(self.flush_lsn())
+
+    def adopted_term_history(self) -> TermHistory:
+        """The history adopted from the last ProposerElected; may run ahead of the WAL."""
+        return TermHistory(self._state.term_history)
 
     def last_log_term(self) -> int:
         return self.term_history().last_term

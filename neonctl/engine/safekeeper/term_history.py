@@ -58,7 +58,10 @@ class TermHistory(Sequence[TermSwitch]):
     __slots__ = ("_switches",)
 
     def __init__(self, switches: Iterable[TermSwitch | tuple[int, int]] = ()):
-        entries = tuple(TermSwitch(int(t), int(lsn)) for t, lsn in switches)
+        if isinstance(switches, TermHistory):
+            self._switches: tuple[TermSwitch, ...] = switches._switches
+            return
+        entries = tuple(e if type(e) is TermSwitch else TermSwitch(int(e[0]), int(e[1])) for e in switches)
         for prev, cur in zip(entries, entries[1:]):
             if cur.term <= prev.term or cur.start_lsn < prev.start_lsn:
                 raise ProtocolViolation(
@@ -69,13 +72,22 @@ class TermHistory(Sequence[TermSwitch]):
                 raise ProtocolViolation(f"term history has a negative entry {tuple(e)}")
         self._switches = entries
 
+    @classmethod
+    def _trusted(cls, entries: tuple[TermSwitch, ...]) -> TermHistory:
+        """Wrap entries known to be valid (a part of a validated history) without checking."""
+        h = object.__new__(cls)
+        h._switches = entries
+        return h
+
     @overload
     def __getitem__(self, index: int) -> TermSwitch: ...
     @overload
     def __getitem__(self, index: slice) -> TermHistory: ...
     def __getitem__(self, index: int | slice) -> TermSwitch | TermHistory:
         if isinstance(index, slice):
-            return TermHistory(self._switches[index])
+            if index.step not in (None, 1):
+                return TermHistory(self._switches[index])
+            return TermHistory._trusted(self._switches[index])
         return self._switches[index]
 
     def __len__(self) -> int:
@@ -109,7 +121,10 @@ class TermHistory(Sequence[TermSwitch]):
         really holds; a switch exactly at ``lsn`` is kept (a term that has
         started but has no bytes yet still counts as the last log term).
         """
-        return TermHistory(e for e in self._switches if e.start_lsn <= lsn)
+        n = len(self._switches)
+        while n and self._switches[n - 1].start_lsn > lsn:
+            n -= 1
+        return self if n == len(self._switches) else TermHistory._trusted(self._switches[:n])
 
     def term_at(self, lsn: int) -> int | None:
         """The term that generated the WAL byte at ``lsn`` (None below the first switch)."""

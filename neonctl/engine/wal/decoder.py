@@ -21,9 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from neonctl.engine.wal.reader import RawRecord, WalDecodeError
-from neonctl.engine.wal.reader import XLOG_SWITCH as XLOG_SWITCH  # re-exported
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.wal.reader import XLOG_SWITCH, RawRecord, WalDecodeError
 
 BLCKSZ = 8192
 LATEST_PG_VERSION = 18
@@ -103,8 +102,21 @@ _RLOC_BLK = struct.Struct("<IIII")
 class BlockRef:
     """One page a record references. ``image`` is the full page (hole restored, decompressed), or None."""
 
-    __slots__ = ("block_id", "spc", "db", "rel", "forknum", "blkno", "flags", "data",
-                 "bimg_info", "hole_offset", "hole_length", "bimg", "_image")
+    __slots__ = (
+        "_image",
+        "bimg",
+        "bimg_info",
+        "blkno",
+        "block_id",
+        "data",
+        "db",
+        "flags",
+        "forknum",
+        "hole_length",
+        "hole_offset",
+        "rel",
+        "spc",
+    )
 
     def __init__(self, block_id: int, flags: int, spc: int, db: int, rel: int, blkno: int):
         self.block_id = block_id
@@ -343,53 +355,66 @@ def _copy_match(out: bytearray, off: int, length: int) -> None:
 
 
 def pglz_decompress(src: bytes, rawsize: int) -> bytes:
-    """PostgreSQL's pglz format (pg_lzcompress.c), all of src must yield exactly rawsize bytes."""
+    """PostgreSQL's pglz format (pg_lzcompress.c); all of src must yield exactly rawsize bytes.
+
+    A control byte's bits, lowest first, say whether each of the next eight items is a
+    literal byte (0) or a back-reference (1: 2-3 bytes of length and offset).
+    """
     out = bytearray()
-    sp = 0
+    sp = dp = 0
     n = len(src)
     try:
-        while sp < n and len(out) < rawsize:
+        while sp < n and dp < rawsize:
             ctrl = src[sp]
             sp += 1
-            if ctrl == 0:  # eight literal bytes
-                take = min(8, n - sp, rawsize - len(out))
+            if ctrl == 0:  # eight literals
+                take = min(8, n - sp, rawsize - dp)
                 out += src[sp:sp + take]
                 sp += take
+                dp += take
                 continue
             for _ in range(8):
-                if sp >= n or len(out) >= rawsize:
+                if sp >= n or dp >= rawsize:
                     break
                 if ctrl & 1:
                     b0 = src[sp]
-                    length = (b0 & 0x0F) + 3
                     off = ((b0 & 0xF0) << 4) | src[sp + 1]
-                    sp += 2
+                    length = (b0 & 0x0F) + 3
                     if length == 18:
-                        length += src[sp]
-                        sp += 1
-                    if off == 0 or off > len(out):
+                        length += src[sp + 2]
+                        sp += 3
+                    else:
+                        sp += 2
+                    length = min(length, rawsize - dp)
+                    if off == 0 or off > dp:
                         raise WalDecodeError("corrupt pglz data: bad match offset")
-                    _copy_match(out, off, min(length, rawsize - len(out)))
+                    start = dp - off
+                    if off >= length:
+                        out += out[start:start + length]
+                    else:  # overlapping: the last `off` bytes repeat
+                        out += (out[start:] * (length // off + 1))[:length]
+                    dp += length
                 else:
                     out.append(src[sp])
                     sp += 1
+                    dp += 1
                 ctrl >>= 1
     except IndexError:
         raise WalDecodeError("corrupt pglz data: truncated") from None
-    if len(out) != rawsize or sp != n:
-        raise WalDecodeError(f"corrupt pglz data: {len(out)} of {rawsize} bytes, {n - sp} input bytes left")
+    if dp != rawsize or sp != n:
+        raise WalDecodeError(f"corrupt pglz data: {dp} of {rawsize} bytes, {n - sp} input bytes left")
     return bytes(out)
 
 
 def lz4_decompress(src: bytes, rawsize: int) -> bytes:
     """An LZ4 block (as LZ4_compress_default writes it); uses the lz4 package when installed."""
     try:
-        import lz4.block  # noqa: PLC0415
+        import lz4.block
     except ImportError:
         return _lz4_block_decompress(src, rawsize)
     try:
         return lz4.block.decompress(src, uncompressed_size=rawsize)
-    except Exception as e:  # lz4.block.LZ4BlockError
+    except lz4.block.LZ4BlockError as e:
         raise WalDecodeError(f"corrupt lz4 data: {e}") from None
 
 
@@ -437,7 +462,7 @@ def _lz4_block_decompress(src: bytes, rawsize: int) -> bytes:
 
 def zstd_decompress(src: bytes, rawsize: int) -> bytes:
     try:
-        import zstandard  # noqa: PLC0415
+        import zstandard
     except ImportError:
         raise WalDecodeError("a page image is zstd-compressed: pip install zstandard") from None
     try:
