@@ -85,10 +85,6 @@ class VoteResponse:
         object.__setattr__(self, "term_history", _as_switches(self.term_history))
 
     @property
-    def adopted_term_history(self) -> TermHistory:
-        """The history adopted from the last ProposerElected; may run ahead of the WAL."""
-        return TermHistory(self._state.term_history)
-
     def last_log_term(self) -> int:
         return TermHistory(self.term_history).up_to(self.flush_lsn).last_term
 
