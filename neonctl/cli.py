@@ -12,7 +12,7 @@ import click
 import typer
 
 from neonctl import __version__
-from neonctl.commands import endpoint, project, quickstart, storage
+from neonctl.commands import branch, endpoint, project, quickstart, storage
 from neonctl.errors import NeonctlError
 
 app = typer.Typer(
@@ -48,6 +48,9 @@ app.command("connection-string")(endpoint.connection_string)
 app.command("cs", hidden=True)(endpoint.connection_string)
 app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(endpoint.psql)
 app.command("quickstart")(quickstart.quickstart)
+app.add_typer(branch.app, name="branch")
+app.add_typer(branch.app, name="branches", hidden=True)
+app.command("lsn")(branch.lsn_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

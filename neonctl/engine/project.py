@@ -110,6 +110,9 @@ class Project:
 
     def branch(self, name: str) -> Branch:
         b = self.config.branches.get(name)
+        if b is None:  # another process may have created it since we loaded the config
+            self.reload()
+            b = self.config.branches.get(name)
         if b is None:
             raise NotFound(f"branch {name!r} does not exist in project {self.name!r}",
                            hint=f"branches: {', '.join(sorted(self.config.branches))}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +22,9 @@ from aiohttp import web
 
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline
+from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline, timeline_dir
 from neonctl.engine.pageserver.walreceiver import receive
-from neonctl.errors import NotFound, Timeout
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Timeout
 
 log = logging.getLogger("pageserver")
 
@@ -37,6 +38,7 @@ class Pageserver:
         self.broker_view: dict[str, dict] = {}
         self.receivers: dict[str, asyncio.Task] = {}
         self.stop_event: asyncio.Event | None = None
+        self.branch_lock = asyncio.Lock()
 
     def load(self) -> None:
         for tid in list_timelines(self.workdir):
@@ -81,6 +83,68 @@ class Pageserver:
         at = tl.last_record_lsn if lsn is None else int(lsn)
         await asyncio.to_thread(tl.materialize, at, Path(body["target"]))
         return json_body({"lsn": at, "timeline_id": tl.timeline_id})
+
+    async def create_branch(self, request: web.Request) -> web.Response:
+        """Create a child timeline at an LSN or a time of its ancestor; copies no data."""
+        tid = request.match_info["tl"]
+        body = await request.json()
+        if tid in self.timelines or timeline_dir(self.workdir, tid).exists():
+            raise AlreadyExists(f"timeline {tid} already exists")
+        ancestor = self.get(body["ancestor_timeline_id"])
+        wait_for = body.get("wait_for_lsn")
+        if wait_for is not None:  # the parent's head as the safekeepers know it
+            await self.wait_received(ancestor, int(wait_for), float(body.get("timeout", 30)))
+        async with self.branch_lock:
+            if body.get("timestamp_us") is not None:
+                lsn = ancestor.lsn_for_timestamp(int(body["timestamp_us"]))
+            elif body.get("lsn") is not None:
+                want = int(body["lsn"])
+                if want > ancestor.last_record_lsn:
+                    raise InvalidInput(f"LSN {format_lsn(want)} is past the parent's head"
+                                       f" {format_lsn(ancestor.last_record_lsn)}")
+                if want < ancestor.meta.start_lsn:
+                    raise InvalidInput(f"LSN {format_lsn(want)} is before the parent's start"
+                                       f" {format_lsn(ancestor.meta.start_lsn)}")
+                lsn = await asyncio.to_thread(ancestor.record_end_at_or_before, want)
+            else:
+                lsn = ancestor.last_record_lsn
+            tl = await asyncio.to_thread(Timeline.create_branch, timeline_dir(self.workdir, tid), tid, ancestor, lsn)
+            self.timelines[tid] = tl
+        self.ensure_receiver(tl)
+        return json_body(self.info(tl))
+
+    async def lsn_by_timestamp(self, request: web.Request) -> web.Response:
+        tl = self.get(request.match_info["tl"])
+        lsn = await asyncio.to_thread(tl.lsn_for_timestamp, int(request.query["timestamp_us"]))
+        return json_body({"lsn": lsn})
+
+    async def commits(self, request: web.Request) -> web.Response:
+        tl = self.get(request.match_info["tl"])
+        return json_body({"commits": await asyncio.to_thread(tl.commit_history)})
+
+    async def delete_timeline(self, request: web.Request) -> web.Response:
+        tid = request.match_info["tl"]
+        tl = self.get(tid)
+        children = [t for t in self.timelines.values() if t.meta.ancestor_timeline == tid]
+        if children:
+            raise Conflict(f"timeline {tid} has child timelines")
+        task = self.receivers.pop(tid, None)
+        if task:
+            task.cancel()
+        self.timelines.pop(tid)
+        tl.wal.close()
+        await asyncio.to_thread(shutil.rmtree, tl.dir)
+        return json_body({"deleted": tid})
+
+    async def wait_received(self, tl: Timeline, lsn: int, timeout: float) -> None:
+        self.ensure_receiver(tl)
+        deadline = time.monotonic() + timeout
+        while tl.received_lsn < lsn:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(f"pageserver has WAL up to {format_lsn(tl.received_lsn)} of timeline"
+                              f" {tl.timeline_id}, waited {timeout:.0f}s for {format_lsn(lsn)}")
+            await tl.wait_progress(min(remaining, 1.0))
 
     def ensure_receiver(self, tl: Timeline) -> None:
         task = self.receivers.get(tl.timeline_id)
@@ -127,6 +191,10 @@ class Pageserver:
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/v1/timeline/{tl}", self.timeline_info)
         app.router.add_post("/v1/timeline/{tl}/basebackup", self.basebackup)
+        app.router.add_post("/v1/timeline/{tl}/branch", self.create_branch)
+        app.router.add_get("/v1/timeline/{tl}/lsn_by_timestamp", self.lsn_by_timestamp)
+        app.router.add_get("/v1/timeline/{tl}/commits", self.commits)
+        app.router.add_delete("/v1/timeline/{tl}", self.delete_timeline)
         return app
 
 

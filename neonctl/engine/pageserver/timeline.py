@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tarfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import zstandard
 
 from neonctl.engine.compute.controldata import read_control_data
-from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
+from neonctl.engine.lsn import WAL_SEGMENT_SIZE, XLOG_BLCKSZ, format_lsn, segment_file_name
+from neonctl.engine.wal.decoder import decode_record, parse_xact
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.segments import SegmentedWal
 from neonctl.errors import InvalidInput, NotFound, PostgresError
@@ -28,6 +31,32 @@ from neonctl.errors import InvalidInput, NotFound, PostgresError
 # Files of a data directory that never belong in a stored image.
 _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old",
              "tablespace_map", "recovery.signal", "standby.signal"}
+
+
+RM_XACT_ID = 1
+
+
+class CommitLog:
+    """Append-only (commit end LSN, commit timestamp) pairs from commit records: time -> LSN lookups."""
+
+    _REC = struct.Struct("<Qq")
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, commits: list[tuple[int, int]]) -> None:
+        if commits:
+            with open(self.path, "ab") as f:
+                f.write(b"".join(self._REC.pack(lsn, ts) for lsn, ts in commits))
+
+    def entries(self, upto_lsn: int | None = None) -> list[tuple[int, int]]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        n = len(data) // self._REC.size  # a torn last entry (crash mid-append) is ignored
+        out = [self._REC.unpack_from(data, i * self._REC.size) for i in range(n)]
+        return [e for e in out if upto_lsn is None or e[0] <= upto_lsn]
 
 
 @dataclass
@@ -42,6 +71,9 @@ class TimelineMetadata:
     base_redo_lsn: int
     last_record_lsn: int
     wal_seg_size: int = WAL_SEGMENT_SIZE
+    start_lsn: int = 0  # first LSN of this timeline's own WAL (initdb_lsn, or the branch point)
+    base_timeline: str | None = None  # the root timeline whose initdb image this one builds on
+    created_at: float = 0.0
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -60,7 +92,13 @@ class Timeline:
         if not meta_path.exists():
             raise NotFound(f"timeline {directory.name} does not exist in the pageserver")
         self.meta = TimelineMetadata(**json.loads(meta_path.read_text()))
+        if not self.meta.start_lsn:
+            self.meta.start_lsn = self.meta.initdb_lsn
+        if not self.meta.base_timeline:
+            self.meta.base_timeline = self.meta.timeline_id
         self.wal = SegmentedWal(directory / "wal", self.meta.wal_seg_size)
+        self.commits = CommitLog(directory / "commits.bin")
+        self._ancestor: Timeline | None = None
         self.received_lsn = self.meta.last_record_lsn
         self.sk_flush_lsn = 0  # what the safekeeper we stream from has flushed
         self._waiters: list = []
@@ -89,6 +127,85 @@ class Timeline:
     @property
     def last_record_lsn(self) -> int:
         return self.meta.last_record_lsn
+
+    @property
+    def ancestor(self) -> "Timeline | None":
+        if self.meta.ancestor_timeline and self._ancestor is None:
+            self._ancestor = Timeline(self.dir.parent / self.meta.ancestor_timeline)
+        return self._ancestor
+
+    def read_wal(self, lsn: int, length: int) -> bytes:
+        """WAL bytes as this timeline sees them: segments before its start come from the ancestors."""
+        seg = self.meta.wal_seg_size
+        out = bytearray()
+        while length > 0:
+            n = min(length, seg - lsn % seg)
+            if lsn // seg < self.meta.start_lsn // seg and self.ancestor is not None:
+                out += self.ancestor.read_wal(lsn, n)
+            else:
+                out += self.wal.read(lsn, n)
+            lsn += n
+            length -= n
+        return bytes(out)
+
+    def record_end_at_or_before(self, lsn: int) -> int:
+        """The end of the last WAL record that ends at or before lsn (an LSN a compute can start at)."""
+        lsn = min(lsn, self.meta.last_record_lsn)
+        page = lsn - lsn % XLOG_BLCKSZ
+        floor = self._known_boundary_floor()
+        while True:
+            start = max(page, floor)
+            decoder = WalStreamDecoder(start, self.meta.wal_seg_size)
+            best = start if start == floor else None
+            pos = start
+            try:
+                while pos < lsn:
+                    chunk = self.read_wal(pos, min(1 << 20, lsn - pos + XLOG_BLCKSZ * 4))
+                    decoder.feed(chunk)
+                    pos += len(chunk)
+                    while (rec := decoder.poll()) is not None:
+                        if rec.end_lsn > lsn:
+                            raise StopIteration
+                        best = rec.end_lsn
+            except (StopIteration, WalDecodeError):
+                pass
+            if best is not None or start <= floor:
+                return best if best is not None else floor
+            page -= XLOG_BLCKSZ
+
+    def commit_history(self) -> list[tuple[int, int]]:
+        """(commit end LSN, commit time) for every commit visible on this timeline, in LSN order."""
+        own = self.commits.entries()
+        inherited = []
+        if self.ancestor is not None:
+            inherited = [e for e in self.ancestor.commit_history() if e[0] <= self.meta.start_lsn]
+        return sorted(dict(inherited + own).items())
+
+    def lsn_for_timestamp(self, ts_us: int) -> int:
+        """The LSN that includes every transaction committed at or before ts_us (Postgres µs since 2000).
+
+        Scans commits in LSN order and stops before the first one stamped after
+        ts_us. Raises if that point lies before this timeline's own start.
+        """
+        lsn = self._known_boundary_floor()
+        for end_lsn, xact_time in self.commit_history():
+            if end_lsn > self.meta.last_record_lsn:
+                break
+            if xact_time > ts_us:
+                break
+            lsn = end_lsn
+        else:
+            lsn = self.meta.last_record_lsn
+        if lsn < self.meta.start_lsn:
+            raise InvalidInput("that time is before this branch was created; use its parent instead")
+        return lsn
+
+    def _known_boundary_floor(self) -> int:
+        """The lowest LSN readable on this timeline that is surely a record boundary."""
+        t = self
+        while t.ancestor is not None:
+            t = t.ancestor
+        return t.meta.initdb_lsn
 
     def save_metadata(self) -> None:
         _write_json_atomic(self.dir / "metadata.json", asdict(self.meta))
@@ -128,8 +245,34 @@ class Timeline:
             timeline_id=timeline_id, pg_version=pg_version, system_id=cd.system_id,
             ancestor_timeline=None, ancestor_lsn=0, initdb_lsn=end,
             base_checkpoint_lsn=cd.checkpoint_lsn, base_redo_lsn=cd.redo_lsn, last_record_lsn=end,
+            start_lsn=end, base_timeline=timeline_id, created_at=time.time(),
         )
         _write_json_atomic(directory / "metadata.json", asdict(meta))
+        return cls(directory)
+
+    @classmethod
+    def create_branch(cls, directory: Path, timeline_id: str, ancestor: "Timeline", lsn: int) -> "Timeline":
+        """A child timeline at `lsn` (a record end on the ancestor): metadata and one WAL segment prefix."""
+        a = ancestor.meta
+        if not (a.start_lsn <= lsn <= a.last_record_lsn):
+            raise InvalidInput(f"branch point {format_lsn(lsn)} is outside the parent's WAL"
+                               f" {format_lsn(a.start_lsn)}..{format_lsn(a.last_record_lsn)}")
+        directory.mkdir(parents=True)
+        try:
+            wal = SegmentedWal(directory / "wal", a.wal_seg_size)
+            seg_start = lsn - lsn % a.wal_seg_size
+            if lsn > seg_start:  # the branch's first segment starts with the parent's WAL
+                wal.write(seg_start, ancestor.read_wal(seg_start, lsn - seg_start))
+            wal.close()
+            meta = TimelineMetadata(
+                timeline_id=timeline_id, pg_version=a.pg_version, system_id=a.system_id,
+                ancestor_timeline=a.timeline_id, ancestor_lsn=lsn, initdb_lsn=a.initdb_lsn,
+                base_checkpoint_lsn=a.base_checkpoint_lsn, base_redo_lsn=a.base_redo_lsn, last_record_lsn=lsn,
+                wal_seg_size=a.wal_seg_size, start_lsn=lsn, base_timeline=a.base_timeline, created_at=time.time())
+            _write_json_atomic(directory / "metadata.json", asdict(meta))
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         return cls(directory)
 
     # -- ingest ---------------------------------------------------------------
@@ -148,15 +291,21 @@ class Timeline:
         decoder = WalStreamDecoder(start_lsn, self.meta.wal_seg_size)
         decoder.feed(data)
         end = start_lsn
+        commits: list[tuple[int, int]] = []
         try:
             while (rec := decoder.poll()) is not None:
                 end = rec.end_lsn
+                if rec.rmid == RM_XACT_ID:
+                    x = parse_xact(decode_record(rec, self.meta.pg_version), self.meta.pg_version)
+                    if x is not None and x.is_commit:
+                        commits.append((rec.end_lsn, x.xact_time))
         except WalDecodeError:
             pass  # a torn or overwritten tail: keep what was valid, fetch again later
         self.received_lsn = start_lsn + len(data)
         if end > start_lsn:
             self.wal.write(start_lsn, data[: end - start_lsn])
             self.wal.flush()
+            self.commits.append(commits)
             self.meta.last_record_lsn = end
             self.save_metadata()
         return end
@@ -171,15 +320,15 @@ class Timeline:
         (method pg_rewind) names the base checkpoint so that recovery replays
         from it - without it a clean base would silently skip all redo.
         """
-        if not (self.meta.initdb_lsn <= lsn <= self.meta.last_record_lsn):
+        if not (self.meta.start_lsn <= lsn <= self.meta.last_record_lsn):
             raise InvalidInput(
-                f"LSN {format_lsn(lsn)} is outside {format_lsn(self.meta.initdb_lsn)}.."
+                f"LSN {format_lsn(lsn)} is outside {format_lsn(self.meta.start_lsn)}.."
                 f"{format_lsn(self.meta.last_record_lsn)} for timeline {self.timeline_id}")
         if target.exists() and any(target.iterdir()):
             raise InvalidInput(f"target directory {target} is not empty")
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o700)
-        with open(self.dir / "initdb.tar.zst", "rb") as raw:
+        with open(self.dir.parent / self.meta.base_timeline / "initdb.tar.zst", "rb") as raw:
             with zstandard.ZstdDecompressor().stream_reader(raw) as zr:
                 with tarfile.open(fileobj=zr, mode="r|") as tar:
                     tar.extractall(target, filter="fully_trusted")
@@ -188,7 +337,11 @@ class Timeline:
         (pg_wal / "archive_status").mkdir(exist_ok=True)
         seg = self.meta.wal_seg_size
         for segno in range(self.meta.base_redo_lsn // seg, lsn // seg + 1):
-            self.wal.copy_segment_to(segno, pg_wal / segment_file_name(segno, seg_size=seg), upto_lsn=lsn)
+            data = self.read_wal(segno * seg, seg)
+            cut = min(seg, max(0, lsn - segno * seg))
+            with open(pg_wal / segment_file_name(segno, seg_size=seg), "wb") as f:
+                f.write(data[:cut])
+                f.write(bytes(seg - cut))
         for name in ("pg_replslot",):
             d = target / name
             if d.exists():

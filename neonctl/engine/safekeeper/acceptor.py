@@ -131,6 +131,7 @@ class Acceptor:
 
     def __init__(self, state: TimelineState, storage: AcceptorStorage):
         self._state = state.copy()
+        self._adopted = TermHistory(state.term_history)
         self._storage = storage
         # LSN where the current term's WAL starts; commit_lsn reaching it is
         # persisted at once (the proposer waits for that at endpoint start).
@@ -157,11 +158,11 @@ class Acceptor:
 
     def term_history(self) -> TermHistory:
         """The history of the WAL actually held (the adopted one may run ahead)."""
-        return TermHistory(self._state.term_history).up_to(self.flush_lsn())
+        return self._adopted.up_to(self.flush_lsn())
 
     def adopted_term_history(self) -> TermHistory:
         """The history adopted from the last ProposerElected; may run ahead of the WAL."""
-        return TermHistory(self._state.term_history)
+        return self._adopted
 
     def last_log_term(self) -> int:
         return self.term_history().last_term
@@ -321,6 +322,7 @@ class Acceptor:
         # Persist first: if it fails, memory still matches the control file.
         self._storage.persist(new.copy())
         self._state = new
+        self._adopted = TermHistory(new.term_history)
         self._dirty = False
 
     def _append_response(self) -> AppendResponse:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import aiohttp
@@ -85,6 +86,15 @@ class Safekeeper:
         self.timelines[tid] = SkTimeline.create(self.workdir / "timelines" / tid, state)
         return json_body(self.timelines[tid].info())
 
+    async def delete_timeline(self, request: web.Request) -> web.Response:
+        tl = self.get(request.match_info["tl"])
+        tid = tl.state.timeline_id
+        self.stop_receiver(tid)
+        self.timelines.pop(tid)
+        tl.wal.close()
+        shutil.rmtree(tl.dir)
+        return json_body({"deleted": tid})
+
     async def timeline_info(self, request: web.Request) -> web.Response:
         return json_body(self.get(request.match_info["tl"]).info())
 
@@ -135,7 +145,7 @@ class Safekeeper:
         saved: dict[str, int] = {}
         while not stop.is_set():
             await asyncio.sleep(1.0)
-            for tid, tl in self.timelines.items():
+            for tid, tl in list(self.timelines.items()):
                 if saved.get(tid) != tl.record_lsn:
                     await asyncio.to_thread(tl.persist)
                     saved[tid] = tl.record_lsn
@@ -178,6 +188,7 @@ class Safekeeper:
         app.router.add_get("/v1/status", self.status)
         app.router.add_post("/v1/timeline", self.create_timeline)
         app.router.add_get("/v1/timeline/{tl}", self.timeline_info)
+        app.router.add_delete("/v1/timeline/{tl}", self.delete_timeline)
         app.router.add_post("/v1/timeline/{tl}/compute", self.attach_compute)
         app.router.add_delete("/v1/timeline/{tl}/compute", self.detach_compute)
         app.router.add_get("/v1/timeline/{tl}/wal", self.read_wal)

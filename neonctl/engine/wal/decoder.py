@@ -111,25 +111,28 @@ class BlockRef:
         "data",
         "db",
         "flags",
-        "forknum",
         "hole_length",
         "hole_offset",
         "rel",
         "spc",
     )
 
-    def __init__(self, block_id: int, flags: int, spc: int, db: int, rel: int, blkno: int):
+    def __init__(self, block_id: int, flags: int, spc: int, db: int, rel: int, blkno: int, data: bytes = b"",
+                 bimg: bytes | None = None, bimg_info: int = 0, hole_offset: int = 0, hole_length: int = 0):
         self.block_id = block_id
         self.flags = flags
-        self.forknum = flags & BKPBLOCK_FORK_MASK
-        self.spc, self.db, self.rel, self.blkno = spc, db, rel, blkno
-        self.data = b""
-        self.bimg_info = 0
-        self.hole_offset = 0
-        self.hole_length = 0
-        self.bimg: bytes | None = None  # the image as stored in the record
+        self.spc = spc
+        self.db = db
+        self.rel = rel
+        self.blkno = blkno
+        self.data = data
+        self.bimg = bimg  # the image as stored in the record (hole removed, maybe compressed)
+        self.bimg_info = bimg_info
+        self.hole_offset = hole_offset
+        self.hole_length = hole_length
         self._image: bytes | None = None
 
+    forknum = property(lambda self: self.flags & BKPBLOCK_FORK_MASK)
     has_image = property(lambda self: bool(self.flags & BKPBLOCK_HAS_IMAGE))
     has_data = property(lambda self: bool(self.flags & BKPBLOCK_HAS_DATA))
     will_init = property(lambda self: bool(self.flags & BKPBLOCK_WILL_INIT))
@@ -161,7 +164,8 @@ class BlockRef:
 
     @property
     def fork(self) -> str:
-        return FORK_NAMES[self.forknum] if self.forknum < len(FORK_NAMES) else str(self.forknum)
+        forknum = self.flags & BKPBLOCK_FORK_MASK
+        return FORK_NAMES[forknum] if forknum < len(FORK_NAMES) else str(forknum)
 
     def __repr__(self) -> str:
         img = f" image({self.compression or 'raw'}{', apply' if self.apply_image else ''})" if self.bimg else ""
@@ -238,8 +242,7 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
     datatotal = 0
     main_len = 0
     origin = toplevel = None
-    blocks: list[BlockRef] = []
-    lengths: list[tuple[int, int]] = []  # (image length or -1, data length) per block
+    heads: list[tuple] = []  # per block: the header fields, then image length (-1: none) and data length
     max_block_id = -1
     spc = db = rel = None
     try:
@@ -303,22 +306,22 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
             else:
                 spc, db, rel, blkno = _RLOC_BLK.unpack_from(data, off)
                 off += 16
-            blk = BlockRef(block_id, flags, spc, db, rel, blkno)
-            if flags & BKPBLOCK_HAS_IMAGE:
-                blk.bimg_info, blk.hole_offset, blk.hole_length = bimg_info, hole_offset, hole_length
-            blocks.append(blk)
-            lengths.append((bimg_len if flags & BKPBLOCK_HAS_IMAGE else -1, data_len))
+            heads.append((block_id, flags, spc, db, rel, blkno, bimg_info, hole_offset, hole_length,
+                          bimg_len if flags & BKPBLOCK_HAS_IMAGE else -1, data_len))
     except (struct.error, IndexError):
         raise _bad(lsn, "record header runs past its length") from None
     if n - off != datatotal:
         raise _bad(lsn, f"{n - off} bytes of payload, headers promise {datatotal}")
-    for blk, (img_len, data_len) in zip(blocks, lengths):
+    blocks = []
+    for block_id, flags, spc, db, rel, blkno, bimg_info, hole_offset, hole_length, img_len, data_len in heads:
+        bimg = None
         if img_len >= 0:
-            blk.bimg = data[off:off + img_len]
+            bimg = data[off:off + img_len]
             off += img_len
-        if data_len:
-            blk.data = data[off:off + data_len]
-            off += data_len
+        blk_data = data[off:off + data_len] if data_len else b""
+        off += data_len
+        blocks.append(BlockRef(block_id, flags, spc, db, rel, blkno, blk_data, bimg, bimg_info, hole_offset,
+                               hole_length))
     main = data[off:off + main_len] if main_len else b""
     return DecodedRecord(lsn, raw.end_lsn, tot_len, xid, prev, info, rmid, blocks, main, origin, toplevel, pg_version)
 

@@ -145,8 +145,8 @@ class WalStreamDecoder:
 
     @property
     def fed_lsn(self) -> int:
-        """LSN just past the last byte fed (or skipped as XLOG_SWITCH padding)."""
-        return max(self._base + len(self._buf), self._pos)
+        """LSN just past the last byte fed: where the next ``feed()`` continues."""
+        return self._base + len(self._buf)
 
     @property
     def at_zeros(self) -> bool:

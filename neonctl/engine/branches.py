@@ -1,0 +1,165 @@
+"""Branches: named timelines. Creating one is metadata only - a pointer (parent, LSN) plus empty WAL.
+
+The pageserver picks the branch point (a record end at or before the asked
+LSN, or the last commit at or before the asked time) and the safekeepers get
+an empty timeline starting there; the project records the name.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+
+from neonctl.engine import client
+from neonctl.engine.compute.endpoint import list_endpoints, read_state, endpoint_status
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.project import Branch, Project, check_name
+from neonctl.engine.storage import require_running
+from neonctl.engine.timepoint import TimePoint, to_pg_us
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput
+
+
+def _sk_flush(project: Project, timeline_id: str) -> int:
+    return max(client.call(f"sk{i}", a, "GET", f"/v1/timeline/{timeline_id}")["flush_lsn"]
+               for i, a in project.safekeeper_addrs().items())
+
+
+def resolve_parent(project: Project, parent: str | None, lsn: int | None, ts: datetime | None) -> TimePoint:
+    if parent is None:
+        parent = project.config.default_branch
+    project.branch(parent)
+    return TimePoint(parent, lsn, ts)
+
+
+def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: bool = False) -> tuple[Branch, bool]:
+    """Create branch `name` at `point`; returns (branch, created)."""
+    check_name("branch", name)
+    if point.lsn is not None and point.timestamp is not None:
+        raise InvalidInput("give either an LSN or a timestamp, not both")
+    with project.lock():
+        project.reload()
+        if name in project.config.branches:
+            if if_not_exists:
+                return project.config.branches[name], False
+            raise AlreadyExists(f"branch {name!r} already exists", hint="use --if-not-exists in scripts")
+        parent = project.branch(point.branch or project.config.default_branch)
+        require_running(project)
+        if point.timestamp is not None and point.timestamp.timestamp() < _root_created(project):
+            raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
+        tid = uuid.uuid4().hex
+        body: dict = {"ancestor_timeline_id": parent.timeline_id, "wait_for_lsn": _sk_flush(project, parent.timeline_id)}
+        if point.lsn is not None:
+            body["lsn"] = point.lsn
+        if point.timestamp is not None:
+            body["timestamp_us"] = to_pg_us(point.timestamp)
+        info = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tid}/branch", body)
+        lsn = info["start_lsn"]
+        created_sks = []
+        try:
+            for i, addr in project.safekeeper_addrs().items():
+                client.call(f"sk{i}", addr, "POST", "/v1/timeline", {
+                    "timeline_id": tid, "system_id": info["system_id"], "pg_version": info["pg_version"],
+                    "start_lsn": lsn})
+                created_sks.append((i, addr))
+            b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn)
+            project.config.branches[name] = b
+            project.save()
+        except BaseException:
+            for i, addr in created_sks:
+                client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{tid}")
+            client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{tid}")
+            raise
+        return b, True
+
+
+def _root_created(project: Project) -> float:
+    return min(b.created_at for b in project.config.branches.values())
+
+
+def delete_branch(project: Project, name: str, force: bool = False) -> Branch:
+    with project.lock():
+        project.reload()
+        b = project.branch(name)
+        if name == project.config.default_branch:
+            raise Conflict(f"branch {name!r} is the default branch", hint="set another default first")
+        children = [c.name for c in project.config.branches.values() if c.parent == name]
+        if children:
+            raise Conflict(f"branch {name!r} has child branches: {', '.join(children)}")
+        st = read_state(project, name)
+        if st is not None and endpoint_status(st) == "running" and not force:
+            raise Conflict(f"branch {name!r} has a running endpoint", hint="stop it or pass --force")
+        require_running(project)
+    if st is not None:
+        from neonctl.engine.compute.endpoint import stop_endpoint  # noqa: PLC0415
+
+        stop_endpoint(project, name, immediate=True)
+    with project.lock():
+        project.reload()
+        for i, addr in project.safekeeper_addrs().items():
+            client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{b.timeline_id}")
+        client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{b.timeline_id}")
+        del project.config.branches[name]
+        project.save()
+    return b
+
+
+def rename_branch(project: Project, old: str, new: str) -> Branch:
+    check_name("branch", new)
+    with project.lock():
+        project.reload()
+        b = project.branch(old)
+        if new in project.config.branches:
+            raise AlreadyExists(f"branch {new!r} already exists")
+        if read_state(project, old) is not None:
+            raise Conflict(f"branch {old!r} has an endpoint; stop it before renaming")
+        b.name = new
+        project.config.branches = {(new if k == old else k): v for k, v in project.config.branches.items()}
+        for c in project.config.branches.values():
+            if c.parent == old:
+                c.parent = new
+        if project.config.default_branch == old:
+            project.config.default_branch = new
+        project.save()
+        return b
+
+
+def set_default(project: Project, name: str) -> Branch:
+    with project.lock():
+        project.reload()
+        b = project.branch(name)
+        project.config.default_branch = name
+        project.save()
+        return b
+
+
+def branch_rows(project: Project) -> list[dict]:
+    """Branches in tree order (parents before children) with their heads and endpoints."""
+    eps = {st.branch: (st, s) for st, s in list_endpoints(project)}
+    heads = {}
+    try:
+        st = client.call("pageserver", project.pageserver_addr, "GET", "/v1/status", timeout=5)
+        heads = {k: v["last_record_lsn"] for k, v in st["timelines"].items()}
+    except Exception:  # noqa: BLE001 - listing works with the daemons stopped
+        pass
+    by_parent: dict[str | None, list[Branch]] = {}
+    for b in project.config.branches.values():
+        by_parent.setdefault(b.parent, []).append(b)
+    rows: list[dict] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for b in sorted(by_parent.get(parent, []), key=lambda x: x.created_at):
+            ep = eps.get(b.name)
+            rows.append({
+                "name": b.name, "tree": "  " * depth + ("┗━ " if depth else "") + b.name,
+                "id": b.timeline_id, "parent": b.parent,
+                "parent_lsn": format_lsn(b.parent_lsn) if b.parent_lsn is not None else None,
+                "head_lsn": format_lsn(heads[b.timeline_id]) if b.timeline_id in heads else None,
+                "default": b.name == project.config.default_branch,
+                "endpoint": f"{ep[1]} :{ep[0].port}" if ep else None,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created_at)),
+            })
+            walk(b.name, depth + 1)
+
+    walk(None, 0)
+    return rows
