@@ -12,7 +12,7 @@ import click
 import typer
 
 from neonctl import __version__
-from neonctl.commands import branch, endpoint, project, quickstart, storage
+from neonctl.commands import branch, endpoint, inspect, project, quickstart, storage
 from neonctl.errors import NeonctlError
 
 app = typer.Typer(
@@ -51,6 +51,9 @@ app.command("quickstart")(quickstart.quickstart)
 app.add_typer(branch.app, name="branch")
 app.add_typer(branch.app, name="branches", hidden=True)
 app.command("lsn")(branch.lsn_cmd)
+app.add_typer(inspect.layers_app, name="layers")
+app.add_typer(inspect.wal_app, name="wal")
+app.add_typer(inspect.page_app, name="page")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -513,7 +513,8 @@ FIGURE8 = [
 
 ops_strategy = st.lists(
     st.tuples(st.sampled_from(KINDS), st.integers(0, 7), st.integers(0, N - 1), st.integers(0, 7)),
-    max_size=80,
+    min_size=30,
+    max_size=100,
 )
 
 

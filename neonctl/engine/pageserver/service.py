@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import shutil
+import struct
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,11 +23,20 @@ from aiohttp import web
 
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.key import Key
+from neonctl.engine.pageserver.layer_catalog import LayerCatalog
 from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline, timeline_dir
 from neonctl.engine.pageserver.walreceiver import receive
 from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Timeout
 
 log = logging.getLogger("pageserver")
+
+
+def page_lsn(page: bytes) -> int:
+    """pd_lsn from a Postgres page header: two little-endian u32 halves."""
+    hi, lo = struct.unpack_from("<II", page, 0)
+    return hi << 32 | lo
 
 
 class Pageserver:
@@ -39,12 +49,25 @@ class Pageserver:
         self.receivers: dict[str, asyncio.Task] = {}
         self.stop_event: asyncio.Event | None = None
         self.branch_lock = asyncio.Lock()
+        self.config = PageserverConfig.load(workdir)
+        self.catalog = LayerCatalog(workdir / "layers.duckdb")
 
     def load(self) -> None:
         for tid in list_timelines(self.workdir):
-            if tid not in self.timelines:
-                self.timelines[tid] = open_timeline(self.workdir, tid)
-                log.info("loaded timeline %s at %s", tid, format_lsn(self.timelines[tid].last_record_lsn))
+            self._load_one(tid)
+
+    def _load_one(self, tid: str) -> Timeline:
+        tl = self.timelines.get(tid)
+        if tl is None:
+            tl = open_timeline(self.workdir, tid, resolver=self._resolve)
+            self.timelines[tid] = tl
+            tl.attach_layers(self.config, self.catalog.sync)
+            self.catalog.sync(tid, list(tl.layers.map.layers.values()))
+            log.info("loaded timeline %s at %s", tid, format_lsn(tl.last_record_lsn))
+        return tl
+
+    def _resolve(self, tid: str) -> Timeline:
+        return self._load_one(tid)
 
     def get(self, tid: str) -> Timeline:
         if tid not in self.timelines:
@@ -108,8 +131,8 @@ class Pageserver:
                 lsn = await asyncio.to_thread(ancestor.record_end_at_or_before, want)
             else:
                 lsn = ancestor.last_record_lsn
-            tl = await asyncio.to_thread(Timeline.create_branch, timeline_dir(self.workdir, tid), tid, ancestor, lsn)
-            self.timelines[tid] = tl
+            await asyncio.to_thread(Timeline.create_branch, timeline_dir(self.workdir, tid), tid, ancestor, lsn)
+            tl = await asyncio.to_thread(self._load_one, tid)
         self.ensure_receiver(tl)
         return json_body(self.info(tl))
 
@@ -133,6 +156,9 @@ class Pageserver:
             task.cancel()
         self.timelines.pop(tid)
         tl.wal.close()
+        if tl.layers is not None:
+            tl.layers.close()
+        self.catalog.drop(tid)
         await asyncio.to_thread(shutil.rmtree, tl.dir)
         return json_body({"deleted": tid})
 
@@ -145,6 +171,44 @@ class Pageserver:
                 raise Timeout(f"pageserver has WAL up to {format_lsn(tl.received_lsn)} of timeline"
                               f" {tl.timeline_id}, waited {timeout:.0f}s for {format_lsn(lsn)}")
             await tl.wait_progress(min(remaining, 1.0))
+
+    async def layers(self, request: web.Request) -> web.Response:
+        tid = request.query.get("timeline")
+        return json_body({"layers": await asyncio.to_thread(self.catalog.list, tid)})
+
+    async def layer_stats(self, request: web.Request) -> web.Response:
+        tl = self.get(request.match_info["tl"])
+        stats = await asyncio.to_thread(self.catalog.stats, tl.timeline_id)
+        stats["disk_consistent_lsn"] = tl.layers.disk_consistent_lsn
+        stats["open_layer"] = {"start_lsn": tl.layers.open.start_lsn, "end_lsn": tl.layers.open.end_lsn,
+                               "values": tl.layers.open.count, "bytes": tl.layers.open.size}
+        return json_body(stats)
+
+    async def checkpoint(self, request: web.Request) -> web.Response:
+        """Freeze the open layer now (and compact if due); `compact=true` forces a compaction too."""
+        tl = self.get(request.match_info["tl"])
+        body = await request.json() if request.can_read_body else {}
+        if body.get("wait_for_lsn") is not None:
+            await self.wait_received(tl, int(body["wait_for_lsn"]), float(body.get("timeout", 30)))
+
+        def run() -> None:
+            tl.layers.maybe_freeze(force=True)
+            if body.get("compact"):
+                tl.layers.compact()
+
+        await asyncio.to_thread(run)
+        return json_body({"disk_consistent_lsn": tl.layers.disk_consistent_lsn})
+
+    async def page_versions(self, request: web.Request) -> web.Response:
+        """GetPage@LSN from layers: the versions a reconstruction needs, newest first."""
+        tl = self.get(request.match_info["tl"])
+        key = Key.parse(request.query["key"])
+        lsn = int(request.query.get("lsn", tl.last_record_lsn))
+        vals, complete = await asyncio.to_thread(tl.get_page_versions, key, lsn)
+        return json_body({"complete": complete, "versions": [
+            {"lsn": v_lsn, "will_init": wi, "kind": "image" if v[:1] == b"\x01" else "wal_record",
+             "length": len(v) - 1, "page_lsn": page_lsn(v[1:]) if v[:1] == b"\x01" and len(v) > 9 else None}
+            for v_lsn, wi, v in vals]})
 
     def ensure_receiver(self, tl: Timeline) -> None:
         task = self.receivers.get(tl.timeline_id)
@@ -195,6 +259,10 @@ class Pageserver:
         app.router.add_get("/v1/timeline/{tl}/lsn_by_timestamp", self.lsn_by_timestamp)
         app.router.add_get("/v1/timeline/{tl}/commits", self.commits)
         app.router.add_delete("/v1/timeline/{tl}", self.delete_timeline)
+        app.router.add_get("/v1/layers", self.layers)
+        app.router.add_get("/v1/timeline/{tl}/layer_stats", self.layer_stats)
+        app.router.add_post("/v1/timeline/{tl}/checkpoint", self.checkpoint)
+        app.router.add_get("/v1/timeline/{tl}/page", self.page_versions)
         return app
 
 

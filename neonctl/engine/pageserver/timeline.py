@@ -16,6 +16,7 @@ import shutil
 import struct
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, XLOG_BLCKSZ, format_lsn, segment_file_name
 from neonctl.engine.wal.decoder import decode_record, parse_xact
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
+from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.layers import LayerStore
 from neonctl.engine.wal.segments import SegmentedWal
 from neonctl.errors import InvalidInput, NotFound, PostgresError
 
@@ -86,8 +89,10 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 class Timeline:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, resolver: Callable[[str], "Timeline"] | None = None):
         self.dir = directory
+        self.resolver = resolver
+        self.layers: LayerStore | None = None  # attached only inside the pageserver process
         meta_path = directory / "metadata.json"
         if not meta_path.exists():
             raise NotFound(f"timeline {directory.name} does not exist in the pageserver")
@@ -102,6 +107,38 @@ class Timeline:
         self.received_lsn = self.meta.last_record_lsn
         self.sk_flush_lsn = 0  # what the safekeeper we stream from has flushed
         self._waiters: list = []
+
+    def attach_layers(self, config: PageserverConfig, on_change=None) -> None:
+        """Open the layer store and rebuild its in-memory layer from WAL past the last frozen layer."""
+        self.layers = LayerStore(self.dir / "layers", self.timeline_id, self.meta.pg_version, self.meta.start_lsn,
+                                 config, on_change)
+        start, end = self.layers.disk_consistent_lsn, self.meta.last_record_lsn
+        if start < end:
+            decoder = WalStreamDecoder(start, self.meta.wal_seg_size)
+            pos = start
+            while pos < end:
+                chunk = self.read_wal(pos, min(8 << 20, end - pos))
+                decoder.feed(chunk)
+                pos += len(chunk)
+                while (rec := decoder.poll()) is not None:
+                    self.layers.put_record(rec)
+
+    def maybe_freeze(self) -> None:
+        if self.layers is not None:
+            self.layers.maybe_freeze()
+
+    def get_page_versions(self, key, lsn: int) -> tuple[list[tuple[int, bool, bytes]], bool]:
+        """Versions of a page at lsn from this timeline's layers, then its ancestors' below the branch point."""
+        out: list = []
+        t: Timeline | None = self
+        while t is not None and t.layers is not None:
+            vals, complete = t.layers.get_values(key, lsn)
+            out.extend(vals)
+            if complete or t.ancestor is None:
+                return out, complete
+            lsn = min(lsn, t.meta.start_lsn)
+            t = t.ancestor
+        return out, False
 
     def notify(self) -> None:
         """Wake coroutines waiting for ingest progress (called on the event loop)."""
@@ -131,7 +168,10 @@ class Timeline:
     @property
     def ancestor(self) -> "Timeline | None":
         if self.meta.ancestor_timeline and self._ancestor is None:
-            self._ancestor = Timeline(self.dir.parent / self.meta.ancestor_timeline)
+            if self.resolver is not None:
+                self._ancestor = self.resolver(self.meta.ancestor_timeline)
+            else:
+                self._ancestor = Timeline(self.dir.parent / self.meta.ancestor_timeline)
         return self._ancestor
 
     def read_wal(self, lsn: int, length: int) -> bytes:
@@ -295,6 +335,8 @@ class Timeline:
         try:
             while (rec := decoder.poll()) is not None:
                 end = rec.end_lsn
+                if self.layers is not None:
+                    self.layers.put_record(rec)
                 if rec.rmid == RM_XACT_ID:
                     x = parse_xact(decode_record(rec, self.meta.pg_version), self.meta.pg_version)
                     if x is not None and x.is_commit:
@@ -308,6 +350,8 @@ class Timeline:
             self.commits.append(commits)
             self.meta.last_record_lsn = end
             self.save_metadata()
+            if self.layers is not None:
+                self.layers.maybe_freeze()
         return end
 
     # -- materialisation ------------------------------------------------------
@@ -360,8 +404,8 @@ class Timeline:
             "START TIMELINE: 1\n")
 
 
-def open_timeline(workdir: Path, timeline_id: str) -> Timeline:
-    return Timeline(workdir / "timelines" / timeline_id)
+def open_timeline(workdir: Path, timeline_id: str, resolver=None) -> Timeline:
+    return Timeline(workdir / "timelines" / timeline_id, resolver)
 
 
 def timeline_dir(workdir: Path, timeline_id: str) -> Path:

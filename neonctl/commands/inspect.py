@@ -1,0 +1,77 @@
+"""`neonctl layers list|stats|checkpoint`, `neonctl wal dump`, `neonctl page get`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from neonctl.commands.common import OutputOpt, ProjectOpt
+from neonctl.engine import inspect as engine
+from neonctl.engine.lsn import parse_lsn
+from neonctl.engine.project import load_project
+from neonctl.output import Format, emit
+
+layers_app = typer.Typer(help="The pageserver's layer files (key range x LSN range).", no_args_is_help=True)
+wal_app = typer.Typer(help="WAL as stored for a branch.", no_args_is_help=True)
+page_app = typer.Typer(help="Pages as the pageserver stores them.", no_args_is_help=True)
+
+BranchOpt = Annotated[str, typer.Option("--branch", "-b", help="Branch name.")]
+
+
+@layers_app.command("list")
+def layers_list(branch: Annotated[str | None, typer.Option("--branch", "-b", help="Only this branch.")] = None,
+                project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """List layer files with kind, level, key range, LSN range, size and value count."""
+    rows = engine.layer_rows(load_project(project), branch)
+    emit(rows, output, ["branch", "kind", "level", "key_start", "key_end", "lsn_range", "file_size", "num_values"])
+
+
+@layers_app.command("stats")
+def layers_stats(branch: BranchOpt = "main", project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Layer counts and bytes by kind/level, and read amplification per key range."""
+    s = engine.layer_stats(load_project(project), branch)
+    if output == Format.table:
+        emit(s["totals"], output)
+        print(f"\nmax read amplification: {s['max_read_amplification']}; disk consistent at "
+              f"{s['disk_consistent_lsn']:X}; open layer {s['open_layer']['values']} values")
+    else:
+        emit(s, output)
+
+
+@layers_app.command("checkpoint")
+def layers_checkpoint(branch: BranchOpt = "main",
+                      compact: Annotated[bool, typer.Option("--compact", help="Also compact L0 layers now.")] = False,
+                      project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Freeze the branch's open layer into an L0 delta now (and optionally compact)."""
+    emit(engine.checkpoint(load_project(project), branch, compact), output)
+
+
+@wal_app.command("dump")
+def wal_dump(branch: BranchOpt = "main",
+             start: Annotated[str | None, typer.Option("--from", help="Start LSN (default: branch start).")] = None,
+             end: Annotated[str | None, typer.Option("--to", help="End LSN (default: head).")] = None,
+             limit: Annotated[int, typer.Option("--limit", help="At most this many records.")] = 1000,
+             project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """List WAL records (like pg_waldump) from the branch's stored WAL."""
+    rows = engine.wal_records(load_project(project), branch, parse_lsn(start) if start else None,
+                              parse_lsn(end) if end else None, limit)
+    emit(rows, output, ["lsn", "end_lsn", "rmgr", "type", "len", "xid", "blocks"])
+
+
+@page_app.command("get")
+def page_get(rel: Annotated[str, typer.Argument(help="SPC/DB/RELFILENODE, or a table name (needs a running endpoint).")],
+             block: Annotated[int, typer.Argument(help="Block number.")],
+             branch: BranchOpt = "main",
+             lsn: Annotated[str | None, typer.Option("--lsn", help="Read as of this LSN (default: head).")] = None,
+             fork: Annotated[str, typer.Option("--fork", help="main, fsm, vm or init.")] = "main",
+             project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Show the versions of one page the pageserver holds at an LSN (newest first) and its header."""
+    p = load_project(project)
+    r = engine.parse_rel(rel) if "/" in rel else engine.rel_from_table(p, branch, rel)
+    res = engine.page_versions(p, branch, r, fork, block, parse_lsn(lsn) if lsn else None)
+    if output == Format.table:
+        print(f"key {res['key']}  complete: {'yes' if res['complete'] else 'no (needs older history)'}")
+        emit(res["versions"], output, ["lsn", "kind", "will_init", "length", "page_lsn"])
+    else:
+        emit(res, output)

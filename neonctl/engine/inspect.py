@@ -1,0 +1,121 @@
+"""Debug views users expect: layers of a branch, WAL records in an LSN range, a page's versions.
+
+WAL is read straight from the pageserver's timeline directory (read-only,
+through the timeline's ancestors); layer metadata and page versions come from
+the pageserver, which owns the layer files and the DuckDB catalog.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from neonctl.engine import client
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.key import rel_block_key
+from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
+from neonctl.engine.project import Project
+from neonctl.engine.wal.decoder import decode_record
+from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder
+from neonctl.errors import InvalidInput, NotFound
+
+FORKS = {"main": 0, "fsm": 1, "vm": 2, "init": 3}
+
+
+def layer_rows(project: Project, branch: str | None) -> list[dict]:
+    tid = project.branch(branch).timeline_id if branch else None
+    rows = client.call("pageserver", project.pageserver_addr, "GET", "/v1/layers" + (f"?timeline={tid}" if tid else ""))
+    names = {b.timeline_id: b.name for b in project.config.branches.values()}
+    out = []
+    for r in rows["layers"]:
+        out.append({"branch": names.get(r["timeline_id"], r["timeline_id"]), **r,
+                    "lsn_range": f"{format_lsn(r['lsn_start'])}..{format_lsn(r['lsn_end'])}"})
+    return out
+
+
+def layer_stats(project: Project, branch: str) -> dict:
+    tid = project.branch(branch).timeline_id
+    return client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{tid}/layer_stats")
+
+
+def checkpoint(project: Project, branch: str, compact: bool) -> dict:
+    from neonctl.engine.branches import _sk_flush  # noqa: PLC0415
+
+    tid = project.branch(branch).timeline_id
+    return client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tid}/checkpoint",
+                       {"compact": compact, "wait_for_lsn": _sk_flush(project, tid)})
+
+
+def wal_records(project: Project, branch: str, start: int | None, end: int | None, limit: int = 10000) -> list[dict]:
+    tl = Timeline(timeline_dir(project.dir / "pageserver", project.branch(branch).timeline_id))
+    head = tl.last_record_lsn
+    end = head if end is None else min(end, head)
+    if start is None:
+        start = tl.meta.start_lsn
+    start = tl.record_end_at_or_before(start) if start > tl._known_boundary_floor() else tl._known_boundary_floor()
+    if start > end:
+        raise InvalidInput(f"--from {format_lsn(start)} is past --to {format_lsn(end)}")
+    decoder = WalStreamDecoder(start, tl.meta.wal_seg_size)
+    rows, pos = [], start
+    try:
+        while pos < end and len(rows) < limit:
+            chunk = tl.read_wal(pos, min(4 << 20, end - pos + 65536))
+            decoder.feed(chunk)
+            pos += len(chunk)
+            while (raw := decoder.poll()) is not None and len(rows) < limit:
+                if raw.lsn >= end:
+                    return rows
+                rec = decode_record(raw, tl.meta.pg_version)
+                rows.append({
+                    "lsn": format_lsn(raw.lsn), "end_lsn": format_lsn(raw.end_lsn), "rmgr": rec.rmgr,
+                    "type": rec.identify() or f"0x{rec.rmgr_info:02X}", "len": rec.tot_len, "xid": rec.xid,
+                    "blocks": " ".join(f"{b.spc}/{b.db}/{b.rel}.{b.fork}:{b.blkno}{'+FPI' if b.has_image else ''}"
+                                       for b in rec.blocks)})
+    except WalDecodeError:
+        pass
+    return rows
+
+
+def parse_rel(text: str) -> tuple[int, int, int]:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise InvalidInput(f"invalid relation {text!r}: expected SPC/DB/RELFILENODE or a table name with --endpoint")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def rel_from_table(project: Project, branch: str, table: str) -> tuple[int, int, int]:
+    import psycopg  # noqa: PLC0415
+
+    from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
+
+    st = running_endpoint(project, branch)
+    with psycopg.connect(st.connection_string, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT CASE WHEN c.reltablespace = 0 THEN (SELECT dattablespace FROM pg_database"
+            " WHERE datname = current_database()) ELSE c.reltablespace END,"
+            " CASE WHEN c.relisshared THEN 0 ELSE (SELECT oid FROM pg_database WHERE datname = current_database()) END,"
+            " pg_relation_filenode(c.oid) FROM pg_class c WHERE c.oid = to_regclass(%s)", (table,)).fetchone()
+    if row is None or row[2] is None:
+        raise NotFound(f"no table {table!r} on branch {branch!r}")
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def page_header(page: bytes) -> dict:
+    hi, lo, checksum, flags, lower, upper, special, size_version = struct.unpack_from("<IIHHHHHH", page, 0)
+    return {"pd_lsn": format_lsn(hi << 32 | lo), "pd_checksum": checksum, "pd_flags": flags, "pd_lower": lower,
+            "pd_upper": upper, "pd_special": special, "page_size": size_version & 0xFF00,
+            "layout_version": size_version & 0xFF}
+
+
+def page_versions(project: Project, branch: str, rel: tuple[int, int, int], fork: str, blkno: int,
+                  lsn: int | None) -> dict:
+    if fork not in FORKS:
+        raise InvalidInput(f"invalid fork {fork!r}: one of {', '.join(FORKS)}")
+    key = rel_block_key(rel[0], rel[1], rel[2], FORKS[fork], blkno)
+    tid = project.branch(branch).timeline_id
+    q = f"/v1/timeline/{tid}/page?key={key}" + (f"&lsn={lsn}" if lsn is not None else "")
+    res = client.call("pageserver", project.pageserver_addr, "GET", q)
+    for v in res["versions"]:
+        v["lsn"] = format_lsn(v["lsn"])
+        if v.get("page_lsn") is not None:
+            v["page_lsn"] = format_lsn(v["page_lsn"])
+    return {"key": str(key), "complete": res["complete"], "versions": res["versions"]}

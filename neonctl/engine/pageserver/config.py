@@ -1,0 +1,48 @@
+"""Pageserver tuning knobs (Neon's names), with defaults sized for developer databases.
+
+Stored as ``pageserver.json`` in the pageserver's workdir; Neon's production
+defaults (256 MiB checkpoint distance, 10 L0s, ...) would mean a laptop
+database never freezes a layer at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from neonctl.errors import InvalidInput
+
+
+@dataclass
+class PageserverConfig:
+    checkpoint_distance: int = 16 << 20  # freeze the open layer after this much WAL
+    checkpoint_timeout: float = 60.0  # ... or after it has been open this long (s)
+    compaction_threshold: int = 4  # L0 layers that trigger an L0 -> L1 compaction
+    compaction_target_size: int = 32 << 20  # bytes per L1 delta layer
+    l0_backpressure: int = 12  # ingest waits for compaction beyond this many L0s
+    image_creation_threshold: int = 3  # deltas above the newest image before a new one
+    gc_horizon: int = 64 << 20
+    pitr_interval: float = 7 * 86400.0
+
+    @classmethod
+    def load(cls, workdir: Path) -> "PageserverConfig":
+        path = workdir / "pageserver.json"
+        if not path.exists():
+            return cls()
+        raw = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def save(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "pageserver.json").write_text(json.dumps(asdict(self), indent=1))
+
+    def set(self, name: str, value: str) -> None:
+        kinds = {f.name: f.type for f in fields(self)}
+        if name not in kinds:
+            raise InvalidInput(f"unknown pageserver setting {name!r}", hint=", ".join(kinds))
+        try:
+            setattr(self, name, float(value) if kinds[name] in (float, "float") else int(value))
+        except ValueError:
+            raise InvalidInput(f"invalid value {value!r} for {name}") from None

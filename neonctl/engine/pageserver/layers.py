@@ -1,0 +1,199 @@
+"""A timeline's layered storage: open in-memory layer -> L0 deltas -> compacted L1 deltas (+ images).
+
+Ingest puts every decoded WAL record into the open layer; it is frozen into an
+L0 delta when it spans `checkpoint_distance` of WAL or has been open for
+`checkpoint_timeout`. Once `compaction_threshold` L0s pile up they are
+merge-sorted by (key, LSN) into L1 deltas of about `compaction_target_size`,
+each covering a narrow key range, so a page lookup touches few files. The
+compaction runs inline with ingest: ingest waits for it, which is the
+backpressure. Reads walk layers newest-first and stop at the first page
+image or will_init record.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, DeltaLayerWriter
+from neonctl.engine.pageserver.failpoints import failpoint
+from neonctl.engine.pageserver.image_layer import ImageLayerReader
+from neonctl.engine.pageserver.inmemory_layer import InMemoryLayer
+from neonctl.engine.pageserver.key import Key
+from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
+from neonctl.engine.pageserver.wal_ingest import WalIngest
+from neonctl.engine.wal.reader import RawRecord
+
+log = logging.getLogger("pageserver.layers")
+
+
+class LayerStore:
+    def __init__(self, directory: Path, timeline_id: str, pg_version: int, start_lsn: int,
+                 config: PageserverConfig, on_change: Callable[[str, list[LayerDesc]], None] | None = None):
+        self.dir = directory
+        self.timeline_id = timeline_id
+        self.config = config
+        self.map = LayerMap(directory)
+        removed = self.map.load()
+        if removed:
+            log.warning("timeline %s: removed %d layer file(s) not in the index: %s", timeline_id, len(removed),
+                        ", ".join(removed[:3]))
+        if not self.map.disk_consistent_lsn:
+            self.map.disk_consistent_lsn = start_lsn
+        self.ingest = WalIngest(pg_version)
+        self.open = InMemoryLayer(self.map.disk_consistent_lsn)
+        self.on_change = on_change
+        self.lock = threading.RLock()
+        self._readers: dict[str, DeltaLayerReader | ImageLayerReader] = {}
+
+    @property
+    def disk_consistent_lsn(self) -> int:
+        return self.map.disk_consistent_lsn
+
+    # -- write path -----------------------------------------------------------
+
+    def put_record(self, raw: RawRecord) -> None:
+        with self.lock:
+            if raw.end_lsn <= self.open.start_lsn:
+                return  # already in a frozen layer (re-ingest after restart)
+            for key, lsn, v, will_init in self.ingest.entries(raw):
+                self.open.put(key, lsn, v, will_init)
+            self.open.advance(raw.end_lsn)
+
+    def maybe_freeze(self, force: bool = False) -> bool:
+        with self.lock:
+            o = self.open
+            if o.is_empty():
+                return False
+            due = (o.end_lsn - o.start_lsn >= self.config.checkpoint_distance
+                   or o.size >= self.config.checkpoint_distance
+                   or time.monotonic() - o.opened_at >= self.config.checkpoint_timeout)
+            if not (due or force):
+                return False
+            self.freeze()
+            return True
+
+    def freeze(self) -> None:
+        with self.lock:
+            o = self.open
+            info = o.write_l0(self.dir, self.timeline_id)
+            failpoint("layer-written-before-index")
+            desc = LayerDesc.from_name(str(info.name), 0, info.file_size, info.num_values)
+            self.map.replace([desc], [], disk_consistent_lsn=o.end_lsn)
+            failpoint("index-written")
+            self.open = InMemoryLayer(o.end_lsn)
+            log.info("timeline %s: froze L0 %s (%d values, %d bytes)", self.timeline_id, desc.name,
+                     desc.num_values, desc.file_size)
+            self._changed()
+            if len(self.map.l0()) >= self.config.compaction_threshold:
+                self.compact()
+
+    def compact(self) -> None:
+        """Merge every L0 into key-partitioned L1 deltas over the same LSN range."""
+        with self.lock:
+            l0 = self.map.l0()
+            if len(l0) < 2:
+                return
+            readers = [self.reader(d.name) for d in l0]
+            lsn_start, lsn_end = l0[0].lsn_start, max(d.lsn_end for d in l0)
+            merged = heapq.merge(*(r.iter_all() for r in readers), key=lambda e: (e[0], e[1]))
+            new: list[LayerDesc] = []
+            writer, size, last_key = None, 0, None
+
+            def seal(end_key: Key) -> None:
+                tmp_path = writer_path[0]
+                info = writer.finish(end_key, lsn_end)
+                final = self.dir / str(info.name)
+                tmp_path.rename(final)
+                new.append(LayerDesc.from_name(str(info.name), 1, info.file_size, info.num_values))
+
+            writer_path: list[Path] = []
+            for key, lsn, will_init, v in merged:
+                if writer is not None and size >= self.config.compaction_target_size and key != last_key:
+                    seal(key)
+                    writer = None
+                if writer is None:
+                    writer_path[:] = [self.dir / f"pending-{uuid.uuid4().hex}"]
+                    writer = DeltaLayerWriter(writer_path[0], self.timeline_id, key, lsn_start)
+                    size = 0
+                writer.put(key, lsn, v, will_init)
+                size += len(v) + 40
+                last_key = key
+            if writer is not None:
+                seal(last_key.next())
+            failpoint("compaction-written-before-index")
+            for d in l0:
+                r = self._readers.pop(d.name, None)
+                if r is not None:
+                    r.close()
+            self.map.replace(new, [d.name for d in l0])
+            log.info("timeline %s: compacted %d L0 into %d L1 layer(s)", self.timeline_id, len(l0), len(new))
+            self._changed()
+
+    def add_images(self, descs: list[LayerDesc]) -> None:
+        with self.lock:
+            self.map.replace(descs, [])
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change(self.timeline_id, list(self.map.layers.values()))
+
+    # -- read path ------------------------------------------------------------
+
+    def reader(self, name: str) -> DeltaLayerReader | ImageLayerReader:
+        r = self._readers.get(name)
+        if r is None:
+            d = self.map.layers[name]
+            r = (DeltaLayerReader if d.kind == "delta" else ImageLayerReader)(self.map.path(name))
+            self._readers[name] = r
+        return r
+
+    def get_values(self, key: Key, lsn_end: int) -> tuple[list[tuple[int, bool, bytes]], bool]:
+        """Versions of key below lsn_end newest-first, and whether the oldest one initialises the page.
+
+        An image at LSN I holds the page as of I (every record starting below
+        I applied); only delta values at or above I matter on top of it.
+        """
+        with self.lock:
+            layers = self.map.search(key, lsn_end)
+            image = next((d for d in layers if d.kind == "image"), None)
+            floor = image.lsn_start if image else 0
+            out: list[tuple[int, bool, bytes]] = []
+            cur_end = lsn_end
+            if lsn_end > self.open.start_lsn:
+                for v in self.open.get_values(key, lsn_end):
+                    if v[0] < floor:
+                        break
+                    out.append(v)
+                    if v[1]:
+                        return out, True
+                cur_end = min(lsn_end, self.open.start_lsn)
+            for d in layers:
+                if d.kind != "delta" or d.lsn_end <= floor or d.lsn_start >= cur_end:
+                    continue
+                for v in self.reader(d.name).get_values(key, cur_end):
+                    if v[0] < floor:
+                        break
+                    out.append(v)
+                    if v[1]:
+                        return out, True
+                cur_end = min(cur_end, d.lsn_start)
+            if image is not None:
+                page = self.reader(image.name).get(key)
+                if page is not None:
+                    out.append((image.lsn_start, True, page))
+                    return out, True
+                return out, bool(out) and out[-1][1]  # absent at the image: did not exist then
+            return out, False
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
