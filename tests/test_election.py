@@ -457,20 +457,26 @@ def _common_prefix(a: bytes | bytearray, b: bytes | bytearray) -> int:
 KINDS = ("campaign", "campaign", "new", "sync", "sync", "sync", "sync", "sync", "generate", "generate", "crash",
          "crash_elected", "disconnect")  # fmt: skip
 MAX_PROPOSERS = 16
+APPEND_MOD = 3
 
 
 def run(cluster: Cluster, ops) -> None:
     """Interpret (kind, proposer, safekeeper, amount) tuples; mostly drive the newest proposers."""
+    isolated: int | None = None  # a safekeeper no proposer can reach for now
     for kind, pi, sk, k in ops:
-        if kind in ("new", "campaign"):
+        if kind == "isolate":
+            isolated = sk if isolated is None else None
+        elif sk == isolated and kind != "crash":
+            pass
+        elif kind in ("new", "campaign"):
             if len(cluster.proposers) < MAX_PROPOSERS:
-                greeted = [i for i in range(N) if (k % 7 + 1) >> i & 1]
+                greeted = [i for i in range(N) if (k % 7 + 1) >> i & 1 and i != isolated] or [sk]
                 p = cluster.new_proposer(greeted)
                 if kind == "campaign":  # the greeted vote at once, some hear the result at once
                     for i in greeted:
                         cluster.vote(p, i)
                     for i in greeted:
-                        if (pi + 1) >> i & 1:
+                        if (pi + 1) >> i & 1:  # and some hear the result at once
                             cluster.elected(p, i)
         elif kind == "crash":
             cluster.restart(sk)
@@ -484,7 +490,7 @@ def run(cluster: Cluster, ops) -> None:
                 elif sk not in p.streaming:
                     cluster.elected(p, sk, crash_at_persist=1 + k % 2 if kind == "crash_elected" else 0)
                 else:
-                    cluster.append(p, sk, k % 3)
+                    cluster.append(p, sk, k % APPEND_MOD)
             elif kind == "generate":
                 cluster.generate(p, 1 + k % 3)
             elif kind == "disconnect":

@@ -1,12 +1,15 @@
-"""`neonctl branch create|list|get|delete|rename|set-default` and `neonctl lsn`."""
+"""`neonctl branch create|list|get|delete|rename|set-default|reset|restore|schema-diff` and `neonctl lsn`."""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Annotated
 
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
+from neonctl.engine import branch_ops
 from neonctl.engine import branches as engine
 from neonctl.engine import client
 from neonctl.engine.compute.endpoint import start_endpoint
@@ -122,3 +125,88 @@ def lsn_cmd(
         raise InvalidInput(f"no commit at or before {lsn} on branch {branch!r}")
     emit({"branch": branch, "lsn": lsn, "commit_lsn": format_lsn(before[-1][0]),
           "commit_time": from_pg_us(before[-1][1]).isoformat()}, output)
+
+
+# -- reset / restore / schema-diff (engine: branch_ops.py, schema_diff.py) ------------------------------------
+
+SWAP_COLUMNS = ["name", "id", "parent", "parent_lsn", "endpoint", "restored_from"]
+PreserveOpt = Annotated[str | None, typer.Option(
+    "--preserve-under-name", help="Keep the branch's current state as a branch with this name.")]
+
+
+def _swap_sections(p, res, first: str, second: str, output: Format) -> dict:
+    """Rows of the swapped branch and the branch holding its old state; curated columns in tables."""
+    row = {**_row(p, res.branch.name), "restored_from": res.source,
+           "last_reset_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if res.endpoint is not None:
+        row["connection_string"] = res.endpoint.connection_string
+    out = {first: row}
+    if res.preserved is not None:
+        out[second] = _row(p, res.preserved.name)
+    if output == Format.table:
+        out = {k: {c: v[c] for c in SWAP_COLUMNS if c in v} for k, v in out.items()}
+    return out
+
+
+@app.command("reset")
+def reset_cmd(
+    name: Annotated[str, typer.Argument(help="Branch to reset (it keeps its name and endpoint port).")],
+    parent: Annotated[bool, typer.Option("--parent", help="Reset to the parent's latest state (the only source).")] = False,
+    preserve_under_name: PreserveOpt = None,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Overwrite a branch with its parent's latest state; a running endpoint restarts on the same port."""
+    if not parent:
+        raise InvalidInput("only resetting to the parent is supported: pass --parent",
+                           hint=f"for a point in time use `neonctl branch restore {name} ^self@LSN|TIMESTAMP`")
+    p = load_project(project)
+    res = branch_ops.reset_branch(p, name, preserve_under_name, progress=info)
+    emit(_swap_sections(p, res, "branch", "preserved_branch", output), output)
+
+
+@app.command("restore")
+def restore_cmd(
+    name: Annotated[str, typer.Argument(help="Branch to restore (it keeps its name and endpoint port).")],
+    source: Annotated[str | None, typer.Argument(
+        help="^self@LSN|TIMESTAMP, ^parent[@LSN|TIMESTAMP] or BRANCH[@LSN|TIMESTAMP].")] = None,
+    source_opt: Annotated[str | None, typer.Option("--source", help="The source, as an option.")] = None,
+    preserve_under_name: Annotated[str | None, typer.Option(
+        "--preserve-under-name", help="Name of the backup branch (default: NAME_old_<head time>).")] = None,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Point-in-time restore in place: the branch becomes the source point; its old state stays as a backup branch."""
+    if (source is None) == (source_opt is None):
+        raise InvalidInput("give the source once: `branch restore NAME SOURCE` or `--source SOURCE`",
+                           hint="SOURCE is ^self@LSN|TIMESTAMP, ^parent[@...] or BRANCH[@...]")
+    p = load_project(project)
+    res = branch_ops.restore_branch(p, name, source or source_opt, preserve_under_name, progress=info)
+    emit(_swap_sections(p, res, "restored_branch", "backup_branch", output), output)
+
+
+def schema_diff_cmd(
+    base: Annotated[str | None, typer.Argument(help="Base: BRANCH[@LSN|@TIMESTAMP] (default: the default branch).")] = None,
+    compare: Annotated[str | None, typer.Argument(
+        help="Compare: BRANCH[@LSN|@TIMESTAMP], ^parent[@...] (default) or ^self@...")] = None,
+    db: Annotated[str | None, typer.Option("--db", "--database", help="Only this database (default: all).")] = None,
+    color: Annotated[bool, typer.Option("--color/--no-color", help="Colour the diff.")] = False,
+    exit_code: Annotated[bool, typer.Option("--exit-code", help="Exit 1 when the schemas differ (for CI).")] = False,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Unified diff of the schemas (pg_dump --schema-only) of two points; empty output when identical."""
+    from neonctl.engine.schema_diff import colorize, schema_diff  # noqa: PLC0415
+
+    res = schema_diff(load_project(project), base, compare, db, progress=info)
+    if output == Format.table:
+        sys.stdout.write(colorize(res.text) if color else res.text)
+    else:
+        emit({"base": res.base, "compare": res.compare, "identical": res.identical, "databases": res.databases},
+             output)
+    if exit_code and not res.identical:
+        raise typer.Exit(1)
+
+
+app.command("schema-diff")(schema_diff_cmd)
+app.command("sd", hidden=True)(schema_diff_cmd)

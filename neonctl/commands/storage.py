@@ -46,10 +46,10 @@ def status(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None
         for r in rows:
             r["lsns"] = _lsns(r.pop("timelines", {}))
         emit(rows, output, ["name", "pid", "address", "state", "lsns"])
-        eps = [{"branch": st.branch, "port": st.port, "status": s} for st, s in list_endpoints(p)]
+        eps = [{"branch": st.name, "port": st.port, "status": s} for st, s in list_endpoints(p)]
         if eps:
             print()
             emit(eps, output)
     else:
-        emit({"daemons": rows, "endpoints": [{"branch": st.branch, "port": st.port, "status": s}
+        emit({"daemons": rows, "endpoints": [{"branch": st.name, "port": st.port, "status": s}
                                              for st, s in list_endpoints(p)]}, output)

@@ -13,6 +13,7 @@ from datetime import datetime
 
 from neonctl.engine import client
 from neonctl.engine.compute.endpoint import list_endpoints, read_state, endpoint_status
+from neonctl.engine.compute.time_travel import time_travel_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import Branch, Project, check_name
 from neonctl.engine.storage import require_running
@@ -44,33 +45,52 @@ def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: 
                 return project.config.branches[name], False
             raise AlreadyExists(f"branch {name!r} already exists", hint="use --if-not-exists in scripts")
         parent = project.branch(point.branch or project.config.default_branch)
-        require_running(project)
-        if point.timestamp is not None and point.timestamp.timestamp() < _root_created(project):
-            raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
-        tid = uuid.uuid4().hex
-        body: dict = {"ancestor_timeline_id": parent.timeline_id, "wait_for_lsn": _sk_flush(project, parent.timeline_id)}
-        if point.lsn is not None:
-            body["lsn"] = point.lsn
-        if point.timestamp is not None:
-            body["timestamp_us"] = to_pg_us(point.timestamp)
-        info = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tid}/branch", body)
-        lsn = info["start_lsn"]
-        created_sks = []
+        tid, lsn = create_timeline(project, parent, point)
         try:
-            for i, addr in project.safekeeper_addrs().items():
-                client.call(f"sk{i}", addr, "POST", "/v1/timeline", {
-                    "timeline_id": tid, "system_id": info["system_id"], "pg_version": info["pg_version"],
-                    "start_lsn": lsn})
-                created_sks.append((i, addr))
             b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn)
             project.config.branches[name] = b
             project.save()
         except BaseException:
-            for i, addr in created_sks:
-                client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{tid}")
-            client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{tid}")
+            drop_timeline(project, tid)
             raise
         return b, True
+
+
+def create_timeline(project: Project, parent: Branch, point: TimePoint) -> tuple[str, int]:
+    """A new timeline off `parent` at `point` (its head if no LSN/time) in the pageserver and on every
+    safekeeper; returns (timeline id, branch point). The caller holds the project lock and names it;
+    on failure nothing is left behind."""
+    require_running(project)
+    if point.timestamp is not None and point.timestamp.timestamp() < _root_created(project):
+        raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
+    tid = uuid.uuid4().hex
+    body: dict = {"ancestor_timeline_id": parent.timeline_id, "wait_for_lsn": _sk_flush(project, parent.timeline_id)}
+    if point.lsn is not None:
+        body["lsn"] = point.lsn
+    if point.timestamp is not None:
+        body["timestamp_us"] = to_pg_us(point.timestamp)
+    info = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tid}/branch", body)
+    lsn = info["start_lsn"]
+    created_sks = []
+    try:
+        for i, addr in project.safekeeper_addrs().items():
+            client.call(f"sk{i}", addr, "POST", "/v1/timeline", {
+                "timeline_id": tid, "system_id": info["system_id"], "pg_version": info["pg_version"],
+                "start_lsn": lsn})
+            created_sks.append((i, addr))
+    except BaseException:
+        for i, addr in created_sks:
+            client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{tid}")
+        client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{tid}")
+        raise
+    return tid, lsn
+
+
+def drop_timeline(project: Project, timeline_id: str) -> None:
+    """Delete a timeline from every safekeeper and the pageserver (it must have no child timelines)."""
+    for i, addr in project.safekeeper_addrs().items():
+        client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{timeline_id}")
+    client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{timeline_id}")
 
 
 def _root_created(project: Project) -> float:
@@ -89,10 +109,16 @@ def delete_branch(project: Project, name: str, force: bool = False) -> Branch:
         st = read_state(project, name)
         if st is not None and endpoint_status(st) == "running" and not force:
             raise Conflict(f"branch {name!r} has a running endpoint", hint="stop it or pass --force")
+        tts = [t.name for t, s in time_travel_endpoints(project, name)]
+        if tts and not force:
+            raise Conflict(f"branch {name!r} has time-travel endpoints: {', '.join(tts)}",
+                           hint="stop them or pass --force")
         require_running(project)
-    if st is not None:
-        from neonctl.engine.compute.endpoint import stop_endpoint  # noqa: PLC0415
+    from neonctl.engine.compute.endpoint import stop_endpoint  # noqa: PLC0415
 
+    for tt in tts:
+        stop_endpoint(project, tt, immediate=True)
+    if st is not None:
         stop_endpoint(project, name, immediate=True)
     with project.lock():
         project.reload()
@@ -111,7 +137,7 @@ def rename_branch(project: Project, old: str, new: str) -> Branch:
         b = project.branch(old)
         if new in project.config.branches:
             raise AlreadyExists(f"branch {new!r} already exists")
-        if read_state(project, old) is not None:
+        if read_state(project, old) is not None or time_travel_endpoints(project, old):
             raise Conflict(f"branch {old!r} has an endpoint; stop it before renaming")
         b.name = new
         project.config.branches = {(new if k == old else k): v for k, v in project.config.branches.items()}
@@ -135,7 +161,7 @@ def set_default(project: Project, name: str) -> Branch:
 
 def branch_rows(project: Project) -> list[dict]:
     """Branches in tree order (parents before children) with their heads and endpoints."""
-    eps = {st.branch: (st, s) for st, s in list_endpoints(project)}
+    eps = {st.branch: (st, s) for st, s in list_endpoints(project) if st.at_lsn is None}
     heads = {}
     try:
         st = client.call("pageserver", project.pageserver_addr, "GET", "/v1/status", timeout=5)

@@ -36,10 +36,16 @@ class EndpointState:
     started_at: float
     pg_version: int
     fsync: bool = False
+    at_lsn: int | None = None  # a read-only time-travel endpoint frozen at this LSN (compute/time_travel.py)
 
     @property
     def connection_string(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def name(self) -> str:
+        """Endpoint identity: the branch for its read-write compute, `branch@LSN` for a time-travel one."""
+        return self.branch if self.at_lsn is None else f"{self.branch}@{format_lsn(self.at_lsn)}"
 
 
 def endpoints_dir(project: Project) -> Path:
@@ -49,7 +55,8 @@ def endpoints_dir(project: Project) -> Path:
 
 
 def _state_path(project: Project, branch: str) -> Path:
-    return endpoints_dir(project) / f"{branch}.json"
+    """`branch` is an endpoint name: a branch, or `branch@X/Y` for a time-travel endpoint."""
+    return endpoints_dir(project) / f"{branch.replace('/', '_')}.json"
 
 
 def read_state(project: Project, branch: str) -> EndpointState | None:
@@ -203,18 +210,18 @@ def _discard(project: Project, st: EndpointState) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (OSError, ValueError):
         pass
-    for sk_id, addr in project.safekeeper_addrs().items():
+    for sk_id, addr in project.safekeeper_addrs().items() if st.at_lsn is None else ():  # time travel: no WAL
         try:
             client.call(f"sk{sk_id}", addr, "DELETE", f"/v1/timeline/{st.timeline_id}/compute")
         except Exception:  # noqa: BLE001 - a stopped safekeeper re-learns on the next start
             pass
     shutil.rmtree(Path(st.pgdata).parent, ignore_errors=True)
-    _state_path(project, st.branch).unlink(missing_ok=True)
+    _state_path(project, st.name).unlink(missing_ok=True)
 
 
 def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> EndpointState:
     with project.lock():
-        project.branch(branch)
+        project.branch(branch.partition("@")[0])  # `branch@X/Y`: a time-travel endpoint
         st = read_state(project, branch)
         if st is None:
             raise NotFound(f"no endpoint is running on branch {branch!r}")
@@ -245,7 +252,7 @@ def list_endpoints(project: Project) -> list[tuple[EndpointState, str]]:
 
 def stop_all_endpoints(project: Project, immediate: bool = False) -> None:
     for st, _ in list_endpoints(project):
-        stop_endpoint(project, st.branch, immediate=immediate)
+        stop_endpoint(project, st.name, immediate=immediate)
 
 
 def running_endpoint(project: Project, branch: str) -> EndpointState:

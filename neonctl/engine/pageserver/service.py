@@ -141,6 +141,12 @@ class Pageserver:
         lsn = await asyncio.to_thread(tl.lsn_for_timestamp, int(request.query["timestamp_us"]))
         return json_body({"lsn": lsn})
 
+    async def record_end(self, request: web.Request) -> web.Response:
+        """The end of the last complete record at or before ?lsn= (where a compute can stop replay)."""
+        tl = self.get(request.match_info["tl"])
+        lsn = await asyncio.to_thread(tl.record_end_at_or_before, int(request.query["lsn"]))
+        return json_body({"lsn": lsn})
+
     async def commits(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])
         return json_body({"commits": await asyncio.to_thread(tl.commit_history)})
@@ -257,6 +263,7 @@ class Pageserver:
         app.router.add_post("/v1/timeline/{tl}/basebackup", self.basebackup)
         app.router.add_post("/v1/timeline/{tl}/branch", self.create_branch)
         app.router.add_get("/v1/timeline/{tl}/lsn_by_timestamp", self.lsn_by_timestamp)
+        app.router.add_get("/v1/timeline/{tl}/record_end", self.record_end)
         app.router.add_get("/v1/timeline/{tl}/commits", self.commits)
         app.router.add_delete("/v1/timeline/{tl}", self.delete_timeline)
         app.router.add_get("/v1/layers", self.layers)

@@ -1,0 +1,178 @@
+"""Reset and restore: a branch takes the content of another point in place, keeping its name and port.
+
+Neon's `branches reset N --parent` and `branches restore N SOURCE[@LSN|@TIME]`.
+Timelines are immutable history, so neither rewrites one: a new timeline is
+branched off the source point, then swapped in under N's name.
+
+1. Validate everything and create the new timeline (pageserver + safekeepers).
+   Nothing else has changed yet; a bad point fails here.
+2. Stop N's compute (and its read-only time-travel endpoints, which show the
+   old history).
+3. Under the project lock, swap: N -> new timeline (its parent is now the
+   source branch); the old timeline survives as branch X (`--preserve-under-name`,
+   or for restore always, by default `N_old_<head time>` as Neon names it) or is
+   deleted. N's children hang off the old timeline, so they move to X.
+4. Start N's compute again on the same port if it was running.
+
+After `restore N ^self@P` the backup X holds the old timeline and is N's
+parent (as in Neon), so `reset N --parent` undoes the restore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from neonctl.engine import client
+from neonctl.engine.branches import create_timeline, drop_timeline
+from neonctl.engine.compute.endpoint import EndpointState, endpoint_status, read_state, start_endpoint, stop_endpoint
+from neonctl.engine.compute.time_travel import time_travel_endpoints
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.project import NAME_RE, Branch, Project, check_name
+from neonctl.engine.storage import require_running
+from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_point
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput
+
+
+@dataclass
+class SwapResult:
+    branch: Branch
+    preserved: Branch | None
+    source: str  # e.g. "main@0/16B3748" or "main (head)"
+    endpoint: EndpointState | None  # the restarted compute, if N had one running
+
+
+def parse_source(project: Project, target: Branch, text: str, allow_own_head: bool = False) -> TimePoint:
+    """`^self@P`, `^parent[@P]` or `BRANCH[@P]` (P an LSN or an ISO-8601 time) relative to `target`."""
+    base, at_sign, at = text.partition("@")
+    if base == "^self":
+        name = target.name
+    elif base == "^parent":
+        if target.parent is None:
+            raise InvalidInput(f"branch {target.name!r} is a root branch: it has no ^parent")
+        name = target.parent
+    elif base.startswith("^") or not base:
+        raise InvalidInput(f"invalid source {text!r}: expected ^self@POINT, ^parent[@POINT] or BRANCH[@POINT]")
+    else:
+        name = project.branch(base).name
+    lsn = ts = None
+    if at_sign:
+        other, lsn, ts = parse_point(at)
+        if other is not None or not at:
+            raise InvalidInput(f"invalid point {at!r} in {text!r}: expected an LSN like 0/16B3748 or an ISO-8601 timestamp")
+    if name == target.name and lsn is None and ts is None and not allow_own_head:
+        raise InvalidInput(f"restoring {target.name!r} to its own head changes nothing",
+                           hint=f"give a point: {base}@LSN or {base}@TIMESTAMP")
+    return TimePoint(name, lsn, ts)
+
+
+def reset_branch(project: Project, name: str, preserve_under: str | None = None, progress=lambda msg: None) -> SwapResult:
+    """`branch reset N --parent`: N becomes its parent's latest state."""
+    b = project.branch(name)
+    if b.parent is None:
+        raise InvalidInput(f"branch {name!r} is a root branch: it has no parent to reset from")
+    return _swap(project, name, TimePoint(b.parent), preserve_under, keep_old=preserve_under is not None,
+                 progress=progress)
+
+
+def restore_branch(project: Project, name: str, source: str, preserve_under: str | None = None,
+                   progress=lambda msg: None) -> SwapResult:
+    """`branch restore N SOURCE`: N's content becomes the source point's; N's old state is kept as a backup."""
+    b = project.branch(name)
+    point = parse_source(project, b, source)
+    backup = preserve_under if preserve_under is not None else default_backup_name(project, b)
+    return _swap(project, name, point, backup, keep_old=True, progress=progress)
+
+
+def default_backup_name(project: Project, b: Branch) -> str:
+    """`N_old_<time of N's last commit>` (Neon's `{branch_name}_old_{head_timestamp}`), in ISO 8601 basic
+    format so that it is a valid branch name; `_2`, `_3`... if taken."""
+    when = datetime.now(timezone.utc)
+    try:
+        commits = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{b.timeline_id}/commits")
+        if commits["commits"]:
+            when = from_pg_us(commits["commits"][-1][1])
+    except Exception:  # noqa: BLE001 - the name is cosmetic; the swap itself reports a down pageserver
+        pass
+    base = f"{b.name}_old_{when.strftime('%Y%m%dT%H%M%SZ')}"
+    if not NAME_RE.match(base):
+        raise InvalidInput(f"branch name {b.name!r} is too long for an automatic backup name",
+                           hint="name the backup with --preserve-under-name")
+    name, n = base, 1
+    while name in project.config.branches:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _describe(point: TimePoint) -> str:
+    if point.lsn is not None:
+        return f"{point.branch}@{format_lsn(point.lsn)}"
+    if point.timestamp is not None:
+        return f"{point.branch}@{point.timestamp.isoformat()}"
+    return f"{point.branch} (head)"
+
+
+def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | None, keep_old: bool,
+          progress) -> SwapResult:
+    # 1. validate, then create the new timeline: the first change, and nothing else changes if it fails
+    with project.lock():
+        project.reload()
+        n = project.branch(name)
+        if preserve_under is not None:
+            check_name("branch", preserve_under)
+            if preserve_under in project.config.branches:
+                raise AlreadyExists(f"branch {preserve_under!r} already exists",
+                                    hint="choose another name for --preserve-under-name")
+        children = sorted(c.name for c in project.config.branches.values() if c.parent == name)
+        if children and not keep_old:
+            raise Conflict(f"branch {name!r} has child branches ({', '.join(children)}) that depend on its"
+                           " current history", hint="pass --preserve-under-name to keep it as a branch they move to")
+        source = project.branch(point.branch)
+        require_running(project)
+        old_tid, old_parent, old_parent_lsn, old_created = n.timeline_id, n.parent, n.parent_lsn, n.created_at
+        progress(f"branching {_describe(point)} for {name!r} ...")
+        new_tid, new_lsn = create_timeline(project, source, point)
+        st = read_state(project, name)
+        was_running = st is not None and endpoint_status(st) == "running"
+        tts = [t.name for t, _ in time_travel_endpoints(project, name)]
+    # 2. stop the computes that show the old history
+    try:
+        for tt in tts:
+            progress(f"stopping time-travel endpoint {tt} (it shows {name!r}'s old history)")
+            stop_endpoint(project, tt, immediate=True)
+        if st is not None:
+            progress(f"stopping the endpoint of {name!r} on port {st.port} ...")
+            stop_endpoint(project, name)
+    except BaseException:
+        with project.lock():
+            drop_timeline(project, new_tid)
+        raise
+    # 3. swap under the lock, unless someone changed N meanwhile
+    with project.lock():
+        project.reload()
+        n = project.config.branches.get(name)
+        if n is None or n.timeline_id != old_tid or (preserve_under and preserve_under in project.config.branches):
+            drop_timeline(project, new_tid)
+            raise Conflict(f"branch {name!r} changed while it was being reset; nothing was done", hint="try again")
+        preserved = None
+        if keep_old:
+            preserved = Branch(name=preserve_under, timeline_id=old_tid, parent=old_parent, parent_lsn=old_parent_lsn,
+                               created_at=old_created)
+            project.config.branches[preserve_under] = preserved
+            for c in project.config.branches.values():
+                if c.parent == name:
+                    c.parent = preserve_under
+        n.timeline_id, n.parent, n.parent_lsn = new_tid, source.name if source.name != name else preserve_under, new_lsn
+        project.save()
+        if not keep_old:
+            try:
+                drop_timeline(project, old_tid)
+            except Exception as e:  # noqa: BLE001 - the swap is done; an orphan timeline only costs disk
+                progress(f"WARNING: could not delete the old timeline {old_tid}: {e}")
+    # 4. the same compute, on the same port, on the new history
+    ep = None
+    if was_running:
+        progress(f"restarting the endpoint of {name!r} on port {st.port} ...")
+        ep = start_endpoint(project, name, port=st.port, fsync=st.fsync, progress=progress)
+    return SwapResult(branch=n, preserved=preserved, source=_describe(point), endpoint=ep)

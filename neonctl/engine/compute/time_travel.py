@@ -1,0 +1,216 @@
+"""Time-travel endpoints: a read-only Postgres frozen at a point of a branch's history (`branch@LSN|TIME`).
+
+Like Neon's time-travel connections. The pageserver materialises a data
+directory at the point exactly as for a read-write start (its WAL is zeroed
+after the point and no later segment exists), but the compute starts as a
+**hot standby** (`standby.signal`, `hot_standby = on`, no primary_conninfo,
+no restore_command): it replays to the point, then waits forever for WAL that
+never comes. It never streams to the safekeepers and never becomes the
+branch's writer, so any number of them can run next to the branch's own
+compute. Their identity is `branch@X/Y` (the resolved record end); they live
+in their own state files (`endpoints/branch@X_Y.json`) with their own ports.
+
+Postgres accepts read-only connections as soon as the replay is consistent -
+which, for a base image that was shut down cleanly, is long before the
+target. So a start only returns once `pg_last_wal_replay_lsn()` reached it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+
+from neonctl.engine import client, ports
+from neonctl.engine.compute.endpoint import (
+    EndpointState, _discard, _ports_in_use, _state_path, compute_config, endpoint_status, list_endpoints,
+    postgres_pid, read_state)
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.process import log_tail
+from neonctl.engine.project import Branch, Project
+from neonctl.engine.storage import require_running
+from neonctl.engine.timepoint import TimePoint, to_pg_us
+from neonctl.errors import Conflict, InvalidInput, PostgresError, Timeout
+
+STANDBY_SETTINGS = "\n".join([
+    "# --- time travel: a hot standby frozen at its point; it never streams and never writes ---",
+    "hot_standby = on",
+    "synchronous_standby_names = ''",
+    "primary_conninfo = ''",
+    "restore_command = ''",
+    "",
+])
+
+
+def endpoint_name(branch: str, lsn: int) -> str:
+    return f"{branch}@{format_lsn(lsn)}"
+
+
+def sk_flush_lsn(project: Project, timeline_id: str) -> int:
+    return max(client.call(f"sk{i}", a, "GET", f"/v1/timeline/{timeline_id}")["flush_lsn"]
+               for i, a in project.safekeeper_addrs().items())
+
+
+def caught_up_info(project: Project, b: Branch, timeout: float = 30.0) -> dict:
+    """The pageserver's view of the branch once it holds all the WAL the safekeepers have."""
+    flush = sk_flush_lsn(project, b.timeline_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{b.timeline_id}")
+        if info["received_lsn"] >= flush or info["last_record_lsn"] >= flush:
+            return info
+        if time.monotonic() > deadline:
+            raise Timeout(f"the pageserver has WAL of branch {b.name!r} up to {format_lsn(info['received_lsn'])},"
+                          f" waited {timeout:.0f}s for {format_lsn(flush)}")
+        time.sleep(0.05)
+
+
+def resolve_point(project: Project, point: TimePoint) -> tuple[Branch, int]:
+    """(branch, LSN) for `branch@LSN|TIME|head`: a record end, where a compute can stop replaying.
+
+    An LSN means "records ending at or before it"; a time means "transactions
+    committed at or before it"; neither means the branch's head.
+    """
+    if point.lsn is not None and point.timestamp is not None:
+        raise InvalidInput("give either an LSN or a timestamp, not both")
+    b = project.branch(point.branch or project.config.default_branch)
+    require_running(project)
+    info = caught_up_info(project, b)
+    head, start = info["last_record_lsn"], info.get("start_lsn") or info["initdb_lsn"]
+    if point.timestamp is not None:
+        first = min(x.created_at for x in project.config.branches.values())
+        if point.timestamp.timestamp() < first:
+            raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
+        res = client.call("pageserver", project.pageserver_addr, "GET",
+                          f"/v1/timeline/{b.timeline_id}/lsn_by_timestamp?timestamp_us={to_pg_us(point.timestamp)}")
+        return b, res["lsn"]
+    if point.lsn is not None:
+        if point.lsn > head:
+            raise InvalidInput(f"LSN {format_lsn(point.lsn)} is past the head of branch {b.name!r}"
+                               f" ({format_lsn(head)})")
+        if point.lsn < start:
+            raise InvalidInput(f"LSN {format_lsn(point.lsn)} is before branch {b.name!r} begins ({format_lsn(start)})",
+                               hint=f"use its parent {b.parent!r}" if b.parent else None)
+        res = client.call("pageserver", project.pageserver_addr, "GET",
+                          f"/v1/timeline/{b.timeline_id}/record_end?lsn={point.lsn}")
+        return b, res["lsn"]
+    return b, head
+
+
+def time_travel_endpoints(project: Project, branch: str | None = None) -> list[tuple[EndpointState, str]]:
+    return [(st, s) for st, s in list_endpoints(project)
+            if st.at_lsn is not None and (branch is None or st.branch == branch)]
+
+
+def find_running(project: Project, point: TimePoint) -> EndpointState | None:
+    """A running endpoint that shows exactly `point`: the branch's own compute for a bare branch, else a
+    time-travel endpoint at the resolved LSN."""
+    b = project.branch(point.branch or project.config.default_branch)
+    if point.lsn is None and point.timestamp is None:
+        st = read_state(project, b.name)
+        if st is not None and endpoint_status(st) == "running":
+            return st
+    _, lsn = resolve_point(project, point)
+    st = read_state(project, endpoint_name(b.name, lsn))
+    return st if st is not None and endpoint_status(st) == "running" else None
+
+
+def start_time_travel(project: Project, point: TimePoint, port: int | None = None, reuse: bool = False,
+                      progress=lambda msg: None) -> tuple[EndpointState, bool]:
+    """Start a read-only endpoint at `point`; returns (state, started). With `reuse`, one already running
+    at that point is returned instead of refused."""
+    with project.lock():
+        project.reload()
+        b, lsn = resolve_point(project, point)
+        name = endpoint_name(b.name, lsn)
+        old = read_state(project, name)
+        if old is not None:
+            if endpoint_status(old) == "running":
+                if reuse:
+                    return old, False
+                raise Conflict(f"time-travel endpoint {name} is already running on port {old.port}")
+            progress(f"previous compute of {name} is gone (crashed); rebuilding it")
+            _discard(project, old)
+        auto_port = port is None
+        if port is not None:
+            if not 1 <= port <= 65535:
+                raise InvalidInput(f"invalid port {port}")
+            if port in _ports_in_use() or not ports.port_free(port):
+                raise Conflict(f"port {port} is already in use")
+        else:
+            port, = ports.allocate(ports.ENDPOINT_BASE_PORT, _ports_in_use())
+        runtime = project.runtime()
+        epdir = project.compute_root() / "endpoints" / name.replace("/", "_")
+        pgdata = epdir / "pgdata"
+        if epdir.exists():
+            shutil.rmtree(epdir)
+        epdir.mkdir(parents=True)
+        os.chmod(epdir, 0o755)
+        logfile = epdir / "postgres.log"
+        try:
+            progress(f"materialising {name} (read-only time travel) ...")
+            client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
+                        {"target": str(pgdata), "lsn": lsn, "timeout": 60}, timeout=120)
+            # Standby mode replays everything after the image's checkpoint on its own; a backup_label would
+            # make every later shutdown checkpoint in the WAL fatal ("online backup was canceled").
+            (pgdata / "backup_label").unlink(missing_ok=True)
+            (pgdata / "standby.signal").write_text("")
+            base_conf = (pgdata / "postgresql.conf").read_text()
+            for attempt in range(5):
+                (pgdata / "postgresql.conf").write_text(
+                    base_conf + compute_config(project, port, epdir, fsync=False) + STANDBY_SETTINGS)
+                runtime.chown(epdir, recursive=True)
+                progress(f"starting read-only PostgreSQL {runtime.version} for {name} on port {port} ...")
+                try:
+                    runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata),
+                                 "-l", str(logfile)], timeout=180)
+                    break
+                except PostgresError as e:
+                    taken = "could not create any TCP/IP sockets" in log_tail(logfile, 5)
+                    if auto_port and taken and attempt < 4:  # lost a race for the port: take the next one
+                        port, = ports.allocate(port + 1, _ports_in_use())
+                        continue
+                    raise PostgresError(f"read-only PostgreSQL for {name} failed to start: {log_tail(logfile)}",
+                                        hint=str(logfile)) from e
+            wait_replayed(port, lsn, logfile)
+        except BaseException:
+            pid = postgres_pid(pgdata)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(epdir, ignore_errors=True)
+            raise
+        st = EndpointState(branch=b.name, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
+                           started_at=time.time(), pg_version=runtime.version, fsync=False, at_lsn=lsn)
+        path = _state_path(project, name)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(st), indent=1))
+        os.replace(tmp, path)
+        return st, True
+
+
+def wait_replayed(port: int, lsn: int, logfile, timeout: float = 120.0, stall: float = 20.0) -> None:
+    """Return once the standby replayed up to `lsn`; refuse one that stops short or left recovery."""
+    import psycopg  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    last, last_change = -1, time.monotonic()
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True,
+                         connect_timeout=10) as conn:
+        while True:
+            in_recovery, replayed = conn.execute(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn() - '0/0'::pg_lsn").fetchone()
+            replayed = int(replayed or 0)
+            if not in_recovery:
+                raise PostgresError("time-travel compute left recovery: refusing a writable compute", hint=str(logfile))
+            if replayed >= lsn:
+                return
+            now = time.monotonic()
+            if replayed != last:
+                last, last_change = replayed, now
+            if now - last_change > stall or now > deadline:
+                raise PostgresError(f"time-travel compute replayed WAL only up to {format_lsn(replayed)}, short of"
+                                    f" {format_lsn(lsn)}: refusing to serve a different point", hint=str(logfile))
+            time.sleep(0.02)
