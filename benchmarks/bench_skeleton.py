@@ -460,7 +460,8 @@ class Bench:
             wait_pageserver(p)
 
         # one run through the CLI, for the process start-up cost the engine API does not pay
-        cli = [sys.executable, "-m", "neonctl", "endpoint", "start", "main", "-p", p.name, "-o", "json"]
+        cli = [sys.executable, "-m", "neonctl", "endpoint", "start", "main", "-p", p.name, "-o", "json",
+               "--port", str(free_port())]
         t = time.perf_counter()
         subprocess.run(cli, check=True, capture_output=True, text=True)
         cli_s = round(time.perf_counter() - t, 3)

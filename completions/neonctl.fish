@@ -1,0 +1,1 @@
+complete --command neonctl --no-files --arguments "(env _NEONCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) neonctl)" --condition "env _NEONCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) neonctl"
