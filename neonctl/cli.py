@@ -15,6 +15,13 @@ from neonctl import __version__
 from neonctl.commands import branch, endpoint, inspect, project, quickstart, storage
 from neonctl.errors import NeonctlError
 
+try:  # recent typer parses with its own vendored click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _TyperClickException = click.exceptions.ClickException
+_USAGE_ERRORS = (click.exceptions.ClickException, _TyperClickException)
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+
 app = typer.Typer(
     name="neonctl",
     help="Local, branchable serverless Postgres: Neon's storage/compute split on your machine.",
@@ -62,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except NeonctlError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.ClickException as e:
+    except _USAGE_ERRORS as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -180,7 +180,7 @@ def test_never_truncates_below_commit_lsn():
 
 
 def test_proposer_elected_from_lower_term_is_ignored():
-    acc, storage = new_acceptor()
+    acc, _ = new_acceptor()
     acc.handle_vote_request(VoteRequest(5))
     resp = acc.handle_proposer_elected(ProposerElected(4, START, ((4, START),)))
     assert resp.term == 5
@@ -271,7 +271,7 @@ def test_appends_must_continue_at_wal_end(begin, end, data, match):
 
 
 def test_complete_append_requires_durable_write():
-    acc, storage = new_acceptor()
+    acc, _ = new_acceptor()
     elect(acc, 1, [(1, START)], START)
     out = acc.handle_append_request(AppendRequest(1, START, START + 1, 0, b"a"))
     with pytest.raises(ProtocolViolation, match="not durable"):
@@ -334,7 +334,7 @@ def test_restart_keeps_term_history_and_refuses_old_terms():
 
 
 def test_dispatch():
-    acc, storage = new_acceptor()
+    acc, _ = new_acceptor()
     assert isinstance(acc.handle(VoteRequest(1)), VoteResponse)
     assert isinstance(acc.handle(ProposerElected(1, START, ((1, START),))), AppendResponse)
     assert isinstance(acc.handle(AppendRequest(1, START, START, 0)), WalWrite)

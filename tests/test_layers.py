@@ -34,7 +34,7 @@ def _tl(p):
 def _wait_ingested(p):
     flush = _sk_flush(p, _tl(p))
     deadline = time.time() + 30
-    while client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}")["last_record_lsn"] < flush - 200:
+    while (client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}")["layer_lsn"] or 0) < flush - 200:
         assert time.time() < deadline
         time.sleep(0.1)
 

@@ -121,7 +121,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(log_family(), st.data())
 def test_common_point_matches_stamped_wal(logs, data):
     wal_a, hist_a = logs[data.draw(st.integers(0, len(logs) - 1))]

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from neonctl.engine import client
 from neonctl.engine.branches import create_timeline, drop_timeline
 from neonctl.engine.compute.endpoint import EndpointState, endpoint_status, read_state, start_endpoint, stop_endpoint
-from neonctl.engine.compute.time_travel import time_travel_endpoints
+from neonctl.engine.compute.time_travel import resolve_point, time_travel_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import NAME_RE, Branch, Project, check_name
 from neonctl.engine.storage import require_running
@@ -131,6 +131,8 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
         source = project.branch(point.branch)
         require_running(project)
         old_tid, old_parent, old_parent_lsn, old_created = n.timeline_id, n.parent, n.parent_lsn, n.created_at
+        if point.lsn is not None or point.timestamp is not None:  # check the point, and fix it to a record end
+            point = TimePoint(source.name, resolve_point(project, point)[1])
         progress(f"branching {_describe(point)} for {name!r} ...")
         new_tid, new_lsn = create_timeline(project, source, point)
         st = read_state(project, name)

@@ -41,6 +41,7 @@ STANDBY_SETTINGS = "\n".join([
     "synchronous_standby_names = ''",
     "primary_conninfo = ''",
     "restore_command = ''",
+    "wal_retrieve_retry_interval = 1h  # nothing will ever arrive: do not log 'waiting for WAL' every 5 s",
     "",
 ])
 

@@ -34,7 +34,7 @@ empty; a materialiser puts the WAL in), ``pg_replslot``, ``pg_stat_tmp``, ``pg_s
 (zeroed at startup), ``pg_dynshmem``, ``pg_notify``, ``pg_serial``, ``pg_snapshots``;
 ``postmaster.pid``/``.opts``, ``backup_label*``, ``tablespace_map*``, signal files,
 ``pg_internal.init`` (relcache init files, removed at recovery start), temporary relations
-(``t<backend>_<rel>``) and ``pgsql_tmp`` files; and every fork but ``_init`` of an *unlogged*
+(``t<backend>_<rel>``) and ``pgsql_tmp`` directories and files; and every fork but ``_init`` of an *unlogged*
 relation - recovery deletes those forks and copies the init fork over the main fork, so their
 contents are never read (Neon keeps only the init fork as well). Symlinks (tablespaces in
 ``pg_tblspc``, a symlinked ``pg_wal``) are not followed or stored; ``pg_wal`` is restored as a

@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.compute.runtime import PgRuntime
-from neonctl.engine.lsn import format_lsn
+from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
 
@@ -119,6 +119,15 @@ def _standby_options(runtime: PgRuntime, pgdata: Path, port: int) -> list[str]:
     return out
 
 
+def _parse_backup_label(text: str) -> tuple[int, int]:
+    """(checkpoint, redo) named by a backup_label."""
+    fields = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    try:
+        return parse_lsn(fields["CHECKPOINT LOCATION"]), parse_lsn(fields["START WAL LOCATION"].split()[0])
+    except (KeyError, IndexError, InvalidInput) as e:
+        raise InvalidInput(f"unreadable backup_label: {e}") from e
+
+
 def _postmaster_pid(pgdata: Path) -> int | None:
     try:
         pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
@@ -175,8 +184,17 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
                            hint="without one a clean base would skip all redo")
     if _postmaster_pid(pgdata):
         raise InvalidInput(f"a postmaster is already running on {pgdata}")
+    label = _parse_backup_label((pgdata / "backup_label").read_text())
+    cd = read_control_data(runtime.bin_dir, pgdata)
+    if cd.state not in ("shut down", SHUT_DOWN_IN_RECOVERY):
+        raise InvalidInput(f"{pgdata} is in state {cd.state!r}: the redo worker needs a cleanly stopped base")
+    if label != (cd.checkpoint_lsn, cd.redo_lsn):
+        raise InvalidInput(f"{pgdata}: backup_label names checkpoint {format_lsn(label[0])}, pg_control"
+                           f" {format_lsn(cd.checkpoint_lsn)}: a standby would start from the wrong one")
     log_file = Path(log_file) if log_file else pgdata.with_name(pgdata.name + ".redo.log")
-    for name in ("recovery.signal", "postmaster.pid"):
+    # In standby mode the label is redundant (pg_control names the same checkpoint, checked above)
+    # and harmful: replaying a shutdown checkpoint while a label's backup is "in progress" PANICs.
+    for name in ("backup_label", "backup_label.old", "tablespace_map", "recovery.signal", "postmaster.pid"):
         (pgdata / name).unlink(missing_ok=True)
     (pgdata / "standby.signal").write_bytes(b"")
     os.chmod(pgdata / "standby.signal", 0o600)

@@ -78,7 +78,9 @@ class Pageserver:
         return tl
 
     def info(self, tl: Timeline) -> dict:
-        return {**asdict(tl.meta), "received_lsn": tl.received_lsn, "sk_flush_lsn": tl.sk_flush_lsn}
+        return {**asdict(tl.meta), "received_lsn": tl.received_lsn, "sk_flush_lsn": tl.sk_flush_lsn,
+                "layer_lsn": getattr(tl, "layer_lsn", None),
+                "disk_consistent_lsn": tl.layers.disk_consistent_lsn if tl.layers else None}
 
     async def status(self, request: web.Request) -> web.Response:
         return json_body({"timelines": {k: self.info(v) for k, v in self.timelines.items()},
@@ -196,6 +198,7 @@ class Pageserver:
         body = await request.json() if request.can_read_body else {}
         if body.get("wait_for_lsn") is not None:
             await self.wait_received(tl, int(body["wait_for_lsn"]), float(body.get("timeout", 30)))
+        await self.wait_layers(tl, tl.last_record_lsn, float(body.get("timeout", 30)))
 
         def run() -> None:
             tl.layers.maybe_freeze(force=True)
@@ -215,6 +218,29 @@ class Pageserver:
             {"lsn": v_lsn, "will_init": wi, "kind": "image" if v[:1] == b"\x01" else "wal_record",
              "length": len(v) - 1, "page_lsn": page_lsn(v[1:]) if v[:1] == b"\x01" and len(v) > 9 else None}
             for v_lsn, wi, v in vals]})
+
+    async def build_layers_loop(self, stop: asyncio.Event) -> None:
+        """The layer builder: turn ingested WAL into layers, behind WAL receipt, one timeline at a time."""
+        while not stop.is_set():
+            busy = False
+            for tl in list(self.timelines.values()):
+                try:
+                    n = await asyncio.to_thread(tl.build_layers)
+                except Exception:  # noqa: BLE001 - keep the builder alive; the error is logged
+                    log.exception("building layers for %s failed", tl.timeline_id)
+                    n = 0
+                busy = busy or n > 0
+                if not n and tl.layers is not None:
+                    await asyncio.to_thread(tl.layers.maybe_freeze)  # time-based freeze while idle
+            if not busy:
+                await asyncio.sleep(0.2)
+
+    async def wait_layers(self, tl: Timeline, lsn: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while tl.layer_lsn < lsn:
+            if time.monotonic() > deadline:
+                raise Timeout(f"layers of {tl.timeline_id} reached {format_lsn(tl.layer_lsn)}, not {format_lsn(lsn)}")
+            await asyncio.sleep(0.05)
 
     def ensure_receiver(self, tl: Timeline) -> None:
         task = self.receivers.get(tl.timeline_id)
@@ -284,4 +310,4 @@ def main(argv: list[str] | None = None) -> None:
     ps = Pageserver(args.workdir, args.broker, [s for s in args.safekeepers.split(",") if s])
     ps.load()
     host, port = args.listen.rsplit(":", 1)
-    serve(ps.app(), host, int(port), [ps.run])
+    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop])

@@ -109,19 +109,43 @@ class Timeline:
         self._waiters: list = []
 
     def attach_layers(self, config: PageserverConfig, on_change=None) -> None:
-        """Open the layer store and rebuild its in-memory layer from WAL past the last frozen layer."""
+        """Open the layer store; `build_layers` then turns WAL past its last frozen layer into layers."""
         self.layers = LayerStore(self.dir / "layers", self.timeline_id, self.meta.pg_version, self.meta.start_lsn,
                                  config, on_change)
-        start, end = self.layers.disk_consistent_lsn, self.meta.last_record_lsn
-        if start < end:
-            decoder = WalStreamDecoder(start, self.meta.wal_seg_size)
-            pos = start
-            while pos < end:
-                chunk = self.read_wal(pos, min(8 << 20, end - pos))
-                decoder.feed(chunk)
-                pos += len(chunk)
-                while (rec := decoder.poll()) is not None:
-                    self.layers.put_record(rec)
+        self.layer_lsn = self.layers.disk_consistent_lsn
+        self._layer_decoder = WalStreamDecoder(self.layer_lsn, self.meta.wal_seg_size)
+        self._layer_fed = self.layer_lsn
+        self._layer_wal = SegmentedWal(self.dir / "wal", self.meta.wal_seg_size)  # own fds: another thread
+
+    def build_layers(self, budget: int = 4 << 20) -> int:
+        """Decode stored WAL past `layer_lsn` into the layer store; return how many bytes were consumed.
+
+        Runs on the pageserver's layer-builder thread, decoupled from WAL receipt,
+        so a burst of WAL reaches durable storage at reader speed while layers
+        catch up behind it.
+        """
+        if self.layers is None:
+            return 0
+        start = self._layer_fed
+        end = min(self.meta.last_record_lsn, start + budget)
+        if end <= start:
+            return 0
+        pos = start
+        seg = self.meta.wal_seg_size
+        while pos < end:
+            n = min(end - pos, seg - pos % seg)
+            if pos // seg < self.meta.start_lsn // seg and self.ancestor is not None:
+                chunk = self.ancestor.read_wal(pos, n)
+            else:
+                chunk = self._layer_wal.read(pos, n)
+            self._layer_decoder.feed(chunk)
+            pos += n
+        self._layer_fed = end
+        while (rec := self._layer_decoder.poll()) is not None:
+            self.layers.put_record(rec)
+            self.layer_lsn = rec.end_lsn
+        self.layers.maybe_freeze()
+        return end - start
 
     def maybe_freeze(self) -> None:
         if self.layers is not None:
@@ -335,8 +359,6 @@ class Timeline:
         try:
             while (rec := decoder.poll()) is not None:
                 end = rec.end_lsn
-                if self.layers is not None:
-                    self.layers.put_record(rec)
                 if rec.rmid == RM_XACT_ID:
                     x = parse_xact(decode_record(rec, self.meta.pg_version), self.meta.pg_version)
                     if x is not None and x.is_commit:
@@ -350,8 +372,6 @@ class Timeline:
             self.commits.append(commits)
             self.meta.last_record_lsn = end
             self.save_metadata()
-            if self.layers is not None:
-                self.layers.maybe_freeze()
         return end
 
     # -- materialisation ------------------------------------------------------

@@ -50,8 +50,6 @@ async def receive(tl: Timeline, http: aiohttp.ClientSession, broker_view: dict, 
             failures = 0
             if data:
                 await asyncio.to_thread(tl.ingest, start, data)
-            else:
-                await asyncio.to_thread(tl.maybe_freeze)  # time-based freeze while idle
             tl.notify()
             progressed = True
             break

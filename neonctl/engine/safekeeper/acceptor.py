@@ -20,7 +20,9 @@ This module is sans-I/O. The acceptor reaches durable storage only through
 ``AcceptorStorage`` (persist the control state, truncate WAL, report the WAL
 end) and never writes WAL itself: ``handle_append_request`` returns a
 ``WalWrite`` for the caller to write and fsync, and ``complete_append`` turns
-the durable write into the ``AppendResponse`` that acks it.
+the durable write into the ``AppendResponse`` that acks it. The caller handles
+one message of a timeline at a time, each append through to
+``complete_append``, whatever connection the messages came from.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ class Acceptor:
         self._state = state.copy()
         self._adopted = TermHistory(state.term_history)
         self._storage = storage
-        # LSN where the current term's WAL starts; commit_lsn reaching it is
-        # persisted at once (the proposer waits for that at endpoint start).
+        # Where the current term's WAL starts. commit_lsn reaching it is
+        # persisted at once: from then on the control file alone shows that
+        # the term's start is committed (what a sync-safekeepers step waits for).
         self._term_start_lsn = state.term_history[-1].start_lsn if state.term_history else 0
         self._dirty = False
 
@@ -169,9 +172,7 @@ class Acceptor:
 
     # -- messages ----------------------------------------------------------
 
-    def handle(
-        self, msg: VoteRequest | ProposerElected | AppendRequest
-    ) -> VoteResponse | AppendResponse | WalWrite:
+    def handle(self, msg: VoteRequest | ProposerElected | AppendRequest) -> VoteResponse | AppendResponse | WalWrite:
         """Dispatch one proposer message."""
         if isinstance(msg, VoteRequest):
             return self.handle_vote_request(msg)
@@ -257,8 +258,7 @@ class Acceptor:
         history = self._state.term_history
         if req.term > self._state.term or not history or history[-1].term != req.term:
             raise ProtocolViolation(
-                f"AppendRequest for term {req.term} before ProposerElected of that term "
-                f"(our term {self._state.term})"
+                f"AppendRequest for term {req.term} before ProposerElected of that term (our term {self._state.term})"
             )
         if req.end_lsn - req.begin_lsn != len(req.wal_data):
             raise ProtocolViolation(

@@ -80,7 +80,9 @@ class TimelineState:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise InvalidInput(f"timeline {self.timeline_id}: {f.name} must be a non-negative integer, got {value!r}")
+                raise InvalidInput(
+                    f"timeline {self.timeline_id}: {f.name} must be a non-negative integer, got {value!r}"
+                )
         if self.wal_seg_size <= 0 or self.wal_seg_size & (self.wal_seg_size - 1):
             raise InvalidInput(f"timeline {self.timeline_id}: wal_seg_size {self.wal_seg_size} is not a power of two")
         try:
@@ -92,9 +94,7 @@ class TimelineState:
                 f"timeline {self.timeline_id}: term history reaches term {self.term_history[-1].term} "
                 f"above the current term {self.term}"
             )
-        if self.compute is not None and (
-            not isinstance(self.compute, dict) or not set(self.compute) <= _COMPUTE_KEYS
-        ):
+        if self.compute is not None and (not isinstance(self.compute, dict) or not set(self.compute) <= _COMPUTE_KEYS):
             raise InvalidInput(f"timeline {self.timeline_id}: compute must be a dict with keys {sorted(_COMPUTE_KEYS)}")
 
     def copy(self) -> TimelineState:
@@ -143,7 +143,9 @@ def decode(data: bytes, path: str | os.PathLike[str] = "<memory>") -> TimelineSt
     (stored_crc,) = _CRC.unpack_from(data, expected - _CRC.size)
     actual_crc = crc32c.crc32c(data[: expected - _CRC.size])
     if stored_crc != actual_crc:
-        raise CorruptData(f"control file {path} failed its checksum (stored {stored_crc:08x}, computed {actual_crc:08x})")
+        raise CorruptData(
+            f"control file {path} failed its checksum (stored {stored_crc:08x}, computed {actual_crc:08x})"
+        )
     if version != FORMAT_VERSION:
         raise CorruptData(f"control file {path} has format version {version}; this neonctl reads {FORMAT_VERSION}")
     body = data[_HEADER.size : _HEADER.size + body_len]

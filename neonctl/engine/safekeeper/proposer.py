@@ -145,7 +145,9 @@ class Election:
         """
         if resp.vote_given:
             if resp.term != self.term:
-                raise ProtocolViolation(f"safekeeper {sk_id} voted for term {resp.term} in election of term {self.term}")
+                raise ProtocolViolation(
+                    f"safekeeper {sk_id} voted for term {resp.term} in election of term {self.term}"
+                )
             self._joined.pop(sk_id, None)
             self._votes[sk_id] = resp
             if len(self._votes) > self.n:
@@ -170,9 +172,7 @@ class Election:
             raise Conflict(f"election of term {self.term} was superseded by term {self.superseded_by}")
         if self._result is None:
             if not self.is_won():
-                raise Conflict(
-                    f"term {self.term} is not elected: {len(self._votes)} of {self.quorum} votes needed"
-                )
+                raise Conflict(f"term {self.term} is not elected: {len(self._votes)} of {self.quorum} votes needed")
             self._result = self._decide()
         return self._result
 

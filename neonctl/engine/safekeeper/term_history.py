@@ -24,6 +24,7 @@ describes WAL actually held is always ``history.up_to(flush_lsn)``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import pairwise
 from typing import NamedTuple, overload
 
 from neonctl.engine.lsn import format_lsn
@@ -62,11 +63,9 @@ class TermHistory(Sequence[TermSwitch]):
             self._switches: tuple[TermSwitch, ...] = switches._switches
             return
         entries = tuple(e if type(e) is TermSwitch else TermSwitch(int(e[0]), int(e[1])) for e in switches)
-        for prev, cur in zip(entries, entries[1:]):
+        for prev, cur in pairwise(entries):
             if cur.term <= prev.term or cur.start_lsn < prev.start_lsn:
-                raise ProtocolViolation(
-                    f"term history is not ascending: {_show(prev)} is followed by {_show(cur)}"
-                )
+                raise ProtocolViolation(f"term history is not ascending: {_show(prev)} is followed by {_show(cur)}")
         for e in entries:
             if e.term < 0 or e.start_lsn < 0:
                 raise ProtocolViolation(f"term history has a negative entry {tuple(e)}")
@@ -171,8 +170,7 @@ def find_highest_common_point(
     for name, history, flush in (("their", theirs_h, their_flush_lsn), ("my", mine_h, my_flush_lsn)):
         if flush is not None and history and history[-1].start_lsn > flush:
             raise ProtocolViolation(
-                f"{name} term history ends with {_show(history[-1])}, above its flush LSN "
-                f"{format_lsn(flush)}"
+                f"{name} term history ends with {_show(history[-1])}, above its flush LSN {format_lsn(flush)}"
             )
     last_common: int | None = None
     for i, (a, b) in enumerate(zip(mine_h, theirs_h)):

@@ -1,0 +1,142 @@
+"""`branch reset --parent` and `branch restore`: a branch takes another point's content in place, keeping its
+name and its endpoint's port; its old state survives as a branch; bad input changes nothing."""
+
+import json
+
+import pytest
+from conftest import connect
+
+from neonctl.engine import client
+from neonctl.engine.compute.endpoint import read_state
+from neonctl.engine.lsn import format_lsn
+
+
+def _ids(project, branch):
+    with connect(project, branch) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM rr ORDER BY id")]
+
+
+def _lsn(conn) -> int:
+    return int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
+
+
+@pytest.fixture(scope="module")
+def rr(pg18):
+    """main (running) with rows 1..3, and branch rr_dev off it (running) with its own row 100."""
+    from neonctl.cli import main
+
+    p = ["-p", pg18.name, "-o", "json"]
+    assert main(["endpoint", "start", "main", *p]) == 0
+    with connect(pg18) as conn:
+        conn.execute("DROP TABLE IF EXISTS rr")
+        conn.execute("CREATE TABLE rr (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO rr VALUES (1), (2), (3)")
+    assert main(["branch", "create", "--name", "rr_dev", "--endpoint", *p]) == 0
+    with connect(pg18, "rr_dev") as conn:
+        conn.execute("INSERT INTO rr VALUES (100)")
+    with connect(pg18) as conn:
+        conn.execute("INSERT INTO rr VALUES (4)")  # main moves on after the branch point
+    yield pg18
+    for ep in ("rr_dev", "main"):
+        if read_state(pg18, ep) is not None:
+            assert main(["endpoint", "stop", ep, *p]) == 0
+
+
+def test_reset_to_parent_keeps_name_and_port_and_preserves_old_state(rr, cli):
+    port = read_state(rr, "rr_dev").port
+    rc, out, err = cli("branch", "reset", "rr_dev", "--parent", "--preserve-under-name", "rr_dev_before",
+                       "-o", "json", "-p", rr.name)
+    res = json.loads(out)
+    assert res["branch"]["name"] == "rr_dev" and res["branch"]["parent"] == "main"
+    assert res["preserved_branch"]["name"] == "rr_dev_before"
+    assert read_state(rr, "rr_dev").port == port, "the endpoint must come back on the same port"
+    assert _ids(rr, "rr_dev") == [1, 2, 3, 4], "reset = the parent's latest state; the branch's own row is gone"
+    with connect(rr, "rr_dev") as conn:  # and the new compute is the writer of the new history
+        conn.execute("INSERT INTO rr VALUES (101)")
+    assert _ids(rr, "rr_dev") == [1, 2, 3, 4, 101]
+    # the old state is a readable branch of its own, with the old branch point
+    cfg = json.loads((rr.dir / "project.json").read_text())["branches"]
+    assert cfg["rr_dev_before"]["parent"] == "main" and cfg["rr_dev_before"]["parent_lsn"] < cfg["rr_dev"]["parent_lsn"]
+    cli("endpoint", "start", "rr_dev_before", "-p", rr.name)
+    try:
+        assert _ids(rr, "rr_dev_before") == [1, 2, 3, 100]
+    finally:
+        cli("endpoint", "stop", "rr_dev_before", "-p", rr.name)
+
+
+def test_restore_from_parent_then_from_own_history(rr, cli):
+    port = read_state(rr, "rr_dev").port
+    with connect(rr, "rr_dev") as conn:
+        conn.execute("INSERT INTO rr VALUES (200)")
+    with connect(rr) as conn:
+        conn.execute("INSERT INTO rr VALUES (5)")
+    # ^parent: the parent's head
+    rc, out, err = cli("branch", "restore", "rr_dev", "^parent", "-o", "json", "-p", rr.name)
+    res = json.loads(out)
+    assert set(res) == {"restored_branch", "backup_branch"}
+    backup = res["backup_branch"]["name"]
+    assert backup.startswith("rr_dev_old_") and res["restored_branch"]["parent"] == "main"
+    assert read_state(rr, "rr_dev").port == port
+    assert _ids(rr, "rr_dev") == [1, 2, 3, 4, 5]
+    # ^self@LSN: exactly the rows committed by then
+    with connect(rr, "rr_dev") as conn:
+        conn.execute("INSERT INTO rr VALUES (300)")
+        lsn = _lsn(conn)
+        conn.execute("INSERT INTO rr VALUES (400)")
+        conn.execute("DELETE FROM rr WHERE id = 1")
+    rc, out, err = cli("branch", "restore", "rr_dev", "--source", f"^self@{format_lsn(lsn)}",
+                       "--preserve-under-name", "rr_dev_bad", "-o", "json", "-p", rr.name)
+    res = json.loads(out)
+    assert res["backup_branch"]["name"] == "rr_dev_bad"
+    assert res["restored_branch"]["parent"] == "rr_dev_bad", "the backup becomes the parent, as in Neon"
+    assert res["restored_branch"]["parent_lsn"] == format_lsn(lsn)
+    assert read_state(rr, "rr_dev").port == port
+    assert _ids(rr, "rr_dev") == [1, 2, 3, 4, 5, 300]
+    # a branch without a running endpoint is restored without starting one; tables show both sections
+    cli("endpoint", "stop", "rr_dev", "-p", rr.name)
+    rc, out, _ = cli("branch", "restore", "rr_dev", f"^parent@{format_lsn(lsn)}", "--preserve-under-name",
+                     "rr_dev_bad2", "-p", rr.name)
+    assert "Restored Branch:" in out and "Backup Branch:" in out and "rr_dev_bad2" in out
+    assert read_state(rr, "rr_dev") is None
+    cfg = json.loads((rr.dir / "project.json").read_text())["branches"]
+    assert cfg["rr_dev"]["parent"] == "rr_dev_bad" and cfg["rr_dev_bad2"]["parent"] == "rr_dev_bad"
+    assert cfg["rr_dev"]["parent_lsn"] == lsn
+
+
+def _err(cli, *args):
+    rc, out, err = cli(*args, ok=False)
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_bad_input_is_one_error_line_and_changes_nothing(rr, cli):
+    p = ["-p", rr.name]
+    before = (rr.dir / "project.json").read_text()
+    st = read_state(rr, "main")
+    timelines = set(client.call("pageserver", rr.pageserver_addr, "GET", "/v1/status")["timelines"])
+    assert "root branch" in _err(cli, "branch", "reset", "main", "--parent", *p)
+    assert "root branch" in _err(cli, "branch", "restore", "main", "^parent", *p)
+    assert "--parent" in _err(cli, "branch", "reset", "rr_dev", *p)
+    assert "in the future" in _err(cli, "branch", "restore", "rr_dev", "^self@2999-01-01T00:00:00Z", *p)
+    assert "does not exist" in _err(cli, "branch", "restore", "rr_dev", "nope", *p)
+    assert "invalid source" in _err(cli, "branch", "restore", "rr_dev", "^grandparent", *p)
+    assert "invalid point" in _err(cli, "branch", "restore", "rr_dev", "^self@yesterday", *p)
+    assert "changes nothing" in _err(cli, "branch", "restore", "rr_dev", "^self", *p)
+    assert "past the head" in _err(cli, "branch", "restore", "rr_dev", "^self@FF/0", *p)
+    assert "already exists" in _err(cli, "branch", "restore", "rr_dev", "^parent", "--preserve-under-name", "main", *p)
+    assert "already exists" in _err(cli, "branch", "reset", "rr_dev", "--parent", "--preserve-under-name", "main", *p)
+    assert "invalid branch name" in _err(cli, "branch", "reset", "rr_dev", "--parent", "--preserve-under-name", "a/b", *p)
+    assert "give the source once" in _err(cli, "branch", "restore", "rr_dev", *p)
+    assert (rr.dir / "project.json").read_text() == before
+    # a branch whose history has children is only reset if its old state is kept for them
+    cli("branch", "create", "--name", "rr_child", "--parent", "rr_dev", *p)
+    before = (rr.dir / "project.json").read_text()
+    assert "child branches" in _err(cli, "branch", "reset", "rr_dev", "--parent", *p)
+    assert (rr.dir / "project.json").read_text() == before
+    cli("branch", "delete", "rr_child", *p)
+    # no timeline was created or deleted, and main's endpoint was never touched
+    now = set(client.call("pageserver", rr.pageserver_addr, "GET", "/v1/status")["timelines"])
+    assert now == timelines
+    assert read_state(rr, "main") == st
