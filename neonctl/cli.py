@@ -12,7 +12,7 @@ import click
 import typer
 
 from neonctl import __version__
-from neonctl.commands import branch, endpoint, inspect, project, quickstart, storage
+from neonctl.commands import branch, endpoint, inspect, project, quickstart, storage, tui
 from neonctl.errors import NeonctlError
 
 try:  # recent typer parses with its own vendored click, whose exceptions are not click's
@@ -61,6 +61,7 @@ app.command("lsn")(branch.lsn_cmd)
 app.add_typer(inspect.layers_app, name="layers")
 app.add_typer(inspect.wal_app, name="wal")
 app.add_typer(inspect.page_app, name="page")
+app.command("tui")(tui.tui)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ def test_every_command_has_help_and_output_option():
     root = typer.main.get_command(app)
     for path, cmd in _commands(root):
         assert (cmd.help or "").strip(), f"`neonctl {' '.join(path)}` has no help text"
-        if not isinstance(cmd, click.Group) and path and path[-1] not in ("psql",):
+        if not isinstance(cmd, click.Group) and path and path[-1] not in ("psql", "tui"):
             opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
             assert "-o" in opts, f"`neonctl {' '.join(path)}` lacks -o/--output"
 
