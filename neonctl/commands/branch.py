@@ -100,6 +100,20 @@ def set_default_cmd(name: Annotated[str, typer.Argument()], project: ProjectOpt 
     emit(_row(p, name), output, COLUMNS)
 
 
+@app.command("changes")
+def changes_cmd(name: Annotated[str, typer.Argument(help="Branch name.")], project: ProjectOpt = None,
+                output: OutputOpt = Format.table) -> None:
+    """Which relations changed on a branch since its branch point, and how many pages (from the layer index)."""
+    from neonctl.engine.inspect import branch_changes  # noqa: PLC0415
+
+    res = branch_changes(load_project(project), name)
+    if output == Format.table:
+        print(f"branch {res['branch']}: changes since {res['since_lsn']} (head {res['head_lsn']})")
+        emit(res["relations"], output, ["relation", "fork", "pages_changed"])
+    else:
+        emit(res, output)
+
+
 def lsn_cmd(
     branch: Annotated[str, typer.Argument(help="Branch name.")] = "main",
     timestamp: Annotated[str | None, typer.Option("--timestamp", help="Find the LSN for this time.")] = None,

@@ -119,3 +119,44 @@ def page_versions(project: Project, branch: str, rel: tuple[int, int, int], fork
         if v.get("page_lsn") is not None:
             v["page_lsn"] = format_lsn(v["page_lsn"])
     return {"key": str(key), "complete": res["complete"], "versions": res["versions"]}
+
+
+def branch_changes(project: Project, branch: str) -> dict:
+    """Relations (by name where a running endpoint can tell) and page counts changed on a branch."""
+    tid = project.branch(branch).timeline_id
+    res = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{tid}/changed_pages", timeout=60)
+    names: dict[tuple[int, int], str] = {}
+    try:
+        names = _relation_names(project, branch)
+    except NotFound:
+        pass
+    fork_names = {v: k for k, v in FORKS.items()}
+    rows = []
+    for r in res["relations"]:
+        rows.append({"relation": names.get((r["db"], r["rel"]), f"{r['spc']}/{r['db']}/{r['rel']}"),
+                     "fork": fork_names.get(r["fork"], str(r["fork"])), "pages_changed": r["pages"],
+                     "spc": r["spc"], "db": r["db"], "relfilenode": r["rel"]})
+    rows.sort(key=lambda r: (-r["pages_changed"], r["relation"]))
+    return {"branch": branch, "since_lsn": format_lsn(res["since_lsn"]), "head_lsn": format_lsn(res["head_lsn"]),
+            "relations": rows}
+
+
+def _relation_names(project: Project, branch: str) -> dict[tuple[int, int], str]:
+    import psycopg  # noqa: PLC0415
+
+    from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
+
+    st = running_endpoint(project, branch)
+    out: dict[tuple[int, int], str] = {}
+    with psycopg.connect(st.connection_string, autocommit=True) as conn:
+        dbs = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datallowconn")]
+    for db in dbs:
+        cs = st.connection_string.rsplit("/", 1)[0] + f"/{db}"
+        with psycopg.connect(cs, autocommit=True) as conn:
+            for oid, node, name in conn.execute(
+                    "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()),"
+                    " pg_relation_filenode(c.oid), c.oid::regclass::text FROM pg_class c"
+                    " WHERE pg_relation_filenode(c.oid) IS NOT NULL"):
+                prefix = "" if db == "postgres" else f"{db}."
+                out[(int(oid), int(node))] = prefix + name
+    return out

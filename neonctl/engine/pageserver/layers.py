@@ -193,6 +193,23 @@ class LayerStore:
                 return out, bool(out) and out[-1][1]  # absent at the image: did not exist then
             return out, False
 
+    def changed_pages(self) -> dict[tuple[int, int, int, int], int]:
+        """Distinct relation blocks with any version in this timeline's own layers, per relation fork.
+
+        A branch's layers hold only WAL written on the branch, so this is
+        "what changed since the branch point" - answered from indexes alone.
+        """
+        with self.lock:
+            keys: set = {k for k in self.open.values if k.is_rel_block()}
+            for d in self.map.layers.values():
+                if d.kind == "delta":
+                    keys.update(k for k in self.reader(d.name).keys() if k.is_rel_block())
+        out: dict[tuple[int, int, int, int], int] = {}
+        for k in keys:
+            tag = k.rel_tag()
+            out[tag] = out.get(tag, 0) + 1
+        return out
+
     def close(self) -> None:
         for r in self._readers.values():
             r.close()

@@ -219,6 +219,13 @@ class Pageserver:
              "length": len(v) - 1, "page_lsn": page_lsn(v[1:]) if v[:1] == b"\x01" and len(v) > 9 else None}
             for v_lsn, wi, v in vals]})
 
+    async def changed_pages(self, request: web.Request) -> web.Response:
+        tl = self.get(request.match_info["tl"])
+        await self.wait_layers(tl, tl.last_record_lsn, 30)
+        changes = await asyncio.to_thread(tl.layers.changed_pages)
+        return json_body({"since_lsn": tl.meta.start_lsn, "head_lsn": tl.last_record_lsn, "relations": [
+            {"spc": t[0], "db": t[1], "rel": t[2], "fork": t[3], "pages": n} for t, n in sorted(changes.items())]})
+
     async def build_layers_loop(self, stop: asyncio.Event) -> None:
         """The layer builder: turn ingested WAL into layers, behind WAL receipt, one timeline at a time."""
         while not stop.is_set():
@@ -296,6 +303,7 @@ class Pageserver:
         app.router.add_get("/v1/timeline/{tl}/layer_stats", self.layer_stats)
         app.router.add_post("/v1/timeline/{tl}/checkpoint", self.checkpoint)
         app.router.add_get("/v1/timeline/{tl}/page", self.page_versions)
+        app.router.add_get("/v1/timeline/{tl}/changed_pages", self.changed_pages)
         return app
 
 
