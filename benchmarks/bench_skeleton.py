@@ -42,6 +42,7 @@ from neonctl.engine.compute.endpoint import (
     stop_endpoint,
 )
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
+from neonctl.engine.process import log_tail
 from neonctl.engine.project import Project, create_project, delete_project
 from neonctl.engine.storage import start_storage, stop_storage
 from neonctl.errors import Conflict, PostgresError
@@ -103,6 +104,44 @@ def parse_pgbench(out: str) -> dict:
     return {"tps": round(tps, 1), "latency_ms": grab(r"latency average = ([\d.]+) ms"),
             "transactions": grab(r"number of transactions actually processed: (\d+)", int),
             "failed": grab(r"number of failed transactions: (\d+)", int) or 0}
+
+
+def run_cli(argv: list[str], timeout: float = 300) -> str:
+    """Run a neonctl command; if we are interrupted, let it clean up after itself (SIGINT) first."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[2:])} failed (exit {proc.returncode}): {err.strip()[-500:]}")
+    return out
+
+
+def kill_strays(home: Path) -> list[int]:
+    """SIGKILL any process of ours still running from under `home` (a postmaster whose starter died)."""
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{home}/" in cmd:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except OSError:
+                pass
+    return killed
 
 
 def free_port() -> int:
@@ -200,11 +239,30 @@ class Vanilla:
 # -- neonctl helpers --------------------------------------------------------------------------------
 
 
-def new_project(name: str, pg_bin: str | None) -> Project:
-    log(f"neonctl: creating project {name} ...")
-    p = create_project(name, pg_bin=pg_bin, progress=lambda m: log(f"  {m}"))
-    start_storage(p, progress=lambda m: log(f"  {m}"))
-    return p
+def new_project(name: str, pg_bin: str | None, attempts: int = 3) -> Project:
+    """Create and start a project; re-create it if a daemon lost its port to someone else's daemon.
+
+    Ports are only checked against projects in the same NEONCTL_HOME, and `neonctl start` counts any HTTP 200
+    on the port as healthy, so a daemon that could not bind looks started and is gone a moment later.
+    """
+    for attempt in range(attempts):
+        log(f"neonctl: creating project {name} ...")
+        p = create_project(name, pg_bin=pg_bin, progress=lambda m: log(f"  {m}"))
+        try:
+            start_storage(p, progress=lambda m: log(f"  {m}"))
+            time.sleep(1.0)
+            dead = [d.name for d in p.daemons() if d.pid() is None]
+        except Exception:
+            teardown_project(p, None)
+            raise
+        if not dead:
+            return p
+        logs = "; ".join(f"{d}: {log_tail(p.daemon(d).log_file, 1)}" for d in dead)
+        teardown_project(p, None)
+        if attempt == attempts - 1:
+            raise RuntimeError(f"daemons of project {name} died right after start: {logs}")
+        log(f"  {', '.join(dead)} died right after start ({logs}); re-creating the project on other ports")
+    raise AssertionError("unreachable")
 
 
 def timeline_id(p: Project) -> str:
@@ -463,7 +521,7 @@ class Bench:
         cli = [sys.executable, "-m", "neonctl", "endpoint", "start", "main", "-p", p.name, "-o", "json",
                "--port", str(free_port())]
         t = time.perf_counter()
-        subprocess.run(cli, check=True, capture_output=True, text=True)
+        run_cli(cli)
         cli_s = round(time.perf_counter() - t, 3)
         log(f"  `neonctl endpoint start` (CLI process) {cli_s:.2f}s")
         endpoint_stop(p, probs)
@@ -648,6 +706,12 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"cannot scan logs: {e}")
             log("cleaning up ...")
             bench.cleanup()
+        if _HOME.exists():
+            strays = kill_strays(_HOME)
+            if strays:
+                log(f"killed stray processes {strays}")
+                if bench is not None:
+                    bench.problems["cleanup"] = [f"killed stray processes still running from {_HOME}: {strays}"]
         shutil.rmtree(_HOME, ignore_errors=True)
         log("cleaned up")
     if bench is None:

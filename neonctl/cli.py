@@ -12,7 +12,7 @@ import click
 import typer
 
 from neonctl import __version__
-from neonctl.commands import branch, endpoint, inspect, project, quickstart, storage, tui
+from neonctl.commands import branch, endpoint, inspect, project, quickstart, safekeeper, storage, tui
 from neonctl.errors import NeonctlError
 
 try:  # recent typer parses with its own vendored click, whose exceptions are not click's
@@ -49,6 +49,8 @@ app.add_typer(project.app, name="projects", hidden=True)
 app.command("start")(storage.start)
 app.command("stop")(storage.stop)
 app.command("status")(storage.status)
+app.add_typer(safekeeper.app, name="safekeeper")
+app.add_typer(safekeeper.app, name="safekeepers", hidden=True)
 app.add_typer(endpoint.app, name="endpoint")
 app.add_typer(endpoint.app, name="endpoints", hidden=True)
 app.command("connection-string")(endpoint.connection_string)

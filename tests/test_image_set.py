@@ -1,7 +1,8 @@
 """Data directory <-> image layers: exact round trip of a real cluster, key layout, refusals.
 
-The cluster (PG 18 embedded and PG 15): initdb, pgbench -i -s 1, a couple of tables (one
-empty), an unlogged table with an index, a second database; stopped cleanly. Its image is
+The cluster (PG 18 embedded and PG 15): initdb, test_redo_worker's history (table t), then
+pgbench -i -s 1, a couple of tables (one empty), an unlogged table with an index, a second
+database; stopped cleanly. Its image is
 restored and compared file by file (bytes and modes) with the original, minus what image_set
 deliberately skips; then the restored directory is given its WAL and started.
 """
@@ -17,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_redo_worker import Scratch, runtime_for, sql
+from test_redo_worker import PRIMARY_OPTIONS, Scratch, get_history, sql
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, segment_file_name
@@ -58,11 +59,11 @@ class Cluster:
 
 @pytest.fixture(scope="module", params=["pg18", "pg15"])
 def cluster(request):
-    rt = runtime_for(request.param)
-    scratch = Scratch(rt)
+    """test_redo_worker's primary (initdb + its history), populated further; stopped cleanly."""
+    h = get_history(request.param)
+    rt, scratch, pgdata = h.rt, h.scratch, h.primary
+    port = scratch.start(pgdata, PRIMARY_OPTIONS)
     try:
-        pgdata = scratch.new_cluster("src")
-        port = scratch.start(pgdata)
         rt.run([rt.bin("pgbench"), "-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                 "postgres"])
         for stmt in ("CREATE TABLE a (id int PRIMARY KEY, t text)",
@@ -80,19 +81,20 @@ def cluster(request):
         empty_rel = sql(port, "SELECT pg_relation_filepath('empty_t')")[0][0]
         dbs = dict(sql(port, "SELECT datname, oid::int FROM pg_database"))
         sql(port, "CHECKPOINT")
-        scratch.stop(pgdata)
-        yield Cluster(rt, scratch, pgdata, unlogged, empty_rel, dbs)
     finally:
-        scratch.close()
+        scratch.stop(pgdata)
+    yield Cluster(rt, scratch, pgdata, unlogged, empty_rel, dbs)
 
 
 @pytest.fixture(scope="module")
 def image(cluster):
     cd = read_control_data(cluster.rt.bin_dir, cluster.pgdata)
     assert cd.state == "shut down"
-    info = create_image(cluster.pgdata, cluster.scratch.root / "layers", TL, cd.checkpoint_lsn, cd.checkpoint_lsn,
-                        cd.redo_lsn, partition_size=PARTITION)
+    layers = cluster.scratch.root / "image-set-layers"
+    info = create_image(cluster.pgdata, layers, TL, cd.checkpoint_lsn, cd.checkpoint_lsn, cd.redo_lsn,
+                        partition_size=PARTITION)
     yield info
+    shutil.rmtree(layers)
 
 
 def _tree(root: Path) -> dict[str, tuple]:
@@ -115,10 +117,10 @@ def _expected_skip(rel: str, kind: str, unlogged: set[str]) -> bool:
     parts = rel.split("/")
     if any(p.startswith("pgsql_tmp") for p in parts):  # temporary files and their directories
         return True
+    if parts[0] in SKIPPED_DIR_CONTENTS and len(parts) > 1:
+        return kind != "dir" or parts[0] != "pg_wal"  # pg_wal keeps archive_status (and summaries)
     if kind == "dir":
         return False
-    if parts[0] in SKIPPED_DIR_CONTENTS and len(parts) > 1:
-        return True
     if rel in ("postmaster.opts", "postmaster.pid") or parts[-1] == "pg_internal.init":
         return True
     base = rel.split(".")[0]
@@ -228,6 +230,9 @@ def test_image_info_from_layers_and_meta(image):
     assert (again.lsn, again.checkpoint_lsn, again.redo_lsn, again.cluster_state, again.timeline_id) == (
         image.lsn, image.checkpoint_lsn, image.redo_lsn, image.cluster_state, TL)
     assert again.names == image.names
+    moved = image.relocated("/elsewhere")
+    assert moved.paths == [Path("/elsewhere", n) for n in image.names] and moved.lsn == image.lsn
+    assert type(image).from_dict(image.to_dict()) == image
     assert read_image_meta(image.paths)["pg_version"] == image.pg_version
 
 

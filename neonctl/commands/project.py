@@ -9,6 +9,7 @@ import typer
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import create_project, delete_project, list_projects, load_project
+from neonctl.engine.safekeeper.membership import set_safekeeper_count
 from neonctl.output import Format, emit, info
 
 app = typer.Typer(help="Manage projects (one Postgres cluster's storage and branches each).", no_args_is_help=True)
@@ -49,6 +50,20 @@ def get_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> Non
                            "parent_lsn": format_lsn(b.parent_lsn) if b.parent_lsn else None}
                           for b in p.config.branches.values()]
     emit(row, output, ["name", "id", "pg_version", "default_branch", "branches", "path"])
+
+
+@app.command("set")
+def set_cmd(
+    project: ProjectOpt = None,
+    safekeepers: Annotated[int | None, typer.Option("--safekeepers", help="Number of safekeepers (1 is fine for a laptop; 3 tolerates one failure).")] = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Change a project's settings (the daemons and endpoints must be stopped)."""
+    p = load_project(project)
+    if safekeepers is not None:
+        set_safekeeper_count(p, safekeepers, progress=info)
+    p.reload()
+    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "path"])
 
 
 @app.command("delete")

@@ -30,11 +30,12 @@ def stop(
     emit(stop_storage(p, immediate=immediate), output)
 
 
-def _lsns(timelines: dict) -> str:
+def _lsns(timelines: dict, names: dict[str, str]) -> str:
     parts = []
-    for v in timelines.values():
-        parts.append(" ".join(f"{k}={format_lsn(x) if isinstance(x, int) and k.endswith('lsn') else x}"
-                              for k, x in v.items()))
+    for tid, v in timelines.items():
+        fields = " ".join(f"{k}={format_lsn(x) if isinstance(x, int) and k.endswith('lsn') else x}"
+                          for k, x in v.items())
+        parts.append(f"{names[tid]}: {fields}" if len(timelines) > 1 and tid in names else fields)
     return "; ".join(parts)
 
 
@@ -43,8 +44,9 @@ def status(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None
     p = load_project(project)
     rows = storage_status(p)
     if output == Format.table:
+        names = {b.timeline_id: n for n, b in p.config.branches.items()}
         for r in rows:
-            r["lsns"] = _lsns(r.pop("timelines", {}))
+            r["lsns"] = _lsns(r.pop("timelines", {}), names)
         emit(rows, output, ["name", "pid", "address", "state", "lsns"])
         eps = [{"branch": st.name, "port": st.port, "status": s} for st, s in list_endpoints(p)]
         if eps:

@@ -25,13 +25,19 @@ from datetime import datetime, timezone
 
 from neonctl.engine import client
 from neonctl.engine.branches import create_timeline, drop_timeline
-from neonctl.engine.compute.endpoint import EndpointState, endpoint_status, read_state, start_endpoint, stop_endpoint
+from neonctl.engine.compute.endpoint import (
+    EndpointState,
+    endpoint_status,
+    read_state,
+    start_endpoint,
+    stop_endpoint,
+)
 from neonctl.engine.compute.time_travel import resolve_point, time_travel_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import NAME_RE, Branch, Project, check_name
 from neonctl.engine.storage import require_running
 from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_point
-from neonctl.errors import AlreadyExists, Conflict, InvalidInput
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput, PostgresError
 
 
 @dataclass
@@ -176,5 +182,9 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
     ep = None
     if was_running:
         progress(f"restarting the endpoint of {name!r} on port {st.port} ...")
-        ep = start_endpoint(project, name, port=st.port, fsync=st.fsync, progress=progress)
+        try:
+            ep = start_endpoint(project, name, port=st.port, fsync=st.fsync, progress=progress)
+        except (Conflict, PostgresError) as e:  # e.g. the port was taken in the moment it was free
+            raise PostgresError(f"branch {name!r} now holds {_describe(point)}, but its endpoint did not restart"
+                                f" on port {st.port}: {e.message}", hint=f"neonctl endpoint start {name}") from e
     return SwapResult(branch=n, preserved=preserved, source=_describe(point), endpoint=ep)

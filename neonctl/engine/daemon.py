@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -24,10 +25,13 @@ def setup_logging(name: str) -> None:
 async def error_middleware(request: web.Request, handler):
     """Turn engine errors into JSON responses the client side re-raises as NeonctlError."""
     try:
-        return await handler(request)
+        resp = await handler(request)
     except NeonctlError as e:
         status = 404 if isinstance(e, NotFound) else 409 if isinstance(e, Conflict) else 400
-        return web.json_response({"error": e.message, "kind": type(e).__name__, "hint": e.hint}, status=status)
+        resp = web.json_response({"error": e.message, "kind": type(e).__name__, "hint": e.hint}, status=status)
+    # Who answered: a daemon of another home on the same port must not pass for ours.
+    resp.headers["X-Neonctl-Pid"] = str(os.getpid())
+    return resp
 
 
 def json_body(obj) -> web.Response:

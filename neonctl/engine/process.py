@@ -44,10 +44,11 @@ def pid_cmdline(pid: int) -> str:
         return ""
 
 
-def http_ok(url: str, timeout: float = 1.0) -> bool:
+def http_ok(url: str, timeout: float = 1.0, pid: int | None = None) -> bool:
+    """The health URL answers 200 - from process `pid`, if given (not some other home's daemon)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
+            return r.status == 200 and (pid is None or r.headers.get("X-Neonctl-Pid") == str(pid))
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -93,7 +94,7 @@ class BackgroundProcess:
         pid = self.pid()
         if pid is None:
             return "stopped"
-        return "running" if http_ok(self.health_url) else "unhealthy"
+        return "running" if http_ok(self.health_url, pid=pid) else "unhealthy"
 
     def start(self, timeout: float = 15.0) -> int:
         existing = self.pid()
@@ -115,7 +116,7 @@ class BackgroundProcess:
                     f"{self.name} exited during start (code {proc.returncode}): {log_tail(self.log_file, 1)}",
                     hint=f"see {self.log_file}",
                 )
-            if http_ok(self.health_url, timeout=0.5):
+            if http_ok(self.health_url, timeout=0.5, pid=proc.pid):
                 return proc.pid
             time.sleep(0.05)
         self.stop(immediate=True)

@@ -138,16 +138,18 @@ class Project:
         """Broker first, then safekeepers, then the pageserver: the order they start in."""
         out = [BackgroundProcess("broker", "neonctl.engine.broker", ["--listen", self.broker_addr],
                                  self.dir / "broker", f"http://{self.broker_addr}/v1/status")]
+        peers = ",".join(f"{i}={a}" for i, a in self.safekeeper_addrs().items())
         for sk_id, addr in self.safekeeper_addrs().items():
             out.append(BackgroundProcess(
                 f"sk{sk_id}", "neonctl.engine.safekeeper",
                 ["--id", str(sk_id), "--workdir", str(self.safekeeper_dir(sk_id)), "--listen", addr,
-                 "--broker", self.broker_addr],
+                 "--broker", self.broker_addr, *(["--peers", peers] if len(self.config.safekeepers) > 1 else [])],
                 self.safekeeper_dir(sk_id), f"http://{addr}/v1/status"))
         out.append(BackgroundProcess(
             "pageserver", "neonctl.engine.pageserver",
             ["--workdir", str(self.dir / "pageserver"), "--listen", self.pageserver_addr,
-             "--broker", self.broker_addr, "--safekeepers", ",".join(self.safekeeper_addrs().values())],
+             "--broker", self.broker_addr, "--safekeepers", ",".join(self.safekeeper_addrs().values()),
+             "--pg-bin", self.config.pg_bin or "", "--scratch", str(self.compute_root() / "redo")],
             self.dir / "pageserver", f"http://{self.pageserver_addr}/v1/status"))
         return out
 

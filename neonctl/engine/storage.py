@@ -33,11 +33,25 @@ def stop_storage(project: Project, immediate: bool = False) -> list[dict]:
 
 
 def require_running(project: Project, names: list[str] | None = None) -> None:
+    """The named daemons must run; by default the pageserver and a quorum of the safekeepers.
+
+    The broker is best effort: everyone works on their last known state while it is away.
+    """
+    down_sks = []
     for d in project.daemons():
         if names and d.name not in names:
             continue
         if d.pid() is None:
+            if not names and d.name == "broker":
+                continue
+            if not names and d.name.startswith("sk"):
+                down_sks.append(d.name)
+                continue
             raise DaemonError(f"{d.name} of project {project.name!r} is not running", hint="run `neonctl start`")
+    n = len(project.config.safekeepers)
+    if n - len(down_sks) < n // 2 + 1:
+        raise DaemonError(f"{', '.join(down_sks)} of project {project.name!r} not running: a quorum of "
+                          f"{n // 2 + 1} of {n} safekeepers is needed", hint="run `neonctl start`")
 
 
 def storage_status(project: Project) -> list[dict]:
@@ -57,6 +71,18 @@ def storage_status(project: Project) -> list[dict]:
                                     for k, v in st.get("timelines", {}).items()}
             elif d.name.startswith("sk"):
                 row["timelines"] = {k: {"term": v["term"], "flush_lsn": v["flush_lsn"], "commit_lsn": v["commit_lsn"],
-                                        "streaming": v["streaming"]} for k, v in st.get("timelines", {}).items()}
+                                        "streaming": v["streaming"], **({"corrupt": v["corrupt"]} if v.get("corrupt")
+                                                                         else {})}
+                                    for k, v in st.get("timelines", {}).items()}
         rows.append(row)
+    heads: dict[str, int] = {}  # per timeline, the most advanced safekeeper's flush LSN
+    for r in rows:
+        if r["name"].startswith("sk"):
+            for k, v in r.get("timelines", {}).items():
+                if v["flush_lsn"] is not None:
+                    heads[k] = max(heads.get(k, 0), v["flush_lsn"])
+    for r in rows:
+        if r["name"].startswith("sk"):
+            for k, v in r.get("timelines", {}).items():
+                v["lag"] = heads[k] - v["flush_lsn"] if v["flush_lsn"] is not None else None
     return rows

@@ -1,10 +1,13 @@
 """The storage broker: a tiny pub/sub for timeline state.
 
 Safekeepers publish their per-timeline state about once a second; the
-pageserver subscribes with a long poll and learns, per timeline, which
-safekeepers hold WAL and how far. The broker keeps only the latest message per
-(safekeeper, timeline) in memory: losing it loses nothing, publishers simply
-repeat themselves.
+pageserver and the other safekeepers subscribe with a long poll and learn, per
+timeline, which safekeepers hold WAL and how far (term, last_log_term,
+flush/commit/backup/remote_consistent LSNs, address). The broker keeps only the
+latest message per (safekeeper, timeline) in memory and forgets one that has
+not been repeated for ``TTL`` seconds (a safekeeper that is gone, a timeline
+that was deleted): losing it all loses nothing, publishers simply repeat
+themselves, and subscribers keep their last view while the broker is away.
 
   POST /v1/publish       {safekeeper_id, address, timelines: {tl: state}}
   GET  /v1/subscribe?after=VERSION&wait=SECONDS   -> {version, timelines: {tl: {sk_id: state}}}
@@ -20,6 +23,8 @@ from aiohttp import web
 
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 
+TTL = 60.0
+
 
 class Broker:
     def __init__(self) -> None:
@@ -33,10 +38,19 @@ class Broker:
         now = time.time()
         for tl, info in body.get("timelines", {}).items():
             self.state.setdefault(tl, {})[sk] = {**info, "address": body["address"], "published_at": now}
+        self.expire(now)
         self.version += 1
         self.changed.set()
         self.changed = asyncio.Event()
         return json_body({"version": self.version})
+
+    def expire(self, now: float) -> None:
+        for tl in list(self.state):
+            per_sk = self.state[tl]
+            for sk in [k for k, v in per_sk.items() if now - v["published_at"] > TTL]:
+                del per_sk[sk]
+            if not per_sk:
+                del self.state[tl]
 
     async def subscribe(self, request: web.Request) -> web.Response:
         after = int(request.query.get("after", -1))

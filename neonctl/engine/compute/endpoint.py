@@ -22,6 +22,7 @@ from neonctl.engine import client, ports
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.engine.project import Project, list_projects
+from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
 from neonctl.errors import Conflict, InvalidInput, NotFound, PostgresError
 
@@ -106,6 +107,7 @@ def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -
         "max_replication_slots = 10",
         "wal_sender_timeout = 60s",
         "recovery_init_sync_method = syncfs",
+        "checkpoint_timeout = 2min  # checkpoints are where pageserver images can restart replay",
         "shared_buffers = 128MB",
         "log_line_prefix = '%m [%p] '",
         "",
@@ -133,10 +135,8 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
         else:
             port, = ports.allocate(ports.ENDPOINT_BASE_PORT, _ports_in_use())
         runtime = project.runtime()
-        flush = 0
-        for sk_id, addr in project.safekeeper_addrs().items():
-            info = client.call(f"sk{sk_id}", addr, "GET", f"/v1/timeline/{b.timeline_id}")
-            flush = max(flush, info["flush_lsn"])
+        elected = elect(project, b.timeline_id, progress)  # a new term; a quorum holds WAL up to its start
+        flush = elected.start_lsn
         epdir = project.compute_root() / "endpoints" / branch
         pgdata = epdir / "pgdata"
         if epdir.exists():
@@ -151,7 +151,8 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             base_conf = (pgdata / "postgresql.conf").read_text()
             logfile = epdir / "postgres.log"
             for attempt in range(5):
-                (pgdata / "postgresql.conf").write_text(base_conf + compute_config(project, port, epdir, fsync))
+                (pgdata / "postgresql.conf").write_text(base_conf + compute_config(project, port, epdir, fsync)
+                                                        + f"neonctl.term = {elected.term}\n")
                 runtime.chown(epdir, recursive=True)
                 progress(f"starting PostgreSQL {runtime.version} on port {port} ...")
                 try:
@@ -166,9 +167,7 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
                     raise PostgresError(f"PostgreSQL failed to start on branch {branch!r}: {log_tail(logfile)}",
                                         hint=str(logfile)) from e
             verify_replayed(port, lsn, logfile)
-            for sk_id, addr in project.safekeeper_addrs().items():
-                client.call(f"sk{sk_id}", addr, "POST", f"/v1/timeline/{b.timeline_id}/compute",
-                            {"host": "127.0.0.1", "port": port, "user": "postgres", "start_lsn": lsn})
+            attach(project, elected, port, lsn)
         except BaseException:
             pid = postgres_pid(pgdata)
             if pid:

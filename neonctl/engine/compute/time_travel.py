@@ -26,8 +26,16 @@ from dataclasses import asdict
 
 from neonctl.engine import client, ports
 from neonctl.engine.compute.endpoint import (
-    EndpointState, _discard, _ports_in_use, _state_path, compute_config, endpoint_status, list_endpoints,
-    postgres_pid, read_state)
+    EndpointState,
+    _discard,
+    _ports_in_use,
+    _state_path,
+    compute_config,
+    endpoint_status,
+    list_endpoints,
+    postgres_pid,
+    read_state,
+)
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.process import log_tail
 from neonctl.engine.project import Branch, Project

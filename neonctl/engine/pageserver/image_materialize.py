@@ -15,14 +15,14 @@ The label depends on the image's pg_control state (measured on PG 18 and PG 15):
   FROM: standby``. For a label "from a standby" Postgres takes the end of the backup from
   pg_control's minRecoveryPoint, which the redo worker's shutdown restartpoint left at I - so
   Postgres itself refuses X < I ("FATAL: WAL ends before end of online backup") on top of our
-  own check. With ``BACKUP METHOD: pg_rewind`` (what ``Timeline.materialize`` writes) X >= I
-  works just as well, but X < I is not caught: PG 15 comes up with pages holding changes of
-  transactions after X whose xids it will hand out again (silent corruption); PG 18 happened to
-  fail with "xlog flush request ... is not satisfied". ``label_method="pg_rewind"`` selects that
-  form anyway.
-- "shut down" (a cleanly stopped primary or initdb): ``BACKUP METHOD: pg_rewind`` naming the
-  shutdown checkpoint, exactly as ``Timeline.materialize`` (a "from standby" label would be
-  rejected: "backup_label contains data inconsistent with control file").
+  own check. ``BACKUP METHOD: pg_rewind`` (``label_method="pg_rewind"``, the label initdb-based
+  materialisation always used) works just as well for X >= I, but X < I is not caught: PG 15
+  comes up, and once new transactions reuse the xids of those after X, their rows (on the
+  image's pages) become visible - measured: 2000 phantom rows after 300 single-row commits;
+  PG 18 happened to fail with "xlog flush request ... is not satisfied".
+- "shut down" (a cleanly stopped primary, initdb): ``BACKUP METHOD: pg_rewind`` naming the
+  shutdown checkpoint; a "from standby" label is rejected there ("FATAL: backup_label contains
+  data inconsistent with control file", PG 15 and 18).
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
-from neonctl.engine.pageserver.image_set import ImageInfo, image_info_from_layers, restore_image
+from neonctl.engine.pageserver.image_set import (
+    ImageInfo,
+    image_info_from_layers,
+    restore_image,
+)
 from neonctl.errors import InvalidInput
 
 ReadWal = Callable[[int, int], bytes]
@@ -145,4 +149,4 @@ def materialize_from_image(image: ImageInfo | Sequence[str | os.PathLike[str]], 
                                 seg_size)
 
 
-__all__ = ["materialize_from_image", "prepare_for_recovery", "write_wal", "backup_label"]
+__all__ = ["backup_label", "materialize_from_image", "prepare_for_recovery", "write_wal"]

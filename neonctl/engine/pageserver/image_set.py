@@ -50,6 +50,7 @@ restore is byte-for-byte the original minus the skipped files above.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -57,7 +58,7 @@ import stat
 import struct
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from neonctl.engine.pageserver.image_layer import ImageLayerReader, ImageLayerWriter
@@ -156,6 +157,11 @@ class ImageInfo:
     def key_ranges(self) -> list[KeyRange]:
         return [layer.key_range for layer in self.layers]
 
+    def relocated(self, directory: str | os.PathLike[str]) -> ImageInfo:
+        """The same image with its layer files looked up in ``directory`` (paths are stored absolute)."""
+        layers = tuple(replace(layer, path=str(Path(directory) / layer.name)) for layer in self.layers)
+        return replace(self, layers=layers)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -205,11 +211,13 @@ def _scan(pgdata: Path, relseg_size: int) -> _Scan:
         rel_root = Path(root).relative_to(pgdata)
         parts = rel_root.parts
         dirs[:] = sorted(d for d in dirs if not (Path(root, d).is_symlink() or d.startswith("pgsql_tmp")))
+        top = parts[0] if parts else ""
+        if top in _SKIP_CONTENTS and top != "pg_wal":
+            dirs[:] = []  # keep the directory itself, nothing inside (slot directories, ...)
         for d in dirs:
             scan.dirs.append(str(rel_root / d))
-        top = parts[0] if parts else ""
         if top in _SKIP_CONTENTS:
-            continue  # keep the directory and its subdirectories (pg_wal/archive_status), no files
+            continue  # pg_wal keeps its subdirectories (archive_status, summaries), no files
         location = _rel_dir_location(parts)
         slru_kind = SLRU_DIRS.get("/".join(parts))
         # unlogged relations: only the init fork matters (recovery resets the rest from it)
@@ -275,7 +283,7 @@ def _scan(pgdata: Path, relseg_size: int) -> _Scan:
 class _Blocks:
     """Consecutive pages of one file under consecutive keys."""
 
-    __slots__ = ("keys", "path", "first_page", "count")
+    __slots__ = ("count", "first_page", "keys", "path")
 
     def __init__(self, keys: list[Key], path: Path, first_page: int, count: int):
         self.keys, self.path, self.first_page, self.count = keys, path, first_page, count
@@ -382,7 +390,7 @@ def create_image(pgdata: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             acc += len(item[1])
             raw_bytes += len(item[1])
     edges = [MIN_KEY, *boundaries, MAX_KEY]
-    ranges = [KeyRange(a, b) for a, b in zip(edges, edges[1:])]
+    ranges = [KeyRange(a, b) for a, b in itertools.pairwise(edges)]
 
     # pass 2: write
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -642,5 +650,14 @@ def _write_small(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-__all__ = ["ImageInfo", "ImageLayerFile", "create_image", "restore_image", "read_image_meta",
-           "image_info_from_layers", "AUX_FILES_KEY", "IMAGE_META_KEY", "DEFAULT_PARTITION_SIZE"]
+__all__ = [
+    "AUX_FILES_KEY",
+    "DEFAULT_PARTITION_SIZE",
+    "IMAGE_META_KEY",
+    "ImageInfo",
+    "ImageLayerFile",
+    "create_image",
+    "image_info_from_layers",
+    "read_image_meta",
+    "restore_image",
+]

@@ -56,8 +56,8 @@ class LayerMap:
         self.extra: dict = {}  # other durable per-timeline facts (e.g. gc cutoff)
         self._ranges: dict[str, KeyRange] = {}
 
-    def load(self) -> list[str]:
-        """Read the index; delete files it does not list; return the names removed."""
+    def load(self, cleanup: bool = True) -> list[str]:
+        """Read the index; delete files it does not list (unless told not to); return the names removed."""
         path = self.dir / INDEX
         if path.exists():
             doc = json.loads(path.read_text())
@@ -65,7 +65,9 @@ class LayerMap:
             self.extra = doc.get("extra", {})
             self.layers = {d["name"]: LayerDesc(**d) for d in doc["layers"]}
         self._ranges = {n: d.key_range for n, d in self.layers.items()}
-        removed = []
+        removed: list[str] = []
+        if not cleanup:
+            return removed
         for f in self.dir.iterdir():
             if f.name != INDEX and f.name not in self.layers:
                 f.unlink()

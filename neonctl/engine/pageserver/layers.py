@@ -136,9 +136,13 @@ class LayerStore:
             log.info("timeline %s: compacted %d L0 into %d L1 layer(s)", self.timeline_id, len(l0), len(new))
             self._changed()
 
-    def add_images(self, descs: list[LayerDesc]) -> None:
+    def add_images(self, info) -> None:
+        """Register an image (its layer files are already on disk) in the index, atomically."""
+        from neonctl.engine.pageserver.timeline import image_descs  # noqa: PLC0415
+
         with self.lock:
-            self.map.replace(descs, [])
+            self.map.extra.setdefault("images", []).append(info.to_dict())
+            self.map.replace(image_descs(info), [])
             self._changed()
 
     def _changed(self) -> None:

@@ -4,15 +4,17 @@ Neon applies WAL to pages with a patched Postgres; neonctl has only unmodified P
 replays whole data directories instead. Image layers keep compute start-up replay short: a
 compute built from an image replays WAL from the image's redo point, not from initdb's.
 
-Making the files of an image at LSN I
--------------------------------------
-1. ``Timeline.materialize(I, dir)``: base files + WAL up to I (I's segment zeroed after I, no later
-   segment) + a ``backup_label`` (method pg_rewind) naming the base checkpoint.
-2. :func:`replay_to` adds ``standby.signal`` and starts ``postgres`` with ``hot_standby=on``, no
+Making the files of an image at LSN I (:func:`build_image` does all of it)
+-----------------------------------------------------------------------------
+1. Materialise at I: ``Timeline.materialize(I, dir)`` or ``materialize_from_image(older_image,
+   ..., I, dir)`` - an older image's files (initdb's at first) + WAL from its redo point up to I
+   (I's segment zeroed after I, no later segment) + a ``backup_label``.
+2. :func:`replay_to` checks that the label names the checkpoint pg_control names, **removes the
+   label**, adds ``standby.signal`` and starts ``postgres`` with ``hot_standby=on``, no
    ``primary_conninfo``/``restore_command``, no ``synchronous_standby_names``, ``fsync=off`` and a
    free loopback port - all as command-line options, so no configuration file of the directory
    changes and none of it ends up in the image. It polls ``pg_last_wal_replay_lsn()`` until it
-   reaches I (the standby then waits for more WAL that never comes), then ``pg_ctl stop -m fast``.
+   equals I (the standby then waits for WAL that never comes), then ``pg_ctl stop -m fast``.
 3. The shutdown *restartpoint* writes every dirty buffer and the SLRUs and records, in pg_control,
    state "shut down in recovery", checkpoint C = the last checkpoint record replayed (C <= I) and
    its redo point R; minRecoveryPoint becomes I. :func:`replay_to` returns ``(C, R, I)``.
@@ -21,24 +23,36 @@ Why standby mode and not crash recovery: crash recovery (no signal file) ends by
 end-of-recovery checkpoint record at I - WAL that is not in the timeline's history, so the
 directory would not match any LSN of it. A standby never writes WAL.
 
-What such a directory is good for (verified on PG 18 and PG 15, ``tests/test_redo_worker.py``):
-its pages are those of some state between R and I (every buffer flushed at I), so with WAL R..X
-for any record end X >= I (zeroed after X, nothing later) and a ``backup_label`` naming C/R with
-``BACKUP METHOD: pg_rewind``, Postgres crash-recovers to exactly X ("redo starts at R", "invalid
-record length at X") with exactly the data committed at X, on Postgres timeline 1, like
-``Timeline.materialize`` does from initdb's files. The "shut down in recovery" state caused no
-trouble: the backup_label decides where replay starts, and without a recovery signal file the
-end of recovery stays on timeline 1.
+Why the backup_label must go (measured, PG 18 and PG 15): in archive recovery with a label whose
+backup has no known end (``BACKUP METHOD: pg_rewind``), replaying a *shutdown* checkpoint record
+PANICs: "online backup was canceled, recovery cannot continue". Every compute stop writes one and
+so does every compute start (its end-of-recovery checkpoint), so with the label the redo worker
+fails on almost any real history. Without it a standby starts from pg_control's checkpoint - the
+same one (checked), as for any standby made from a cleanly stopped copy - and needs no label: a
+signal file forces recovery, so the "clean base skips all redo" trap of crash recovery does not
+apply. A "shut down in recovery" base is an ordinary standby restart (consistent at its
+minRecoveryPoint).
 
-X < I must be refused, and Postgres does not do it for us: pages may already hold changes made
-after X, and with a pg_rewind label nothing tells Postgres where the backup "ended" - it replays
-R..X and comes up with a silently inconsistent mixture. ``image_materialize`` checks X >= I.
+What such a directory is good for (tests/test_redo_worker.py, both versions): its pages are those
+of some state between R and I, so with WAL R..X for a record end X >= I (zeroed after X, nothing
+later) and a ``backup_label`` naming C/R, Postgres crash-recovers to exactly X ("redo starts at R",
+"invalid record length at X") with exactly the data committed at X, on Postgres timeline 1, also
+across shutdown checkpoints (crash recovery does not PANIC on them). Both label forms work for
+X >= I: ``BACKUP METHOD: pg_rewind`` as ``Timeline.materialize`` writes it, and ``BACKUP METHOD:
+streamed`` + ``BACKUP FROM: standby``, which ``image_materialize`` uses by default because then
+Postgres takes the backup's end from minRecoveryPoint (= I) and itself refuses X < I ("WAL ends
+before end of online backup"). X < I must be refused - ``materialize_from_image`` does: pages may
+hold changes made after X. With a pg_rewind label PG 15 comes up anyway, with rows of
+transactions after X on disk whose xids it will hand out again (silent corruption).
 
-Limits (documented, not worked around):
-- The restartpoint is skipped when no checkpoint record was replayed after the starting
-  checkpoint ("skipping restartpoint, already performed"): then buffers are *not* flushed and
-  pg_control keeps the starting checkpoint. The result is still correct (replay from the old R),
-  just no shorter; callers compare R with their base's redo point and skip such an image.
+Limits:
+- The restartpoint is skipped when no checkpoint record was replayed after the starting one
+  ("skipping restartpoint, already performed"): buffers are *not* flushed and pg_control keeps the
+  old checkpoint (state "shut down in recovery", minRecoveryPoint I). The result is still correct
+  - recovery replays from the old R - just not shorter; :func:`build_image` reports it
+  (``ImageInfo.redo_lsn`` equals the base's) and callers should pick I after a checkpoint.
+- ``lsn`` must be a record end (``last_record_lsn``, ``record_end_at_or_before``): the replay
+  position is compared for equality.
 - Hot standby needs ``max_connections`` etc. at least as large as the primary's; they are taken
   from pg_control. A later increase on the primary pauses replay: that surfaces as a timeout
   whose message quotes the server log.
@@ -47,18 +61,28 @@ Limits (documented, not worked around):
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.compute.runtime import PgRuntime
 from neonctl.engine.lsn import format_lsn, parse_lsn
+from neonctl.engine.pageserver.image_materialize import materialize_from_image
+from neonctl.engine.pageserver.image_set import (
+    DEFAULT_PARTITION_SIZE,
+    ImageInfo,
+    create_image,
+)
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
+
+if TYPE_CHECKING:
+    from neonctl.engine.pageserver.timeline import Timeline
 
 # pg_controldata label -> GUC. A hot standby refuses to run with less than the primary had.
 _HOT_STANDBY_MINIMA = {
@@ -138,7 +162,7 @@ def _postmaster_pid(pgdata: Path) -> int | None:
 
 def _replay_lsn(port: int, user: str) -> tuple[int, bool] | None:
     """(pg_last_wal_replay_lsn, in recovery) or None while the standby does not accept connections."""
-    import psycopg  # noqa: PLC0415
+    import psycopg
 
     try:
         with psycopg.connect(host="127.0.0.1", port=port, user=user, dbname="postgres",
@@ -188,6 +212,8 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
     cd = read_control_data(runtime.bin_dir, pgdata)
     if cd.state not in ("shut down", SHUT_DOWN_IN_RECOVERY):
         raise InvalidInput(f"{pgdata} is in state {cd.state!r}: the redo worker needs a cleanly stopped base")
+    if lsn < cd.checkpoint_lsn:
+        raise InvalidInput(f"{format_lsn(lsn)} is before the checkpoint {format_lsn(cd.checkpoint_lsn)} of {pgdata}")
     if label != (cd.checkpoint_lsn, cd.redo_lsn):
         raise InvalidInput(f"{pgdata}: backup_label names checkpoint {format_lsn(label[0])}, pg_control"
                            f" {format_lsn(cd.checkpoint_lsn)}: a standby would start from the wrong one")
@@ -266,4 +292,30 @@ def _wait_for_replay(proc: subprocess.Popen, port: int, lsn: int, deadline: floa
         time.sleep(0.02 if last is None else 0.05)
 
 
-__all__ = ["RedoResult", "replay_to", "free_port", "SHUT_DOWN_IN_RECOVERY"]
+def build_image(timeline: Timeline, lsn: int, runtime: PgRuntime, work_dir: Path, out_dir: Path, *,
+                base: ImageInfo | None = None, timeout: float = 300.0,
+                partition_size: int = DEFAULT_PARTITION_SIZE) -> ImageInfo:
+    """Image layers of ``timeline`` at ``lsn`` (a record end), written to ``out_dir``.
+
+    Materialises at ``lsn`` from ``base`` (an older image of this timeline's history at or before
+    ``lsn``) or else with ``timeline.materialize`` (whatever base it picks), replays it with :func:`replay_to` in ``work_dir`` (absent or
+    empty; reachable by the Postgres user, i.e. under /var/lib/neonctl when run as root) and
+    images the result. ``work_dir`` is deleted afterwards, also on failure.
+    """
+    work_dir = Path(work_dir)
+    pgdata = work_dir / "pgdata"
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(work_dir, 0o755)
+        if base is not None:
+            materialize_from_image(base, timeline.read_wal, lsn, pgdata)
+        else:
+            timeline.materialize(lsn, pgdata)
+        res = replay_to(runtime, pgdata, lsn, timeout=timeout, log_file=work_dir / "redo.log")
+        return create_image(pgdata, out_dir, timeline.timeline_id, lsn, res.checkpoint_lsn, res.redo_lsn,
+                            partition_size=partition_size)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+__all__ = ["SHUT_DOWN_IN_RECOVERY", "RedoResult", "build_image", "free_port", "replay_to"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import struct
 import time
@@ -50,6 +51,9 @@ class Pageserver:
         self.stop_event: asyncio.Event | None = None
         self.branch_lock = asyncio.Lock()
         self.config = PageserverConfig.load(workdir)
+        self.runtime = None
+        self.scratch: Path | None = None
+        self.image_lock = asyncio.Lock()
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
 
     def load(self) -> None:
@@ -219,6 +223,38 @@ class Pageserver:
              "length": len(v) - 1, "page_lsn": page_lsn(v[1:]) if v[:1] == b"\x01" and len(v) > 9 else None}
             for v_lsn, wi, v in vals]})
 
+    async def create_image(self, request: web.Request) -> web.Response:
+        """Make an image at the timeline's head now (the redo worker replays to it)."""
+        tl = self.get(request.match_info["tl"])
+        if self.runtime is None:
+            raise Conflict("the pageserver was started without Postgres binaries (--pg-bin)")
+        if tl.meta.last_checkpoint_lsn <= tl.image_for(tl.last_record_lsn).checkpoint_lsn:
+            raise Conflict("no checkpoint since the newest image: an image now would not shorten replay",
+                           hint="run CHECKPOINT on the branch's endpoint first")
+        async with self.image_lock:
+            info = await asyncio.to_thread(tl.create_image_at, tl.last_record_lsn, self.runtime, self.scratch)
+        if info is None:
+            raise Conflict("the redo worker found no newer checkpoint to restart from")
+        return json_body({"lsn": info.lsn, "redo_lsn": info.redo_lsn, "checkpoint_lsn": info.checkpoint_lsn,
+                          "layers": info.names, "file_size": info.file_size})
+
+    async def image_loop(self, stop: asyncio.Event) -> None:
+        """Create images where much WAL piled up since the newest one, so compute starts replay little."""
+        threshold = self.config.image_creation_threshold * self.config.checkpoint_distance
+        while not stop.is_set() and self.runtime is not None:
+            for tl in list(self.timelines.values()):
+                try:
+                    if tl.image_due(threshold):
+                        async with self.image_lock:
+                            info = await asyncio.to_thread(tl.create_image_at, tl.last_record_lsn, self.runtime,
+                                                           self.scratch)
+                        if info:
+                            log.info("timeline %s: image at %s (redo from %s)", tl.timeline_id,
+                                     format_lsn(info.lsn), format_lsn(info.redo_lsn))
+                except Exception:  # noqa: BLE001 - logged; retried next round
+                    log.exception("image creation for %s failed", tl.timeline_id)
+            await asyncio.sleep(5)
+
     async def changed_pages(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])
         await self.wait_layers(tl, tl.last_record_lsn, 30)
@@ -304,6 +340,7 @@ class Pageserver:
         app.router.add_post("/v1/timeline/{tl}/checkpoint", self.checkpoint)
         app.router.add_get("/v1/timeline/{tl}/page", self.page_versions)
         app.router.add_get("/v1/timeline/{tl}/changed_pages", self.changed_pages)
+        app.router.add_post("/v1/timeline/{tl}/image", self.create_image)
         return app
 
 
@@ -313,9 +350,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1:9898")
     p.add_argument("--broker", default=None)
     p.add_argument("--safekeepers", default="", help="comma-separated host:port used when the broker is silent")
+    p.add_argument("--pg-bin", default=None, help="Postgres bin dir for the redo worker (default: discovery)")
+    p.add_argument("--scratch", type=Path, default=None, help="directory the Postgres user can write, for redo")
     args = p.parse_args(argv)
     setup_logging("pageserver")
     ps = Pageserver(args.workdir, args.broker, [s for s in args.safekeepers.split(",") if s])
+    if args.scratch:
+        from neonctl.engine.compute.runtime import resolve_runtime  # noqa: PLC0415
+
+        ps.runtime = resolve_runtime(args.pg_bin or None)
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        os.chmod(args.scratch, 0o755)
+        ps.scratch = args.scratch
     ps.load()
     host, port = args.listen.rsplit(":", 1)
-    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop])
+    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop, ps.image_loop])

@@ -1,8 +1,7 @@
 """A pageserver timeline: the storage truth for one branch.
 
 A timeline is (ancestor timeline, ancestor LSN) plus its own WAL. The root
-timeline starts from an imported initdb image (``initdb.tar.zst``, as Neon
-keeps it) whose shutdown checkpoint ends at ``initdb_lsn``; everything after is
+timeline starts from an imported initdb image (image layers at ``initdb_lsn``) whose shutdown checkpoint ends at ``initdb_lsn``; everything after is
 WAL ingested from the safekeepers, kept in segment files under the timeline's
 id. ``last_record_lsn`` only ever points at the end of a complete, CRC-valid
 record: that is the LSN a compute can be materialised at.
@@ -14,20 +13,22 @@ import json
 import os
 import shutil
 import struct
-import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import zstandard
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, XLOG_BLCKSZ, format_lsn, segment_file_name
 from neonctl.engine.wal.decoder import decode_record, parse_xact
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.image_materialize import materialize_from_image
+from neonctl.engine.pageserver.image_set import ImageInfo, create_image
+from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
 from neonctl.engine.pageserver.layers import LayerStore
+from neonctl.engine.pageserver.redo_worker import replay_to
 from neonctl.engine.wal.segments import SegmentedWal
 from neonctl.errors import InvalidInput, NotFound, PostgresError
 
@@ -36,7 +37,8 @@ _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.
              "tablespace_map", "recovery.signal", "standby.signal"}
 
 
-RM_XACT_ID = 1
+RM_XLOG_ID, RM_XACT_ID = 0, 1
+XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE = 0x00, 0x10
 
 
 class CommitLog:
@@ -77,6 +79,7 @@ class TimelineMetadata:
     start_lsn: int = 0  # first LSN of this timeline's own WAL (initdb_lsn, or the branch point)
     base_timeline: str | None = None  # the root timeline whose initdb image this one builds on
     created_at: float = 0.0
+    last_checkpoint_lsn: int = 0  # start of the newest checkpoint record ingested
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -294,17 +297,10 @@ class Timeline:
             raise PostgresError(f"cannot find the shutdown checkpoint record at {format_lsn(cd.checkpoint_lsn)}")
         wal.truncate(end)
         wal.close()
-        with open(directory / "initdb.tar.zst", "wb") as raw:
-            with zstandard.ZstdCompressor(level=3).stream_writer(raw) as zw:
-                with tarfile.open(fileobj=zw, mode="w|") as tar:
-                    for entry in sorted(pgdata.iterdir()):
-                        if entry.name in _EXCLUDED:
-                            continue
-                        if entry.name == "pg_wal":
-                            tar.add(entry, arcname="pg_wal", recursive=False)
-                            tar.add(entry / "archive_status", arcname="pg_wal/archive_status", recursive=False)
-                            continue
-                        tar.add(entry, arcname=entry.name)
+        # initdb's cluster is the timeline's first image: pages at initdb_lsn, recovery from its
+        # shutdown checkpoint (the same form every later image has, made by the redo worker).
+        info = create_image(pgdata, directory / "layers", timeline_id, end, cd.checkpoint_lsn, cd.redo_lsn)
+        register_images(directory / "layers", [info])
         meta = TimelineMetadata(
             timeline_id=timeline_id, pg_version=pg_version, system_id=cd.system_id,
             ancestor_timeline=None, ancestor_lsn=0, initdb_lsn=end,
@@ -359,6 +355,8 @@ class Timeline:
         try:
             while (rec := decoder.poll()) is not None:
                 end = rec.end_lsn
+                if rec.rmid == RM_XLOG_ID and rec.info & 0xF0 in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE):
+                    self.meta.last_checkpoint_lsn = rec.lsn
                 if rec.rmid == RM_XACT_ID:
                     x = parse_xact(decode_record(rec, self.meta.pg_version), self.meta.pg_version)
                     if x is not None and x.is_commit:
@@ -376,13 +374,14 @@ class Timeline:
 
     # -- materialisation ------------------------------------------------------
 
-    def materialize(self, lsn: int, target: Path) -> None:
-        """Build a data directory that Postgres crash-recovers to exactly `lsn`.
+    def materialize(self, lsn: int, target: Path) -> int:
+        """Build a data directory that Postgres crash-recovers to exactly `lsn`; return WAL bytes to replay.
 
-        Base image + WAL from its redo point; the segment holding `lsn` is
-        zeroed after it and no later segment is included; a ``backup_label``
-        (method pg_rewind) names the base checkpoint so that recovery replays
-        from it - without it a clean base would silently skip all redo.
+        The newest image at or below `lsn` + WAL from its redo point; the
+        segment holding `lsn` is zeroed after it and no later segment is
+        included; a ``backup_label`` names the image's checkpoint so that
+        recovery replays from it - without it a clean base would silently
+        skip all redo.
         """
         if not (self.meta.start_lsn <= lsn <= self.meta.last_record_lsn):
             raise InvalidInput(
@@ -390,38 +389,71 @@ class Timeline:
                 f"{format_lsn(self.meta.last_record_lsn)} for timeline {self.timeline_id}")
         if target.exists() and any(target.iterdir()):
             raise InvalidInput(f"target directory {target} is not empty")
+        image = self.image_for(lsn)
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o700)
-        with open(self.dir.parent / self.meta.base_timeline / "initdb.tar.zst", "rb") as raw:
-            with zstandard.ZstdDecompressor().stream_reader(raw) as zr:
-                with tarfile.open(fileobj=zr, mode="r|") as tar:
-                    tar.extractall(target, filter="fully_trusted")
-        pg_wal = target / "pg_wal"
-        pg_wal.mkdir(exist_ok=True)
-        (pg_wal / "archive_status").mkdir(exist_ok=True)
-        seg = self.meta.wal_seg_size
-        for segno in range(self.meta.base_redo_lsn // seg, lsn // seg + 1):
-            data = self.read_wal(segno * seg, seg)
-            cut = min(seg, max(0, lsn - segno * seg))
-            with open(pg_wal / segment_file_name(segno, seg_size=seg), "wb") as f:
-                f.write(data[:cut])
-                f.write(bytes(seg - cut))
-        for name in ("pg_replslot",):
-            d = target / name
-            if d.exists():
-                shutil.rmtree(d)
-            d.mkdir()
-        (target / "postgresql.auto.conf").write_text(
-            "# Written by neonctl: the compute is configured afresh at every start.\n")
-        redo, ckpt = self.meta.base_redo_lsn, self.meta.base_checkpoint_lsn
-        (target / "backup_label").write_text(
-            f"START WAL LOCATION: {format_lsn(redo)} (file {segment_file_name(redo // seg, seg_size=seg)})\n"
-            f"CHECKPOINT LOCATION: {format_lsn(ckpt)}\n"
-            "BACKUP METHOD: pg_rewind\n"
-            "BACKUP FROM: primary\n"
-            "START TIME: 2000-01-01 00:00:00 UTC\n"
-            f"LABEL: neonctl materialize {self.timeline_id}@{format_lsn(lsn)}\n"
-            "START TIMELINE: 1\n")
+        return materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size)
+
+    # -- images ---------------------------------------------------------------
+
+    def images(self) -> list[ImageInfo]:
+        """This timeline's own images, oldest first."""
+        if self.layers is not None:
+            raw = self.layers.map.extra.get("images", [])
+        else:
+            index = self.dir / "layers" / "index_part.json"
+            raw = json.loads(index.read_text()).get("extra", {}).get("images", []) if index.exists() else []
+        return sorted((ImageInfo.from_dict(d) for d in raw), key=lambda i: i.lsn)
+
+    def image_for(self, lsn: int) -> ImageInfo:
+        """The newest image at or below lsn, on this timeline or (below the branch point) its ancestors."""
+        t: Timeline | None = self
+        limit = lsn
+        while t is not None:
+            usable = [i for i in t.images() if i.lsn <= limit]
+            if usable:
+                return usable[-1]
+            limit = min(limit, t.meta.start_lsn)
+            t = t.ancestor
+        raise InvalidInput(f"no image at or below {format_lsn(lsn)} for timeline {self.timeline_id}")
+
+    def image_due(self, wal_threshold: int) -> bool:
+        """Worth imaging: much WAL to replay since the newest image, and a checkpoint to restart from."""
+        newest = self.image_for(self.meta.last_record_lsn)
+        return (self.meta.last_record_lsn - newest.redo_lsn >= wal_threshold
+                and self.meta.last_checkpoint_lsn > newest.checkpoint_lsn)
+
+    def create_image_at(self, lsn: int, runtime, scratch: Path) -> ImageInfo | None:
+        """Make an image at lsn with the redo worker; None when it would not shorten replay."""
+        base = self.image_for(lsn)
+        work = Path(tempfile.mkdtemp(dir=scratch))
+        os.chmod(work, 0o755)
+        try:
+            pgdata = work / "pgdata"
+            self.materialize(lsn, pgdata)
+            res = replay_to(runtime, pgdata, lsn, log_file=work / "redo.log")
+            if res.redo_lsn <= base.redo_lsn:
+                return None  # no checkpoint replayed since the base image: nothing gained
+            info = create_image(pgdata, self.dir / "layers", self.timeline_id, lsn, res.checkpoint_lsn, res.redo_lsn)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if self.layers is not None:
+            self.layers.add_images(info)
+        else:
+            register_images(self.dir / "layers", [info])
+        return info
+
+
+def image_descs(info: ImageInfo) -> list[LayerDesc]:
+    return [LayerDesc.from_name(f.name, -1, f.file_size, f.num_values) for f in info.layers]
+
+
+def register_images(layers_dir: Path, infos: list[ImageInfo]) -> None:
+    """Add images to a layer index that no pageserver has open (import, offline tools)."""
+    m = LayerMap(layers_dir)
+    m.load(cleanup=False)  # the new image files are on disk but not yet in the index
+    m.extra.setdefault("images", []).extend(i.to_dict() for i in infos)
+    m.replace([d for i in infos for d in image_descs(i)], [])
 
 
 def open_timeline(workdir: Path, timeline_id: str, resolver=None) -> Timeline:

@@ -1,10 +1,12 @@
 """The safekeeper as a physical-replication client (a synchronous standby) of the compute.
 
-IDENTIFY_SYSTEM checks the compute belongs to this timeline's cluster; a
-physical slot keeps the compute's WAL while we are away; START_REPLICATION
-opens CopyBoth. Each socket read is a batch: append every XLogData, one
-fdatasync, then report write = flush = apply, so the compute's
-synchronous_commit wait ends only once the WAL is durable here.
+IDENTIFY_SYSTEM checks the compute belongs to this timeline's cluster; ``SHOW
+neonctl.term`` checks it was started by the election of our current term (a
+compute of an older term is fenced off: we never stream from it, so it can
+never again reach a quorum); a physical slot keeps the compute's WAL while we
+are away; START_REPLICATION opens CopyBoth. Each socket read is a batch:
+append every XLogData, one fdatasync, then report write = flush = apply, so
+the compute's synchronous_commit wait ends only once the WAL is durable here.
 """
 
 from __future__ import annotations
@@ -68,83 +70,140 @@ async def connect(host: str, port: int, user: str, app_name: str) -> Replication
             return conn
 
 
-async def stream(tl: SkTimeline, app_name: str, stop: asyncio.Event) -> None:
-    """Stream WAL from the timeline's compute until stopped or the connection breaks."""
-    c = tl.state.compute
+class Fenced(Exception):
+    """The compute and this safekeeper are not in the same term: do not stream."""
+
+
+async def compute_term(conn: ReplicationConnection) -> int | None:
+    """The election term the compute was started in (`neonctl.term` in its postgresql.conf)."""
+    try:
+        rows = await conn.simple_query("SHOW neonctl.term")
+    except pgwire.ServerError as e:
+        if e.sqlstate == "42704":  # undefined_object: a compute neonctl did not start
+            return None
+        raise
+    try:
+        return int(rows[0][0])
+    except (IndexError, TypeError, ValueError):
+        return None
+
+
+def check_term(tl: SkTimeline, term: int | None) -> None:
+    """Stream only from the compute of our own term, and only once we hold WAL up to its start."""
+    if term is None:
+        raise Fenced("the compute has no neonctl.term setting; only computes started by an election stream")
+    if term != tl.term or not tl.in_term:
+        raise Fenced(f"the compute is of term {term}; this safekeeper is at term {tl.term}"
+                     f"{'' if tl.in_term else ' (not yet joined)'}")
+    if tl.flush_lsn < tl.term_start_lsn:
+        raise Fenced(f"WAL ends at {format_lsn(tl.flush_lsn)}, below the start of term {term} at "
+                     f"{format_lsn(tl.term_start_lsn)}: catching up from peers first")
+
+
+async def stream(tl: SkTimeline, app_name: str, stop: asyncio.Event, on_flushed) -> None:
+    """Stream WAL from the timeline's compute until stopped, fenced, or the connection breaks."""
+    c = tl.compute
     conn = await connect(c["host"], int(c["port"]), c.get("user", "postgres"), app_name)
     try:
         rows = await conn.simple_query("IDENTIFY_SYSTEM")
-        if int(rows[0][0]) != tl.state.system_id:
+        if int(rows[0][0]) != tl.system_id:
             raise InvalidInput(f"compute at {c['host']}:{c['port']} has system id {rows[0][0]},"
-                               f" timeline expects {tl.state.system_id}")
+                               f" timeline expects {tl.system_id}")
+        term = await compute_term(conn)
+        check_term(tl, term)
         slot = f"neonctl_{app_name}"
         try:
             await conn.simple_query(f"CREATE_REPLICATION_SLOT {slot} PHYSICAL RESERVE_WAL")
         except pgwire.ServerError as e:
             if e.sqlstate != "42710":  # duplicate_object: the slot survives compute restarts
                 raise
-        conn.writer.write(pgwire.query(
-            f"START_REPLICATION SLOT {slot} PHYSICAL {format_lsn(tl.write_lsn)} TIMELINE 1"))
-        while True:
-            kind, _ = await conn.next_message()
-            if kind == b"W":
-                break
-        tl.streaming = True
-        tl.last_error = None
-        log.info("streaming %s from %s:%s at %s", tl.state.timeline_id, c["host"], c["port"],
-                 format_lsn(tl.write_lsn))
-        last_reply = 0.0
-        while not stop.is_set():
-            reply_wanted = False
-            wrote = False
-            # Drain everything already buffered plus one socket read: that is our batch.
-            if not conn.buf.has_message():
-                try:
-                    data = await asyncio.wait_for(conn.reader.read(1 << 20), timeout=1.0)
-                except asyncio.TimeoutError:
-                    data = None
-                if data == b"":
-                    raise ConnectionError("compute closed the replication connection")
-                if data:
-                    conn.buf.feed(data)
-            while (msg := conn.buf.next_message()) is not None:
-                kind, body = msg
-                if kind == b"d":
-                    payload = pgwire.parse_copy_payload(body)
-                    if isinstance(payload, pgwire.XLogData) and payload.data:
-                        tl.append(payload.start_lsn, payload.data)
-                        wrote = True
-                    elif isinstance(payload, pgwire.Keepalive) and payload.reply_requested:
-                        reply_wanted = True
-                elif kind == b"E":
-                    raise pgwire.ServerError(pgwire.parse_error_fields(body))
-                elif kind == b"c":
-                    return
-            if wrote:
-                await asyncio.to_thread(tl.sync)
-                tl.mark_flushed(tl.write_lsn)
-            now = time.monotonic()
-            if wrote or reply_wanted or now - last_reply >= 1.0:
-                conn.writer.write(pgwire.standby_status_update(tl.flush_lsn, tl.flush_lsn, tl.flush_lsn))
-                await conn.writer.drain()
-                last_reply = now
+        async with tl.append_lock:  # peer recovery and we never write at the same time
+            check_term(tl, term)
+            conn.writer.write(pgwire.query(
+                f"START_REPLICATION SLOT {slot} PHYSICAL {format_lsn(tl.write_lsn)} TIMELINE 1"))
+            while True:
+                kind, _ = await conn.next_message()
+                if kind == b"W":
+                    break
+            tl.streaming = True
+            tl.last_error = None
+            log.info("streaming %s from %s:%s at %s in term %d", tl.timeline_id, c["host"], c["port"],
+                     format_lsn(tl.write_lsn), term)
+            await _copy_both(tl, conn, stop, term, on_flushed)
     finally:
         tl.streaming = False
         conn.writer.close()
 
 
-async def run_receiver(tl: SkTimeline, app_name: str, stop: asyncio.Event) -> None:
-    """Keep streaming from the configured compute, reconnecting after failures, until stopped."""
+async def _copy_both(tl: SkTimeline, conn: ReplicationConnection, stop: asyncio.Event, term: int,
+                     on_flushed) -> None:
+    last_reply = 0.0
     while not stop.is_set():
+        if tl.term != term:
+            raise Fenced(f"safekeeper moved to term {tl.term}; the compute of term {term} is fenced off")
+        reply_wanted = False
+        wrote = False
+        # Drain everything already buffered plus one socket read: that is our batch.
+        if not conn.buf.has_message():
+            try:
+                data = await asyncio.wait_for(conn.reader.read(1 << 20), timeout=1.0)
+            except asyncio.TimeoutError:
+                data = None
+            if data == b"":
+                raise ConnectionError("compute closed the replication connection")
+            if data:
+                conn.buf.feed(data)
+        while (msg := conn.buf.next_message()) is not None:
+            kind, body = msg
+            if kind == b"d":
+                payload = pgwire.parse_copy_payload(body)
+                if isinstance(payload, pgwire.XLogData) and payload.data:
+                    tl.append(payload.start_lsn, payload.data)
+                    wrote = True
+                elif isinstance(payload, pgwire.Keepalive) and payload.reply_requested:
+                    reply_wanted = True
+            elif kind == b"E":
+                raise pgwire.ServerError(pgwire.parse_error_fields(body))
+            elif kind == b"c":
+                return
+        if wrote:
+            write_lsn, record_lsn = tl.write_lsn, tl.record_lsn
+            await asyncio.to_thread(tl.sync)
+            if tl.term != term:  # a vote for a newer term arrived meanwhile: ack nothing more
+                raise Fenced(f"safekeeper moved to term {tl.term}; the compute of term {term} is fenced off")
+            tl.mark_synced(write_lsn, record_lsn)
+            on_flushed(tl)
+        now = time.monotonic()
+        if wrote or reply_wanted or now - last_reply >= 1.0:
+            conn.writer.write(pgwire.standby_status_update(tl.synced_lsn, tl.synced_lsn, tl.synced_lsn))
+            await conn.writer.drain()
+            last_reply = now
+
+
+async def run_receiver(tl: SkTimeline, app_name: str, stop: asyncio.Event, on_flushed=lambda tl: None) -> None:
+    """Keep streaming from the configured compute, reconnecting after failures, until stopped."""
+    last_logged = None
+    while not stop.is_set():
+        delay = 0.3
         try:
-            await stream(tl, app_name, stop)
+            await stream(tl, app_name, stop, on_flushed)
+        except Fenced as e:
+            tl.last_error = str(e)
+            delay = 0.5
+            if str(e) != last_logged:
+                log.info("receiver for %s: %s", tl.timeline_id, e)
+                last_logged = str(e)
         except (OSError, ConnectionError, pgwire.ServerError, InvalidInput, asyncio.IncompleteReadError) as e:
             tl.last_error = str(e)
-            log.info("receiver for %s: %s", tl.state.timeline_id, e)
+            if str(e) != last_logged:
+                log.info("receiver for %s: %s", tl.timeline_id, e)
+                last_logged = str(e)
+            delay = 1.0
         except Exception as e:  # noqa: BLE001 - a receiver must never die silently
             tl.last_error = f"{type(e).__name__}: {e}"
-            log.exception("receiver for %s failed", tl.state.timeline_id)
+            log.exception("receiver for %s failed", tl.timeline_id)
+            delay = 1.0
         try:
-            await asyncio.wait_for(stop.wait(), timeout=0.3)
+            await asyncio.wait_for(stop.wait(), timeout=delay)
         except asyncio.TimeoutError:
             pass

@@ -1,0 +1,89 @@
+"""Operating a project's safekeepers one by one: list, stop, start, repair.
+
+The CLI's `neonctl safekeeper ...` and `neonctl status` read and act through
+here; the daemons themselves are `process.BackgroundProcess`es like every
+other storage daemon.
+"""
+
+from __future__ import annotations
+
+from neonctl.engine import client
+from neonctl.engine.process import BackgroundProcess
+from neonctl.engine.project import Project
+from neonctl.errors import DaemonError, InvalidInput
+
+
+def daemon(project: Project, sk_id: int) -> BackgroundProcess:
+    if sk_id not in project.safekeeper_addrs():
+        raise InvalidInput(f"project {project.name!r} has no safekeeper {sk_id}",
+                           hint=f"safekeepers: {', '.join(map(str, project.safekeeper_addrs()))}")
+    return project.daemon(f"sk{sk_id}")
+
+
+def start_safekeeper(project: Project, sk_id: int) -> dict:
+    d = daemon(project, sk_id)
+    was = d.pid()
+    pid = d.start()
+    return {"safekeeper": sk_id, "pid": pid, "already_running": was is not None}
+
+
+def stop_safekeeper(project: Project, sk_id: int, immediate: bool = False) -> dict:
+    """Stop one safekeeper; `immediate` is kill -9 (its WAL and control file stay as the crash left them)."""
+    d = daemon(project, sk_id)
+    return {"safekeeper": sk_id, "stopped": d.stop(immediate=immediate), "immediate": immediate}
+
+
+def branch_names(project: Project) -> dict[str, str]:
+    return {b.timeline_id: name for name, b in project.config.branches.items()}
+
+
+def safekeeper_rows(project: Project) -> list[dict]:
+    """One row per (safekeeper, timeline): term, flush/commit LSN, lag behind the most advanced peer."""
+    names = branch_names(project)
+    rows: list[dict] = []
+    for sk_id, addr in project.safekeeper_addrs().items():
+        d = project.daemon(f"sk{sk_id}")
+        pid = d.pid()
+        st = None
+        if pid is not None:
+            try:
+                st = client.call(f"sk{sk_id}", addr, "GET", "/v1/status", timeout=3)
+            except DaemonError:
+                st = None
+        if st is None:
+            rows.append({"safekeeper": sk_id, "address": addr, "state": "stopped" if pid is None else "unhealthy",
+                         "pid": pid, "branch": None, "timeline_id": None, "term": None, "flush_lsn": None,
+                         "commit_lsn": None, "lag_bytes": None, "streaming": None, "error": None})
+            continue
+        for tid, tl in st.get("timelines", {}).items():
+            rows.append({"safekeeper": sk_id, "address": addr, "state": "corrupt" if tl.get("corrupt") else "running",
+                         "pid": pid, "branch": names.get(tid), "timeline_id": tid, "term": tl.get("term"),
+                         "last_log_term": tl.get("last_log_term"), "flush_lsn": tl.get("flush_lsn"),
+                         "commit_lsn": tl.get("commit_lsn"), "lag_bytes": None, "streaming": tl.get("streaming"),
+                         "remote_consistent_lsn": tl.get("remote_consistent_lsn"),
+                         "wal_start_lsn": tl.get("wal_start_lsn"), "error": tl.get("corrupt") or tl.get("last_error")})
+    heads: dict[str, int] = {}
+    for r in rows:
+        if r["flush_lsn"] is not None:
+            heads[r["timeline_id"]] = max(heads.get(r["timeline_id"], 0), r["flush_lsn"])
+    for r in rows:
+        if r["flush_lsn"] is not None:
+            r["lag_bytes"] = heads[r["timeline_id"]] - r["flush_lsn"]
+    return rows
+
+
+def repair_safekeeper(project: Project, sk_id: int) -> list[dict]:
+    """Rebuild every damaged timeline of one safekeeper from its peers."""
+    d = daemon(project, sk_id)
+    if d.pid() is None:
+        raise DaemonError(f"safekeeper {sk_id} is not running", hint=f"neonctl safekeeper start {sk_id}")
+    addr = project.safekeeper_addrs()[sk_id]
+    st = client.call(f"sk{sk_id}", addr, "GET", "/v1/status")
+    names = branch_names(project)
+    out = []
+    for tid, tl in st["timelines"].items():
+        if tl.get("corrupt"):
+            res = client.call(f"sk{sk_id}", addr, "POST", f"/v1/timeline/{tid}/repair", {}, timeout=120)
+            out.append({"safekeeper": sk_id, "branch": names.get(tid), "timeline_id": tid, "repaired": True,
+                        "was": tl["corrupt"], "term": res.get("term")})
+    return out

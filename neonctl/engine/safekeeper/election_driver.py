@@ -1,0 +1,145 @@
+"""The proposer at `endpoint start`: an election over the safekeepers' HTTP API, then recovery.
+
+Vanilla Postgres has no walproposer, so the CLI process that starts a compute
+runs the election (``proposer.Election``) before it materialises anything:
+
+1. Read every safekeeper's term; propose ``max + 1``.
+2. ``POST /vote`` to all of them at once. Each voter stops streaming from the
+   old compute (fencing it off), cuts a partial record at its WAL end, makes
+   the vote durable and answers with its flush LSN, commit LSN and term
+   history. A quorum of votes elects us; a refusal carrying a higher term,
+   or too few votes because a concurrent start took them, is a clear error.
+3. The donor is the voter with the highest (last_log_term, flush_lsn); the
+   new term starts at its flush LSN and the term history is the donor's
+   followed by (term, start_lsn).
+4. ``POST /elected`` (ProposerElected) to every voter: each truncates WAL
+   past the highest common point of its history and ours, never below its
+   commit_lsn, and adopts the history. Voters behind the donor then pull the
+   missing WAL from it (``POST /recover``).
+5. Once a quorum holds WAL up to start_lsn, it is committed (the term's
+   first "record" is on a quorum), so ``POST /commit`` lets the pageserver
+   read up to there; the compute is materialised at start_lsn and started
+   with ``neonctl.term`` set, and ``attach`` hands it to the safekeepers,
+   which stream only from a compute of their own term.
+
+Safekeepers that were unreachable catch up by peer recovery when they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from neonctl.engine import client
+from neonctl.engine.lsn import format_lsn
+from neonctl.engine.project import Project
+from neonctl.engine.safekeeper.acceptor import VoteResponse
+from neonctl.engine.safekeeper.proposer import Election, quorum
+from neonctl.engine.safekeeper.term_history import TermSwitch
+from neonctl.errors import Conflict, DaemonError, NeonctlError
+
+
+@dataclass
+class ElectionOutcome:
+    timeline_id: str
+    term: int
+    start_lsn: int  # where the new term's WAL begins: the compute is materialised here
+    donor: int
+    term_history: list[tuple[int, int]]
+    members: list[int]  # safekeepers that joined the term holding WAL up to start_lsn
+    unreachable: dict[int, str] = field(default_factory=dict)
+
+
+def _parallel(calls: dict[int, Callable[[], dict]]) -> tuple[dict[int, dict], dict[int, NeonctlError]]:
+    ok: dict[int, dict] = {}
+    failed: dict[int, NeonctlError] = {}
+    if not calls:
+        return ok, failed
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = {sk: pool.submit(fn) for sk, fn in calls.items()}
+        for sk, fut in futures.items():
+            try:
+                ok[sk] = fut.result()
+            except NeonctlError as e:
+                failed[sk] = e
+    return ok, failed
+
+
+def _errors(failed: dict[int, NeonctlError]) -> str:
+    return "; ".join(f"sk{k}: {v.message}" for k, v in sorted(failed.items()))
+
+
+def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = lambda m: None,
+          term: int | None = None) -> ElectionOutcome:
+    """Win an election for a new term on the timeline and bring a quorum to the new term's start."""
+    addrs = project.safekeeper_addrs()
+    n = len(addrs)
+    q = quorum(n)
+    path = f"/v1/timeline/{timeline_id}"
+
+    def call(sk: int, method: str, suffix: str = "", body: dict | None = None, timeout: float = 10.0):
+        return lambda: client.call(f"sk{sk}", addrs[sk], method, path + suffix, body, timeout=timeout)
+
+    if term is None:
+        infos, failed = _parallel({sk: call(sk, "GET", timeout=5) for sk in addrs})
+        if len(infos) < q:
+            raise DaemonError(f"only {len(infos)} of {n} safekeepers are reachable, {q} needed to start a compute: "
+                              f"{_errors(failed)}", hint="neonctl safekeeper list")
+        term = max(i["term"] for i in infos.values()) + 1
+    progress(f"electing term {term} on {n} safekeeper(s) (quorum {q}) ...")
+    votes, failed = _parallel({sk: call(sk, "POST", "/vote", {"term": term}) for sk in addrs})
+    election = Election(term, n)
+    for sk, v in votes.items():
+        election.add_vote(sk, VoteResponse(
+            term=v["term"], vote_given=v["vote_given"], flush_lsn=v["flush_lsn"], truncate_lsn=v["truncate_lsn"],
+            term_history=tuple(TermSwitch(t, lsn) for t, lsn in v["term_history"]),
+            timeline_start_lsn=v["timeline_start_lsn"]))
+    if election.superseded_by is not None:
+        raise Conflict(f"another endpoint start on this branch took over: a safekeeper is already at term "
+                       f"{election.superseded_by}, above our term {term}", hint="try again")
+    if not election.is_won():
+        given = sum(1 for v in votes.values() if v["vote_given"])
+        if given + len(failed) < n:  # someone else took the votes we did not get
+            raise Conflict(f"lost the election for term {term} to a concurrent endpoint start on this branch "
+                           f"({given} of {q} votes)", hint="only one compute can write to a branch")
+        raise DaemonError(f"election for term {term} failed: {given} of {q} votes needed; {_errors(failed)}",
+                          hint="start more safekeepers: `neonctl safekeeper start N`")
+    result = election.result()
+    donor_addr = addrs[result.donor]
+    history = [[e.term, e.start_lsn] for e in result.term_history]
+    progress(f"term {term} elected; donor sk{result.donor}, WAL continues at {format_lsn(result.start_lsn)}")
+
+    def join(sk: int) -> dict:
+        plan = result.per_acceptor_plan[sk]
+        info = client.call(f"sk{sk}", addrs[sk], "POST", path + "/elected",
+                           {"term": term, "start_streaming_at": plan.start_streaming_at, "term_history": history})
+        if info["flush_lsn"] < result.start_lsn:
+            info = client.call(f"sk{sk}", addrs[sk], "POST", path + "/recover",
+                               {"term": term, "donor": donor_addr, "up_to": result.start_lsn}, timeout=300)
+        return info
+
+    joined, join_failed = _parallel({sk: (lambda sk=sk: join(sk)) for sk in result.per_acceptor_plan})
+    members = sorted(sk for sk, info in joined.items() if info["flush_lsn"] >= result.start_lsn)
+    if len(members) < q:
+        raise DaemonError(f"term {term} elected but only {len(members)} safekeeper(s) reached its start "
+                          f"{format_lsn(result.start_lsn)}, {q} needed: {_errors(join_failed)}")
+    _parallel({sk: call(sk, "POST", "/commit", {"term": term, "commit_lsn": result.start_lsn}) for sk in members})
+    unreachable = {sk: e.message for sk, e in {**failed, **join_failed}.items()}
+    return ElectionOutcome(timeline_id, term, result.start_lsn, result.donor,
+                           [tuple(h) for h in history], members, unreachable)
+
+
+def attach(project: Project, outcome: ElectionOutcome, port: int, lsn: int) -> list[int]:
+    """Hand the compute of the elected term to the safekeepers; a quorum must take it."""
+    if lsn != outcome.start_lsn:
+        raise Conflict(f"the compute was materialised at {format_lsn(lsn)}, not at the start of term "
+                       f"{outcome.term} ({format_lsn(outcome.start_lsn)})")
+    addrs = project.safekeeper_addrs()
+    body = {"term": outcome.term, "host": "127.0.0.1", "port": port, "user": "postgres", "start_lsn": lsn}
+    ok, failed = _parallel({sk: (lambda sk=sk: client.call(f"sk{sk}", addrs[sk], "POST",
+                                                           f"/v1/timeline/{outcome.timeline_id}/compute", body))
+                            for sk in addrs})
+    if len(ok) < quorum(len(addrs)):
+        raise DaemonError(f"only {len(ok)} safekeeper(s) took the compute of term {outcome.term}: {_errors(failed)}")
+    return sorted(ok)

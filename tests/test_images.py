@@ -1,0 +1,56 @@
+"""Images from the redo worker: compute starts replay from the newest image, answers unchanged."""
+
+import json
+import time
+
+from conftest import connect
+
+from neonctl.engine import client
+from neonctl.engine.lsn import format_lsn
+
+
+def _lsn(conn) -> int:
+    return int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
+
+
+def test_image_shortens_replay_and_changes_no_answer(pg18, cli):
+    p = ["-p", pg18.name]
+    tl = pg18.branch("main").timeline_id
+    cli("endpoint", "start", "main", *p)
+    points = []
+    with connect(pg18) as conn:
+        conn.execute("DROP TABLE IF EXISTS img")
+        conn.execute("CREATE TABLE img (id int, pad text)")
+        for i in range(3):
+            conn.execute("INSERT INTO img SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")
+            points.append((_lsn(conn), conn.execute("SELECT count(*) FROM img").fetchone()[0]))
+        conn.execute("CHECKPOINT")
+        conn.execute("INSERT INTO img VALUES (-1, 'after checkpoint')")
+        points.append((_lsn(conn), conn.execute("SELECT count(*) FROM img").fetchone()[0]))
+    flush = max(client.call("sk", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"] for a in pg18.safekeeper_addrs().values())
+    deadline = time.time() + 30
+    while client.call("pageserver", pg18.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < flush:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    img = client.call("pageserver", pg18.pageserver_addr, "POST", f"/v1/timeline/{tl}/image", {}, timeout=300)
+    assert img["lsn"] >= points[-1][0] and img["redo_lsn"] > points[0][0]
+    # a second image right away gains nothing and is refused with the reason
+    rc, _, _ = cli("layers", "list", *p)
+    cli("endpoint", "stop", "main", *p)
+    cli("endpoint", "start", "main", *p)
+    with connect(pg18) as conn:
+        assert conn.execute("SELECT count(*) FROM img").fetchone()[0] == points[-1][1]
+        assert conn.execute("SELECT pad FROM img WHERE id = -1").fetchone() == ("after checkpoint",)
+    log = (pg18.compute_root() / "endpoints" / "main" / "postgres.log").read_text()
+    assert f"redo starts at {format_lsn(img['redo_lsn'])}" in log, "replay must start at the image's redo point"
+    cli("endpoint", "stop", "main", *p)
+    # older points are still served exactly (from the older image + WAL)
+    for lsn, rows in points[:2]:
+        cli("branch", "create", "--name", f"img_{lsn:x}", "--parent", f"main@{format_lsn(lsn)}", *p)
+        cli("endpoint", "start", f"img_{lsn:x}", *p)
+        with connect(pg18, f"img_{lsn:x}") as conn:
+            assert conn.execute("SELECT count(*) FROM img").fetchone()[0] == rows
+        cli("endpoint", "stop", f"img_{lsn:x}", *p)
+        cli("branch", "delete", f"img_{lsn:x}", *p)
+    rc, out, _ = cli("layers", "list", "-b", "main", "-o", "json", *p)
+    assert any(layer["kind"] == "image" and layer["lsn_start"] == img["lsn"] for layer in json.loads(out))

@@ -1,0 +1,395 @@
+"""Three safekeepers, quorum two: faults under a write load that logs every acknowledged commit.
+
+One project with `init --safekeepers 3` is shared by the module. A commit counts
+as acknowledged only when the client's COMMIT returned without a warning; the
+workload never cancels a commit (Postgres reports a cancelled sync-commit wait
+as success with a WARNING although the standbys may not have it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import connect
+
+from neonctl.cli import main as cli_main
+from neonctl.engine import client
+from neonctl.engine.lsn import segment_file_name
+from neonctl.engine.compute.endpoint import postgres_pid, read_state, start_endpoint, stop_endpoint
+from neonctl.engine.project import delete_project, load_project
+from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
+from neonctl.engine.safekeeper.control_file import load
+from neonctl.engine.safekeeper.election_driver import elect
+from neonctl.errors import Conflict, NeonctlError
+
+
+@pytest.fixture(scope="module")
+def q3():
+    assert cli_main(["init", "--name", "quorum", "--safekeepers", "3", "-o", "json"]) == 0
+    assert cli_main(["start", "-p", "quorum", "-o", "json"]) == 0
+    project = load_project("quorum")
+    yield project
+    delete_project(project)
+
+
+def tid(project) -> str:
+    return project.branch("main").timeline_id
+
+
+def sk(project, sk_id: int) -> dict:
+    return client.call(f"sk{sk_id}", project.safekeeper_addrs()[sk_id], "GET", f"/v1/timeline/{tid(project)}")
+
+
+def pageserver_lsn(project) -> int:
+    return client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{tid(project)}")["last_record_lsn"]
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+            if last:
+                return last
+        except NeonctlError as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+
+
+def caught_up(project, sk_id: int, ids=(1, 2, 3)):
+    """sk_id is in the others' term and holds as much WAL as the most advanced of them."""
+    mine = sk(project, sk_id)
+    others = [sk(project, i) for i in ids if i != sk_id]
+    return (mine["term"] == max(o["term"] for o in others)
+            and mine["flush_lsn"] >= max(o["flush_lsn"] for o in others) and mine["commit_lsn"] > 0)
+
+
+def ensure_endpoint(project, cli):
+    st = read_state(project, "main")
+    if st is None or postgres_pid(st.pgdata) is None:
+        cli("endpoint", "start", "main", "-p", project.name)
+
+
+def ensure_all_safekeepers(project):
+    for i in (1, 2, 3):
+        start_safekeeper(project, i)
+
+
+def kill_compute(project):
+    pid = postgres_pid(read_state(project, "main").pgdata)
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+
+
+class Writer:
+    """Inserts rows one commit at a time; `acked` holds the ids whose COMMIT returned cleanly."""
+
+    def __init__(self, project, table: str, start: int = 1):
+        self.project, self.table = project, table
+        self.acked: list[int] = []
+        self.warned: list[int] = []
+        self.stop = threading.Event()
+        self.error: Exception | None = None
+        self.next = start
+        with connect(project) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, pad text)")
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        try:
+            with connect(self.project) as conn:
+                notices: list = []
+                conn.add_notice_handler(lambda d: notices.append(d))
+                while not self.stop.is_set():
+                    i = self.next
+                    self.next += 1
+                    notices.clear()
+                    conn.execute(f"INSERT INTO {self.table} VALUES (%s, repeat('x', 100))", (i,))
+                    (self.warned if notices else self.acked).append(i)
+        except psycopg.Error as e:
+            self.error = e
+
+    def finish(self, timeout: float = 30):
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the writer is stuck"
+        return self.acked
+
+
+def assert_all_present(project, table: str, acked: list[int]):
+    with connect(project) as conn:
+        present = {r[0] for r in conn.execute(f"SELECT id FROM {table}")}
+    missing = set(acked) - present
+    assert not missing, f"{len(missing)} acknowledged commits lost, e.g. {sorted(missing)[:5]}"
+
+
+def test_three_safekeepers_form_the_synchronous_quorum(q3, cli):
+    rc, out, _ = cli("project", "get", "-p", q3.name, "-o", "json")
+    assert json.loads(out)["safekeepers"] == 3
+    ensure_endpoint(q3, cli)
+    with connect(q3) as conn:
+        assert conn.execute("SHOW synchronous_standby_names").fetchone()[0] == "ANY 2 (sk1, sk2, sk3)"
+        conn.execute("CREATE TABLE hello AS SELECT 1 AS x")
+    term = sk(q3, 1)["term"]
+    wait_until(lambda: all(sk(q3, i)["streaming"] and sk(q3, i)["term"] == term for i in (1, 2, 3)), 10,
+               "every safekeeper streaming in the elected term")
+    rc, out, _ = cli("status", "-p", q3.name, "-o", "json")
+    sks = [d for d in json.loads(out)["daemons"] if d["name"].startswith("sk")]
+    assert len(sks) == 3
+    for d in sks:
+        v = d["timelines"][tid(q3)]
+        assert v["term"] == term and v["commit_lsn"] > 0 and "lag" in v
+    rc, out, _ = cli("safekeeper", "list", "-p", q3.name)
+    assert "Commit Lsn" in out and "Lag" in out
+
+
+def test_kill9_one_of_three_during_load(q3, cli):
+    ensure_endpoint(q3, cli)
+    w = Writer(q3, "load1")
+    try:
+        time.sleep(1.0)
+        # The victim is the safekeeper the pageserver most likely streams from: the highest commit_lsn.
+        victim = max((1, 2, 3), key=lambda i: (sk(q3, i)["commit_lsn"], -i))
+        stop_safekeeper(q3, victim, immediate=True)
+        n0, ps0 = len(w.acked), pageserver_lsn(q3)
+        wait_until(lambda: len(w.acked) > n0 + 50, 10, "commits to go on with two safekeepers")
+        wait_until(lambda: pageserver_lsn(q3) > ps0, 15, "the pageserver to ingest from another safekeeper")
+        start_safekeeper(q3, victim)
+        wait_until(lambda: sk(q3, victim)["streaming"], 15, f"sk{victim} to stream from the compute again")
+    finally:
+        acked = w.finish()
+    assert w.error is None, w.error
+    wait_until(lambda: caught_up(q3, victim), 15, f"sk{victim} to catch up")
+    cli("endpoint", "stop", "main", "-p", q3.name)
+    cli("endpoint", "start", "main", "-p", q3.name)
+    assert_all_present(q3, "load1", acked)
+
+
+def test_kill9_two_of_three_blocks_commits(q3, cli):
+    ensure_endpoint(q3, cli)
+    with connect(q3) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS minority (id int)")
+    stop_safekeeper(q3, 2, immediate=True)
+    stop_safekeeper(q3, 3, immediate=True)
+    done = threading.Event()
+    errors: list = []
+
+    def commit():
+        try:
+            with connect(q3) as conn:
+                conn.execute("INSERT INTO minority VALUES (42)")
+            done.set()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=commit, daemon=True)
+    t.start()
+    try:
+        assert not done.wait(3.0), "a commit must not succeed on a minority of safekeepers"
+        with connect(q3) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone()[0] == 1
+    finally:
+        start_safekeeper(q3, 3)
+    assert done.wait(15), f"the commit must resume once a quorum is back: {errors}"
+    start_safekeeper(q3, 2)
+    wait_until(lambda: caught_up(q3, 2), 15, "sk2 to catch up")
+    with connect(q3) as conn:
+        assert conn.execute("SELECT count(*) FROM minority WHERE id = 42").fetchone()[0] == 1
+
+
+def test_kill9_compute_and_safekeeper_together(q3, cli):
+    ensure_endpoint(q3, cli)
+    term0 = sk(q3, 2)["term"]
+    w = Writer(q3, "load2")
+    time.sleep(1.5)
+    kill_compute(q3)
+    stop_safekeeper(q3, 1, immediate=True)
+    acked = w.finish()
+    assert len(acked) > 50, "the workload should have committed rows before the crash"
+    rc, out, err = cli("endpoint", "start", "main", "-p", q3.name)
+    assert "crashed" in err and f"electing term {term0 + 1}" in err
+    assert_all_present(q3, "load2", acked)
+    start_safekeeper(q3, 1)
+    wait_until(lambda: caught_up(q3, 1), 15, "sk1 to catch up")
+
+
+def test_divergent_tail_is_truncated(q3, cli):
+    """sk1 alone receives WAL the other two never get; the next term, elected without sk1, starts
+    below it; when sk1 returns, that tail is cut and replaced by the new term's WAL."""
+    ensure_all_safekeepers(q3)
+    ensure_endpoint(q3, cli)
+    with connect(q3) as conn:
+        conn.execute("CREATE TABLE tail (id int PRIMARY KEY)")
+        for i in range(1, 51):
+            conn.execute("INSERT INTO tail VALUES (%s)", (i,))
+    wait_until(lambda: caught_up(q3, 1), 10, "all three to hold the acknowledged rows")
+    stop_safekeeper(q3, 2, immediate=True)
+    stop_safekeeper(q3, 3, immediate=True)
+    before = sk(q3, 1)["flush_lsn"]
+
+    def unacknowledged():
+        try:
+            with connect(q3) as conn:
+                conn.execute("INSERT INTO tail VALUES (999999)")
+            raise AssertionError("a commit on a minority returned")
+        except psycopg.Error:
+            pass  # the compute dies under it
+
+    t = threading.Thread(target=unacknowledged, daemon=True)
+    t.start()
+    tail_end = wait_until(lambda: sk(q3, 1)["flush_lsn"] > before and sk(q3, 1)["flush_lsn"], 10,
+                          "the unacknowledged commit's WAL to reach sk1")
+    kill_compute(q3)
+    stop_safekeeper(q3, 1, immediate=True)
+    t.join(10)
+    start_safekeeper(q3, 2)
+    start_safekeeper(q3, 3)
+    cli("endpoint", "start", "main", "-p", q3.name)
+    new = sk(q3, 2)
+    term, start = new["term_history"][-1]
+    assert term == new["term"] and start < tail_end, "sk1 must hold WAL past the new term's start"
+    with connect(q3) as conn:
+        ids = {r[0] for r in conn.execute("SELECT id FROM tail")}
+        assert ids == set(range(1, 51)), "acknowledged rows kept, the unacknowledged one gone"
+        conn.execute("INSERT INTO tail SELECT g FROM generate_series(1000, 3000) g")  # new WAL over the old tail
+    start_safekeeper(q3, 1)
+    wait_until(lambda: caught_up(q3, 1), 15, "sk1 to join the new term")
+    s1 = sk(q3, 1)
+    assert s1["term_history"] == new["term_history"]
+    end = min(s1["flush_lsn"], sk(q3, 2)["flush_lsn"])
+    assert end > tail_end
+    path = f"/v1/timeline/{tid(q3)}/wal?start={start}&upto=flush&max={end - start}"
+
+    def raw(i):
+        import urllib.request  # noqa: PLC0415
+        with urllib.request.urlopen(f"http://{q3.safekeeper_addrs()[i]}{path}") as r:
+            return r.read()
+
+    assert raw(1) == raw(2), "sk1's WAL from the new term's start must be the quorum's"
+    log = (q3.safekeeper_dir(1) / "sk1.log").read_text()
+    assert "truncated divergent WAL" in log
+
+
+def test_racing_endpoint_starts_one_wins(q3, cli):
+    ensure_all_safekeepers(q3)
+    if read_state(q3, "main"):
+        stop_endpoint(q3, "main")
+    results: list = []
+
+    def start():
+        try:
+            results.append(start_endpoint(load_project(q3.name), "main"))
+        except NeonctlError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    errors = [r for r in results if isinstance(r, NeonctlError)]
+    assert len(results) == 2 and len(errors) == 1, results
+    assert isinstance(errors[0], Conflict) and "already running" in str(errors[0])
+    stop_endpoint(q3, "main")
+    # The same race without the project lock: two proposers of one term, exactly one is elected.
+    term = max(sk(q3, i)["term"] for i in (1, 2, 3)) + 1
+    outcomes: list = []
+
+    def propose():
+        try:
+            outcomes.append(elect(q3, tid(q3), term=term))
+        except NeonctlError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=propose) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    lost = [o for o in outcomes if isinstance(o, NeonctlError)]
+    assert len(outcomes) == 2 and len(lost) == 1, outcomes
+    assert isinstance(lost[0], Conflict) and f"lost the election for term {term}" in str(lost[0])
+
+
+def test_corrupt_control_file_is_refused_until_repaired(q3, cli):
+    ensure_all_safekeepers(q3)
+    ensure_endpoint(q3, cli)
+    stop_safekeeper(q3, 3)
+    path = q3.safekeeper_dir(3) / "timelines" / tid(q3) / "safekeeper.control"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(data)
+    start_safekeeper(q3, 3)
+    with connect(q3) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS during_repair (id int)")
+        conn.execute("INSERT INTO during_repair VALUES (1)")  # the other two go on
+    rc, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
+    row = next(r for r in json.loads(out) if r["safekeeper"] == 3)
+    assert row["state"] == "corrupt" and "checksum" in row["error"]
+    with pytest.raises(NeonctlError, match="damaged"):
+        sk(q3, 3)
+    rc, out, _ = cli("safekeeper", "repair", "3", "-p", q3.name, "-o", "json")
+    assert json.loads(out)[0]["repaired"]
+    wait_until(lambda: caught_up(q3, 3), 15, "sk3 to be rebuilt from its peers")
+    with connect(q3) as conn:
+        conn.execute("INSERT INTO during_repair VALUES (2)")
+    wait_until(lambda: sk(q3, 3)["streaming"], 10, "sk3 to stream again")
+
+
+def test_torn_wal_segment_is_detected_and_repaired(q3, cli):
+    ensure_all_safekeepers(q3)
+    ensure_endpoint(q3, cli)
+    with connect(q3) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS torn AS SELECT g AS id FROM generate_series(1, 2000) g")
+    wait_until(lambda: caught_up(q3, 2), 10, "sk2 to hold the rows")
+    stop_safekeeper(q3, 2)  # a clean stop: the control file's flush LSN is exact
+    tl_dir = q3.safekeeper_dir(2) / "timelines" / tid(q3)
+    flushed = load(tl_dir / "safekeeper.control").flush_lsn
+    seg = 16 << 20
+    damaged = flushed - 3000
+    seg_file = tl_dir / "wal" / segment_file_name(damaged // seg)
+    with open(seg_file, "r+b") as f:
+        f.seek(damaged % seg)
+        f.write(b"\xab" * 512)
+    start_safekeeper(q3, 2)
+    rc, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
+    row = next(r for r in json.loads(out) if r["safekeeper"] == 2)
+    assert row["state"] == "corrupt" and "WAL is damaged" in row["error"]
+    with connect(q3) as conn:
+        conn.execute("INSERT INTO torn VALUES (-1)")  # sk1 and sk3 go on
+    cli("safekeeper", "repair", "2", "-p", q3.name)
+    wait_until(lambda: caught_up(q3, 2), 15, "sk2 to be rebuilt from its peers")
+
+
+def test_broker_down_everyone_goes_on(q3, cli):
+    ensure_all_safekeepers(q3)
+    ensure_endpoint(q3, cli)
+    broker = q3.daemon("broker")
+    broker.stop(immediate=True)
+    try:
+        with connect(q3) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS nobroker (id int)")
+            conn.execute("INSERT INTO nobroker SELECT generate_series(1, 1000)")
+            head = conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()[0]
+        wait_until(lambda: all(sk(q3, i)["commit_lsn"] >= head for i in (1, 2, 3)), 15,
+                   "commit_lsn to advance from the peers directly")
+        wait_until(lambda: pageserver_lsn(q3) >= head, 15, "the pageserver to ingest on its last known safekeeper")
+        cli("endpoint", "stop", "main", "-p", q3.name)
+        cli("endpoint", "start", "main", "-p", q3.name)  # an election needs no broker
+        with connect(q3) as conn:
+            assert conn.execute("SELECT count(*) FROM nobroker").fetchone()[0] == 1000
+    finally:
+        cli("start", "-p", q3.name)
+    status = lambda: client.call("broker", q3.broker_addr, "GET", "/v1/status")  # noqa: E731
+    wait_until(lambda: status()["timelines"] >= 1, 10, "the safekeepers to publish to the restarted broker")
+    v0 = status()["version"]
+    wait_until(lambda: status()["version"] >= v0 + 3, 10, "publishing to go on")
