@@ -12,7 +12,7 @@ import click
 import typer
 
 from neonctl import __version__
-from neonctl.commands import branch, endpoint, inspect, project, quickstart, safekeeper, storage, tui
+from neonctl.commands import branch, endpoint, gc, inspect, project, quickstart, safekeeper, storage, tui
 from neonctl.errors import NeonctlError
 
 try:  # recent typer parses with its own vendored click, whose exceptions are not click's
@@ -64,6 +64,7 @@ app.add_typer(inspect.layers_app, name="layers")
 app.add_typer(inspect.wal_app, name="wal")
 app.add_typer(inspect.page_app, name="page")
 app.command("tui")(tui.tui)
+app.command("gc")(gc.gc)
 
 
 def main(argv: list[str] | None = None) -> int:

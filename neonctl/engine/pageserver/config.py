@@ -24,6 +24,7 @@ class PageserverConfig:
     image_creation_threshold: int = 3  # deltas above the newest image before a new one
     gc_horizon: int = 64 << 20
     pitr_interval: float = 7 * 86400.0
+    gc_period: float = 3600.0  # periodic GC; 0 disables it
 
     @classmethod
     def load(cls, workdir: Path) -> "PageserverConfig":

@@ -145,6 +145,16 @@ class LayerStore:
             self.map.replace(image_descs(info), [])
             self._changed()
 
+    def forget(self, names: list[str]) -> None:
+        """Drop layers from the index (durably) and then delete their files; also saves `extra`."""
+        with self.lock:
+            for n in names:
+                r = self._readers.pop(n, None)
+                if r is not None:
+                    r.close()
+            self.map.replace([], names)
+            self._changed()
+
     def _changed(self) -> None:
         if self.on_change:
             self.on_change(self.timeline_id, list(self.map.layers.values()))

@@ -25,6 +25,8 @@ from aiohttp import web
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.gc import gc_cutoff, gc_timeline
+from neonctl.engine.timepoint import from_pg_us
 from neonctl.engine.pageserver.key import Key
 from neonctl.engine.pageserver.layer_catalog import LayerCatalog
 from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline, timeline_dir
@@ -32,6 +34,7 @@ from neonctl.engine.pageserver.walreceiver import receive
 from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Timeout
 
 log = logging.getLogger("pageserver")
+LEASE_SECONDS = 3600.0  # an explicit-LSN basebackup (time travel) keeps its history this long
 
 
 def page_lsn(page: bytes) -> int:
@@ -54,6 +57,7 @@ class Pageserver:
         self.runtime = None
         self.scratch: Path | None = None
         self.image_lock = asyncio.Lock()
+        self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
 
     def load(self) -> None:
@@ -110,6 +114,9 @@ class Pageserver:
                               f" {tl.timeline_id}, waited {timeout:.0f}s for {format_lsn(target_lsn)}")
             await tl.wait_progress(min(remaining, 1.0))
         at = tl.last_record_lsn if lsn is None else int(lsn)
+        if lsn is not None:
+            self.check_not_gced(tl, at)
+            self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
         await asyncio.to_thread(tl.materialize, at, Path(body["target"]))
         return json_body({"lsn": at, "timeline_id": tl.timeline_id})
 
@@ -128,6 +135,9 @@ class Pageserver:
                 lsn = ancestor.lsn_for_timestamp(int(body["timestamp_us"]))
             elif body.get("lsn") is not None:
                 want = int(body["lsn"])
+                deadline = time.monotonic() + 5  # WAL the compute has written but not yet flushed
+                while want > ancestor.last_record_lsn and time.monotonic() < deadline:
+                    await ancestor.wait_progress(0.2)
                 if want > ancestor.last_record_lsn:
                     raise InvalidInput(f"LSN {format_lsn(want)} is past the parent's head"
                                        f" {format_lsn(ancestor.last_record_lsn)}")
@@ -137,6 +147,7 @@ class Pageserver:
                 lsn = await asyncio.to_thread(ancestor.record_end_at_or_before, want)
             else:
                 lsn = ancestor.last_record_lsn
+            self.check_not_gced(ancestor, lsn)
             await asyncio.to_thread(Timeline.create_branch, timeline_dir(self.workdir, tid), tid, ancestor, lsn)
             tl = await asyncio.to_thread(self._load_one, tid)
         self.ensure_receiver(tl)
@@ -222,6 +233,48 @@ class Pageserver:
             {"lsn": v_lsn, "will_init": wi, "kind": "image" if v[:1] == b"\x01" else "wal_record",
              "length": len(v) - 1, "page_lsn": page_lsn(v[1:]) if v[:1] == b"\x01" and len(v) > 9 else None}
             for v_lsn, wi, v in vals]})
+
+    def retained_points(self, tl: Timeline, leases: dict[str, list[int]]) -> list[int]:
+        """LSNs of tl that must stay materialisable: child branch points and leases."""
+        now = time.monotonic()
+        pts = [c.meta.ancestor_lsn for c in self.timelines.values() if c.meta.ancestor_timeline == tl.timeline_id]
+        pts += leases.get(tl.timeline_id, [])
+        pts += [lsn for (tid, lsn), exp in self.leases.items() if tid == tl.timeline_id and exp > now]
+        return pts
+
+    def check_not_gced(self, tl: Timeline, lsn: int) -> None:
+        cutoff = gc_cutoff(tl)
+        if lsn < cutoff and lsn not in self.retained_points(tl, {}):
+            commits = [t for e, t in tl.commit_history() if e >= cutoff]
+            oldest_time = from_pg_us(commits[0]).isoformat() if commits else "its cutoff"
+            raise InvalidInput(f"LSN {format_lsn(lsn)} is below the GC cutoff of {tl.timeline_id}:"
+                               f" the oldest point kept is {format_lsn(cutoff)} ({oldest_time})")
+
+    async def gc(self, request: web.Request) -> web.Response:
+        """Run GC now: {timelines?: [ids], leases?: {tl: [lsn]}, dry_run?: bool}."""
+        body = await request.json() if request.can_read_body else {}
+        leases = {k: [int(x) for x in v] for k, v in body.get("leases", {}).items()}
+        ids = body.get("timelines") or list(self.timelines)
+        out = []
+        for tid in ids:
+            tl = self.get(tid)
+            res = await asyncio.to_thread(gc_timeline, tl, self.retained_points(tl, leases), self.config,
+                                          None, bool(body.get("dry_run")))
+            out.append(res.to_json())
+        return json_body({"results": out})
+
+    async def gc_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.config.gc_period > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.config.gc_period)
+                return
+            except asyncio.TimeoutError:
+                pass
+            for tl in list(self.timelines.values()):
+                try:
+                    await asyncio.to_thread(gc_timeline, tl, self.retained_points(tl, {}), self.config)
+                except Exception:  # noqa: BLE001
+                    log.exception("gc of %s failed", tl.timeline_id)
 
     async def create_image(self, request: web.Request) -> web.Response:
         """Make an image at the timeline's head now (the redo worker replays to it)."""
@@ -341,6 +394,7 @@ class Pageserver:
         app.router.add_get("/v1/timeline/{tl}/page", self.page_versions)
         app.router.add_get("/v1/timeline/{tl}/changed_pages", self.changed_pages)
         app.router.add_post("/v1/timeline/{tl}/image", self.create_image)
+        app.router.add_post("/v1/gc", self.gc)
         return app
 
 
@@ -364,4 +418,4 @@ def main(argv: list[str] | None = None) -> None:
         ps.scratch = args.scratch
     ps.load()
     host, port = args.listen.rsplit(":", 1)
-    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop, ps.image_loop])
+    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop, ps.image_loop, ps.gc_loop])

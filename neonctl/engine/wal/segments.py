@@ -109,6 +109,13 @@ class SegmentedWal:
             self._dirty.add(segno)
         self.flush()
 
+    def remove_segment(self, segno: int) -> None:
+        fd = self._fds.pop(segno, None)
+        if fd is not None:
+            os.close(fd)
+        self._dirty.discard(segno)
+        self.path(segno).unlink(missing_ok=True)
+
     def copy_segment_to(self, segno: int, dest: Path, upto_lsn: int | None = None) -> None:
         """Write segment segno to dest (a Postgres pg_wal file), zeroed after upto_lsn if given."""
         data = self.read(segno * self.seg_size, self.seg_size)

@@ -1,0 +1,487 @@
+"""Shared helpers of bench_images.py and bench_branching.py (not a benchmark itself).
+
+A benchmark runs inside a `BenchEnv`: a fresh NEONCTL_HOME (mode 0700, so compute data directories go
+under /var/lib/neonctl/compute/<hash>) and a fresh directory under /var/lib/neonctl/bench-*/ for the
+vanilla peers, both removed at the end together with every project, Postgres server and stray process
+started from them, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import psycopg
+from neonctl.engine import client, ports
+from neonctl.engine.compute.endpoint import compute_config, postgres_pid, read_state, start_endpoint, stop_endpoint
+from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime, shared_dir
+from neonctl.engine.lsn import parse_lsn
+from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.process import log_tail
+from neonctl.engine.project import Project, create_project, delete_project
+from neonctl.engine.storage import start_storage, stop_storage
+from neonctl.errors import Conflict, DaemonError, PostgresError
+
+T0 = time.monotonic()
+LOG_PROBLEM = re.compile(r"\b(ERROR|FATAL|PANIC|CRITICAL|Traceback)\b|WARNING")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:7.1f}s load {os.getloadavg()[0]:4.2f}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3)
+
+
+def mb(n: int | float | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+# -- Postgres clients ------------------------------------------------------------------------------
+
+
+def sql(port: int, query: str, params=None, db: str = "postgres") -> list[tuple]:
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={db}", autocommit=True,
+                         connect_timeout=10) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def timed_sql(port: int, query: str, db: str = "postgres") -> float:
+    """Seconds one statement takes on an already open connection (connection set-up not counted)."""
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={db}", autocommit=True,
+                         connect_timeout=10) as conn:
+        t = time.perf_counter()
+        conn.execute(query)
+        return time.perf_counter() - t
+
+
+def client_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def pgbench(rt: PgRuntime, port: int, args: list[str], timeout: float, db: str = "postgres") -> str:
+    argv = [rt.bin("pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", *args, db]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=client_env(), timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench {' '.join(args)} failed (exit {proc.returncode}): "
+                           f"{' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-5:])}")
+    return proc.stdout + proc.stderr
+
+
+def db_bytes(port: int, db: str = "postgres") -> int:
+    return int(sql(port, "SELECT pg_database_size(%s)", (db,))[0][0])
+
+
+def run_cli(args: list[str], timeout: float = 900) -> tuple[str, float]:
+    """Run `python -m neonctl ARGS`; return (stdout, seconds). On interruption let it clean up (SIGINT)."""
+    argv = [sys.executable, "-m", "neonctl", *args]
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    dt = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"neonctl {' '.join(args)} failed (exit {proc.returncode}): {err.strip()[-500:]}")
+    return out, dt
+
+
+def free_port() -> int:
+    """A free loopback port away from 55432+ (where concurrent neonctl users race), per process."""
+    base = 57000 + (os.getpid() * 13) % 3000
+    port, = ports.allocate(base, set())
+    return port
+
+
+# -- sizes and logs ----------------------------------------------------------------------------------
+
+
+def du_bytes(*paths: Path, apparent: bool = False) -> int:
+    """`du -s`: allocated bytes (or --apparent-size) of the given paths together, links counted once."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if not existing:
+        return 0
+    flags = ["-s", "-c", "-b"] if apparent else ["-s", "-c", "-B1"]
+    # no check: a live data directory's temporary files may vanish during the walk (du exits 1)
+    out = subprocess.run(["du", *flags, *existing], capture_output=True, text=True, check=False).stdout
+    return int(out.strip().splitlines()[-1].split()[0])
+
+
+def log_problems(path: Path, limit: int = 8) -> list[str]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [ln.strip()[:300] for ln in lines if LOG_PROBLEM.search(ln)][:limit]
+
+
+def redo_info(text: str) -> dict:
+    """WAL replayed at a Postgres start, from its log: `redo starts at X` ... `redo done at Y`."""
+    out: dict = {}
+    starts = re.findall(r"redo starts at ([0-9A-F]+/[0-9A-F]+)", text)
+    done = re.findall(r"redo done at ([0-9A-F]+/[0-9A-F]+).*?elapsed: ([\d.]+) s", text)
+    if starts:
+        out["redo_start"] = starts[-1]
+    if done:
+        out["redo_done"], out["redo_s"] = done[-1][0], float(done[-1][1])
+    if starts and done:
+        out["wal_replayed_bytes"] = parse_lsn(done[-1][0]) - parse_lsn(starts[-1])
+    elif not starts and "database system was shut down at" in text:
+        out["wal_replayed_bytes"] = 0  # a clean start: no redo at all
+    m = re.findall(r"checkpoint complete:.*?total=([\d.]+) s", text)
+    if m and "end-of-recovery" in text:
+        out["end_of_recovery_checkpoint_s"] = float(m[-1])
+    return out
+
+
+def kill_strays(prefixes: list[str]) -> list[int]:
+    """SIGKILL any process whose command line names a path under one of `prefixes` (ours only)."""
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(f"{p}/" in cmd for p in prefixes):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except OSError:
+                pass
+    return killed
+
+
+# -- vanilla Postgres --------------------------------------------------------------------------------
+
+
+class Vanilla:
+    """A plain initdb data directory (same initdb options as `neonctl init`) run by the same user."""
+
+    def __init__(self, rt: PgRuntime, root: Path, name: str):
+        self.rt = rt
+        self.dir = root / name
+        self.pgdata = self.dir / "pgdata"
+        self.logfile = self.dir / "postgres.log"
+        self.port: int | None = None
+        self.base_conf = ""
+
+    def init(self) -> None:
+        self.dir.mkdir(parents=True)
+        os.chmod(self.dir, 0o755)
+        self.pgdata.mkdir(mode=0o700)
+        self.rt.chown(self.dir, recursive=True)
+        self.rt.run([self.rt.bin("initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                     "-E", "UTF8", "--locale=C", "-N"])
+        self.base_conf = (self.pgdata / "postgresql.conf").read_text()
+
+    def configure(self, project: Project, fsync: bool = True, extra: str = "") -> None:
+        """The compute's settings (compute_config) minus the synchronous standby, plus `extra`."""
+        if self.port is None:
+            self.port = free_port()
+        conf = compute_config(project, self.port, self.dir, fsync)
+        conf, n = re.subn(r"(?m)^synchronous_standby_names\s*=.*$",
+                          "synchronous_standby_names = ''  # vanilla peer: no standby", conf)
+        assert n == 1, "compute_config no longer sets synchronous_standby_names"
+        (self.pgdata / "postgresql.conf").write_text(self.base_conf + conf + extra + "\n")
+        self.rt.chown(self.pgdata / "postgresql.conf")
+
+    def start(self, timeout: int = 120) -> float:
+        t = time.perf_counter()
+        self.rt.run([self.rt.bin("pg_ctl"), "start", "-w", "-t", str(timeout), "-D", str(self.pgdata),
+                     "-l", str(self.logfile)], timeout=timeout + 60)
+        return time.perf_counter() - t
+
+    def stop(self, mode: str = "fast") -> None:
+        if postgres_pid(self.pgdata):
+            self.rt.run([self.rt.bin("pg_ctl"), "stop", "-w", "-t", "120", "-m", mode, "-D", str(self.pgdata)],
+                        timeout=180)
+
+    def kill(self) -> None:
+        pid = postgres_pid(self.pgdata)
+        if pid:
+            try:
+                self.stop("immediate")
+            except Exception:  # noqa: BLE001
+                os.kill(pid, signal.SIGKILL)
+
+
+# -- neonctl ------------------------------------------------------------------------------------------
+
+
+def timeline_of(p: Project, branch: str) -> str:
+    return p.branch(branch).timeline_id
+
+
+def sk_flush(p: Project, tl: str) -> int:
+    return max(client.call(f"sk{i}", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"]
+               for i, a in p.safekeeper_addrs().items())
+
+
+def wait_pageserver(p: Project, branch: str, timeout: float = 900, layers: bool = True) -> float:
+    """Wait until the pageserver holds all WAL the safekeepers have (and, with `layers`, has turned it
+    into layers, so its ingest no longer competes for the CPU); return the seconds waited."""
+    tl = timeline_of(p, branch)
+    flush = sk_flush(p, tl)
+    t = time.monotonic()
+    while True:
+        info = client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{tl}")
+        done = info["received_lsn"] >= flush and info["last_record_lsn"] > 0
+        if done and layers and info.get("layer_lsn") is not None:
+            done = info["layer_lsn"] >= info["last_record_lsn"]
+        if done:
+            return time.monotonic() - t
+        if time.monotonic() - t > timeout:
+            raise RuntimeError(f"pageserver did not catch up on {branch} within {timeout:.0f}s: {info} "
+                               f"(safekeepers flushed {flush})")
+        time.sleep(0.1)
+
+
+def endpoint_start(p: Project, branch: str, fsync: bool = False) -> dict:
+    """`endpoint start` through the engine API, timed and split into phases, with the redo from its log."""
+    marks: dict[str, float] = {}
+
+    def progress(msg: str) -> None:
+        marks.setdefault("materialise" if msg.startswith("materialising") else
+                         "pg_ctl" if msg.startswith("starting PostgreSQL") else msg, time.perf_counter())
+
+    for attempt in range(3):
+        port = free_port()
+        marks.clear()
+        t0 = time.perf_counter()
+        try:
+            st = start_endpoint(p, branch, port=port, fsync=fsync, progress=progress)
+        except (Conflict, PostgresError) as e:  # lost a race for the port: measure again
+            if attempt == 2 or "port" not in (str(e) + str(getattr(e, "hint", ""))).lower():
+                raise
+            log(f"  port {port} taken meanwhile ({e}); again")
+            continue
+        t1 = time.perf_counter()
+        break
+    out: dict = {"total_s": t1 - t0, "port": st.port, "pgdata": st.pgdata, "start_lsn": st.start_lsn}
+    if "materialise" in marks and "pg_ctl" in marks:
+        out.update(elect_s=marks["materialise"] - t0, materialise_s=marks["pg_ctl"] - marks["materialise"],
+                   pg_ctl_verify_attach_s=t1 - marks["pg_ctl"])
+    out.update(redo_info((Path(st.pgdata).parent / "postgres.log").read_text(errors="replace")))
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def endpoint_stop(p: Project, branch: str, problems: list[str]) -> None:
+    st = read_state(p, branch)
+    if st is not None:
+        problems.extend(log_problems(Path(st.pgdata).parent / "postgres.log"))
+    stop_endpoint(p, branch)
+
+
+def create_image(p: Project, branch: str, timeout: float = 1800) -> tuple[dict, float]:
+    t = time.perf_counter()
+    info = client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{timeline_of(p, branch)}/image", {},
+                       timeout=timeout)
+    return info, time.perf_counter() - t
+
+
+# -- the environment --------------------------------------------------------------------------------
+
+
+class BenchEnv:
+    def __init__(self, args, kind: str):
+        self.args = args
+        self.rt = resolve_runtime(args.pg_bin)
+        self.home = Path(tempfile.mkdtemp(prefix=f"neonctl-{kind}-"))  # 0700: computes go to /var/lib/neonctl
+        os.environ["NEONCTL_HOME"] = str(self.home)
+        self.vroot = Path(tempfile.mkdtemp(prefix="run-", dir=shared_dir(kind)))
+        os.chmod(self.vroot, 0o755)
+        self.projects: list[Project] = []
+        self.vanillas: list[Vanilla] = []
+        self.problems: dict[str, list[str]] = {}
+        self.result: dict = {"pg_version": self.rt.version_string, "pg_bin": str(self.rt.bin_dir),
+                             "cpus": os.cpu_count(), "load_start": loadavg(), "quick": args.quick}
+
+    def project(self, name: str, pageserver: dict | None = None, attempts: int = 3) -> Project:
+        """Create and start a project (pageserver settings `pageserver` written before its first start);
+        re-create it if a daemon lost its port to another session's daemon."""
+        for attempt in range(attempts):
+            log(f"neonctl: creating project {name} ...")
+            p = create_project(name, pg_bin=self.args.pg_bin, progress=lambda m: log(f"  {m}"))
+            self.projects.append(p)
+            self._move_ports(p)
+            if pageserver:
+                cfg = PageserverConfig()
+                for k, v in pageserver.items():
+                    setattr(cfg, k, v)
+                cfg.save(p.dir / "pageserver")
+            try:
+                start_storage(p, progress=lambda m: log(f"  {m}"))
+                time.sleep(1.0)
+                dead = [d.name for d in p.daemons() if d.pid() is None]
+                logs = "; ".join(f"{d}: {log_tail(p.daemon(d).log_file, 1)}" for d in dead)
+            except DaemonError as e:  # a port taken between allocation and bind
+                if attempt == attempts - 1:
+                    self.teardown(p)
+                    raise
+                dead, logs = ["?"], str(e)
+            except Exception:
+                self.teardown(p)
+                raise
+            if not dead:
+                return p
+            self.teardown(p)
+            if attempt == attempts - 1:
+                raise RuntimeError(f"daemons of project {name} died right after start: {logs}")
+            log(f"  {', '.join(dead)} died right after start ({logs}); re-creating the project")
+        raise AssertionError("unreachable")
+
+    def _move_ports(self, p: Project) -> None:
+        """Daemon ports away from neonctl's defaults (64000+, 5454+, 50051+), where other sessions' projects
+        (other NEONCTL_HOMEs, invisible to create_project's allocation) race for the same ports."""
+        base = 20000 + random.randrange(0, 400) * 20
+        taken = {pp.config.pageserver_port for pp in self.projects if pp is not p}
+        n = len(p.config.safekeepers)
+        got = ports.allocate(base, taken, 2 + n)
+        p.config.pageserver_port, p.config.broker_port = got[0], got[1]
+        for sk, port in zip(p.config.safekeepers, got[2:]):
+            sk["port"] = port
+        p.save()
+
+    def storage_dirs(self, p: Project) -> dict[str, Path]:
+        out = {"pageserver": p.dir / "pageserver"}
+        for sk in p.config.safekeepers:
+            out[f"sk{sk['id']}"] = p.safekeeper_dir(sk["id"])
+        return out
+
+    def vanilla(self, name: str) -> Vanilla:
+        v = Vanilla(self.rt, self.vroot, name)
+        self.vanillas.append(v)
+        log(f"vanilla: initdb {v.pgdata} ...")
+        v.init()
+        return v
+
+    def teardown(self, p: Project) -> None:
+        if p in self.projects:
+            self.projects.remove(p)
+        try:
+            delete_project(p)
+            return
+        except Exception as e:  # noqa: BLE001 - fall back to brute force, leave nothing running
+            log(f"delete_project({p.name}) failed: {e}; killing what is left")
+        try:
+            stop_storage(p, immediate=True)
+        except Exception as e:  # noqa: BLE001
+            log(f"stop_storage({p.name}) failed: {e}")
+        shutil.rmtree(p.compute_root(), ignore_errors=True)
+        shutil.rmtree(p.dir, ignore_errors=True)
+
+    def collect_logs(self) -> None:
+        for p in self.projects:
+            for f in sorted(p.dir.rglob("*.log")):
+                probs = log_problems(f)
+                if probs:
+                    self.problems[f"{p.name}/{f.relative_to(p.dir)}"] = probs
+        for v in self.vanillas:
+            probs = log_problems(v.logfile)
+            if probs:
+                self.problems[f"vanilla {v.dir.name}/postgres.log"] = probs
+
+    def cleanup(self) -> None:
+        for v in self.vanillas:
+            try:
+                v.kill()
+            except Exception as e:  # noqa: BLE001
+                log(f"cannot stop vanilla server {v.pgdata}: {e}")
+        compute_roots = [str(p.compute_root()) for p in self.projects]
+        for p in list(self.projects):
+            try:
+                self.teardown(p)
+            except Exception as e:  # noqa: BLE001
+                log(f"cannot delete project {p.name}: {e}")
+        strays = kill_strays([str(self.home), str(self.vroot), *compute_roots])
+        if strays:
+            log(f"killed stray processes {strays}")
+            self.problems["cleanup"] = [f"killed stray processes: {strays}"]
+        shutil.rmtree(self.home, ignore_errors=True)
+        shutil.rmtree(self.vroot, ignore_errors=True)
+        for r in compute_roots:
+            shutil.rmtree(r, ignore_errors=True)
+
+
+def run_benchmark(args, kind: str, body, render) -> int:
+    """Run `body(env)` in a fresh BenchEnv; print `render(result)` (and JSON with --json); always clean up."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    env = None
+    rc = 0
+    try:
+        env = BenchEnv(args, kind)
+        log(f"PostgreSQL {env.rt.version_string} from {env.rt.bin_dir}; NEONCTL_HOME={env.home}; "
+            f"vanilla servers under {env.vroot}")
+        body(env)
+    except BaseException as e:  # noqa: BLE001 - report, clean up, exit non-zero
+        rc = 130 if isinstance(e, KeyboardInterrupt) else 1
+        log(f"benchmark failed: {type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stderr)
+        if env is not None:
+            env.result["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        if env is not None:
+            try:
+                env.collect_logs()
+            except Exception as e:  # noqa: BLE001
+                log(f"cannot scan logs: {e}")
+            log("cleaning up ...")
+            env.cleanup()
+            log("cleaned up")
+    if env is None:
+        return rc or 1
+    res = env.result
+    res["load_end"] = loadavg()
+    res["log_problems"] = env.problems
+    text = render(res)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        print(text)
+    return rc
+
+
+def render_footer(res: dict) -> list[str]:
+    out = []
+    if res.get("log_problems"):
+        out.append("")
+        out.append("log lines with ERROR/WARNING/FATAL/PANIC/Traceback:")
+        for f, lines in res["log_problems"].items():
+            out.append(f"  {f}:")
+            out.extend(f"    {ln}" for ln in lines)
+    if res.get("error"):
+        out.append("")
+        out.append(f"FAILED: {res['error']}")
+    return out
