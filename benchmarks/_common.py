@@ -35,6 +35,7 @@ from neonctl.errors import Conflict, DaemonError, PostgresError
 
 T0 = time.monotonic()
 LOG_PROBLEM = re.compile(r"\b(ERROR|FATAL|PANIC|CRITICAL|Traceback)\b|WARNING")
+OUR_POLLING = re.compile(r"FATAL:  the database system is (not accepting connections|starting up)")  # our own polls
 
 
 def log(msg: str) -> None:
@@ -120,12 +121,14 @@ def free_port() -> int:
 # -- sizes and logs ----------------------------------------------------------------------------------
 
 
-def du_bytes(*paths: Path, apparent: bool = False) -> int:
+def du_bytes(*paths: Path, apparent: bool = False, exclude: str | None = None) -> int:
     """`du -s`: allocated bytes (or --apparent-size) of the given paths together, links counted once."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if not existing:
         return 0
     flags = ["-s", "-c", "-b"] if apparent else ["-s", "-c", "-B1"]
+    if exclude:
+        flags.append(f"--exclude={exclude}")
     # no check: a live data directory's temporary files may vanish during the walk (du exits 1)
     out = subprocess.run(["du", *flags, *existing], capture_output=True, text=True, check=False).stdout
     return int(out.strip().splitlines()[-1].split()[0])
@@ -136,7 +139,7 @@ def log_problems(path: Path, limit: int = 8) -> list[str]:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return [ln.strip()[:300] for ln in lines if LOG_PROBLEM.search(ln)][:limit]
+    return [ln.strip()[:300] for ln in lines if LOG_PROBLEM.search(ln) and not OUR_POLLING.search(ln)][:limit]
 
 
 def redo_info(text: str) -> dict:

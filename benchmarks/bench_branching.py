@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import psycopg  # noqa: E402
 from neonctl.engine import client  # noqa: E402
 from neonctl.engine.branches import create_branch  # noqa: E402
 from neonctl.engine.compute.endpoint import read_state  # noqa: E402
@@ -155,8 +156,9 @@ class Branching:
             p = self.load_project(which)
             src = self.vanilla_src(which)
             v = self.vanilla()
-            cli, api, wal_log, file_copy = [], [], [], []
+            cli, api, wal_log, file_copy, noop = [], [], [], [], []
             for i in range(self.a.reps):
+                noop.append(round(run_cli(["--version"])[1], 3))  # the CLI's Python start-up alone
                 wait_pageserver(p, "main")
                 _, s = run_cli(["branch", "create", "--name", f"cli{i}", "--parent", "main", "-p", p.name, "-o", "json"])
                 cli.append(round(s, 3))
@@ -172,9 +174,9 @@ class Branching:
             out[which] = {
                 "scale": self.scale(which), "db_bytes": self.res["loads"][f"neonctl {which}"]["db_bytes"],
                 "load1": loadavg()[0],
-                "neonctl_cli_s": cli, "neonctl_api_s": api, "vanilla_wal_log_s": wal_log,
+                "neonctl_cli_s": cli, "neonctl_api_s": api, "neonctl_version_s": noop, "vanilla_wal_log_s": wal_log,
                 "vanilla_file_copy_s": file_copy,
-                "median": {"neonctl_cli": median(cli), "neonctl_api": median(api),
+                "median": {"neonctl_cli": median(cli), "neonctl_api": median(api), "neonctl_version": median(noop),
                            "vanilla_wal_log": median(wal_log), "vanilla_file_copy": median(file_copy)}}
         self.res["creation"] = out
 
@@ -188,12 +190,19 @@ class Branching:
         v = self.vanilla()
         dirs = self.env.storage_dirs(p)
 
-        def neon_du() -> dict[str, int]:
-            return {k: du_bytes(d) for k, d in dirs.items()}
+        main_tl = timeline_of(p, "main")
+
+        def neon_du(apparent: bool = False) -> dict[str, int]:  # daemon logs are not storage
+            return {k: du_bytes(d, apparent=apparent, exclude="*.log") for k, d in dirs.items()}
+
+        def parent_du() -> int:
+            return du_bytes(*(d / "timelines" / main_tl for d in dirs.values()))
 
         wait_pageserver(p, "main")
+        client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{main_tl}/checkpoint", {}, timeout=120)
         before = neon_du()
-        before_apparent = {k: du_bytes(d, apparent=True) for k, d in dirs.items()}
+        before_apparent = neon_du(apparent=True)
+        before_parent = parent_du()
         t_all = time.perf_counter()
         cycle = []
         for i in range(n):
@@ -211,14 +220,19 @@ class Branching:
             wait_pageserver(p, f"s{i}")
             client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{timeline_of(p, f's{i}')}/checkpoint",
                         {}, timeout=120)
+        client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{main_tl}/checkpoint", {}, timeout=120)
         after = neon_du()
-        after_apparent = {k: du_bytes(d, apparent=True) for k, d in dirs.items()}
+        after_apparent = neon_du(apparent=True)
         growth = {k: after[k] - before[k] for k in after}
         tl_sizes = {}
         for i in range(n):
             tl = timeline_of(p, f"s{i}")
             tl_sizes[f"s{i}"] = {k: du_bytes(d / "timelines" / tl) for k, d in dirs.items()}
         one = tl_sizes.get("s0", {})
+        branch_dirs = sum(sum(x.values()) for x in tl_sizes.values())
+        parent_growth = parent_du() - before_parent
+        parts = {"branch timeline dirs": branch_dirs, "parent timeline dir": parent_growth,
+                 "rest (layer catalog, ...)": sum(growth.values()) - branch_dirs - parent_growth}
 
         sql(v.port, "CHECKPOINT")
         vb = du_bytes(v.pgdata)
@@ -245,7 +259,7 @@ class Branching:
             "db_bytes": self.res["loads"][f"neonctl {which}"]["db_bytes"],
             "neonctl": {"growth_bytes": growth, "total_growth_bytes": total, "per_branch_bytes": total // n,
                         "apparent_growth_bytes": {k: after_apparent[k] - before_apparent[k] for k in after},
-                        "one_branch_timeline_dirs_bytes": one, "before_bytes": before, "seconds": round(neon_s, 1),
+                        "one_branch_timeline_dirs_bytes": one, "before_bytes": before, "parts_bytes": parts, "seconds": round(neon_s, 1),
                         "cycle_median_s": median(cycle)},
             "vanilla": {"growth_bytes": vgrowth, "base_growth_bytes": va_base - vb_base,
                         "pg_wal_growth_bytes": va_wal - vb_wal, "per_copy_bytes": vgrowth // n,
@@ -359,8 +373,14 @@ class Branching:
         (r.pgdata / "postgresql.conf").write_text(conf)
         (r.pgdata / "recovery.signal").write_text("")
         self.rt.chown(r.pgdata, recursive=True)
-        r.start(timeout=3600)
-        while sql(r.port, "SELECT pg_is_in_recovery()")[0][0]:
+        r.start(timeout=3600)  # with hot_standby = off, pg_ctl -w may return while recovery still runs
+        while True:
+            try:
+                if not sql(r.port, "SELECT pg_is_in_recovery()")[0][0]:
+                    break
+            except psycopg.OperationalError as e:
+                if "not accepting connections" not in str(e) and "starting up" not in str(e):
+                    raise
             time.sleep(0.05)
         t2 = time.perf_counter()
         logtext = r.logfile.read_text(errors="replace")
@@ -416,6 +436,7 @@ def render(res: dict) -> str:
                        f"{m['neonctl_api']:>11.3f}s{m['vanilla_wal_log']:>25.3f}s{m['vanilla_file_copy']:>10.3f}s   "
                        f"{m['vanilla_wal_log'] / m['neonctl_cli']:.2f}x, {m['vanilla_wal_log'] / m['neonctl_api']:.1f}x, "
                        f"{m['vanilla_file_copy'] / m['neonctl_api']:.1f}x")
+            out.append(f"{'':<18}  `neonctl --version` alone (CLI start-up): {m['neonctl_version']:.3f}s")
             out.append(f"{'':<18}  runs: CLI {' '.join(f'{x:.2f}' for x in r['neonctl_cli_s'])} | API "
                        f"{' '.join(f'{x:.3f}' for x in r['neonctl_api_s'])} | WAL_LOG "
                        f"{' '.join(f'{x:.2f}' for x in r['vanilla_wal_log_s'])} | FILE_COPY "
@@ -429,7 +450,8 @@ def render(res: dict) -> str:
         out.append(f"{'':<34}{'total growth':>14}{'per branch':>12}   split")
         out.append(f"{'neonctl pageserver + safekeepers':<34}{mb(n['total_growth_bytes']):>11} MB{mb(n['per_branch_bytes']):>9} MB"
                    "   " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["growth_bytes"].items())
-                   + " (apparent: " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["apparent_growth_bytes"].items()) + ")")
+                   + " (apparent size: " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["apparent_growth_bytes"].items())
+                   + "); " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["parts_bytes"].items()))
         out.append(f"{'vanilla data directory':<34}{mb(v['growth_bytes']):>11} MB{mb(v['per_copy_bytes']):>9} MB"
                    f"   base/ {mb(v['base_growth_bytes'])} MB, pg_wal {mb(v['pg_wal_growth_bytes'])} MB")
         out.append(f"ratio vanilla/neonctl {s['ratio_vanilla_over_neonctl']}x (base/ only: "

@@ -131,11 +131,9 @@ class Safekeeper:
             await asyncio.gather(task, return_exceptions=True)
 
     def on_flushed(self, tl: SkTimeline) -> None:
-        if self.n == 1:  # a single safekeeper is its own quorum
-            if tl.flush_lsn >= tl.term_start_lsn:
-                tl.update_commit(tl.flush_lsn)
-        else:
-            self.update_commit(tl)
+        """After each batch from the compute. With peers, commit_lsn moves with their news instead."""
+        if self.n == 1 and tl.flush_lsn > tl.commit_lsn and tl.flush_lsn >= tl.term_start_lsn:
+            tl.update_commit(tl.flush_lsn)  # a single safekeeper is its own quorum
 
     # -- HTTP handlers: timelines ---------------------------------------------------
 

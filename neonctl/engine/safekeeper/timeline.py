@@ -250,6 +250,7 @@ class SkTimeline:
                     os.close(fd)
                 self.wal._dirty.discard(s)
                 self.wal.path(s).unlink()
+                self.wal._dir_dirty = True
                 self.wal_start_lsn = max(self.wal_start_lsn, (s + 1) * self.seg_size)
                 removed += 1
         return removed

@@ -22,6 +22,7 @@ class SegmentedWal:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
+        self._dir_dirty = False  # a segment file was created or removed since the last flush
 
     def path(self, segno: int) -> Path:
         return self.dir / segment_file_name(segno, seg_size=self.seg_size)
@@ -45,6 +46,7 @@ class SegmentedWal:
             with open(tmp, "wb") as f:
                 f.truncate(self.seg_size)  # zero-filled; a reader stops at zeros
             os.rename(tmp, path)
+            self._dir_dirty = True
         fd = os.open(path, os.O_RDWR)
         self._fds[segno] = fd
         if len(self._fds) > 8:
@@ -72,12 +74,13 @@ class SegmentedWal:
             fd = self._fds.get(segno)
             if fd is not None:
                 os.fdatasync(fd)
-        if self._dirty:
+        if self._dir_dirty:  # new or removed segment files: make the directory entries durable too
             dfd = os.open(self.dir, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+            self._dir_dirty = False
         self._dirty.clear()
 
     def read(self, lsn: int, length: int) -> bytes:
@@ -103,6 +106,7 @@ class SegmentedWal:
                     os.close(fd)
                 self._dirty.discard(s)
                 self.path(s).unlink()
+                self._dir_dirty = True
         fd = self._fd(segno, create=False)
         if fd is not None and off < self.seg_size:
             os.pwrite(fd, bytes(self.seg_size - off), off)
