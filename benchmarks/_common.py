@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -90,13 +91,23 @@ def db_bytes(port: int, db: str = "postgres") -> int:
     return int(sql(port, "SELECT pg_database_size(%s)", (db,))[0][0])
 
 
-def run_cli(args: list[str], timeout: float = 900) -> tuple[str, float]:
-    """Run `python -m neonctl ARGS`; return (stdout, seconds). On interruption let it clean up (SIGINT)."""
+def run_cli(args: list[str], timeout: float = 900) -> tuple[str, float, list[tuple[float, str]]]:
+    """Run `python -m neonctl ARGS`; return (stdout, seconds, [(seconds since start, progress line on stderr)]).
+    On interruption let it clean up after itself (SIGINT) first."""
     argv = [sys.executable, "-m", "neonctl", *args]
+    marks: list[tuple[float, str]] = []
     t = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def read_err() -> None:  # the CLI's progress lines, timestamped as they arrive (stderr is line-buffered)
+        for line in proc.stderr:
+            marks.append((round(time.perf_counter() - t, 3), line.rstrip()))
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out = proc.stdout.read()
+        proc.wait(timeout=timeout)
     except BaseException:
         proc.send_signal(signal.SIGINT)
         try:
@@ -106,9 +117,11 @@ def run_cli(args: list[str], timeout: float = 900) -> tuple[str, float]:
             proc.wait()
         raise
     dt = time.perf_counter() - t
+    reader.join(5)
     if proc.returncode != 0:
-        raise RuntimeError(f"neonctl {' '.join(args)} failed (exit {proc.returncode}): {err.strip()[-500:]}")
-    return out, dt
+        err = " | ".join(m[1] for m in marks[-5:])
+        raise RuntimeError(f"neonctl {' '.join(args)} failed (exit {proc.returncode}): {err[-500:]}")
+    return out, dt, marks
 
 
 def free_port() -> int:

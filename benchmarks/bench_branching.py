@@ -74,6 +74,25 @@ from _common import (  # noqa: E402
 LOAD_LIMIT_S = 180  # the brief: the biggest scale that loads within 3 minutes on this machine
 
 
+def restore_phases(progress: list[tuple[float, str]], total: float) -> dict[str, float]:
+    """Split a `branch restore` by its progress lines: CLI start-up + checks, branching, stopping the old
+    compute, and the new compute's start (elect, materialise, pg_ctl start + verify + attach)."""
+    firsts: dict[str, float] = {}
+    for t, line in progress:
+        for key, prefix in (("branching", "branching "), ("stopping", "stopping the endpoint"),
+                            ("restarting", "restarting the endpoint"), ("materialise", "materialising "),
+                            ("pg_ctl", "starting PostgreSQL")):
+            if line.startswith(prefix):
+                firsts.setdefault(key, t)
+    out = {}
+    order = ["branching", "stopping", "restarting", "materialise", "pg_ctl"]
+    seen = [k for k in order if k in firsts]
+    out["before_branching_s"] = round(firsts.get(seen[0], total), 3) if seen else round(total, 3)
+    for k, nxt in zip(seen, [*seen[1:], None]):
+        out[f"{k}_s"] = round((firsts[nxt] if nxt else total) - firsts[k], 3)
+    return out
+
+
 class Branching:
     def __init__(self, env: BenchEnv):
         self.env = env
@@ -160,7 +179,7 @@ class Branching:
             for i in range(self.a.reps):
                 noop.append(round(run_cli(["--version"])[1], 3))  # the CLI's Python start-up alone
                 wait_pageserver(p, "main")
-                _, s = run_cli(["branch", "create", "--name", f"cli{i}", "--parent", "main", "-p", p.name, "-o", "json"])
+                _, s, _ = run_cli(["branch", "create", "--name", f"cli{i}", "--parent", "main", "-p", p.name, "-o", "json"])
                 cli.append(round(s, 3))
                 wait_pageserver(p, "main")
                 t = time.perf_counter()
@@ -316,11 +335,13 @@ class Branching:
             f"marks {out['neonctl_branch_at_t']['marks']!r}")
         wait_pageserver(p, "main")
         la = loadavg()[0]
-        res, s = run_cli(["branch", "restore", "main", f"^self@{ts}", "-p", p.name, "-o", "json"], timeout=3600)
+        res, s, progress = run_cli(["branch", "restore", "main", f"^self@{ts}", "-p", p.name, "-o", "json"],
+                                   timeout=3600)
         after = read_state(p, "main")
         logtext = (Path(after.pgdata).parent / "postgres.log").read_text(errors="replace")
         out["neonctl_restore"] = {"total_s": round(s, 3), "load1": la, "marks": self.marks(after.port),
-                                  "same_port": after.port == st["port"], **redo_info(logtext)}
+                                  "same_port": after.port == st["port"], "progress": progress,
+                                  "phases": restore_phases(progress, s), **redo_info(logtext)}
         try:
             out["neonctl_restore"]["cli_output"] = json.loads(res)
         except ValueError:
@@ -452,10 +473,11 @@ def render(res: dict) -> str:
                    "   " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["growth_bytes"].items())
                    + " (apparent size: " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["apparent_growth_bytes"].items())
                    + "); " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["parts_bytes"].items()))
-        out.append(f"{'vanilla data directory':<34}{mb(v['growth_bytes']):>11} MB{mb(v['per_copy_bytes']):>9} MB"
-                   f"   base/ {mb(v['base_growth_bytes'])} MB, pg_wal {mb(v['pg_wal_growth_bytes'])} MB")
-        out.append(f"ratio vanilla/neonctl {s['ratio_vanilla_over_neonctl']}x (base/ only: "
-                   f"{s['ratio_vanilla_base_over_neonctl']}x); one branch's timeline dirs: "
+        out.append(f"{'vanilla base/ (the databases)':<34}{mb(v['base_growth_bytes']):>11} MB"
+                   f"{mb(v['base_growth_bytes'] // s['branches']):>9} MB   whole data dir {mb(v['growth_bytes'])} MB "
+                   f"(pg_wal {mb(v['pg_wal_growth_bytes'])} MB: recycled WAL, moves either way)")
+        out.append(f"ratio vanilla base/ / neonctl {s['ratio_vanilla_base_over_neonctl']}x (whole data dir: "
+                   f"{s['ratio_vanilla_over_neonctl']}x); one branch's timeline dirs: "
                    + ", ".join(f"{k} {mb(b)} MB" for k, b in n["one_branch_timeline_dirs_bytes"].items())
                    + f"; time per branch (create+start+UPDATE+stop) {n['cycle_median_s']}s vs per copy "
                    f"(CREATE DATABASE+UPDATE) {v['cycle_median_s']}s")
@@ -475,6 +497,8 @@ def render(res: dict) -> str:
         ok = pt["correct"]
         out.append(f"{'neonctl branch restore main ^self@T (CLI)':<52}{r['total_s']:>7.2f}s  {walmb(r):>13}  "
                    f"{str(ok['neonctl_restore']):>7}  {r['load1']:>5}  redo {r.get('redo_s')}s")
+        ph = r.get("phases", {})
+        out.append(f"{'':<52}  restore phases: " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in ph.items()))
         out.append(f"{'neonctl create_branch @T + endpoint start (API)':<52}{b['total_s']:>7.2f}s  {walmb(b):>13}  "
                    f"{str(ok['neonctl_branch_at_t']):>7}  {b['load1']:>5}  create {b['create_s']}s, start {b['start_s']}s "
                    f"(materialise {b.get('materialise_s')}s, redo {b.get('redo_s')}s)")

@@ -45,7 +45,7 @@ from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
 from neonctl.engine.process import log_tail
 from neonctl.engine.project import Project, create_project, delete_project
 from neonctl.engine.storage import start_storage, stop_storage
-from neonctl.errors import Conflict, PostgresError
+from neonctl.errors import Conflict, DaemonError, PostgresError
 
 T0 = time.monotonic()
 _HOME = Path("/nonexistent")  # set by main(): a fresh NEONCTL_HOME, removed at the end
@@ -151,18 +151,6 @@ def free_port() -> int:
     return port
 
 
-def proc_cpu_s(pid: int | None) -> float:
-    """user + system CPU seconds a process (all its threads) has used so far."""
-    if not pid:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def dir_mb(path: Path, exclude: str | None = None) -> float:
     total = 0
     for root, dirs, files in os.walk(path):
@@ -252,12 +240,17 @@ def new_project(name: str, pg_bin: str | None, attempts: int = 3) -> Project:
             start_storage(p, progress=lambda m: log(f"  {m}"))
             time.sleep(1.0)
             dead = [d.name for d in p.daemons() if d.pid() is None]
-        except Exception:
+            logs = "; ".join(f"{d}: {log_tail(p.daemon(d).log_file, 1)}" for d in dead)
+        except DaemonError as e:
+            if "cannot listen" not in str(e) or attempt == attempts - 1:
+                teardown_project(p, None)
+                raise
+            dead, logs = ["?"], str(e)
+        except BaseException:
             teardown_project(p, None)
             raise
         if not dead:
             return p
-        logs = "; ".join(f"{d}: {log_tail(p.daemon(d).log_file, 1)}" for d in dead)
         teardown_project(p, None)
         if attempt == attempts - 1:
             raise RuntimeError(f"daemons of project {name} died right after start: {logs}")
@@ -283,6 +276,52 @@ def wait_pageserver(p: Project, timeout: float = 300) -> float:
             raise RuntimeError(f"pageserver did not catch up within {timeout:.0f}s "
                                f"(received {info['received_lsn']}, safekeepers flushed {flush})")
         time.sleep(0.1)
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds of a process, its reaped children and its live descendants (a pageserver's redo worker)."""
+    if not pid:
+        return 0.0
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                pass
+    if pid not in stats:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(int(x) for x in stats[pid][11:15]) / tick
+    children: dict[int, list[int]] = {}
+    for p, f in stats.items():
+        children.setdefault(int(f[1]), []).append(p)
+    todo = list(children.get(pid, []))
+    while todo:
+        c = todo.pop()
+        total += (int(stats[c][11]) + int(stats[c][12])) / tick
+        todo.extend(children.get(c, []))
+    return total
+
+
+def wait_quiet(p: Project, timeout: float = 180, idle: float = 0.05) -> float:
+    """Wait until the storage daemons (and their children) stop doing background work; return seconds waited.
+
+    After a load the pageserver may still be building layers or images; that work belongs to neither the next
+    measurement nor, worse, a vanilla run.
+    """
+    pids = [d.pid() for d in p.daemons()]
+    t = time.monotonic()
+    prev = sum(tree_cpu_s(pid) for pid in pids)
+    while time.monotonic() - t < timeout:
+        time.sleep(1.0)
+        cur = sum(tree_cpu_s(pid) for pid in pids)
+        if cur - prev < idle:
+            return time.monotonic() - t - 1.0
+        prev = cur
+    log(f"  storage daemons still busy after {timeout:.0f}s; measuring anyway")
+    return timeout
 
 
 def wait_sync_standby(p: Project, port: int, timeout: float = 60) -> list[tuple]:
@@ -444,7 +483,7 @@ class Bench:
             log(f"  loaded in {time.perf_counter() - t:.1f}s; database {size}")
             down(kind)
             if kind == "neon":
-                log(f"  pageserver caught up after {wait_pageserver(p):.1f}s")
+                log(f"  pageserver caught up after {wait_pageserver(p):.1f}s, idle after {wait_quiet(p):.1f}s")
 
         runs: dict[str, dict[str, list[dict]]] = {c[0]: {m[0]: [] for m in modes} for c in configs}
         for rnd in range(a.rounds):
@@ -455,17 +494,21 @@ class Bench:
                 mode_order = modes if (rnd + ci) % 2 == 0 else modes[::-1]
                 for mname, margs in mode_order:
                     sql(port, "CHECKPOINT")
+                    if kind == "neon":
+                        wait_pageserver(p)
+                        wait_quiet(p)
                     la = os.getloadavg()[0]
                     daemons = {d: p.daemon(d).pid() for d in ("sk1", "pageserver")} if kind == "neon" else {}
-                    cpu0 = {d: proc_cpu_s(pid) for d, pid in daemons.items()}
+                    cpu0 = {d: tree_cpu_s(pid) for d, pid in daemons.items()}
                     log(f"round {rnd + 1}/{a.rounds} {label:<20} {mname:<6} {a.seconds}s ...")
                     out = pgbench(self.rt, port, ["-c", str(a.clients), "-j", str(a.jobs), "-T", str(a.seconds),
                                                   *margs], timeout=a.seconds + 300)
                     r = parse_pgbench(out)
                     r.update(round=rnd + 1, load1_before=round(la, 2), load1_after=round(os.getloadavg()[0], 2))
                     if kind == "neon":
-                        r.update({f"{d}_cpu_s": round(proc_cpu_s(pid) - cpu0[d], 1) for d, pid in daemons.items()})
+                        r.update({f"{d}_cpu_s": round(tree_cpu_s(pid) - cpu0[d], 1) for d, pid in daemons.items()})
                         r["pageserver_lag_s"] = round(wait_pageserver(p), 2)
+                        r["pageserver_busy_after_s"] = round(wait_quiet(p), 1)
                     runs[label][mname].append(r)
                     log(f"  tps {r['tps']:.0f}  latency {r['latency_ms']} ms  failed {r['failed']}"
                         + (f"  CPU sk1 {r['sk1_cpu_s']}s pageserver {r['pageserver_cpu_s']}s, pageserver lag "
@@ -503,7 +546,8 @@ class Bench:
         db_mb = round(sql(port, "SELECT pg_database_size('postgres')")[0][0] / 2**20, 1)
         probs: list[str] = []
         endpoint_stop(p, probs)
-        log(f"  database {db_mb} MB; pageserver caught up after {wait_pageserver(p):.1f}s")
+        log(f"  database {db_mb} MB; pageserver caught up after {wait_pageserver(p):.1f}s, "
+            f"idle after {wait_quiet(p):.1f}s")
 
         neon = []
         for i in range(a.reps):
@@ -516,8 +560,10 @@ class Bench:
                 f"{st.get('pg_ctl_and_verify_s')}s, redo {st.get('redo_s')}s); data dir {st['pgdata_mb']} MB")
             endpoint_stop(p, probs)
             wait_pageserver(p)
+            wait_quiet(p)
 
         # one run through the CLI, for the process start-up cost the engine API does not pay
+        wait_quiet(p)
         cli = [sys.executable, "-m", "neonctl", "endpoint", "start", "main", "-p", p.name, "-o", "json",
                "--port", str(free_port())]
         t = time.perf_counter()
@@ -616,14 +662,16 @@ def table(res: dict) -> str:
         out.append("settings that differ between configurations:" + ("" if diffs else " none"))
         out.extend(f"  {n}: " + ", ".join(f"{lb} {v!r}" for lb, v in vs.items()) for n, vs in diffs.items())
         lags = [r.get("pageserver_lag_s", 0) for ms in t["runs"].values() for rs in ms.values() for r in rs]
-        out.append(f"pageserver ingest lag after neonctl runs: max {max(lags):.1f}s")
+        busy = [r.get("pageserver_busy_after_s", 0) for ms in t["runs"].values() for rs in ms.values() for r in rs]
+        out.append(f"after neonctl runs: pageserver ingest lag max {max(lags):.1f}s, storage daemons busy for "
+                   f"max {max(busy):.1f}s more (waited for before the next run)")
         for label in ("neonctl --no-fsync", "neonctl --fsync"):
             rs = [r for m in t["runs"][label].values() for r in m]
             sk = sum(r.get("sk1_cpu_s", 0) for r in rs) / max(1, sum(r["transactions"] or 0 for r in rs)) * 1e6
             ps = sum(r.get("pageserver_cpu_s", 0) for r in rs) / max(1, sum(r["transactions"] or 0 for r in rs)) * 1e6
-            out.append(f"{label}: storage daemon CPU per transaction: safekeeper {sk:.0f} us, pageserver {ps:.0f} us")
+            out.append(f"{label}: storage daemon CPU per transaction (with child processes): safekeeper {sk:.0f} us, pageserver {ps:.0f} us")
         out.append("neonctl endpoint starts during the TPS part: "
-                   + " ".join(f"{x:.1f}" for x in t["neonctl_endpoint_start_s"]) + " s (they replay all WAL so far)")
+                   + " ".join(f"{x:.1f}" for x in t["neonctl_endpoint_start_s"]) + " s (materialise + replay; the WAL to replay grows during the run)")
     if "start" in res:
         s = res["start"]
         n, v = s["neonctl"], s["vanilla"]

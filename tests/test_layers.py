@@ -61,7 +61,7 @@ def _workload(p, n, table="lt"):
 
 
 def test_freeze_compact_and_catalog_agree(lp, cli):
-    lsn = _workload(lp, 12)
+    lsn = _workload(lp, 20)
     _wait_ingested(lp)
     deadline = time.time() + 30
     while not any(d["level"] == 1 for d in _layers(lp)):

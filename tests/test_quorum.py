@@ -19,7 +19,7 @@ import pytest
 from conftest import connect
 
 from neonctl.cli import main as cli_main
-from neonctl.engine import client
+from neonctl.engine import client, ports
 from neonctl.engine.lsn import segment_file_name
 from neonctl.engine.compute.endpoint import postgres_pid, read_state, start_endpoint, stop_endpoint
 from neonctl.engine.project import delete_project, load_project
@@ -32,6 +32,15 @@ from neonctl.errors import Conflict, NeonctlError
 @pytest.fixture(scope="module")
 def q3():
     assert cli_main(["init", "--name", "quorum", "--safekeepers", "3", "-o", "json"]) == 0
+    # These tests stop and restart daemons. On a machine shared with other neonctl users, a port left
+    # free for a moment can be taken by someone else's new project: use ports away from the defaults.
+    project = load_project("quorum")
+    c = project.config
+    free = ports.allocate(20000 + (os.getpid() * 13) % 20000, set(), 5)
+    c.pageserver_port, c.broker_port = free[:2]
+    for sk_cfg, port in zip(c.safekeepers, free[2:]):
+        sk_cfg["port"] = port
+    project.save()
     assert cli_main(["start", "-p", "quorum", "-o", "json"]) == 0
     project = load_project("quorum")
     yield project
@@ -150,6 +159,24 @@ def test_three_safekeepers_form_the_synchronous_quorum(q3, cli):
         assert v["term"] == term and v["commit_lsn"] > 0 and "lag" in v
     rc, out, _ = cli("safekeeper", "list", "-p", q3.name)
     assert "Commit Lsn" in out and "Lag" in out
+
+
+def test_peer_recovery_without_a_compute(q3, cli):
+    ensure_all_safekeepers(q3)
+    ensure_endpoint(q3, cli)
+    stop_safekeeper(q3, 3, immediate=True)
+    with connect(q3) as conn:
+        conn.execute("CREATE TABLE norecv AS SELECT g AS id FROM generate_series(1, 20000) g")
+    cli("endpoint", "stop", "main", "-p", q3.name)  # no compute from here on
+    start_safekeeper(q3, 3)
+    wait_until(lambda: caught_up(q3, 3), 15, "sk3 to catch up from its peers")
+    assert sk(q3, 3)["compute"] is None and not sk(q3, 3)["streaming"]
+    log = (q3.safekeeper_dir(3) / "sk3.log").read_text()
+    assert "recovered" in log
+    # the pageserver reports what it persisted; every safekeeper learns it
+    head = sk(q3, 1)["flush_lsn"]
+    wait_until(lambda: max(sk(q3, i)["remote_consistent_lsn"] for i in (1, 2, 3)) >= head, 15,
+               "the pageserver to report its persisted LSN")
 
 
 def test_kill9_one_of_three_during_load(q3, cli):
@@ -393,3 +420,21 @@ def test_broker_down_everyone_goes_on(q3, cli):
     wait_until(lambda: status()["timelines"] >= 1, 10, "the safekeepers to publish to the restarted broker")
     v0 = status()["version"]
     wait_until(lambda: status()["version"] >= v0 + 3, 10, "publishing to go on")
+
+
+def test_safekeeper_count_is_a_project_setting(q3, cli):
+    rc, _, err = cli("project", "set", "-p", q3.name, "--safekeepers", "5", ok=False)
+    assert rc != 0 and "stop the project's daemons first" in err
+    cli("init", "--name", "resize", "-o", "json")
+    try:
+        cli("project", "set", "-p", "resize", "--safekeepers", "3")
+        p = load_project("resize")
+        assert [s["id"] for s in p.config.safekeepers] == [1, 2, 3]
+        tl = p.branch("main").timeline_id
+        states = [load(p.safekeeper_dir(i) / "timelines" / tl / "safekeeper.control") for i in (1, 2, 3)]
+        assert len({(s.timeline_start_lsn, s.flush_lsn, s.term) for s in states}) == 1
+        cli("project", "set", "-p", "resize", "--safekeepers", "1")
+        p = load_project("resize")
+        assert len(p.config.safekeepers) == 1 and not p.safekeeper_dir(3).exists()
+    finally:
+        cli("project", "delete", "resize")

@@ -144,9 +144,13 @@ class Timeline:
             self._layer_decoder.feed(chunk)
             pos += n
         self._layer_fed = end
+        n = 0
         while (rec := self._layer_decoder.poll()) is not None:
             self.layers.put_record(rec)
             self.layer_lsn = rec.end_lsn
+            n += 1
+            if n % 256 == 0:  # freeze at checkpoint_distance even inside a big catch-up batch
+                self.layers.maybe_freeze()
         self.layers.maybe_freeze()
         return end - start
 

@@ -53,8 +53,11 @@ def pick_safekeeper(broker_view: dict[str, dict], fallback: list[str], now: floa
 
 
 def choose(current: str | None, broker_view: dict[str, dict], fallback: list[str], failed: dict[str, float],
-           now: float | None = None) -> list[str]:
-    """The order to try safekeepers in: the current one first unless it should be replaced."""
+           now: float | None = None, stalled_at: int | None = None) -> list[str]:
+    """The order to try safekeepers in: the current one first unless it should be replaced.
+
+    `stalled_at`: the current one gave no new WAL for LAGGING_WAL_TIMEOUT and we are at this LSN.
+    """
     now = time.time() if now is None else now
     mono = time.monotonic()
     order = [a for a in pick_safekeeper(broker_view, fallback, now) if mono - failed.get(a, -1e9) > FAILED_BACKOFF]
@@ -70,6 +73,8 @@ def choose(current: str | None, broker_view: dict[str, dict], fallback: list[str
             switch = True  # the current one lags
         elif not _fresh(cur, now) and _fresh(best, now):
             switch = True  # the current one went silent
+        elif stalled_at is not None and best.get("commit_lsn", 0) > stalled_at:
+            switch = True  # it gives nothing although another has committed WAL we lack
     if switch:
         return order
     return [current] + [a for a in order if a != current]
@@ -80,8 +85,11 @@ async def receive(tl: Timeline, http: aiohttp.ClientSession, broker_view: dict, 
     failures = 0
     current: str | None = None
     failed: dict[str, float] = {}
+    progress_at = time.monotonic()
     while not stop.is_set():
-        candidates = choose(current, broker_view.get(tl.timeline_id, {}), fallback, failed)
+        stalled = time.monotonic() - progress_at > LAGGING_WAL_TIMEOUT
+        candidates = choose(current, broker_view.get(tl.timeline_id, {}), fallback, failed,
+                            stalled_at=tl.last_record_lsn if stalled else None)
         progressed = False
         for addr in candidates:
             start = tl.last_record_lsn
@@ -105,7 +113,9 @@ async def receive(tl: Timeline, http: aiohttp.ClientSession, broker_view: dict, 
             if addr != current:
                 log.info("timeline %s: streaming WAL from safekeeper %s at %X", tl.timeline_id, addr, start)
                 current = addr
+                progress_at = time.monotonic()
             if data:
+                progress_at = time.monotonic()
                 await asyncio.to_thread(tl.ingest, start, data)
             else:
                 await asyncio.to_thread(tl.maybe_freeze)  # time-based freeze while idle

@@ -150,8 +150,8 @@ async def recover_from(tl: SkTimeline, http: aiohttp.ClientSession, donor: dict)
     if not (tl.term == term and tl.in_term):
         async with tl.append_lock:
             join_term(tl, term, fresh["term_history"])
-    if fresh.get("compute") and tl.compute != fresh["compute"]:
-        tl.compute = dict(fresh["compute"])
+    if tl.compute != fresh.get("compute"):  # the term's compute (or none, after endpoint stop)
+        tl.compute = dict(fresh["compute"]) if fresh.get("compute") else None
         tl.persist()
     if rank(fresh) > (tl.last_log_term, tl.flush_lsn):
         before = tl.flush_lsn

@@ -372,8 +372,15 @@ class Safekeeper:
             return
         if tl.streaming or tl.append_lock.locked():
             return
-        donor = peer_recovery.best_donor(tl, self.peers_of(tid))
+        peers = self.peers_of(tid)
+        donor = peer_recovery.best_donor(tl, peers)
         if donor is None:
+            if tl.in_term and not tl.compute:  # attached while we were away: learn the term's compute
+                for info in peers.values():
+                    if peer_recovery.in_term(info) and info["term"] == tl.term and info.get("compute"):
+                        tl.compute = dict(info["compute"])
+                        tl.persist()
+                        break
             if tl.compute and tid not in self.receivers and tl.in_term:
                 self.start_receiver(tl)
             return
@@ -386,8 +393,12 @@ class Safekeeper:
             log.info("timeline %s: recovery from %s stopped: %s", tl.timeline_id, donor.get("address"), e)
         except Exception:  # noqa: BLE001
             log.exception("timeline %s: recovery from %s failed", tl.timeline_id, donor.get("address"))
-        if tl.compute and tl.timeline_id not in self.receivers and self.timelines.get(tl.timeline_id) is tl:
+        if self.timelines.get(tl.timeline_id) is not tl:
+            return
+        if tl.compute and tl.timeline_id not in self.receivers:
             self.start_receiver(tl)
+        elif tl.compute is None and tl.timeline_id in self.receivers:
+            await self.stop_receiver(tl.timeline_id)
 
     async def trim(self, tl: SkTimeline) -> None:
         """Remove WAL segments every consumer is done with.

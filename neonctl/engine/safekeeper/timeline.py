@@ -226,6 +226,11 @@ class SkTimeline:
     def truncate(self, lsn: int) -> None:
         """Durably cut WAL so it ends at lsn (zeroing the rest of its segment); empty WAL begins there."""
         was_empty = self.write_lsn <= self.wal_start_lsn
+        if lsn < self.flush_lsn:
+            # Lower the control file's flush hint first: a crash between the two must not look
+            # like WAL that was fsynced and then lost (which start-up reports as corruption).
+            self.flush_lsn = lsn
+            self.persist()
         with self.io_lock:
             self.wal.truncate(lsn)
         self.write_lsn = self.synced_lsn = self.record_lsn = self.flush_lsn = lsn
