@@ -24,8 +24,15 @@ import traceback
 from pathlib import Path
 
 import psycopg
+
 from neonctl.engine import client, ports
-from neonctl.engine.compute.endpoint import compute_config, postgres_pid, read_state, start_endpoint, stop_endpoint
+from neonctl.engine.compute.endpoint import (
+    compute_config,
+    postgres_pid,
+    read_state,
+    start_endpoint,
+    stop_endpoint,
+)
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime, shared_dir
 from neonctl.engine.lsn import parse_lsn
 from neonctl.engine.pageserver.config import PageserverConfig
@@ -51,7 +58,7 @@ def median(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
 
-def mb(n: int | float | None) -> float | None:
+def mb(n: float | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
 

@@ -36,19 +36,13 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psycopg  # noqa: E402
-from neonctl.engine import client  # noqa: E402
-from neonctl.engine.branches import create_branch  # noqa: E402
-from neonctl.engine.compute.endpoint import read_state  # noqa: E402
-from neonctl.engine.timepoint import TimePoint  # noqa: E402
-from neonctl.errors import Conflict  # noqa: E402
-
-from _common import (  # noqa: E402
+import psycopg
+from _common import (
     BenchEnv,
     Vanilla,
     create_image,
@@ -56,8 +50,8 @@ from _common import (  # noqa: E402
     du_bytes,
     endpoint_start,
     endpoint_stop,
-    log,
     loadavg,
+    log,
     mb,
     median,
     pgbench,
@@ -70,6 +64,12 @@ from _common import (  # noqa: E402
     timeline_of,
     wait_pageserver,
 )
+
+from neonctl.engine import client
+from neonctl.engine.branches import create_branch
+from neonctl.engine.compute.endpoint import read_state
+from neonctl.engine.timepoint import TimePoint
+from neonctl.errors import Conflict
 
 LOAD_LIMIT_S = 180  # the brief: the biggest scale that loads within 3 minutes on this machine
 
@@ -298,7 +298,7 @@ class Branching:
         pgbench(self.rt, port, txns, timeout=3600)
         sql(port, "INSERT INTO marks (tag) VALUES ('before')")
         time.sleep(1.0)
-        t = datetime.now(timezone.utc).isoformat()
+        t = datetime.now(UTC).isoformat()
         time.sleep(1.0)
         sql(port, "INSERT INTO marks (tag) VALUES ('after')")
         pgbench(self.rt, port, txns, timeout=3600)
@@ -496,14 +496,14 @@ def render(res: dict) -> str:
 
         ok = pt["correct"]
         out.append(f"{'neonctl branch restore main ^self@T (CLI)':<52}{r['total_s']:>7.2f}s  {walmb(r):>13}  "
-                   f"{str(ok['neonctl_restore']):>7}  {r['load1']:>5}  redo {r.get('redo_s')}s")
+                   f"{ok['neonctl_restore']!s:>7}  {r['load1']:>5}  redo {r.get('redo_s')}s")
         ph = r.get("phases", {})
         out.append(f"{'':<52}  restore phases: " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in ph.items()))
         out.append(f"{'neonctl create_branch @T + endpoint start (API)':<52}{b['total_s']:>7.2f}s  {walmb(b):>13}  "
-                   f"{str(ok['neonctl_branch_at_t']):>7}  {b['load1']:>5}  create {b['create_s']}s, start {b['start_s']}s "
+                   f"{ok['neonctl_branch_at_t']!s:>7}  {b['load1']:>5}  create {b['create_s']}s, start {b['start_s']}s "
                    f"(materialise {b.get('materialise_s')}s, redo {b.get('redo_s')}s)")
         out.append(f"{'vanilla cp base backup + recovery_target_time':<52}{v['total_s']:>7.2f}s  {walmb(v):>13}  "
-                   f"{str(ok['vanilla']):>7}  {v['load1']:>5}  copy {v['copy_s']}s, recovery {v['recover_s']}s "
+                   f"{ok['vanilla']!s:>7}  {v['load1']:>5}  copy {v['copy_s']}s, recovery {v['recover_s']}s "
                    f"(redo {v.get('redo_s')}s); base backup {mb(pt['vanilla_basebackup_bytes'])} MB took "
                    f"{pt['vanilla_basebackup_s']}s (before, untimed)")
         ra = pt["ratios"]

@@ -26,17 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from neonctl.engine import client  # noqa: E402
-
-from _common import (  # noqa: E402
+from _common import (
     BenchEnv,
     create_image,
     db_bytes,
     du_bytes,
     endpoint_start,
     endpoint_stop,
-    log,
     loadavg,
+    log,
     mb,
     median,
     pgbench,
@@ -47,6 +45,8 @@ from _common import (  # noqa: E402
     timeline_of,
     wait_pageserver,
 )
+
+from neonctl.engine import client
 
 
 def starts(env: BenchEnv, p, label: str, reps: int, probs: list[str]) -> list[dict]:

@@ -305,20 +305,24 @@ def tree_cpu_s(pid: int | None) -> float:
     return total
 
 
-def wait_quiet(p: Project, timeout: float = 180, idle: float = 0.05) -> float:
-    """Wait until the storage daemons (and their children) stop doing background work; return seconds waited.
+def wait_quiet(p: Project, window: float = 6.0, timeout: float = 180, idle: float = 0.05) -> float:
+    """Wait until the storage daemons (and their children) did no work for `window` s; return seconds waited.
 
-    After a load the pageserver may still be building layers or images; that work belongs to neither the next
-    measurement nor, worse, a vanilla run.
+    After a load or a run the pageserver may still freeze layers or create an image (its image loop looks every
+    5 s); that work belongs to neither the next measurement nor, worse, a vanilla run.
     """
     pids = [d.pid() for d in p.daemons()]
     t = time.monotonic()
     prev = sum(tree_cpu_s(pid) for pid in pids)
+    quiet_since = t
     while time.monotonic() - t < timeout:
-        time.sleep(1.0)
+        time.sleep(0.5)
         cur = sum(tree_cpu_s(pid) for pid in pids)
-        if cur - prev < idle:
-            return time.monotonic() - t - 1.0
+        now = time.monotonic()
+        if cur - prev >= idle / 2:
+            quiet_since = now
+        elif now - quiet_since >= window:
+            return quiet_since - t
         prev = cur
     log(f"  storage daemons still busy after {timeout:.0f}s; measuring anyway")
     return timeout
@@ -675,20 +679,19 @@ def table(res: dict) -> str:
     if "start" in res:
         s = res["start"]
         n, v = s["neonctl"], s["vanilla"]
-        r0 = n["runs"][0]
         out.append("")
         out.append(f"start time, pgbench -i -s {s['scale']} database (neonctl {n['db_mb']} MB, vanilla {v['db_mb']} MB), "
                    f"median of {s['reps']}")
         out.append(f"{'':<30}{'median':>8}  runs")
         out.append(f"{'neonctl endpoint start':<30}{n['median_s']:>7.2f}s  "
-                   + " ".join(f"{r['total_s']:.2f}" for r in n["runs"]))
+                   + ", ".join(f"{r['total_s']:.2f} (redo {r.get('redo_s', 0):.2f})" for r in n["runs"]))
         out.append(f"{'vanilla pg_ctl start -w':<30}{v['median_s']:>7.2f}s  " + " ".join(f"{x:.2f}" for x in v["runs_s"]))
         out.append(f"{'ratio neonctl/vanilla':<30}{s['ratio']:>7.1f}x")
         med = sorted(n["runs"], key=lambda r: r["total_s"])[len(n["runs"]) // 2]
         out.append(f"neonctl median run: materialise {med.get('materialise_s')}s, pg_ctl start + verify + attach "
                    f"{med.get('pg_ctl_and_verify_s')}s (redo {med.get('redo_s')}s, end-of-recovery checkpoint "
                    f"{med.get('end_of_recovery_checkpoint_s')}s), other {med.get('before_materialise_s')}s; "
-                   f"data dir {r0['pgdata_mb']} MB ({r0['pgdata_without_wal_mb']} MB without pg_wal) "
+                   f"data dir {med['pgdata_mb']} MB ({med['pgdata_without_wal_mb']} MB without pg_wal) "
                    f"vs vanilla {v['pgdata_mb']} MB ({v['pgdata_without_wal_mb']} MB); "
                    f"one `neonctl endpoint start` CLI process: {n['cli_one_run_s']:.2f}s")
     if res.get("log_problems"):

@@ -170,8 +170,8 @@ def test_peer_recovery_without_a_compute(q3, cli):
     cli("endpoint", "stop", "main", "-p", q3.name)  # no compute from here on
     start_safekeeper(q3, 3)
     wait_until(lambda: caught_up(q3, 3), 15, "sk3 to catch up from its peers")
-    assert sk(q3, 3)["compute"] is None and not sk(q3, 3)["streaming"]
     log = (q3.safekeeper_dir(3) / "sk3.log").read_text()
+    assert not sk(q3, 3)["compute"] and not sk(q3, 3)["streaming"], log[-3000:]
     assert "recovered" in log
     # the pageserver reports what it persisted; every safekeeper learns it
     head = sk(q3, 1)["flush_lsn"]

@@ -137,7 +137,8 @@ class Timeline:
         seg = self.meta.wal_seg_size
         while pos < end:
             n = min(end - pos, seg - pos % seg)
-            if pos // seg < self.meta.start_lsn // seg and self.ancestor is not None:
+            if pos < self.meta.start_lsn and self.ancestor is not None:
+                n = min(n, self.meta.start_lsn - pos)
                 chunk = self.ancestor.read_wal(pos, n)
             else:
                 chunk = self._layer_wal.read(pos, n)
@@ -210,10 +211,11 @@ class Timeline:
         seg = self.meta.wal_seg_size
         out = bytearray()
         while length > 0:
-            n = min(length, seg - lsn % seg)
-            if lsn // seg < self.meta.start_lsn // seg and self.ancestor is not None:
+            if lsn < self.meta.start_lsn and self.ancestor is not None:
+                n = min(length, self.meta.start_lsn - lsn)  # below the branch point: the parent's WAL
                 out += self.ancestor.read_wal(lsn, n)
             else:
+                n = min(length, seg - lsn % seg)
                 out += self.wal.read(lsn, n)
             lsn += n
             length -= n
@@ -323,11 +325,7 @@ class Timeline:
                                f" {format_lsn(a.start_lsn)}..{format_lsn(a.last_record_lsn)}")
         directory.mkdir(parents=True)
         try:
-            wal = SegmentedWal(directory / "wal", a.wal_seg_size)
-            seg_start = lsn - lsn % a.wal_seg_size
-            if lsn > seg_start:  # the branch's first segment starts with the parent's WAL
-                wal.write(seg_start, ancestor.read_wal(seg_start, lsn - seg_start))
-            wal.close()
+            (directory / "wal").mkdir()  # empty: WAL below the branch point is read from the parent
             meta = TimelineMetadata(
                 timeline_id=timeline_id, pg_version=a.pg_version, system_id=a.system_id,
                 ancestor_timeline=a.timeline_id, ancestor_lsn=lsn, initdb_lsn=a.initdb_lsn,

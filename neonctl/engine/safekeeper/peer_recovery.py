@@ -73,6 +73,20 @@ def best_donor(tl: SkTimeline, peers: dict[str, dict]) -> dict | None:
     return best if rank(best) > (tl.last_log_term, tl.flush_lsn) else None
 
 
+def compute_news(mine: dict | None, theirs: dict | None) -> bool | None:
+    """Whether a peer of our term knows about the term's compute what we do not.
+
+    ``None``: no compute attached in this term yet; a dict: attached there; ``{}``: detached
+    (endpoint stop). A term's compute is attached once and detached once, so news only ever
+    moves None -> attached -> detached; anything else is stale (the broker lags a second).
+    """
+    if theirs == {} and mine != {}:
+        return True
+    if theirs and mine is None:
+        return True
+    return False
+
+
 def join_term(tl: SkTimeline, term: int, history: list) -> int:
     """Adopt the history of `term` (as ProposerElected would); returns where our WAL now ends."""
     h = TermHistory(TermSwitch(int(t), int(lsn)) for t, lsn in history)
@@ -83,6 +97,8 @@ def join_term(tl: SkTimeline, term: int, history: list) -> int:
     start = h[0].start_lsn if common is None else common.lsn
     before = tl.flush_lsn
     tl.acceptor.handle_proposer_elected(ProposerElected(term, start, tuple(h)))
+    tl.compute = None  # the old term's compute is fenced off; the new one's is learnt from peers
+    tl.persist()
     if start < before:
         log.warning("timeline %s: joined term %d; truncated divergent WAL %s..%s (not on the term's quorum)",
                     tl.timeline_id, term, format_lsn(start), format_lsn(before))
@@ -150,8 +166,8 @@ async def recover_from(tl: SkTimeline, http: aiohttp.ClientSession, donor: dict)
     if not (tl.term == term and tl.in_term):
         async with tl.append_lock:
             join_term(tl, term, fresh["term_history"])
-    if tl.compute != fresh.get("compute"):  # the term's compute (or none, after endpoint stop)
-        tl.compute = dict(fresh["compute"]) if fresh.get("compute") else None
+    if compute_news(tl.compute, fresh.get("compute")):  # the term's compute, or its detachment
+        tl.compute = dict(fresh["compute"])
         tl.persist()
     if rank(fresh) > (tl.last_log_term, tl.flush_lsn):
         before = tl.flush_lsn

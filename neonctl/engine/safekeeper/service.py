@@ -261,7 +261,8 @@ class Safekeeper:
     async def detach_compute(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])
         await self.stop_receiver(tl.timeline_id)
-        tl.compute = None
+        tl.compute = {}  # detached: this term has no compute any more (peers learn it too)
+        tl.last_error = None
         await asyncio.to_thread(tl.write, tl.snapshot())
         return json_body(self.info(tl))
 
@@ -375,12 +376,12 @@ class Safekeeper:
         peers = self.peers_of(tid)
         donor = peer_recovery.best_donor(tl, peers)
         if donor is None:
-            if tl.in_term and not tl.compute:  # attached while we were away: learn the term's compute
+            if tl.in_term:  # attached or detached while we were away? ask the peer (the broker may be stale)
                 for info in peers.values():
-                    if peer_recovery.in_term(info) and info["term"] == tl.term and info.get("compute"):
-                        tl.compute = dict(info["compute"])
-                        tl.persist()
-                        break
+                    if (peer_recovery.in_term(info) and info["term"] == tl.term
+                            and peer_recovery.compute_news(tl.compute, info.get("compute"))):
+                        self.recoveries[tid] = asyncio.create_task(self._recover(tl, info))
+                        return
             if tl.compute and tid not in self.receivers and tl.in_term:
                 self.start_receiver(tl)
             return
@@ -397,7 +398,7 @@ class Safekeeper:
             return
         if tl.compute and tl.timeline_id not in self.receivers:
             self.start_receiver(tl)
-        elif tl.compute is None and tl.timeline_id in self.receivers:
+        elif not tl.compute and tl.timeline_id in self.receivers:
             await self.stop_receiver(tl.timeline_id)
 
     async def trim(self, tl: SkTimeline) -> None:
