@@ -281,10 +281,10 @@ class Pageserver:
         tl = self.get(request.match_info["tl"])
         if self.runtime is None:
             raise Conflict("the pageserver was started without Postgres binaries (--pg-bin)")
-        if tl.meta.last_checkpoint_lsn <= tl.image_for(tl.last_record_lsn).checkpoint_lsn:
-            raise Conflict("no checkpoint since the newest image: an image now would not shorten replay",
-                           hint="run CHECKPOINT on the branch's endpoint first")
-        async with self.image_lock:
+        async with self.image_lock:  # check under the lock: the image loop may have just made one
+            if tl.meta.last_checkpoint_lsn <= tl.image_for(tl.last_record_lsn).checkpoint_lsn:
+                raise Conflict("no checkpoint since the newest image: an image now would not shorten replay",
+                               hint="run CHECKPOINT on the branch's endpoint first")
             info = await asyncio.to_thread(tl.create_image_at, tl.last_record_lsn, self.runtime, self.scratch)
         if info is None:
             raise Conflict("the redo worker found no newer checkpoint to restart from")
