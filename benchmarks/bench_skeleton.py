@@ -55,6 +55,10 @@ SETTINGS = ("server_version", "shared_buffers", "wal_level", "synchronous_commit
 LOG_PROBLEM = re.compile(r"\b(ERROR|FATAL|PANIC|CRITICAL|Traceback)\b|WARNING")
 
 
+def secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
 def log(msg: str) -> None:
     la = os.getloadavg()[0]
     print(f"[{time.monotonic() - T0:7.1f}s load {la:4.2f}] {msg}", file=sys.stderr, flush=True)
@@ -560,8 +564,8 @@ class Bench:
             st["pgdata_mb"] = dir_mb(Path(st["pgdata"]))
             st["pgdata_without_wal_mb"] = dir_mb(Path(st["pgdata"]), exclude="pg_wal")
             neon.append(st)
-            log(f"  {st['total_s']:.2f}s  (materialise {st.get('materialise_s')}s, pg_ctl+verify "
-                f"{st.get('pg_ctl_and_verify_s')}s, redo {st.get('redo_s')}s); data dir {st['pgdata_mb']} MB")
+            log(f"  {st['total_s']:.2f}s  (materialise {secs(st.get('materialise_s'))}, pg_ctl+verify "
+                f"{secs(st.get('pg_ctl_and_verify_s'))}, redo {secs(st.get('redo_s'))}); data dir {st['pgdata_mb']} MB")
             endpoint_stop(p, probs)
             wait_pageserver(p)
             wait_quiet(p)
@@ -684,13 +688,14 @@ def table(res: dict) -> str:
                    f"median of {s['reps']}")
         out.append(f"{'':<30}{'median':>8}  runs")
         out.append(f"{'neonctl endpoint start':<30}{n['median_s']:>7.2f}s  "
-                   + ", ".join(f"{r['total_s']:.2f} (redo {r.get('redo_s', 0):.2f})" for r in n["runs"]))
+                   + ", ".join(f"{r['total_s']:.2f} (redo {secs(r.get('redo_s'))})" for r in n["runs"]))
         out.append(f"{'vanilla pg_ctl start -w':<30}{v['median_s']:>7.2f}s  " + " ".join(f"{x:.2f}" for x in v["runs_s"]))
         out.append(f"{'ratio neonctl/vanilla':<30}{s['ratio']:>7.1f}x")
         med = sorted(n["runs"], key=lambda r: r["total_s"])[len(n["runs"]) // 2]
-        out.append(f"neonctl median run: materialise {med.get('materialise_s')}s, pg_ctl start + verify + attach "
-                   f"{med.get('pg_ctl_and_verify_s')}s (redo {med.get('redo_s')}s, end-of-recovery checkpoint "
-                   f"{med.get('end_of_recovery_checkpoint_s')}s), other {med.get('before_materialise_s')}s; "
+        out.append(f"neonctl median run: materialise {secs(med.get('materialise_s'))}, pg_ctl start + verify + "
+                   f"attach {secs(med.get('pg_ctl_and_verify_s'))} (redo {secs(med.get('redo_s'))}, end-of-recovery "
+                   f"checkpoint {secs(med.get('end_of_recovery_checkpoint_s'))}), other "
+                   f"{secs(med.get('before_materialise_s'))}; "
                    f"data dir {med['pgdata_mb']} MB ({med['pgdata_without_wal_mb']} MB without pg_wal) "
                    f"vs vanilla {v['pgdata_mb']} MB ({v['pgdata_without_wal_mb']} MB); "
                    f"one `neonctl endpoint start` CLI process: {n['cli_one_run_s']:.2f}s")

@@ -20,8 +20,8 @@ from conftest import connect
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import client, ports
-from neonctl.engine.lsn import segment_file_name
 from neonctl.engine.compute.endpoint import postgres_pid, read_state, start_endpoint, stop_endpoint
+from neonctl.engine.lsn import segment_file_name
 from neonctl.engine.project import delete_project, load_project
 from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
 from neonctl.engine.safekeeper.control_file import load
@@ -93,9 +93,11 @@ def ensure_all_safekeepers(project):
 
 
 def kill_compute(project):
-    pid = postgres_pid(read_state(project, "main").pgdata)
+    pgdata = read_state(project, "main").pgdata
+    pid = postgres_pid(pgdata)
     assert pid
     os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: postgres_pid(pgdata) is None, 10, "the compute to die")
 
 
 class Writer:
@@ -142,7 +144,7 @@ def assert_all_present(project, table: str, acked: list[int]):
 
 
 def test_three_safekeepers_form_the_synchronous_quorum(q3, cli):
-    rc, out, _ = cli("project", "get", "-p", q3.name, "-o", "json")
+    _, out, _ = cli("project", "get", "-p", q3.name, "-o", "json")
     assert json.loads(out)["safekeepers"] == 3
     ensure_endpoint(q3, cli)
     with connect(q3) as conn:
@@ -151,13 +153,13 @@ def test_three_safekeepers_form_the_synchronous_quorum(q3, cli):
     term = sk(q3, 1)["term"]
     wait_until(lambda: all(sk(q3, i)["streaming"] and sk(q3, i)["term"] == term for i in (1, 2, 3)), 10,
                "every safekeeper streaming in the elected term")
-    rc, out, _ = cli("status", "-p", q3.name, "-o", "json")
+    _, out, _ = cli("status", "-p", q3.name, "-o", "json")
     sks = [d for d in json.loads(out)["daemons"] if d["name"].startswith("sk")]
     assert len(sks) == 3
     for d in sks:
         v = d["timelines"][tid(q3)]
         assert v["term"] == term and v["commit_lsn"] > 0 and "lag" in v
-    rc, out, _ = cli("safekeeper", "list", "-p", q3.name)
+    _, out, _ = cli("safekeeper", "list", "-p", q3.name)
     assert "Commit Lsn" in out and "Lag" in out
 
 
@@ -242,7 +244,7 @@ def test_kill9_compute_and_safekeeper_together(q3, cli):
     stop_safekeeper(q3, 1, immediate=True)
     acked = w.finish()
     assert len(acked) > 50, "the workload should have committed rows before the crash"
-    rc, out, err = cli("endpoint", "start", "main", "-p", q3.name)
+    _, _, err = cli("endpoint", "start", "main", "-p", q3.name)
     assert "crashed" in err and f"electing term {term0 + 1}" in err
     assert_all_present(q3, "load2", acked)
     start_safekeeper(q3, 1)
@@ -297,7 +299,7 @@ def test_divergent_tail_is_truncated(q3, cli):
     path = f"/v1/timeline/{tid(q3)}/wal?start={start}&upto=flush&max={end - start}"
 
     def raw(i):
-        import urllib.request  # noqa: PLC0415
+        import urllib.request
         with urllib.request.urlopen(f"http://{q3.safekeeper_addrs()[i]}{path}") as r:
             return r.read()
 
@@ -347,6 +349,26 @@ def test_racing_endpoint_starts_one_wins(q3, cli):
     assert isinstance(lost[0], Conflict) and f"lost the election for term {term}" in str(lost[0])
 
 
+def test_a_branch_elects_its_own_terms(q3, cli):
+    ensure_all_safekeepers(q3)
+    ensure_endpoint(q3, cli)
+    with connect(q3) as conn:
+        conn.execute("CREATE TABLE forked AS SELECT 7 AS x")
+    cli("branch", "create", "--name", "dev", "-p", q3.name)
+    cli("endpoint", "start", "dev", "-p", q3.name)
+    with connect(q3, "dev") as conn:
+        assert conn.execute("SELECT x FROM forked").fetchone()[0] == 7
+        conn.execute("INSERT INTO forked VALUES (8)")
+    dev = q3.branch("dev").timeline_id
+
+    def dev_info(i):
+        return client.call(f"sk{i}", q3.safekeeper_addrs()[i], "GET", f"/v1/timeline/{dev}")
+
+    wait_until(lambda: all(dev_info(i)["term"] == 1 and dev_info(i)["streaming"] for i in (1, 2, 3)), 10,
+               "the branch's first term on all three")
+    cli("endpoint", "stop", "dev", "-p", q3.name)
+
+
 def test_corrupt_control_file_is_refused_until_repaired(q3, cli):
     ensure_all_safekeepers(q3)
     ensure_endpoint(q3, cli)
@@ -359,12 +381,12 @@ def test_corrupt_control_file_is_refused_until_repaired(q3, cli):
     with connect(q3) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS during_repair (id int)")
         conn.execute("INSERT INTO during_repair VALUES (1)")  # the other two go on
-    rc, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
+    _, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
     row = next(r for r in json.loads(out) if r["safekeeper"] == 3)
     assert row["state"] == "corrupt" and "checksum" in row["error"]
     with pytest.raises(NeonctlError, match="damaged"):
         sk(q3, 3)
-    rc, out, _ = cli("safekeeper", "repair", "3", "-p", q3.name, "-o", "json")
+    _, out, _ = cli("safekeeper", "repair", "3", "-p", q3.name, "-o", "json")
     assert json.loads(out)[0]["repaired"]
     wait_until(lambda: caught_up(q3, 3), 15, "sk3 to be rebuilt from its peers")
     with connect(q3) as conn:
@@ -388,7 +410,7 @@ def test_torn_wal_segment_is_detected_and_repaired(q3, cli):
         f.seek(damaged % seg)
         f.write(b"\xab" * 512)
     start_safekeeper(q3, 2)
-    rc, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
+    _, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
     row = next(r for r in json.loads(out) if r["safekeeper"] == 2)
     assert row["state"] == "corrupt" and "WAL is damaged" in row["error"]
     with connect(q3) as conn:
@@ -416,7 +438,7 @@ def test_broker_down_everyone_goes_on(q3, cli):
             assert conn.execute("SELECT count(*) FROM nobroker").fetchone()[0] == 1000
     finally:
         cli("start", "-p", q3.name)
-    status = lambda: client.call("broker", q3.broker_addr, "GET", "/v1/status")  # noqa: E731
+    status = lambda: client.call("broker", q3.broker_addr, "GET", "/v1/status")
     wait_until(lambda: status()["timelines"] >= 1, 10, "the safekeepers to publish to the restarted broker")
     v0 = status()["version"]
     wait_until(lambda: status()["version"] >= v0 + 3, 10, "publishing to go on")

@@ -58,7 +58,7 @@ class Broker:
         if self.version <= after and wait > 0:
             try:
                 await asyncio.wait_for(self.changed.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return json_body({"version": self.version, "timelines": self.state})
 

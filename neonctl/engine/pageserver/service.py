@@ -320,6 +320,7 @@ class Pageserver:
         while not stop.is_set():
             busy = False
             for tl in list(self.timelines.values()):
+                await asyncio.to_thread(tl.sync_if_due)
                 try:
                     n = await asyncio.to_thread(tl.build_layers)
                 except Exception:  # noqa: BLE001 - keep the builder alive; the error is logged
@@ -380,6 +381,7 @@ class Pageserver:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware])
+        app["on_stop"] = lambda: [tl.sync_if_due(force=True) for tl in list(self.timelines.values())]
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/v1/timeline/{tl}", self.timeline_info)
         app.router.add_post("/v1/timeline/{tl}/basebackup", self.basebackup)

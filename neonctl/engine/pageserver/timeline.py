@@ -368,11 +368,24 @@ class Timeline:
         self.received_lsn = start_lsn + len(data)
         if end > start_lsn:
             self.wal.write(start_lsn, data[: end - start_lsn])
-            self.wal.flush()
             self.commits.append(commits)
             self.meta.last_record_lsn = end
-            self.save_metadata()
+            self.sync_if_due()
         return end
+
+    def sync_if_due(self, force: bool = False) -> None:
+        """Make ingested WAL and then the metadata naming it durable - about once a second.
+
+        The safekeepers keep the WAL, so after a crash the pageserver simply
+        re-fetches from the persisted last_record_lsn; syncing every batch would
+        put a second fsync on the disk the commit path waits for.
+        """
+        now = time.monotonic()
+        if not force and now - getattr(self, "_last_sync", 0.0) < 1.0:
+            return
+        self._last_sync = now
+        self.wal.flush()  # data first, then the metadata that points at it
+        self.save_metadata()
 
     # -- materialisation ------------------------------------------------------
 

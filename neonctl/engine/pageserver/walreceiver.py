@@ -103,7 +103,7 @@ async def receive(tl: Timeline, http: aiohttp.ClientSession, broker_view: dict, 
                     r.raise_for_status()
                     data = await r.read()
                     tl.sk_flush_lsn = int(r.headers["X-Flush-Lsn"])
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 if failures % 50 == 0:
                     log.info("timeline %s: safekeeper %s unavailable: %s", tl.timeline_id, addr, e)
                 failures += 1

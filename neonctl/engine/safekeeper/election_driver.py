@@ -18,7 +18,7 @@ runs the election (``proposer.Election``) before it materialises anything:
    missing WAL from it (``POST /recover``).
 5. Once a quorum holds WAL up to start_lsn, it is committed (the term's
    first "record" is on a quorum), so ``POST /commit`` lets the pageserver
-   read up to there; the compute is materialised at start_lsn and started
+   read up to there; once it has, the compute is materialised at start_lsn and started
    with ``neonctl.term`` set, and ``attach`` hands it to the safekeepers,
    which stream only from a compute of their own term.
 
@@ -27,6 +27,7 @@ Safekeepers that were unreachable catch up by peer recovery when they return.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from neonctl.engine.project import Project
 from neonctl.engine.safekeeper.acceptor import VoteResponse
 from neonctl.engine.safekeeper.proposer import Election, quorum
 from neonctl.engine.safekeeper.term_history import TermSwitch
-from neonctl.errors import Conflict, DaemonError, NeonctlError
+from neonctl.errors import Conflict, DaemonError, NeonctlError, Timeout
 
 
 @dataclass
@@ -119,15 +120,39 @@ def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = 
                                {"term": term, "donor": donor_addr, "up_to": result.start_lsn}, timeout=300)
         return info
 
-    joined, join_failed = _parallel({sk: (lambda sk=sk: join(sk)) for sk in result.per_acceptor_plan})
+    # The donor first: the others pull from it, and it serves WAL of term T only once it joined T.
+    joined, join_failed = _parallel({result.donor: lambda: join(result.donor)})
+    if result.donor in joined:
+        more, more_failed = _parallel({sk: (lambda sk=sk: join(sk)) for sk in result.per_acceptor_plan
+                                       if sk != result.donor})
+        joined.update(more)
+        join_failed.update(more_failed)
     members = sorted(sk for sk, info in joined.items() if info["flush_lsn"] >= result.start_lsn)
     if len(members) < q:
         raise DaemonError(f"term {term} elected but only {len(members)} safekeeper(s) reached its start "
                           f"{format_lsn(result.start_lsn)}, {q} needed: {_errors(join_failed)}")
     _parallel({sk: call(sk, "POST", "/commit", {"term": term, "commit_lsn": result.start_lsn}) for sk in members})
+    wait_ingested(project, timeline_id, result.start_lsn)
     unreachable = {sk: e.message for sk, e in {**failed, **join_failed}.items()}
     return ElectionOutcome(timeline_id, term, result.start_lsn, result.donor,
                            [tuple(h) for h in history], members, unreachable)
+
+
+def wait_ingested(project: Project, timeline_id: str, lsn: int, timeout: float = 60.0) -> None:
+    """Wait until the pageserver holds complete records up to `lsn` (the new term's start).
+
+    The safekeepers serve it only committed WAL, so this is also the moment the term's start is
+    readable; a data directory asked for then is exactly at `lsn`.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{timeline_id}")
+        if info["last_record_lsn"] >= lsn:
+            return
+        if time.monotonic() > deadline:
+            raise Timeout(f"the pageserver has WAL up to {format_lsn(info['last_record_lsn'])} of timeline "
+                          f"{timeline_id}, waited {timeout:.0f}s for {format_lsn(lsn)}")
+        time.sleep(0.05)
 
 
 def attach(project: Project, outcome: ElectionOutcome, port: int, lsn: int) -> list[int]:

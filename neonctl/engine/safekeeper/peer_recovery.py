@@ -80,11 +80,7 @@ def compute_news(mine: dict | None, theirs: dict | None) -> bool | None:
     (endpoint stop). A term's compute is attached once and detached once, so news only ever
     moves None -> attached -> detached; anything else is stale (the broker lags a second).
     """
-    if theirs == {} and mine != {}:
-        return True
-    if theirs and mine is None:
-        return True
-    return False
+    return (theirs == {} and mine != {}) or bool(theirs and mine is None)
 
 
 def join_term(tl: SkTimeline, term: int, history: list) -> int:
@@ -114,7 +110,7 @@ async def fetch_info(http: aiohttp.ClientSession, addr: str, timeline_id: str) -
             if r.status != 200:
                 return None
             info = await r.json()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
         return None
     info["address"] = addr
     return info
@@ -137,7 +133,7 @@ async def pull_wal(tl: SkTimeline, http: aiohttp.ClientSession, addr: str, term:
                     data = await r.read()
                     peer_commit = int(r.headers.get("X-Commit-Lsn", 0))
                     peer_llt = int(r.headers.get("X-Last-Log-Term", -1))
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 raise RecoveryStopped(f"peer {addr} unreachable: {e}") from None
             if not data:
                 break

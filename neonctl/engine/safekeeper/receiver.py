@@ -210,11 +210,11 @@ async def run_receiver(tl: SkTimeline, app_name: str, stop: asyncio.Event, on_fl
                 log.info("receiver for %s: %s", tl.timeline_id, e)
                 last_logged = str(e)
             delay = 1.0
-        except Exception as e:  # noqa: BLE001 - a receiver must never die silently
+        except Exception as e:
             tl.last_error = f"{type(e).__name__}: {e}"
             log.exception("receiver for %s failed", tl.timeline_id)
             delay = 1.0
         try:
             await asyncio.wait_for(stop.wait(), timeout=delay)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

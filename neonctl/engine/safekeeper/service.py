@@ -194,7 +194,7 @@ class Safekeeper:
                           "timeline_start_lsn": resp.timeline_start_lsn})
 
     async def elected(self, request: web.Request) -> web.Response:
-        from neonctl.engine.safekeeper.acceptor import ProposerElected  # noqa: PLC0415
+        from neonctl.engine.safekeeper.acceptor import ProposerElected
 
         tl = self.get(request.match_info["tl"])
         body = await request.json()
@@ -347,7 +347,7 @@ class Safekeeper:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self.wake.clear()
             try:
@@ -363,7 +363,7 @@ class Safekeeper:
                     for tl in list(self.timelines.values()):
                         if isinstance(tl, SkTimeline):
                             await self.trim(tl)
-            except Exception:  # noqa: BLE001 - the loop must survive anything
+            except Exception:
                 log.exception("peer loop failed")
 
     def maybe_recover(self, tl: SkTimeline) -> None:
@@ -392,7 +392,7 @@ class Safekeeper:
             await peer_recovery.recover_from(tl, self.http, donor)
         except peer_recovery.RecoveryStopped as e:
             log.info("timeline %s: recovery from %s stopped: %s", tl.timeline_id, donor.get("address"), e)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("timeline %s: recovery from %s failed", tl.timeline_id, donor.get("address"))
         if self.timelines.get(tl.timeline_id) is not tl:
             return
@@ -414,6 +414,7 @@ class Safekeeper:
         remote = max([tl.remote_consistent_lsn] + [p.get("remote_consistent_lsn") or 0 for p in peers.values()])
         horizon = min([remote, tl.commit_lsn] + [p.get("flush_lsn") or 0 for p in peers.values()])
         if horizon > tl.wal_start_lsn + tl.seg_size:
+            await asyncio.to_thread(tl.write, tl.snapshot())  # commit_lsn on disk covers what goes
             n = await asyncio.to_thread(tl.remove_segments_below, horizon)
             if n:
                 log.info("timeline %s: removed %d WAL segment(s) below %s", tl.timeline_id, n, format_lsn(horizon))
@@ -448,7 +449,7 @@ class Safekeeper:
                 if failing:
                     log.info("broker reachable again")
                 failing = False
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 if not failing:
                     log.warning("cannot publish to broker %s: %s", self.broker, e)
                 failing = True
@@ -465,7 +466,7 @@ class Safekeeper:
                                          timeout=aiohttp.ClientTimeout(total=5)) as r:
                     r.raise_for_status()
                     msg = await r.json()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 await asyncio.sleep(1.0)
                 continue
             version = -1 if msg["version"] < version else msg["version"]  # a restarted broker counts anew

@@ -18,10 +18,11 @@ WAL on disk begins after trimming.
 
 The control file is written when the acceptor changes consensus state (a vote is durable
 before it is answered) and otherwise lazily; its ``flush_lsn`` is a record boundary that was
-durable when written. At start-up the WAL is scanned from a little below that hint to its
-real end. Valid WAL that stops *below* the hint means bytes we once fsynced are gone or
-damaged (a torn or overwritten segment): the timeline is then refused (``CorruptData``) until
-it is repaired from peers. A control file that fails its checksum is refused the same way.
+durable when written. At start-up the WAL is verified (CRC, page headers, prev-links) from the
+start of the segment holding that hint (or commit_lsn, if lower) to its real end. Valid WAL
+that stops *below* the hint means bytes we once fsynced are gone or damaged (a torn or
+overwritten segment): the timeline is then refused (``CorruptData``) until it is repaired
+from peers. A control file that fails its checksum is refused the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ CONTROL_FILE = "safekeeper.control"
 class _AcceptorStorage:
     """The acceptor's view of disk: the control file, WAL truncation and the durable record end."""
 
-    def __init__(self, tl: "SkTimeline"):
+    def __init__(self, tl: SkTimeline):
         self.tl = tl
 
     def persist(self, state: TimelineState) -> None:
@@ -97,7 +98,7 @@ class SkTimeline:
             return hint
         upper = (segs[-1] + 1) * seg
         anchor = min(state.commit_lsn, hint)
-        scan_from = max(self.wal_start_lsn, (anchor // seg - 1) * seg)
+        scan_from = max(self.wal_start_lsn, anchor - anchor % seg)  # verify from the start of its segment
         end = find_end_of_wal(self.wal.read, scan_from, upper, seg)
         if end < hint:
             raise CorruptData(
@@ -106,13 +107,13 @@ class SkTimeline:
         return end
 
     @classmethod
-    def create(cls, directory: Path, state: TimelineState) -> "SkTimeline":
+    def create(cls, directory: Path, state: TimelineState) -> SkTimeline:
         directory.mkdir(parents=True, exist_ok=True)
         save(directory / CONTROL_FILE, state)
         return cls(directory, state)
 
     @classmethod
-    def open(cls, directory: Path) -> "SkTimeline":
+    def open(cls, directory: Path) -> SkTimeline:
         return cls(directory, load(directory / CONTROL_FILE))
 
     # -- consensus state -----------------------------------------------------
@@ -205,8 +206,7 @@ class SkTimeline:
 
     def mark_synced(self, write_lsn: int, record_lsn: int) -> None:
         """The bytes up to write_lsn (records up to record_lsn) are durable."""
-        if write_lsn > self.synced_lsn:
-            self.synced_lsn = write_lsn
+        self.synced_lsn = max(self.synced_lsn, write_lsn)
         if record_lsn > self.flush_lsn:
             self.flush_lsn = record_lsn
             self._flushed.set()
@@ -263,13 +263,13 @@ class SkTimeline:
     async def wait_flushed(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._flushed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def wait_committed(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self._committed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def close(self) -> None:
