@@ -382,7 +382,7 @@ def test_corrupt_control_file_is_refused_until_repaired(q3, cli):
         conn.execute("CREATE TABLE IF NOT EXISTS during_repair (id int)")
         conn.execute("INSERT INTO during_repair VALUES (1)")  # the other two go on
     _, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
-    row = next(r for r in json.loads(out) if r["safekeeper"] == 3)
+    row = next(r for r in json.loads(out) if r["safekeeper"] == 3 and r["branch"] == "main")
     assert row["state"] == "corrupt" and "checksum" in row["error"]
     with pytest.raises(NeonctlError, match="damaged"):
         sk(q3, 3)
@@ -411,7 +411,7 @@ def test_torn_wal_segment_is_detected_and_repaired(q3, cli):
         f.write(b"\xab" * 512)
     start_safekeeper(q3, 2)
     _, out, _ = cli("safekeeper", "list", "-p", q3.name, "-o", "json")
-    row = next(r for r in json.loads(out) if r["safekeeper"] == 2)
+    row = next(r for r in json.loads(out) if r["safekeeper"] == 2 and r["branch"] == "main")
     assert row["state"] == "corrupt" and "WAL is damaged" in row["error"]
     with connect(q3) as conn:
         conn.execute("INSERT INTO torn VALUES (-1)")  # sk1 and sk3 go on

@@ -148,24 +148,11 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
                               {"target": str(pgdata), "wait_for_lsn": flush, "timeout": 60}, timeout=120)
             lsn = res["lsn"]
-            base_conf = (pgdata / "postgresql.conf").read_text()
             logfile = epdir / "postgres.log"
-            for attempt in range(5):
-                (pgdata / "postgresql.conf").write_text(base_conf + compute_config(project, port, epdir, fsync)
-                                                        + f"neonctl.term = {elected.term}\n")
-                runtime.chown(epdir, recursive=True)
-                progress(f"starting PostgreSQL {runtime.version} on port {port} ...")
-                try:
-                    runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata),
-                                 "-l", str(logfile)], timeout=180)
-                    break
-                except PostgresError as e:
-                    taken = "could not create any TCP/IP sockets" in log_tail(logfile, 5)
-                    if auto_port and taken and attempt < 4:  # lost a race for the port: take the next one
-                        port, = ports.allocate(port + 1, _ports_in_use())
-                        continue
-                    raise PostgresError(f"PostgreSQL failed to start on branch {branch!r}: {log_tail(logfile)}",
-                                        hint=str(logfile)) from e
+            port = launch_postgres(
+                runtime, pgdata, epdir, logfile, port, auto_port,
+                lambda p: compute_config(project, p, epdir, fsync) + f"neonctl.term = {elected.term}\n",
+                f"PostgreSQL {runtime.version} on branch {branch!r}", progress)
             verify_replayed(port, lsn, logfile)
             attach(project, elected, port, lsn)
         except BaseException:
@@ -180,6 +167,30 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
         tmp.write_text(json.dumps(asdict(st), indent=1))
         os.replace(tmp, _state_path(project, branch))
         return st
+
+
+def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int, auto_port: bool,
+                    settings, what: str, progress) -> int:
+    """Configure and start Postgres; if an automatically chosen port was taken meanwhile, take the next.
+
+    `settings(port)` returns the neonctl part of postgresql.conf. Returns the port it runs on.
+    """
+    base_conf = (pgdata / "postgresql.conf").read_text()
+    for attempt in range(5):
+        (pgdata / "postgresql.conf").write_text(base_conf + settings(port))
+        runtime.chown(epdir, recursive=True)
+        progress(f"starting {what} on port {port} ...")
+        try:
+            runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata), "-l", str(logfile)],
+                        timeout=180)
+            return port
+        except PostgresError as e:
+            taken = "could not create any TCP/IP sockets" in log_tail(logfile, 5)
+            if auto_port and taken and attempt < 4:  # lost a race for the port: take the next one
+                port, = ports.allocate(port + 1, _ports_in_use())
+                continue
+            raise PostgresError(f"{what} failed to start: {log_tail(logfile)}", hint=str(logfile)) from e
+    raise AssertionError("unreachable")
 
 
 def verify_replayed(port: int, lsn: int, logfile: Path) -> None:

@@ -32,12 +32,12 @@ from neonctl.engine.compute.endpoint import (
     _state_path,
     compute_config,
     endpoint_status,
+    launch_postgres,
     list_endpoints,
     postgres_pid,
     read_state,
 )
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.process import log_tail
 from neonctl.engine.project import Branch, Project
 from neonctl.engine.storage import require_running
 from neonctl.engine.timepoint import TimePoint, to_pg_us
@@ -167,23 +167,10 @@ def start_time_travel(project: Project, point: TimePoint, port: int | None = Non
             # make every later shutdown checkpoint in the WAL fatal ("online backup was canceled").
             (pgdata / "backup_label").unlink(missing_ok=True)
             (pgdata / "standby.signal").write_text("")
-            base_conf = (pgdata / "postgresql.conf").read_text()
-            for attempt in range(5):
-                (pgdata / "postgresql.conf").write_text(
-                    base_conf + compute_config(project, port, epdir, fsync=False) + STANDBY_SETTINGS)
-                runtime.chown(epdir, recursive=True)
-                progress(f"starting read-only PostgreSQL {runtime.version} for {name} on port {port} ...")
-                try:
-                    runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata),
-                                 "-l", str(logfile)], timeout=180)
-                    break
-                except PostgresError as e:
-                    taken = "could not create any TCP/IP sockets" in log_tail(logfile, 5)
-                    if auto_port and taken and attempt < 4:  # lost a race for the port: take the next one
-                        port, = ports.allocate(port + 1, _ports_in_use())
-                        continue
-                    raise PostgresError(f"read-only PostgreSQL for {name} failed to start: {log_tail(logfile)}",
-                                        hint=str(logfile)) from e
+            port = launch_postgres(
+                runtime, pgdata, epdir, logfile, port, auto_port,
+                lambda p: compute_config(project, p, epdir, fsync=False) + STANDBY_SETTINGS,
+                f"read-only PostgreSQL {runtime.version} for {name}", progress)
             wait_replayed(port, lsn, logfile)
         except BaseException:
             pid = postgres_pid(pgdata)

@@ -415,7 +415,7 @@ class Safekeeper:
         horizon = min([remote, tl.commit_lsn] + [p.get("flush_lsn") or 0 for p in peers.values()])
         if horizon > tl.wal_start_lsn + tl.seg_size:
             await asyncio.to_thread(tl.write, tl.snapshot())  # commit_lsn on disk covers what goes
-            n = await asyncio.to_thread(tl.remove_segments_below, horizon)
+            n = tl.remove_segments_below(horizon)  # on the loop: the WAL writers' fd cache is not thread-safe
             if n:
                 log.info("timeline %s: removed %d WAL segment(s) below %s", tl.timeline_id, n, format_lsn(horizon))
 
