@@ -365,11 +365,13 @@ class Timeline:
                         commits.append((rec.end_lsn, x.xact_time))
         except WalDecodeError:
             pass  # a torn or overwritten tail: keep what was valid, fetch again later
-        self.received_lsn = start_lsn + len(data)
         if end > start_lsn:
             self.wal.write(start_lsn, data[: end - start_lsn])
             self.commits.append(commits)
             self.meta.last_record_lsn = end
+        # only now: a basebackup that sees received_lsn must also see last_record_lsn
+        self.received_lsn = start_lsn + len(data)
+        if end > start_lsn:
             self.sync_if_due()
         return end
 
