@@ -1,4 +1,5 @@
-"""Shared helpers of bench_images.py and bench_branching.py (not a benchmark itself).
+"""Shared helpers of the benchmarks that race neonctl against vanilla Postgres (bench_skeleton.py,
+bench_quorum.py, bench_images.py, bench_branching.py); not a benchmark itself.
 
 A benchmark runs inside a `BenchEnv`: a fresh NEONCTL_HOME (mode 0700, so compute data directories go
 under /var/lib/neonctl/compute/<hash>) and a fresh directory under /var/lib/neonctl/bench-*/ for the
@@ -8,6 +9,7 @@ started from them, also on failure, Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -44,6 +46,9 @@ from neonctl.errors import Conflict, DaemonError, PostgresError
 T0 = time.monotonic()
 LOG_PROBLEM = re.compile(r"\b(ERROR|FATAL|PANIC|CRITICAL|Traceback)\b|WARNING")
 OUR_POLLING = re.compile(r"FATAL:  the database system is (not accepting connections|starting up)")  # our own polls
+SETTINGS = ("server_version", "shared_buffers", "wal_level", "synchronous_commit", "synchronous_standby_names",
+            "fsync", "full_page_writes", "wal_compression", "data_checksums", "max_wal_size",
+            "checkpoint_timeout", "wal_buffers", "wal_sync_method", "max_wal_senders")
 
 
 def log(msg: str) -> None:
@@ -92,6 +97,26 @@ def pgbench(rt: PgRuntime, port: int, args: list[str], timeout: float, db: str =
         raise RuntimeError(f"pgbench {' '.join(args)} failed (exit {proc.returncode}): "
                            f"{' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-5:])}")
     return proc.stdout + proc.stderr
+
+
+def parse_pgbench(out: str) -> dict:
+    def grab(pattern: str, cast=float):
+        m = re.search(pattern, out)
+        return cast(m.group(1)) if m else None
+
+    tps = grab(r"tps = ([\d.]+) \(without initial connection time\)")
+    if tps is None:
+        raise RuntimeError(f"cannot find TPS in pgbench output: {out[-500:]}")
+    return {"tps": round(tps, 1), "latency_ms": grab(r"latency average = ([\d.]+) ms"),
+            "transactions": grab(r"number of transactions actually processed: (\d+)", int),
+            "failed": grab(r"number of failed transactions: (\d+)", int) or 0}
+
+
+def settings(port: int) -> dict[str, str]:
+    """The server settings (SETTINGS) that could make two configurations' TPS differ, with their units."""
+    rows = sql(port, "SELECT name, setting, coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+               (list(SETTINGS),))
+    return {n: f"{s}{' x ' + u if u and u not in ('s', 'ms', 'kB', 'MB') else u}" for n, s, u in rows}
 
 
 def db_bytes(port: int, db: str = "postgres") -> int:
@@ -286,6 +311,19 @@ def wait_pageserver(p: Project, branch: str, timeout: float = 900, layers: bool 
         time.sleep(0.1)
 
 
+def wait_sync_standby(p: Project, port: int, timeout: float = 60) -> list[tuple]:
+    """The safekeepers must be attached as synchronous standbys before anything is measured."""
+    quorum = len(p.config.safekeepers) // 2 + 1
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = sql(port, "SELECT application_name, state, sync_state FROM pg_stat_replication")
+        if sum(1 for _, state, sync in rows if state == "streaming" and sync in ("sync", "quorum")) >= quorum:
+            return rows
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"safekeepers not streaming as synchronous standbys after {timeout:.0f}s: {rows}")
+        time.sleep(0.1)
+
+
 def endpoint_start(p: Project, branch: str, fsync: bool = False) -> dict:
     """`endpoint start` through the engine API, timed and split into phases, with the redo from its log."""
     marks: dict[str, float] = {}
@@ -346,12 +384,12 @@ class BenchEnv:
         self.result: dict = {"pg_version": self.rt.version_string, "pg_bin": str(self.rt.bin_dir),
                              "cpus": os.cpu_count(), "load_start": loadavg(), "quick": args.quick}
 
-    def project(self, name: str, pageserver: dict | None = None, attempts: int = 3) -> Project:
+    def project(self, name: str, pageserver: dict | None = None, safekeepers: int = 1, attempts: int = 3) -> Project:
         """Create and start a project (pageserver settings `pageserver` written before its first start);
         re-create it if a daemon lost its port to another session's daemon."""
         for attempt in range(attempts):
-            log(f"neonctl: creating project {name} ...")
-            p = create_project(name, pg_bin=self.args.pg_bin, progress=lambda m: log(f"  {m}"))
+            log(f"neonctl: creating project {name} with {safekeepers} safekeeper(s) ...")
+            p = create_project(name, pg_bin=self.args.pg_bin, safekeepers=safekeepers, progress=lambda m: log(f"  {m}"))
             self.projects.append(p)
             self._move_ports(p)
             if pageserver:
@@ -408,6 +446,11 @@ class BenchEnv:
     def teardown(self, p: Project) -> None:
         if p in self.projects:
             self.projects.remove(p)
+        if self.args.keep_logs:
+            for f in p.dir.rglob("*.log"):
+                dest = self.args.keep_logs / p.name / f.relative_to(p.dir)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dest)
         try:
             delete_project(p)
             return
@@ -453,8 +496,140 @@ class BenchEnv:
             shutil.rmtree(r, ignore_errors=True)
 
 
+# -- pgbench TPS: neonctl against vanilla (bench_skeleton, bench_quorum) -----------------------------
+
+MODES = (("TPC-B", []), ("-N", ["-N"]))
+
+
+def load_pgbench(env: BenchEnv, configs: list[tuple], up, down, settle) -> None:
+    """`pgbench -i` at --scale through each configuration (`up(cfg)` starts its server and returns the port,
+    `down(cfg)` stops it); `settle(cfg)` then waits until its storage has taken the load in."""
+    for cfg in configs:
+        port = up(cfg)
+        log(f"{cfg[0]}: pgbench -i -s {env.args.scale} ...")
+        t = time.perf_counter()
+        pgbench(env.rt, port, ["-i", "-s", str(env.args.scale), "-q"], timeout=1800)
+        log(f"  loaded in {time.perf_counter() - t:.1f}s; database {mb(db_bytes(port))} MB")
+        down(cfg)
+        settle(cfg)
+
+
+def tps_rounds(env: BenchEnv, configs: list[tuple], up, down, around_run) -> tuple[dict, dict]:
+    """`pgbench -T` in both MODES on every configuration (its label first in the tuple), --rounds times.
+
+    The configurations alternate (A B C, then C B A, ...), each segment on a freshly started server, the modes
+    alternating within it, a CHECKPOINT before every run: neither order nor a warm cache favours one side.
+    `around_run(cfg)` is called before each run and returns `after(result) -> str`, which adds the
+    configuration's own measurements to the run's result and says them for the log.
+    Returns (runs by label and mode, the SETTINGS of each configuration).
+    """
+    a = env.args
+    width = max(len(c[0]) for c in configs)
+    runs: dict[str, dict[str, list[dict]]] = {c[0]: {m: [] for m, _ in MODES} for c in configs}
+    seen: dict[str, dict] = {}
+    for rnd in range(a.rounds):
+        order = configs if rnd % 2 == 0 else configs[::-1]
+        for ci, cfg in enumerate(order):
+            label = cfg[0]
+            port = up(cfg)
+            seen.setdefault(label, settings(port))
+            for mname, margs in MODES if (rnd + ci) % 2 == 0 else MODES[::-1]:
+                sql(port, "CHECKPOINT")
+                after = around_run(cfg)
+                la = os.getloadavg()[0]
+                log(f"round {rnd + 1}/{a.rounds} {label:<{width}} {mname:<6} {a.seconds}s ...")
+                out = pgbench(env.rt, port, ["-c", str(a.clients), "-j", str(a.jobs), "-T", str(a.seconds), *margs],
+                              timeout=a.seconds + 300)
+                r = parse_pgbench(out)
+                r.update(round=rnd + 1, load1_before=round(la, 2), load1_after=round(os.getloadavg()[0], 2))
+                extra = after(r)
+                runs[label][mname].append(r)
+                log(f"  tps {r['tps']:.0f}  latency {r['latency_ms']} ms  failed {r['failed']}{extra}")
+            down(cfg)
+    return runs, seen
+
+
+def tps_result(env: BenchEnv, runs: dict, seen: dict, ratios: list[tuple[str, str]],
+               target: tuple[str, float]) -> dict:
+    """Mean TPS per configuration and mode, the ratios `num / den`, and whether the ratio named in `target`
+    reached its value."""
+    a = env.args
+    mean = {label: {m: round(statistics.mean(r["tps"] for r in rs), 1) for m, rs in ms.items()}
+            for label, ms in runs.items()}
+    ratio = {f"{num} / {den}": {m: round(mean[num][m] / mean[den][m], 3) for m, _ in MODES} for num, den in ratios}
+    key, goal = target
+    return {"scale": a.scale, "clients": a.clients, "jobs": a.jobs, "seconds": a.seconds, "rounds": a.rounds,
+            "mean_tps": mean, "ratios": ratio, "runs": runs, "settings": seen,
+            "target": {"ratio": goal, "of": key, "met": {m: v >= goal for m, v in ratio[key].items()}}}
+
+
+def render_tps(t: dict) -> list[str]:
+    """The TPS table of a tps_result: mean (runs) and load per configuration, the ratios, differing settings."""
+    width = max(len(label) for label in t["runs"]) + 4
+    rwidth = max(len(k) for k in t["ratios"]) + 4
+    out = ["", (f"pgbench TPS: scale {t['scale']}, -c {t['clients']} -j {t['jobs']}, {t['seconds']} s per run, "
+                f"{t['rounds']} round(s) alternated; mean (runs)"),
+           f"{'configuration':<{width}}{'TPC-B':>9}  {'':<16}{'-N':>9}  {'':<16}{'load1':>11}"]
+    for label, ms in t["runs"].items():
+        cells = []
+        for m, _ in MODES:
+            each = "(" + " ".join(f"{r['tps']:.0f}" for r in ms[m]) + ")"
+            cells.append(f"{t['mean_tps'][label][m]:>9.0f}  {each:<16}")
+        loads = [r["load1_before"] for m in ms.values() for r in m]
+        out.append(f"{label:<{width}}{''.join(cells)}{min(loads):>5.1f}-{max(loads):<5.1f}")
+    out.append("")
+    out.append(f"{'ratio':<{rwidth}}{'TPC-B':>7}{'-N':>7}")
+    goal = t["target"]
+    for k, v in t["ratios"].items():
+        mark = ""
+        if k == goal["of"]:
+            mark = f"   target >= {goal['ratio']}: " + ", ".join(f"{m} {'met' if ok else 'MISSED'}"
+                                                               for m, ok in goal["met"].items())
+        out.append(f"{k:<{rwidth}}{v['TPC-B']:>7.2f}{v['-N']:>7.2f}{mark}")
+    diffs = {n: {lb: s.get(n) for lb, s in t["settings"].items()} for n in SETTINGS}
+    diffs = {n: v for n, v in diffs.items() if len(set(v.values())) > 1}
+    out.append("settings that differ between configurations:" + ("" if diffs else " none"))
+    out.extend(f"  {n}: " + ", ".join(f"{lb} {v!r}" for lb, v in vs.items()) for n, vs in diffs.items())
+    return out
+
+
+def parse_tps_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse with the pgbench TPS options added; their defaults are smaller with --quick."""
+    ap.add_argument("--seconds", type=int, help="seconds per pgbench run (default 15; --quick 3)")
+    ap.add_argument("--rounds", type=int, help="rounds over the configurations (default 2; --quick 1)")
+    ap.add_argument("--scale", type=int, help="pgbench scale for TPS (default 10; --quick 2)")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=2)
+    a = ap.parse_args(argv)
+    a.seconds = a.seconds or (3 if a.quick else 15)
+    a.rounds = a.rounds or (1 if a.quick else 2)
+    a.scale = a.scale or (2 if a.quick else 10)
+    return a
+
+
+# -- running a benchmark ----------------------------------------------------------------------------
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark has; its docstring's first paragraph is the description."""
+    ap = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog="Everything runs in a fresh temporary NEONCTL_HOME and vanilla directory, removed at the end together "
+               "with every project and server started from them, also on failure, Ctrl-C or SIGTERM. Progress goes to "
+               "stderr, the table to stdout (with --json: JSON on stdout, the table on stderr).")
+    ap.add_argument("--pg-bin", help="PostgreSQL bin directory (default: the embedded PG 18)")
+    ap.add_argument("--quick", action="store_true", help="a fast smoke run; numbers are not representative")
+    ap.add_argument("--json", action="store_true", help="print JSON on stdout (the table goes to stderr)")
+    ap.add_argument("--keep-logs", type=Path, help="copy the daemon logs into this directory before cleanup")
+    return ap
+
+
 def run_benchmark(args, kind: str, body, render) -> int:
-    """Run `body(env)` in a fresh BenchEnv; print `render(result)` (and JSON with --json); always clean up."""
+    """Run `body(env)` in a fresh BenchEnv; print the table (and JSON with --json); always clean up.
+
+    The table is the run's header line, the lines `render(result)` makes of the benchmark's own parts, and the
+    problems found in the logs.
+    """
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -487,13 +662,19 @@ def run_benchmark(args, kind: str, body, render) -> int:
     res = env.result
     res["load_end"] = loadavg()
     res["log_problems"] = env.problems
-    text = render(res)
+    text = "\n".join([render_header(res), *render(res), *render_footer(res)])
     if args.json:
         print(text, file=sys.stderr)
         print(json.dumps(res, indent=1, default=str))
     else:
         print(text)
     return rc
+
+
+def render_header(res: dict) -> str:
+    return (f"PostgreSQL {res['pg_version']} ({res['pg_bin']}), {res['cpus']} CPUs, load average at start "
+            f"{res['load_start']}, at end {res.get('load_end')}"
+            + ("  [--quick: NOT representative]" if res["quick"] else ""))
 
 
 def render_footer(res: dict) -> list[str]:

@@ -26,13 +26,10 @@ peer loads the same scales into databases `src_small` / `src_large` of one serve
     directory, then copy the base backup, `recovery_target_time = T`, `recovery_target_action = promote`,
     `hot_standby = off`, `pg_ctl start -w` and wait until it is out of recovery. Both must show the first
     marker and not the second.
-
-Progress goes to stderr, the table to stdout (with --json: JSON on stdout, the table on stderr).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -45,6 +42,7 @@ import psycopg
 from _common import (
     BenchEnv,
     Vanilla,
+    bench_parser,
     create_image,
     db_bytes,
     du_bytes,
@@ -56,7 +54,6 @@ from _common import (
     median,
     pgbench,
     redo_info,
-    render_footer,
     run_benchmark,
     run_cli,
     sql,
@@ -432,10 +429,8 @@ class Branching:
             self.env.problems["compute postgres.log"] = self.probs[:8]
 
 
-def render(res: dict) -> str:
-    out = [f"PostgreSQL {res['pg_version']} ({res['pg_bin']}), {res['cpus']} CPUs, load average at start "
-           f"{res['load_start']}, at end {res.get('load_end')}"
-           + ("  [--quick: NOT representative]" if res["quick"] else "")]
+def render(res: dict) -> list[str]:
+    out = []
     loads = res.get("loads", {})
     if loads:
         out.append("")
@@ -510,13 +505,11 @@ def render(res: dict) -> str:
         out.append(f"ratios: restore/vanilla {ra['restore/vanilla_total']}x, branch@T+start/vanilla "
                    f"{ra['branch_at_t/vanilla_total']}x, branch@T+start/vanilla recovery only "
                    f"{ra['branch_at_t/vanilla_recover_only']}x")
-    out.extend(render_footer(res))
-    return "\n".join(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pg-bin", help="PostgreSQL bin directory (default: the embedded PG 18)")
+    ap = bench_parser(__doc__)
     ap.add_argument("--small-scale", type=int, help="pgbench scale of the small parent (default 1, ~20 MB)")
     ap.add_argument("--large-scale", type=int, help="pgbench scale of the large parent (default 70, ~1 GB; --quick 3)")
     ap.add_argument("--reps", type=int, help="timed branch creations per parent and side (default 5; --quick 2)")
@@ -525,8 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pitr-parent", choices=["small", "large"], default="large", help="parent for (c)")
     ap.add_argument("--pitr-txns", type=int, help="pgbench -t per client on each side of T (default 2000; --quick 100)")
     ap.add_argument("--only", help="comma-separated parts to run: a,b,c")
-    ap.add_argument("--quick", action="store_true", help="a fast smoke run; numbers are not representative")
-    ap.add_argument("--json", action="store_true", help="print JSON on stdout (the table goes to stderr)")
     a = ap.parse_args(argv)
     q = a.quick
     a.small_scale = a.small_scale or 1

@@ -15,12 +15,10 @@ out of reach), loaded with `pgbench -i -s SCALE` (~100 MB at 6) through an endpo
       binaries, the compute's settings minus the synchronous standby, fsync=on), median of REPS.
 
 For every start the WAL it replayed (from the compute's log: `redo starts at` .. `redo done at`).
-Progress goes to stderr, the table to stdout (with --json: JSON on stdout, the table on stderr).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     BenchEnv,
+    bench_parser,
     create_image,
     db_bytes,
     du_bytes,
@@ -39,7 +38,6 @@ from _common import (
     median,
     pgbench,
     redo_info,
-    render_footer,
     run_benchmark,
     sql,
     timeline_of,
@@ -136,10 +134,8 @@ def body(env: BenchEnv) -> None:
     }
 
 
-def render(res: dict) -> str:
-    out = [f"PostgreSQL {res['pg_version']} ({res['pg_bin']}), {res['cpus']} CPUs, load average at start "
-           f"{res['load_start']}, at end {res.get('load_end')}"
-           + ("  [--quick: NOT representative]" if res["quick"] else "")]
+def render(res: dict) -> list[str]:
+    out = []
     r = res.get("images")
     if r:
         im, n, w, v = r["image"], r["no_image"], r["with_image"], r["vanilla"]
@@ -176,17 +172,13 @@ def render(res: dict) -> str:
         out.append(f"(b) median run: elect {m.get('elect_s')}s, materialise {m.get('materialise_s')}s, pg_ctl start + "
                    f"verify + attach {m.get('pg_ctl_verify_attach_s')}s (end-of-recovery checkpoint "
                    f"{m.get('end_of_recovery_checkpoint_s')}s)")
-    out.extend(render_footer(res))
-    return "\n".join(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pg-bin", help="PostgreSQL bin directory (default: the embedded PG 18)")
+    ap = bench_parser(__doc__)
     ap.add_argument("--scale", type=int, help="pgbench scale (default 6, ~100 MB; --quick 1)")
     ap.add_argument("--reps", type=int, help="timed starts per case (default 3; --quick 1)")
-    ap.add_argument("--quick", action="store_true", help="a fast smoke run; numbers are not representative")
-    ap.add_argument("--json", action="store_true", help="print JSON on stdout (the table goes to stderr)")
     a = ap.parse_args(argv)
     a.scale = a.scale or (1 if a.quick else 6)
     a.reps = a.reps or (1 if a.quick else 3)

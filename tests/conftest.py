@@ -1,7 +1,9 @@
 """Shared fixtures: a temporary neonctl home and session-scoped projects with running daemons.
 
 Daemons and Postgres are real processes on loopback; projects are shared per
-session so each test pays only for the endpoints it starts.
+session so each test pays only for the endpoints it starts. Below them: the
+workloads several modules check against (a recorded history of commits, a
+writer logging acknowledged commits, a commit blocked without a quorum).
 """
 
 from __future__ import annotations
@@ -9,6 +11,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
@@ -83,6 +89,134 @@ def connect(project, branch: str = "main", **kw) -> psycopg.Connection:
     from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
 
     return psycopg.connect(running_endpoint(project, branch).connection_string, autocommit=True, **kw)
+
+
+@contextmanager
+def running_main(project):
+    """main's endpoint running for a module's fixture; afterwards every endpoint of the project is stopped,
+    so the session-wide project is left without computes for the next module."""
+    from neonctl.engine.compute.endpoint import list_endpoints  # noqa: PLC0415
+
+    assert cli_main(["endpoint", "start", "main", "-p", project.name, "-o", "json"]) == 0
+    try:
+        yield
+    finally:
+        for st, _ in list_endpoints(project):
+            assert cli_main(["endpoint", "stop", st.name, "-p", project.name, "-o", "json"]) == 0
+
+
+def new_table(conn, table: str, columns: str) -> None:
+    """A module's own table, empty even if an earlier module of the session-wide project left one behind."""
+    conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(f"CREATE TABLE {table} ({columns})")
+
+
+def insert_lsn(conn) -> int:
+    """Where the compute writes its next WAL record: the LSN that names "everything committed so far"."""
+    return int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
+
+
+def commit_history(conn, table: str, batches: int, ids, after_batch=lambda conn, i: None) -> list[tuple]:
+    """Commit batches i = 1..batches of rows (id, i) with ids `ids(i)` = (first, last) into a new `table`, one
+    transaction each (`after_batch` may add another before the point is taken); returns (insert LSN, wall time,
+    row count) after each: the oracle that points in the branch's history are checked against."""
+    new_table(conn, table, "id int PRIMARY KEY, batch int")
+    points = []
+    for i in range(1, batches + 1):
+        time.sleep(0.05)
+        first, last = ids(i)
+        conn.execute(f"INSERT INTO {table} SELECT g, %s FROM generate_series(%s::int, %s::int) g", (i, first, last))
+        after_batch(conn, i)
+        lsn = insert_lsn(conn)
+        rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        points.append((lsn, datetime.now(timezone.utc), rows))
+        time.sleep(0.05)
+    return points
+
+
+class Writer:
+    """Inserts rows one commit at a time; `acked` holds the ids whose COMMIT returned cleanly.
+
+    A commit that returned with a warning (a cancelled wait for the synchronous standbys) is not acknowledged:
+    the safekeepers may not have it.
+    """
+
+    def __init__(self, project, table: str, start: int = 1):
+        self.project, self.table = project, table
+        self.acked: list[int] = []
+        self.warned: list[int] = []
+        self.stop = threading.Event()
+        self.error: Exception | None = None
+        self.next = start
+        with connect(project) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, pad text)")
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        try:
+            with connect(self.project) as conn:
+                notices: list = []
+                conn.add_notice_handler(lambda d: notices.append(d))
+                while not self.stop.is_set():
+                    i = self.next
+                    self.next += 1
+                    notices.clear()
+                    conn.execute(f"INSERT INTO {self.table} VALUES (%s, repeat('x', 100))", (i,))
+                    (self.warned if notices else self.acked).append(i)
+        except psycopg.Error as e:
+            self.error = e
+
+    def finish(self, timeout: float = 30):
+        self.stop.set()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the writer is stuck"
+        return self.acked
+
+
+def assert_all_present(project, table: str, acked: list[int]):
+    with connect(project) as conn:
+        present = {r[0] for r in conn.execute(f"SELECT id FROM {table}")}
+    missing = set(acked) - present
+    assert not missing, f"{len(missing)} acknowledged commits lost, e.g. {sorted(missing)[:5]}"
+
+
+class BlockedCommit:
+    """`INSERT INTO table VALUES (42)` committed from a thread while too few safekeepers run: it must wait in
+    SyncRep, and return once enough of them are back (the table is created while they all still run)."""
+
+    def __init__(self, project, table: str):
+        self.project, self.table = project, table
+        self.done = threading.Event()
+        self.errors: list[Exception] = []
+        with connect(project) as conn:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int)")
+        self.thread = threading.Thread(target=self._commit, daemon=True)
+
+    def _commit(self):
+        try:
+            with connect(self.project) as conn:
+                conn.execute(f"INSERT INTO {self.table} VALUES (42)")
+            self.done.set()
+        except Exception as e:  # noqa: BLE001
+            self.errors.append(e)
+
+    def start(self) -> BlockedCommit:
+        self.thread.start()
+        return self
+
+    def assert_waiting(self, why: str) -> None:
+        assert not self.done.wait(3.0), why
+        with connect(self.project) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone()[0] == 1
+
+    def assert_committed(self, why: str) -> None:
+        assert self.done.wait(15), f"{why}: {self.errors}"
+        self.thread.join()
+
+    def assert_kept(self) -> None:
+        with connect(self.project) as conn:
+            assert conn.execute(f"SELECT count(*) FROM {self.table} WHERE id = 42").fetchone()[0] == 1
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,9 @@ name and its endpoint's port; its old state survives as a branch; bad input chan
 import json
 
 import pytest
-from conftest import connect
+from conftest import connect, insert_lsn, new_table, running_main
 
+from neonctl.cli import main
 from neonctl.engine import client
 from neonctl.engine.compute.endpoint import read_state
 from neonctl.engine.lsn import format_lsn
@@ -16,30 +17,19 @@ def _ids(project, branch):
         return [r[0] for r in conn.execute("SELECT id FROM rr ORDER BY id")]
 
 
-def _lsn(conn) -> int:
-    return int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
-
-
 @pytest.fixture(scope="module")
 def rr(pg18):
     """main (running) with rows 1..3, and branch rr_dev off it (running) with its own row 100."""
-    from neonctl.cli import main
-
-    p = ["-p", pg18.name, "-o", "json"]
-    assert main(["endpoint", "start", "main", *p]) == 0
-    with connect(pg18) as conn:
-        conn.execute("DROP TABLE IF EXISTS rr")
-        conn.execute("CREATE TABLE rr (id int PRIMARY KEY)")
-        conn.execute("INSERT INTO rr VALUES (1), (2), (3)")
-    assert main(["branch", "create", "--name", "rr_dev", "--endpoint", *p]) == 0
-    with connect(pg18, "rr_dev") as conn:
-        conn.execute("INSERT INTO rr VALUES (100)")
-    with connect(pg18) as conn:
-        conn.execute("INSERT INTO rr VALUES (4)")  # main moves on after the branch point
-    yield pg18
-    for ep in ("rr_dev", "main"):
-        if read_state(pg18, ep) is not None:
-            assert main(["endpoint", "stop", ep, *p]) == 0
+    with running_main(pg18):
+        with connect(pg18) as conn:
+            new_table(conn, "rr", "id int PRIMARY KEY")
+            conn.execute("INSERT INTO rr VALUES (1), (2), (3)")
+        assert main(["branch", "create", "--name", "rr_dev", "--endpoint", "-p", pg18.name, "-o", "json"]) == 0
+        with connect(pg18, "rr_dev") as conn:
+            conn.execute("INSERT INTO rr VALUES (100)")
+        with connect(pg18) as conn:
+            conn.execute("INSERT INTO rr VALUES (4)")  # main moves on after the branch point
+        yield pg18
 
 
 def test_reset_to_parent_keeps_name_and_port_and_preserves_old_state(rr, cli):
@@ -81,7 +71,7 @@ def test_restore_from_parent_then_from_own_history(rr, cli):
     # ^self@LSN: exactly the rows committed by then
     with connect(rr, "rr_dev") as conn:
         conn.execute("INSERT INTO rr VALUES (300)")
-        lsn = _lsn(conn)
+        lsn = insert_lsn(conn)
         conn.execute("INSERT INTO rr VALUES (400)")
         conn.execute("DELETE FROM rr WHERE id = 1")
     rc, out, err = cli("branch", "restore", "rr_dev", "--source", f"^self@{format_lsn(lsn)}",

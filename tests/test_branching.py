@@ -2,38 +2,29 @@
 exactly the rows committed by then; so do branches of branches."""
 
 import json
-import time
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
-from conftest import connect
+from conftest import commit_history, connect, insert_lsn, running_main
 
 from neonctl.engine.lsn import format_lsn
 
 
+def _delete_batch_2(conn, i):
+    if i == 4:
+        conn.execute("DELETE FROM oracle WHERE batch = 2")
+
+
 @pytest.fixture(scope="module")
 def workload(pg18):
-    """Commit batches one transaction at a time, recording (insert LSN, wall time, rows) after each."""
-    from neonctl.cli import main
-
-    assert main(["endpoint", "start", "main", "-p", pg18.name, "-o", "json"]) == 0
-    points = []
-    with connect(pg18) as conn:
-        conn.execute("DROP TABLE IF EXISTS oracle")
-        conn.execute("CREATE TABLE oracle (id int PRIMARY KEY, batch int)")
-        for i in range(1, 6):
-            time.sleep(0.05)
-            conn.execute("INSERT INTO oracle SELECT g, %s FROM generate_series(%s::int, %s::int) g", (i, i * 1000, i * 1000 + i * 10))
-            if i == 4:
-                conn.execute("DELETE FROM oracle WHERE batch = 2")
-            lsn = int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
-            rows = conn.execute("SELECT count(*) FROM oracle").fetchone()[0]
-            points.append((lsn, datetime.now(timezone.utc), rows))
-            time.sleep(0.05)
-        # something after the last point, so mid-record LSNs exist past it
-        conn.execute("INSERT INTO oracle VALUES (999999, 99)")
-    yield points
-    assert main(["endpoint", "stop", "main", "-p", pg18.name, "-o", "json"]) == 0
+    """Commit batches one transaction at a time (batch 4 also deletes batch 2), recording (insert LSN, wall time,
+    rows) after each."""
+    with running_main(pg18):
+        with connect(pg18) as conn:
+            points = commit_history(conn, "oracle", 5, lambda i: (i * 1000, i * 1000 + i * 10), _delete_batch_2)
+            # something after the last point, so mid-record LSNs exist past it
+            conn.execute("INSERT INTO oracle VALUES (999999, 99)")
+        yield points
 
 
 def _rows_on(cli, project, parent_ref, name, *extra):
@@ -63,7 +54,7 @@ def test_branch_of_branch(pg18, cli, workload):
     cli("endpoint", "start", "child", "-p", pg18.name)
     with connect(pg18, "child") as conn:
         conn.execute("INSERT INTO oracle VALUES (-1, -1), (-2, -2)")
-        grand_lsn = int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
+        grand_lsn = insert_lsn(conn)
         conn.execute("INSERT INTO oracle VALUES (-3, -3)")
     # the grandchild sees the child's own writes up to its branch point, and the parent's history below
     assert _rows_on(cli, pg18, f"child@{format_lsn(grand_lsn)}", "grandchild") == rows2 + 2

@@ -16,7 +16,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import connect
+from conftest import BlockedCommit, Writer, assert_all_present, connect
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import client, ports
@@ -100,49 +100,6 @@ def kill_compute(project):
     wait_until(lambda: postgres_pid(pgdata) is None, 10, "the compute to die")
 
 
-class Writer:
-    """Inserts rows one commit at a time; `acked` holds the ids whose COMMIT returned cleanly."""
-
-    def __init__(self, project, table: str, start: int = 1):
-        self.project, self.table = project, table
-        self.acked: list[int] = []
-        self.warned: list[int] = []
-        self.stop = threading.Event()
-        self.error: Exception | None = None
-        self.next = start
-        with connect(project) as conn:
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, pad text)")
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        try:
-            with connect(self.project) as conn:
-                notices: list = []
-                conn.add_notice_handler(lambda d: notices.append(d))
-                while not self.stop.is_set():
-                    i = self.next
-                    self.next += 1
-                    notices.clear()
-                    conn.execute(f"INSERT INTO {self.table} VALUES (%s, repeat('x', 100))", (i,))
-                    (self.warned if notices else self.acked).append(i)
-        except psycopg.Error as e:
-            self.error = e
-
-    def finish(self, timeout: float = 30):
-        self.stop.set()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the writer is stuck"
-        return self.acked
-
-
-def assert_all_present(project, table: str, acked: list[int]):
-    with connect(project) as conn:
-        present = {r[0] for r in conn.execute(f"SELECT id FROM {table}")}
-    missing = set(acked) - present
-    assert not missing, f"{len(missing)} acknowledged commits lost, e.g. {sorted(missing)[:5]}"
-
-
 def test_three_safekeepers_form_the_synchronous_quorum(q3, cli):
     _, out, _ = cli("project", "get", "-p", q3.name, "-o", "json")
     assert json.loads(out)["safekeepers"] == 3
@@ -205,34 +162,18 @@ def test_kill9_one_of_three_during_load(q3, cli):
 
 def test_kill9_two_of_three_blocks_commits(q3, cli):
     ensure_endpoint(q3, cli)
-    with connect(q3) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS minority (id int)")
+    c = BlockedCommit(q3, "minority")
     stop_safekeeper(q3, 2, immediate=True)
     stop_safekeeper(q3, 3, immediate=True)
-    done = threading.Event()
-    errors: list = []
-
-    def commit():
-        try:
-            with connect(q3) as conn:
-                conn.execute("INSERT INTO minority VALUES (42)")
-            done.set()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    t = threading.Thread(target=commit, daemon=True)
-    t.start()
+    c.start()
     try:
-        assert not done.wait(3.0), "a commit must not succeed on a minority of safekeepers"
-        with connect(q3) as conn:
-            assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone()[0] == 1
+        c.assert_waiting("a commit must not succeed on a minority of safekeepers")
     finally:
         start_safekeeper(q3, 3)
-    assert done.wait(15), f"the commit must resume once a quorum is back: {errors}"
+    c.assert_committed("the commit must resume once a quorum is back")
     start_safekeeper(q3, 2)
     wait_until(lambda: caught_up(q3, 2), 15, "sk2 to catch up")
-    with connect(q3) as conn:
-        assert conn.execute("SELECT count(*) FROM minority WHERE id = 42").fetchone()[0] == 1
+    c.assert_kept()
 
 
 def test_kill9_compute_and_safekeeper_together(q3, cli):
@@ -308,43 +249,35 @@ def test_divergent_tail_is_truncated(q3, cli):
     assert "truncated divergent WAL" in log
 
 
+def race(attempt, timeout: float) -> tuple[list, list[NeonctlError]]:
+    """Run `attempt` in two threads at once: (both outcomes, the NeonctlErrors among them)."""
+    outcomes: list = []
+
+    def one():
+        try:
+            outcomes.append(attempt())
+        except NeonctlError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return outcomes, [o for o in outcomes if isinstance(o, NeonctlError)]
+
+
 def test_racing_endpoint_starts_one_wins(q3, cli):
     ensure_all_safekeepers(q3)
     if read_state(q3, "main"):
         stop_endpoint(q3, "main")
-    results: list = []
-
-    def start():
-        try:
-            results.append(start_endpoint(load_project(q3.name), "main"))
-        except NeonctlError as e:
-            results.append(e)
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    errors = [r for r in results if isinstance(r, NeonctlError)]
+    results, errors = race(lambda: start_endpoint(load_project(q3.name), "main"), 120)
     assert len(results) == 2 and len(errors) == 1, results
     assert isinstance(errors[0], Conflict) and "already running" in str(errors[0])
     stop_endpoint(q3, "main")
     # The same race without the project lock: two proposers of one term, exactly one is elected.
     term = max(sk(q3, i)["term"] for i in (1, 2, 3)) + 1
-    outcomes: list = []
-
-    def propose():
-        try:
-            outcomes.append(elect(q3, tid(q3), term=term))
-        except NeonctlError as e:
-            outcomes.append(e)
-
-    threads = [threading.Thread(target=propose) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    lost = [o for o in outcomes if isinstance(o, NeonctlError)]
+    outcomes, lost = race(lambda: elect(q3, tid(q3), term=term), 60)
     assert len(outcomes) == 2 and len(lost) == 1, outcomes
     assert isinstance(lost[0], Conflict) and f"lost the election for term {term}" in str(lost[0])
 

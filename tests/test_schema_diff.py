@@ -4,8 +4,9 @@ identical; points without a running endpoint get a temporary read-only one that 
 import json
 
 import pytest
-from conftest import connect
+from conftest import connect, insert_lsn, new_table, running_main
 
+from neonctl.cli import main
 from neonctl.engine.compute.endpoint import list_endpoints
 from neonctl.engine.lsn import format_lsn
 
@@ -13,21 +14,15 @@ from neonctl.engine.lsn import format_lsn
 @pytest.fixture(scope="module")
 def sd(pg18):
     """main and sd_dev (both running); sd_dev adds a column after `before` (an LSN on sd_dev)."""
-    from neonctl.cli import main
-
-    p = ["-p", pg18.name, "-o", "json"]
-    assert main(["endpoint", "start", "main", *p]) == 0
-    with connect(pg18) as conn:
-        conn.execute("DROP TABLE IF EXISTS sd_t")
-        conn.execute("CREATE TABLE sd_t (id int PRIMARY KEY)")
-    assert main(["branch", "create", "--name", "sd_dev", "--endpoint", *p]) == 0
-    with connect(pg18, "sd_dev") as conn:
-        conn.execute("INSERT INTO sd_t VALUES (1)")
-        before = int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
-        conn.execute("ALTER TABLE sd_t ADD COLUMN note text")
-    yield pg18, before
-    for st, _ in list_endpoints(pg18):
-        assert main(["endpoint", "stop", st.name, "-p", pg18.name, "-o", "json"]) == 0
+    with running_main(pg18):
+        with connect(pg18) as conn:
+            new_table(conn, "sd_t", "id int PRIMARY KEY")
+        assert main(["branch", "create", "--name", "sd_dev", "--endpoint", "-p", pg18.name, "-o", "json"]) == 0
+        with connect(pg18, "sd_dev") as conn:
+            conn.execute("INSERT INTO sd_t VALUES (1)")
+            before = insert_lsn(conn)
+            conn.execute("ALTER TABLE sd_t ADD COLUMN note text")
+        yield pg18, before
 
 
 def test_added_column(sd, cli):

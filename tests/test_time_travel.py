@@ -2,12 +2,10 @@
 that shows exactly the rows committed by that point, refuses writes, and leaves the branch's writer alone."""
 
 import json
-import time
-from datetime import datetime, timezone
 
 import psycopg
 import pytest
-from conftest import connect
+from conftest import commit_history, connect, running_main
 
 from neonctl.engine import client
 from neonctl.engine.compute.endpoint import list_endpoints, read_state
@@ -17,23 +15,10 @@ from neonctl.engine.lsn import format_lsn, parse_lsn
 @pytest.fixture(scope="module")
 def history(pg18):
     """Batches committed one transaction at a time: (insert LSN, wall time, row count) after each."""
-    from neonctl.cli import main
-
-    assert main(["endpoint", "start", "main", "-p", pg18.name, "-o", "json"]) == 0
-    points = []
-    with connect(pg18) as conn:
-        conn.execute("DROP TABLE IF EXISTS tt")
-        conn.execute("CREATE TABLE tt (id int PRIMARY KEY, batch int)")
-        for i in range(1, 5):
-            time.sleep(0.05)
-            conn.execute("INSERT INTO tt SELECT g, %s FROM generate_series(%s::int, %s::int) g", (i, i * 100, i * 100 + i))
-            lsn = int(conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
-            rows = conn.execute("SELECT count(*) FROM tt").fetchone()[0]
-            points.append((lsn, datetime.now(timezone.utc), rows))
-            time.sleep(0.05)
-    yield points
-    for st, _ in list_endpoints(pg18):
-        assert main(["endpoint", "stop", st.name, "-p", pg18.name, "-o", "json"]) == 0
+    with running_main(pg18):
+        with connect(pg18) as conn:
+            points = commit_history(conn, "tt", 4, lambda i: (i * 100, i * 100 + i))
+        yield points
 
 
 def _count(conn_str):

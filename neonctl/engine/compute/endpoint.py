@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,30 +122,15 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
         project.reload()
         b = project.branch(branch)
         require_running(project)
-        old = read_state(project, branch)
+        old = previous_compute(project, branch, progress)
         if old is not None:
-            if endpoint_status(old) == "running":
-                raise Conflict(f"endpoint for branch {branch!r} is already running on port {old.port}")
-            progress(f"previous compute of {branch!r} is gone (crashed); rebuilding it from storage")
-            _discard(project, old)
-        auto_port = port is None
-        if port is not None:
-            if not 1 <= port <= 65535:
-                raise InvalidInput(f"invalid port {port}")
-            if port in _ports_in_use() or not ports.port_free(port):
-                raise Conflict(f"port {port} is already in use")
-        else:
-            port, = ports.allocate(ports.ENDPOINT_BASE_PORT, _ports_in_use())
+            raise Conflict(f"endpoint for branch {branch!r} is already running on port {old.port}")
+        port, auto_port = claim_port(port)
         runtime = project.runtime()
         elected = elect(project, b.timeline_id, progress)  # a new term; a quorum holds WAL up to its start
         flush = elected.start_lsn
-        epdir = project.compute_root() / "endpoints" / branch
-        pgdata = epdir / "pgdata"
-        if epdir.exists():
-            shutil.rmtree(epdir)
-        epdir.mkdir(parents=True)
-        os.chmod(epdir, 0o755)
-        try:
+        with new_compute_dir(project, branch) as epdir:
+            pgdata = epdir / "pgdata"
             progress(f"materialising {branch} at the end of its WAL ({format_lsn(flush)}) ...")
             res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
                               {"target": str(pgdata), "wait_for_lsn": flush, "timeout": 60}, timeout=120)
@@ -155,18 +142,63 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
                 f"PostgreSQL {runtime.version} on branch {branch!r}", progress)
             verify_replayed(port, lsn, logfile)
             attach(project, elected, port, lsn)
-        except BaseException:
-            pid = postgres_pid(pgdata)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(epdir, ignore_errors=True)
-            raise
         st = EndpointState(branch=branch, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
                            started_at=time.time(), pg_version=runtime.version, fsync=fsync)
-        tmp = _state_path(project, branch).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(st), indent=1))
-        os.replace(tmp, _state_path(project, branch))
+        save_state(project, st)
         return st
+
+
+def previous_compute(project: Project, name: str, progress) -> EndpointState | None:
+    """The endpoint's compute if it still runs; one that crashed is discarded here, to be rebuilt from storage."""
+    old = read_state(project, name)
+    if old is not None and endpoint_status(old) != "running":
+        progress(f"previous compute of {name!r} is gone (crashed); rebuilding it from storage")
+        _discard(project, old)
+        return None
+    return old
+
+
+def claim_port(port: int | None) -> tuple[int, bool]:
+    """(port, chosen automatically): a port the user asked for must be free now; one chosen here may still be
+    taken before Postgres binds it, and then launch_postgres moves on to the next."""
+    if port is None:
+        port, = ports.allocate(ports.ENDPOINT_BASE_PORT, _ports_in_use())
+        return port, True
+    if not 1 <= port <= 65535:
+        raise InvalidInput(f"invalid port {port}")
+    if port in _ports_in_use() or not ports.port_free(port):
+        raise Conflict(f"port {port} is already in use")
+    return port, False
+
+
+@contextmanager
+def new_compute_dir(project: Project, name: str) -> Iterator[Path]:
+    """An empty directory for endpoint `name`'s data directory and log, for a start built inside the block.
+
+    If the start fails, its Postgres is killed and the directory removed: a failed start leaves no half-built
+    compute behind (the data directory is only a cache of storage).
+    """
+    epdir = project.compute_root() / "endpoints" / name.replace("/", "_")
+    if epdir.exists():
+        shutil.rmtree(epdir)
+    epdir.mkdir(parents=True)
+    os.chmod(epdir, 0o755)
+    try:
+        yield epdir
+    except BaseException:
+        pid = postgres_pid(epdir / "pgdata")
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(epdir, ignore_errors=True)
+        raise
+
+
+def save_state(project: Project, st: EndpointState) -> None:
+    """Record a started compute atomically: a reader sees the old state file or the complete new one."""
+    path = _state_path(project, st.name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(st), indent=1))
+    os.replace(tmp, path)
 
 
 def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int, auto_port: bool,

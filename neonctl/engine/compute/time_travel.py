@@ -17,25 +17,20 @@ target. So a start only returns once `pg_last_wal_replay_lsn()` reached it.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
 import time
-from dataclasses import asdict
 
-from neonctl.engine import client, ports
+from neonctl.engine import client
 from neonctl.engine.compute.endpoint import (
     EndpointState,
-    _discard,
-    _ports_in_use,
-    _state_path,
+    claim_port,
     compute_config,
     endpoint_status,
     launch_postgres,
     list_endpoints,
-    postgres_pid,
+    new_compute_dir,
+    previous_compute,
     read_state,
+    save_state,
 )
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import Branch, Project
@@ -135,31 +130,16 @@ def start_time_travel(project: Project, point: TimePoint, port: int | None = Non
         project.reload()
         b, lsn = resolve_point(project, point)
         name = endpoint_name(b.name, lsn)
-        old = read_state(project, name)
+        old = previous_compute(project, name, progress)
         if old is not None:
-            if endpoint_status(old) == "running":
-                if reuse:
-                    return old, False
-                raise Conflict(f"time-travel endpoint {name} is already running on port {old.port}")
-            progress(f"previous compute of {name} is gone (crashed); rebuilding it")
-            _discard(project, old)
-        auto_port = port is None
-        if port is not None:
-            if not 1 <= port <= 65535:
-                raise InvalidInput(f"invalid port {port}")
-            if port in _ports_in_use() or not ports.port_free(port):
-                raise Conflict(f"port {port} is already in use")
-        else:
-            port, = ports.allocate(ports.ENDPOINT_BASE_PORT, _ports_in_use())
+            if reuse:
+                return old, False
+            raise Conflict(f"time-travel endpoint {name} is already running on port {old.port}")
+        port, auto_port = claim_port(port)
         runtime = project.runtime()
-        epdir = project.compute_root() / "endpoints" / name.replace("/", "_")
-        pgdata = epdir / "pgdata"
-        if epdir.exists():
-            shutil.rmtree(epdir)
-        epdir.mkdir(parents=True)
-        os.chmod(epdir, 0o755)
-        logfile = epdir / "postgres.log"
-        try:
+        with new_compute_dir(project, name) as epdir:
+            pgdata = epdir / "pgdata"
+            logfile = epdir / "postgres.log"
             progress(f"materialising {name} (read-only time travel) ...")
             client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
                         {"target": str(pgdata), "lsn": lsn, "timeout": 60}, timeout=120)
@@ -172,18 +152,9 @@ def start_time_travel(project: Project, point: TimePoint, port: int | None = Non
                 lambda p: compute_config(project, p, epdir, fsync=False) + STANDBY_SETTINGS,
                 f"read-only PostgreSQL {runtime.version} for {name}", progress)
             wait_replayed(port, lsn, logfile)
-        except BaseException:
-            pid = postgres_pid(pgdata)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(epdir, ignore_errors=True)
-            raise
         st = EndpointState(branch=b.name, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
                            started_at=time.time(), pg_version=runtime.version, fsync=False, at_lsn=lsn)
-        path = _state_path(project, name)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(st), indent=1))
-        os.replace(tmp, path)
+        save_state(project, st)
         return st, True
 
 
