@@ -20,14 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
+
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
 from neonctl.engine.pageserver.layer_file import (
+    BLOCK_SIZE,
     DELTA_MAGIC,
     LayerFileReader,
     LayerFileWriter,
     LayerSummary,
+    frame_blobs,
     normalize_timeline_id,
+    write_layer_file,
 )
 from neonctl.engine.pageserver.layer_name import DeltaLayerName
 from neonctl.errors import CorruptData
@@ -61,6 +66,61 @@ class DeltaLayerInfo:
     @property
     def lsn_end(self) -> int:
         return self.name.lsn_end
+
+
+@dataclass
+class DeltaEntries:
+    """Many delta values as columns: what bulk writers take and ``read_all`` returns.
+
+    Row i is index key ``ikeys[i]`` (the 18-byte key then the LSN, big-endian),
+    ``will_init[i]``, and the value ``[tag[i]] + src[off[i]:off[i] + length[i]]``
+    (no tag byte where ``tag[i] < 0``).
+    """
+
+    ikeys: np.ndarray  # (n, DELTA_KEY_LEN) uint8
+    will_init: np.ndarray  # bool
+    src: np.ndarray  # uint8
+    off: np.ndarray  # int64
+    length: np.ndarray  # int64
+    tag: np.ndarray  # int16
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+    def lsns(self) -> np.ndarray:
+        return self.ikeys[:, KEY_SIZE:].copy().view(">u8").ravel().astype(np.uint64)
+
+    def value(self, i: int) -> bytes:
+        body = self.src[self.off[i]:self.off[i] + self.length[i]].tobytes()
+        return body if self.tag[i] < 0 else bytes((int(self.tag[i]),)) + body
+
+    def take(self, rows: np.ndarray | slice) -> DeltaEntries:
+        return DeltaEntries(self.ikeys[rows], self.will_init[rows], self.src, self.off[rows], self.length[rows],
+                            self.tag[rows])
+
+    def value_bytes(self) -> int:
+        return int(self.length.sum()) + len(self)
+
+
+def write_delta_layer(path: str | os.PathLike[str], timeline_id: str, entries: DeltaEntries, key_start: Key,
+                      key_end: Key, lsn_start: int, lsn_end: int) -> DeltaLayerInfo:
+    """Write a delta layer from entries already sorted by (key, LSN) - the bulk ``DeltaLayerWriter``."""
+    n = len(entries)
+    if n:
+        first, last = Key.from_bytes(entries.ikeys[0, :KEY_SIZE].tobytes()), \
+            Key.from_bytes(entries.ikeys[-1, :KEY_SIZE].tobytes())
+        if first < key_start or not last < key_end:
+            raise ValueError(f"keys {first}..{last} outside the layer's range {key_start}-{key_end}")
+        lsns = entries.lsns()
+        if int(lsns.min()) < lsn_start or int(lsns.max()) >= lsn_end:
+            raise ValueError(f"LSNs {format_lsn(int(lsns.min()))}..{format_lsn(int(lsns.max()))} outside the layer"
+                             f" {format_lsn(lsn_start)}..{format_lsn(lsn_end)}")
+    region, offsets = frame_blobs(entries.src, entries.off, entries.length, entries.tag)
+    packed = ((offsets + BLOCK_SIZE).astype(np.uint64) << np.uint64(1)) | entries.will_init.astype(np.uint64)
+    name = DeltaLayerName(KeyRange(key_start, key_end), lsn_start, lsn_end)
+    summary, size = write_layer_file(path, DELTA_MAGIC, timeline_id, name.key_range, lsn_start, lsn_end, region,
+                                     entries.ikeys, packed)
+    return DeltaLayerInfo(Path(path), name, summary.timeline_id, size, n)
 
 
 class DeltaLayerWriter:
@@ -169,6 +229,12 @@ class DeltaLayerReader:
         for ikey, packed in self._file.index.iter_all():
             key = Key.from_bytes(ikey[:KEY_SIZE])
             yield key, int.from_bytes(ikey[KEY_SIZE:], "big"), bool(packed & 1), self._file.read_blob(packed >> 1)
+
+    def read_all(self) -> DeltaEntries:
+        """Every value of the layer as columns, in (key, LSN) order, checksums verified."""
+        ikeys, packed, region, poff, plen = self._file.read_all(flag_bits=1)
+        return DeltaEntries(ikeys, (packed & np.uint64(1)).astype(bool), region, poff, plen,
+                            np.full(len(poff), -1, dtype=np.int16))
 
     def keys(self) -> Iterator[Key]:
         """Distinct keys with at least one value, ascending."""

@@ -35,7 +35,9 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 
 import crc32c
+import numpy as np
 
+from neonctl.engine.jit import CRC_TABLE, byte_at, crc32c_range, jit
 from neonctl.errors import CorruptData
 
 NODE_SIZE = 8192
@@ -167,6 +169,169 @@ class BTreeBuilder:
                 return blk, self._next_blk - self._start_blk
             self._push(level + 1, first_key, blk)
             level += 1
+
+
+@jit
+def _first_unsorted(keys):
+    """Index of the first key not strictly above its predecessor, or -1."""
+    n, klen = keys.shape
+    for i in range(1, n):
+        c = 0
+        while c < klen and keys[i, c] == keys[i - 1, c]:
+            c += 1
+        if c == klen or keys[i, c] < keys[i - 1, c]:
+            return i
+    return -1
+
+
+@jit
+def _pack_level(keys, values, level, out, firsts, table):
+    """Fill nodes greedily left to right (the same rule as ``_NodeBuffer.try_add``); returns the count.
+
+    ``out[m]`` receives node m, ``firsts[m]`` the index of its first key.
+    """
+    n, klen = keys.shape
+    m = 0
+    i = 0
+    while i < n or (n == 0 and m == 0):
+        p = klen
+        cnt = 1 if n else 0
+        while i + cnt < n:
+            c = 0
+            while c < p and keys[i, c] == keys[i + cnt, c]:
+                c += 1
+            if 9 + c + (cnt + 1) * (klen - c + 5) > 8192:
+                break
+            p = c
+            cnt += 1
+        if cnt == 0:
+            p = 0
+        blk = out[m]
+        blk[4] = (cnt >> 8) & 0xFF
+        blk[5] = cnt & 0xFF
+        blk[6] = level
+        blk[7] = p
+        blk[8] = klen - p
+        pos = 9
+        for c in range(p):
+            blk[pos + c] = keys[i, c]
+        pos += p
+        for j in range(cnt):
+            for c in range(p, klen):
+                blk[pos] = keys[i + j, c]
+                pos += 1
+        for j in range(cnt):
+            v = values[i + j]
+            for b in range(5):
+                blk[pos + b] = (v >> np.uint64(8 * (4 - b))) & np.uint64(0xFF)
+            pos += 5
+        crc = crc32c_range(blk, 4, 8192, table)
+        blk[0] = (crc >> 24) & 0xFF
+        blk[1] = (crc >> 16) & 0xFF
+        blk[2] = (crc >> 8) & 0xFF
+        blk[3] = crc & 0xFF
+        firsts[m] = i
+        m += 1
+        i += cnt
+    return m
+
+
+def build_sorted(keys: np.ndarray, values: np.ndarray, start_blk: int = 0) -> tuple[bytes, int, int]:
+    """Build a whole tree at once from sorted rows; returns (blocks, root_blk, number of blocks).
+
+    The bulk form of ``BTreeBuilder`` for layer writers that hold every entry in
+    arrays already: ``keys`` is an (n, key_len) uint8 array of strictly increasing
+    keys, ``values`` their payloads. Nodes are filled by the same greedy rule; all
+    leaves come first, then each level above, root last.
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.uint8)
+    n, key_len = keys.shape
+    _check_key_len(key_len)
+    values = np.ascontiguousarray(values, dtype=np.uint64)
+    if len(values) != n:
+        raise ValueError(f"{n} keys but {len(values)} values")
+    if n and int(values.max()) >= MAX_VALUE:
+        raise ValueError(f"B-tree value {int(values.max())} does not fit in {VALUE_SIZE} bytes")
+    bad = _first_unsorted(keys)
+    if bad >= 0:
+        kind = "duplicate" if bytes(keys[bad]) == bytes(keys[bad - 1]) else "unsorted"
+        raise ValueError(f"{kind} B-tree key {bytes(keys[bad]).hex()} after {bytes(keys[bad - 1]).hex()}")
+    chunks = []
+    next_blk = start_blk
+    level = 0
+    min_fanout = (NODE_SIZE - HEADER_SIZE) // (key_len + VALUE_SIZE)
+    while True:
+        cap = len(keys) // min_fanout + 2
+        out = np.zeros((cap, NODE_SIZE), dtype=np.uint8)
+        firsts = np.zeros(cap, dtype=np.int64)
+        m = _pack_level(keys, values, level, out, firsts, CRC_TABLE)
+        chunks.append(out[:m])
+        blks = np.arange(next_blk, next_blk + m, dtype=np.uint64)
+        next_blk += m
+        if m == 1:
+            return b"".join(c.tobytes() for c in chunks), next_blk - 1, next_blk - start_blk
+        if level + 1 >= _MAX_LEVELS:
+            raise ValueError("B-tree too deep")
+        keys, values = np.ascontiguousarray(keys[firsts[:m]]), blks
+        level += 1
+
+
+@jit
+def _decode_leaves(blocks, key_len, keys_out, values_out, table):
+    """Entries of every leaf in ``blocks`` (in block order); returns (count, index of a bad block or -1)."""
+    nblk = blocks.shape[0] // 8192
+    k = 0
+    for b in range(nblk):
+        base = b * 8192
+        stored = (byte_at(blocks, base) << 24) | (byte_at(blocks, base + 1) << 16) | \
+            (byte_at(blocks, base + 2) << 8) | byte_at(blocks, base + 3)
+        if crc32c_range(blocks, base + 4, base + 8192, table) != stored:
+            return k, b
+        cnt = (np.int64(blocks[base + 4]) << 8) | np.int64(blocks[base + 5])
+        level = blocks[base + 6]
+        p = np.int64(blocks[base + 7])
+        s = np.int64(blocks[base + 8])
+        if p + s != key_len or 9 + p + cnt * (s + 5) > 8192:
+            return k, b
+        if level != 0:
+            continue
+        if k + cnt > keys_out.shape[0]:
+            return k, b
+        sfx = base + 9 + p
+        vat = sfx + cnt * s
+        for j in range(cnt):
+            for c in range(p):
+                keys_out[k, c] = blocks[base + 9 + c]
+            for c in range(s):
+                keys_out[k, p + c] = blocks[sfx + j * s + c]
+            v = np.uint64(0)
+            for c in range(5):
+                v = (v << np.uint64(8)) | np.uint64(blocks[vat + j * 5 + c])
+            values_out[k] = v
+            k += 1
+    return k, -1
+
+
+def read_all_leaves(blocks: bytes, key_len: int, name: str = "B-tree") -> tuple[np.ndarray, np.ndarray]:
+    """Every (key, value) of a tree from all of its blocks at once, in key order.
+
+    Leaves are written in key order by both builders, so reading them in block
+    order yields the entries sorted; the order is re-checked, and every block's
+    checksum, so a damaged index raises ``CorruptData`` like a lookup would.
+    """
+    buf = np.frombuffer(blocks, dtype=np.uint8)
+    if len(buf) % NODE_SIZE:
+        raise CorruptData(f"{name}: index is {len(buf)} bytes, not whole blocks")
+    cap = (len(buf) // NODE_SIZE) * ((NODE_SIZE - HEADER_SIZE) // VALUE_SIZE)
+    keys = np.empty((cap, key_len), dtype=np.uint8)
+    values = np.empty(cap, dtype=np.uint64)
+    n, bad = _decode_leaves(buf, key_len, keys, values, CRC_TABLE)
+    if bad >= 0:
+        raise CorruptData(f"{name}: B-tree block {bad}: checksum mismatch or bad header")
+    keys, values = keys[:n], values[:n]
+    if _first_unsorted(keys) >= 0:
+        raise CorruptData(f"{name}: B-tree leaves are out of order")
+    return keys, values
 
 
 class _Node:

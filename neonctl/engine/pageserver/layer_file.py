@@ -30,9 +30,11 @@ from pathlib import Path
 from types import TracebackType
 
 import crc32c
+import numpy as np
 import zstandard
 
-from neonctl.engine.pageserver.disk_btree import NODE_SIZE, BTreeBuilder, BTreeReader
+from neonctl.engine.jit import CRC_TABLE, byte_at, crc32c_range, jit
+from neonctl.engine.pageserver.disk_btree import NODE_SIZE, BTreeBuilder, BTreeReader, build_sorted, read_all_leaves
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
 from neonctl.errors import CorruptData
 
@@ -118,6 +120,126 @@ def encode_blob_header(length: int, compression: int) -> bytes:
     if length > MAX_BLOB_SIZE:
         raise ValueError(f"blob of {length} bytes exceeds the {MAX_BLOB_SIZE}-byte limit")
     return (_LONG_FLAG | compression << _COMPRESSION_SHIFT | length).to_bytes(4, "big")
+
+
+@jit
+def _put_u32_be(out, pos, v):
+    p = np.uint64(pos)
+    out[p] = (v >> 24) & 0xFF
+    out[p + np.uint64(1)] = (v >> 16) & 0xFF
+    out[p + np.uint64(2)] = (v >> 8) & 0xFF
+    out[p + np.uint64(3)] = v & 0xFF
+
+
+@jit
+def _encode_blobs(src, off, length, tag, out, table, offsets):
+    """Frame values ``[tag byte] + src[off:off+length]`` as blobs into ``out``; returns bytes used.
+
+    ``tag[i] < 0`` means no tag byte. ``offsets[i]`` receives the blob's offset in ``out``.
+    """
+    pos = np.int64(0)
+    for i in range(off.shape[0]):
+        t = tag[i]
+        n = length[i]
+        plen = n + (1 if t >= 0 else 0)
+        offsets[i] = pos
+        start = pos
+        if plen < 0x80:
+            out[np.uint64(pos)] = plen
+            pos += 1
+        else:
+            _put_u32_be(out, pos, 0x80000000 | plen)
+            pos += 4
+        if t >= 0:
+            out[np.uint64(pos)] = t
+            pos += 1
+        s = np.uint64(off[i])
+        d = np.uint64(pos)
+        for k in range(np.uint64(n)):
+            out[d + k] = src[s + k]
+        pos += n
+        _put_u32_be(out, pos, crc32c_range(out, start, pos, table))
+        pos += 4
+    return pos
+
+
+@jit
+def _decode_blobs(region, offsets, payload_off, payload_len, compression, table):
+    """Locate and checksum the blobs at ``offsets`` in ``region``; returns the index of a bad one or -1."""
+    n = region.shape[0]
+    for i in range(offsets.shape[0]):
+        o = offsets[i]
+        if o < 0 or o >= n:
+            return i
+        first = byte_at(region, o)
+        if first < 0x80:
+            hlen = 1
+            plen = first
+            comp = 0
+        else:
+            if o + 4 > n:
+                return i
+            word = (first << 24) | (byte_at(region, o + 1) << 16) | (byte_at(region, o + 2) << 8) | \
+                byte_at(region, o + 3)
+            hlen = 4
+            plen = word & 0x0FFFFFFF
+            comp = (word >> 28) & 0x7
+        end = o + hlen + plen
+        if end + 4 > n:
+            return i
+        stored = (byte_at(region, end) << 24) | (byte_at(region, end + 1) << 16) | \
+            (byte_at(region, end + 2) << 8) | byte_at(region, end + 3)
+        if crc32c_range(region, o, end, table) != stored:
+            return i
+        payload_off[i] = o + hlen
+        payload_len[i] = plen
+        compression[i] = comp
+    return -1
+
+
+def frame_blobs(src: np.ndarray, off: np.ndarray, length: np.ndarray, tag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Many values framed as blobs in one go: (region bytes, offset of each blob in it)."""
+    n = len(off)
+    off = np.ascontiguousarray(off, dtype=np.int64)
+    length = np.ascontiguousarray(length, dtype=np.int64)
+    if n and int(length.max()) + 1 > MAX_BLOB_SIZE:
+        raise ValueError(f"blob of {int(length.max())} bytes exceeds the {MAX_BLOB_SIZE}-byte limit")
+    out = np.empty(int(length.sum()) + 9 * n, dtype=np.uint8)
+    offsets = np.empty(n, dtype=np.int64)
+    used = _encode_blobs(src, off, length, np.ascontiguousarray(tag, dtype=np.int16), out, CRC_TABLE, offsets)
+    return out[:used], offsets
+
+
+def write_layer_file(path: str | os.PathLike[str], magic: int, timeline_id: str, key_range: KeyRange,
+                     lsn_start: int, lsn_end: int, region: np.ndarray, index_keys: np.ndarray,
+                     index_values: np.ndarray) -> tuple[LayerSummary, int]:
+    """Write a whole layer file from arrays (bulk ``LayerFileWriter``): value region, index, summary.
+
+    Same file layout and durability steps as the streaming writer: a ``.tmp``
+    file, fsynced, renamed, directory fsynced. Returns (summary, file size).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    timeline_id = normalize_timeline_id(timeline_id)
+    values_end = BLOCK_SIZE + len(region)
+    start_blk = -(-values_end // BLOCK_SIZE)
+    index, root, n_blocks = build_sorted(index_keys, index_values)
+    summary = LayerSummary(magic, FORMAT_VERSION, timeline_id, key_range, lsn_start, lsn_end, start_blk,
+                           start_blk + root)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(summary.to_block())
+            f.write(memoryview(region))
+            f.write(bytes(start_blk * BLOCK_SIZE - values_end))
+            f.write(index)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return summary, (start_blk + n_blocks) * BLOCK_SIZE
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -309,6 +431,38 @@ class LayerFileReader:
             except zstandard.ZstdError as e:
                 raise CorruptData(f"{self.path}: blob at offset {offset} does not decompress: {e}") from e
         raise CorruptData(f"{self.path}: blob at offset {offset} has unknown compression {compression}")
+
+    def read_all(self, flag_bits: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every index entry and where its blob's payload lies, checksums verified, in two reads.
+
+        An index value is a blob offset shifted left by ``flag_bits``. Returns (keys, index values, value region, payload offsets into the region, payload
+        lengths). Compressed blobs are decompressed into an extension of the region.
+        """
+        s = self.summary
+        index = os.pread(self._fd, (s.index_root_blk + 1 - s.index_start_blk) * BLOCK_SIZE,
+                         s.index_start_blk * BLOCK_SIZE)
+        keys, values = read_all_leaves(index, self.index.key_len, name=self.path)
+        region = np.frombuffer(os.pread(self._fd, self._values_end - BLOCK_SIZE, BLOCK_SIZE), dtype=np.uint8)
+        offsets = (values >> np.uint64(flag_bits)).astype(np.int64) - BLOCK_SIZE
+        n = len(offsets)
+        poff, plen, comp = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        bad = _decode_blobs(region, offsets, poff, plen, comp, CRC_TABLE)
+        if bad >= 0:
+            raise CorruptData(f"{self.path}: checksum mismatch or bad header in blob at offset "
+                              f"{int(offsets[bad]) + BLOCK_SIZE}")
+        packed = np.flatnonzero(comp)
+        if len(packed):
+            extra, base = [], len(region)
+            for i in packed:
+                if comp[i] != COMPRESSION_ZSTD:
+                    raise CorruptData(f"{self.path}: blob at offset {int(offsets[i]) + BLOCK_SIZE} has unknown"
+                                      f" compression {int(comp[i])}")
+                raw = _zstd_decompress(region[poff[i]:poff[i] + plen[i]].tobytes(), MAX_BLOB_SIZE)
+                poff[i], plen[i] = base, len(raw)
+                base += len(raw)
+                extra.append(raw)
+            region = np.concatenate([region, np.frombuffer(b"".join(extra), dtype=np.uint8)])
+        return keys, values, region, poff, plen
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1,18 +1,18 @@
 """A timeline's layered storage: open in-memory layer -> L0 deltas -> compacted L1 deltas (+ images).
 
-Ingest puts every decoded WAL record into the open layer; it is frozen into an
+Ingest puts every scanned WAL batch into the open layer; it is frozen into an
 L0 delta when it spans `checkpoint_distance` of WAL or has been open for
 `checkpoint_timeout`. Once `compaction_threshold` L0s pile up they are
 merge-sorted by (key, LSN) into L1 deltas of about `compaction_target_size`,
-each covering a narrow key range, so a page lookup touches few files. The
-compaction runs inline with ingest: ingest waits for it, which is the
-backpressure. Reads walk layers newest-first and stop at the first page
+each covering a narrow key range, so a page lookup touches few files. Both
+steps work on whole columns (every index entry and value region read at
+once, sorted, written in bulk). The compaction runs inline with ingest:
+ingest waits for it, which is the backpressure. Reads walk layers newest-first and stop at the first page
 image or will_init record.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -20,15 +20,17 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, DeltaLayerWriter
+from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, write_delta_layer
 from neonctl.engine.pageserver.failpoints import failpoint
 from neonctl.engine.pageserver.image_layer import ImageLayerReader
-from neonctl.engine.pageserver.inmemory_layer import InMemoryLayer
-from neonctl.engine.pageserver.key import Key
+from neonctl.engine.pageserver.inmemory_layer import InMemoryLayer, concat_entries, sorted_entries
+from neonctl.engine.pageserver.key import KEY_SIZE, Key
 from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
 from neonctl.engine.pageserver.wal_ingest import WalIngest
-from neonctl.engine.wal.reader import RawRecord
+from neonctl.engine.wal.record_scan import RecordBatch
 
 log = logging.getLogger("pageserver.layers")
 
@@ -58,13 +60,14 @@ class LayerStore:
 
     # -- write path -----------------------------------------------------------
 
-    def put_record(self, raw: RawRecord) -> None:
+    def put_batch(self, batch: RecordBatch) -> None:
         with self.lock:
-            if raw.end_lsn <= self.open.start_lsn:
-                return  # already in a frozen layer (re-ingest after restart)
-            for key, lsn, v, will_init in self.ingest.entries(raw):
-                self.open.put(key, lsn, v, will_init)
-            self.open.advance(raw.end_lsn)
+            # records already in a frozen layer (re-ingest after restart) are skipped
+            first = int(np.searchsorted(batch.end, self.open.start_lsn, side="right"))
+            for chunk in self.ingest.batch_entries(batch, first):
+                self.open.add(chunk)
+            if first < len(batch):
+                self.open.advance(batch.end_lsn)
 
     def maybe_freeze(self, force: bool = False) -> bool:
         with self.lock:
@@ -100,33 +103,19 @@ class LayerStore:
             l0 = self.map.l0()
             if len(l0) < 2:
                 return
-            readers = [self.reader(d.name) for d in l0]
             lsn_start, lsn_end = l0[0].lsn_start, max(d.lsn_end for d in l0)
-            merged = heapq.merge(*(r.iter_all() for r in readers), key=lambda e: (e[0], e[1]))
+            # L0s in LSN order, each sorted: a stable sort by key leaves each key's versions in LSN order
+            merged = sorted_entries(concat_entries([self.reader(d.name).read_all() for d in l0]))
             new: list[LayerDesc] = []
-            writer, size, last_key = None, 0, None
-
-            def seal(end_key: Key) -> None:
-                tmp_path = writer_path[0]
-                info = writer.finish(end_key, lsn_end)
-                final = self.dir / str(info.name)
-                tmp_path.rename(final)
+            for lo, hi in _partitions(merged.ikeys, merged.length + 40, self.config.compaction_target_size):
+                part = merged.take(slice(lo, hi))
+                first = Key.from_bytes(part.ikeys[0, :KEY_SIZE].tobytes())
+                end = (Key.from_bytes(merged.ikeys[hi, :KEY_SIZE].tobytes()) if hi < len(merged)
+                       else Key.from_bytes(part.ikeys[-1, :KEY_SIZE].tobytes()).next())
+                tmp = self.dir / f"pending-{uuid.uuid4().hex}"
+                info = write_delta_layer(tmp, self.timeline_id, part, first, end, lsn_start, lsn_end)
+                tmp.rename(self.dir / str(info.name))
                 new.append(LayerDesc.from_name(str(info.name), 1, info.file_size, info.num_values))
-
-            writer_path: list[Path] = []
-            for key, lsn, will_init, v in merged:
-                if writer is not None and size >= self.config.compaction_target_size and key != last_key:
-                    seal(key)
-                    writer = None
-                if writer is None:
-                    writer_path[:] = [self.dir / f"pending-{uuid.uuid4().hex}"]
-                    writer = DeltaLayerWriter(writer_path[0], self.timeline_id, key, lsn_start)
-                    size = 0
-                writer.put(key, lsn, v, will_init)
-                size += len(v) + 40
-                last_key = key
-            if writer is not None:
-                seal(last_key.next())
             failpoint("compaction-written-before-index")
             for d in l0:
                 r = self._readers.pop(d.name, None)
@@ -214,7 +203,7 @@ class LayerStore:
         "what changed since the branch point" - answered from indexes alone.
         """
         with self.lock:
-            keys: set = {k for k in self.open.values if k.is_rel_block()}
+            keys: set = {k for k in self.open.keys() if k.is_rel_block()}
             for d in self.map.layers.values():
                 if d.kind == "delta":
                     keys.update(k for k in self.reader(d.name).keys() if k.is_rel_block())
@@ -228,3 +217,23 @@ class LayerStore:
         for r in self._readers.values():
             r.close()
         self._readers.clear()
+
+
+def _partitions(ikeys: np.ndarray, sizes: np.ndarray, target: int) -> list[tuple[int, int]]:
+    """Row ranges of about ``target`` bytes each, cut only where the key changes (never inside a key)."""
+    n = len(ikeys)
+    if n == 0:
+        return []
+    starts = np.flatnonzero((ikeys[1:, :KEY_SIZE] != ikeys[:-1, :KEY_SIZE]).any(axis=1)) + 1  # new-key rows
+    cum = np.concatenate([[0], np.cumsum(sizes)])
+    out, lo = [], 0
+    while True:
+        # first key start whose preceding rows (since lo) reach the target
+        j = int(np.searchsorted(cum[starts], cum[lo] + target, side="left"))
+        while j < len(starts) and starts[j] <= lo:
+            j += 1
+        if j >= len(starts):
+            out.append((lo, n))
+            return out
+        out.append((lo, int(starts[j])))
+        lo = int(starts[j])

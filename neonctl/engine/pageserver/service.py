@@ -24,6 +24,7 @@ from aiohttp import web
 
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.gc import gc_cutoff, gc_timeline
 from neonctl.engine.timepoint import from_pg_us
@@ -229,10 +230,13 @@ class Pageserver:
         key = Key.parse(request.query["key"])
         lsn = int(request.query.get("lsn", tl.last_record_lsn))
         vals, complete = await asyncio.to_thread(tl.get_page_versions, key, lsn)
-        return json_body({"complete": complete, "versions": [
-            {"lsn": v_lsn, "will_init": wi, "kind": "image" if v[:1] == b"\x01" else "wal_record",
-             "length": len(v) - 1, "page_lsn": page_lsn(v[1:]) if v[:1] == b"\x01" and len(v) > 9 else None}
-            for v_lsn, wi, v in vals]})
+
+        def describe(v_lsn: int, wi: bool, v: bytes) -> dict:
+            page = value.page_image(v)
+            return {"lsn": v_lsn, "will_init": wi, "kind": value.KIND_NAMES.get(v[0], str(v[0])),
+                    "length": len(v) - 1, "page_lsn": page_lsn(page) if page is not None and len(page) > 8 else None}
+
+        return json_body({"complete": complete, "versions": [describe(*v) for v in vals]})
 
     def retained_points(self, tl: Timeline, leases: dict[str, list[int]]) -> list[int]:
         """LSNs of tl that must stay materialisable: child branch points and leases."""

@@ -19,10 +19,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, XLOG_BLCKSZ, format_lsn, segment_file_name
-from neonctl.engine.wal.decoder import decode_record, parse_xact
+from neonctl.engine.wal.decoder import XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_OPMASK
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
+from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.image_materialize import materialize_from_image
 from neonctl.engine.pageserver.image_set import ImageInfo, create_image
@@ -39,6 +42,26 @@ _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.
 
 RM_XLOG_ID, RM_XACT_ID = 0, 1
 XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE = 0x00, 0x10
+
+
+def commits_of(batch: RecordBatch) -> list[tuple[int, int]]:
+    """(commit end LSN, xact_time) of the batch's commit records; xact_time opens their main data."""
+    op = batch.info & XLOG_XACT_OPMASK
+    idx = np.flatnonzero((batch.rmid == RM_XACT_ID) & ((op == XLOG_XACT_COMMIT) | (op == XLOG_XACT_COMMIT_PREPARED))
+                         & (batch.main_len >= 8))
+    if not len(idx):
+        return []
+    at = batch.main_off[idx]
+    times = np.stack([batch.data[at + i] for i in range(8)], axis=1).copy().view("<i8").ravel()
+    return list(zip(batch.end[idx].tolist(), times.tolist(), strict=True))
+
+
+def last_checkpoint_of(batch: RecordBatch) -> int | None:
+    """Start LSN of the batch's last checkpoint record (shutdown or online), if any."""
+    kind = batch.info & 0xF0
+    idx = np.flatnonzero((batch.rmid == RM_XLOG_ID)
+                         & ((kind == XLOG_CHECKPOINT_SHUTDOWN) | (kind == XLOG_CHECKPOINT_ONLINE)))
+    return int(batch.lsn[idx[-1]]) if len(idx) else None
 
 
 class CommitLog:
@@ -115,45 +138,54 @@ class Timeline:
         """Open the layer store; `build_layers` then turns WAL past its last frozen layer into layers."""
         self.layers = LayerStore(self.dir / "layers", self.timeline_id, self.meta.pg_version, self.meta.start_lsn,
                                  config, on_change)
-        self.layer_lsn = self.layers.disk_consistent_lsn
-        self._layer_decoder = WalStreamDecoder(self.layer_lsn, self.meta.wal_seg_size)
-        self._layer_fed = self.layer_lsn
+        self.layer_lsn = self.layers.disk_consistent_lsn  # a record end: where the next scan starts
+        self._layer_prev: int | None = None  # start of the record before layer_lsn, for the prev-link check
         self._layer_wal = SegmentedWal(self.dir / "wal", self.meta.wal_seg_size)  # own fds: another thread
 
-    def build_layers(self, budget: int = 4 << 20) -> int:
-        """Decode stored WAL past `layer_lsn` into the layer store; return how many bytes were consumed.
+    def build_layers(self, budget: int = 16 << 20) -> int:
+        """Scan stored WAL past `layer_lsn` into the layer store; return how many bytes were consumed.
 
         Runs on the pageserver's layer-builder thread, decoupled from WAL receipt,
         so a burst of WAL reaches durable storage at reader speed while layers
-        catch up behind it.
+        catch up behind it. One call scans about `budget` bytes (at least one
+        whole record) in one JIT-compiled pass that releases the GIL.
         """
         if self.layers is None:
             return 0
-        start = self._layer_fed
-        end = min(self.meta.last_record_lsn, start + budget)
-        if end <= start:
+        start, limit = self.layer_lsn, self.meta.last_record_lsn
+        if limit <= start:
             return 0
-        pos = start
+        want = min(limit - start, budget, max(self.layers.config.checkpoint_distance, 64 << 10))
+        while True:
+            batch = scan_wal(self._read_layer_wal(start, want), start, self.meta.wal_seg_size,
+                             prev_lsn=self._layer_prev)
+            if batch.error is not None:
+                raise batch.error
+            if len(batch) or start + want >= limit:
+                break
+            want = min(limit - start, want * 2)  # one record longer than the budget
+        if not len(batch):
+            return 0
+        self.layers.put_batch(batch)
+        self._layer_prev = int(batch.lsn[-1])
+        self.layer_lsn = batch.end_lsn
+        self.layers.maybe_freeze()
+        return batch.end_lsn - start
+
+    def _read_layer_wal(self, pos: int, length: int) -> bytes:
+        """Stored WAL for the layer builder (its own file handles; below the branch point, the parent's)."""
         seg = self.meta.wal_seg_size
+        parts = []
+        end = pos + length
         while pos < end:
             n = min(end - pos, seg - pos % seg)
             if pos < self.meta.start_lsn and self.ancestor is not None:
                 n = min(n, self.meta.start_lsn - pos)
-                chunk = self.ancestor.read_wal(pos, n)
+                parts.append(self.ancestor.read_wal(pos, n))
             else:
-                chunk = self._layer_wal.read(pos, n)
-            self._layer_decoder.feed(chunk)
+                parts.append(self._layer_wal.read(pos, n))
             pos += n
-        self._layer_fed = end
-        n = 0
-        while (rec := self._layer_decoder.poll()) is not None:
-            self.layers.put_record(rec)
-            self.layer_lsn = rec.end_lsn
-            n += 1
-            if n % 256 == 0:  # freeze at checkpoint_distance even inside a big catch-up batch
-                self.layers.maybe_freeze()
-        self.layers.maybe_freeze()
-        return end - start
+        return b"".join(parts)
 
     def maybe_freeze(self) -> None:
         if self.layers is not None:
@@ -350,21 +382,13 @@ class Timeline:
             raise InvalidInput(
                 f"WAL for {self.timeline_id} must continue at {format_lsn(self.meta.last_record_lsn)},"
                 f" got {format_lsn(start_lsn)}")
-        decoder = WalStreamDecoder(start_lsn, self.meta.wal_seg_size)
-        decoder.feed(data)
-        end = start_lsn
-        commits: list[tuple[int, int]] = []
-        try:
-            while (rec := decoder.poll()) is not None:
-                end = rec.end_lsn
-                if rec.rmid == RM_XLOG_ID and rec.info & 0xF0 in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE):
-                    self.meta.last_checkpoint_lsn = rec.lsn
-                if rec.rmid == RM_XACT_ID:
-                    x = parse_xact(decode_record(rec, self.meta.pg_version), self.meta.pg_version)
-                    if x is not None and x.is_commit:
-                        commits.append((rec.end_lsn, x.xact_time))
-        except WalDecodeError:
-            pass  # a torn or overwritten tail: keep what was valid, fetch again later
+        # a torn or overwritten tail (batch.error) is dropped: keep what was valid, fetch again later
+        batch = scan_wal(data, start_lsn, self.meta.wal_seg_size)
+        end = batch.end_lsn
+        commits = commits_of(batch)
+        ckpt = last_checkpoint_of(batch)
+        if ckpt is not None:
+            self.meta.last_checkpoint_lsn = ckpt
         if end > start_lsn:
             self.wal.write(start_lsn, data[: end - start_lsn])
             self.commits.append(commits)

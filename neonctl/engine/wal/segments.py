@@ -85,15 +85,22 @@ class SegmentedWal:
 
     def read(self, lsn: int, length: int) -> bytes:
         """Bytes [lsn, lsn+length); missing segments read as zeros."""
-        out = bytearray()
-        while length > 0:
+        if length <= self.seg_size - lsn % self.seg_size:  # the common case: one segment, one copy
             segno, off = divmod(lsn, self.seg_size)
-            n = min(length, self.seg_size - off)
             fd = self._fd(segno, create=False)
-            chunk = os.pread(fd, n, off) if fd is not None else b""
-            out += chunk + bytes(n - len(chunk))
-            lsn += n
-            length -= n
+            chunk = os.pread(fd, length, off) if fd is not None else b""
+            return chunk if len(chunk) == length else chunk + bytes(length - len(chunk))
+        out = bytearray(length)
+        view = memoryview(out)
+        pos = 0
+        while pos < length:
+            segno, off = divmod(lsn + pos, self.seg_size)
+            n = min(length - pos, self.seg_size - off)
+            fd = self._fd(segno, create=False)
+            if fd is not None:
+                os.preadv(fd, [view[pos:pos + n]], off)  # a short read leaves the zeros in place
+            pos += n
+        view.release()
         return bytes(out)
 
     def truncate(self, lsn: int) -> None:

@@ -1,0 +1,125 @@
+"""Keys as numpy rows: building index keys for many values at once, and sorting them.
+
+A delta layer's index key is the 18-byte ``Key`` followed by the LSN, both
+big-endian, so byte order is (key, LSN) order. Ingest and compaction handle a
+million of them per 100 MB of WAL; comparing 26-byte rows is slow even in
+numpy (~0.5 s per million), but the first 14 bytes (namespace, tablespace,
+database, relation, fork) take few distinct values. So rows are grouped by
+that prefix in a hash table, the few prefixes are ranked, and a stable
+integer sort on (rank, block) puts rows in key order while keeping the order
+rows came in (ascending LSN) for equal keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neonctl.engine.jit import jit
+
+from neonctl.engine.pageserver.key import KEY_SIZE
+
+INDEX_KEY_SIZE = KEY_SIZE + 8
+_PREFIX = 14  # field1..field5; field6 (block number) is the last 4 bytes of the key
+
+
+def rel_block_rows(spc: np.ndarray, db: np.ndarray, rel: np.ndarray, fork: np.ndarray, blkno: np.ndarray,
+                   lsn: np.ndarray) -> np.ndarray:
+    """Index keys (n, 26) of relation blocks (or sizes, with blkno 0xFFFFFFFF) at the given LSNs."""
+    n = len(spc)
+    rows = np.empty((n, INDEX_KEY_SIZE), dtype=np.uint8)
+    rows[:, 0] = 0
+    rows[:, 1:5] = np.asarray(spc, dtype=">u4").view(np.uint8).reshape(n, 4)
+    rows[:, 5:9] = np.asarray(db, dtype=">u4").view(np.uint8).reshape(n, 4)
+    rows[:, 9:13] = np.asarray(rel, dtype=">u4").view(np.uint8).reshape(n, 4)
+    rows[:, 13] = fork
+    rows[:, 14:18] = np.asarray(blkno, dtype=">u4").view(np.uint8).reshape(n, 4)
+    rows[:, 18:26] = np.asarray(lsn, dtype=">u8").view(np.uint8).reshape(n, 8)
+    return rows
+
+
+@jit
+def _group_prefixes(rows, plen, table, gid, firsts):
+    """Assign each row a group id by its first ``plen`` bytes; returns the group count, -1 if the table fills."""
+    mask = table.shape[0] - 1
+    groups = 0
+    for i in range(rows.shape[0]):
+        h = np.uint64(1469598103934665603)
+        for c in range(plen):
+            h = (h ^ np.uint64(rows[i, c])) * np.uint64(1099511628211)
+        slot = np.int64(h & np.uint64(mask))
+        while True:
+            g = table[slot]
+            if g < 0:
+                if groups * 2 >= table.shape[0]:
+                    return -1
+                table[slot] = groups
+                firsts[groups] = i
+                gid[i] = groups
+                groups += 1
+                break
+            f = firsts[g]
+            same = True
+            for c in range(plen):
+                if rows[f, c] != rows[i, c]:
+                    same = False
+                    break
+            if same:
+                gid[i] = g
+                break
+            slot = (slot + 1) & mask
+    return groups
+
+
+def group_by_relation(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group rows by key prefix (relation fork, SLRU, ...): (group id per row, first row of each group)."""
+    n = len(rows)
+    size = min(1 << 14, 1 << max(6, (2 * n).bit_length()))
+    gid = np.empty(n, dtype=np.int64)
+    while True:
+        table = np.full(size, -1, dtype=np.int64)
+        firsts = np.empty(size // 2 + 1, dtype=np.int64)
+        groups = _group_prefixes(rows, _PREFIX, table, gid, firsts)
+        if groups >= 0:
+            return gid, firsts[:groups]
+        size *= 4
+
+
+def key_order(rows: np.ndarray) -> np.ndarray:
+    """Permutation that sorts index-key rows by key, stable (rows of one key keep their order)."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    gid, firsts = group_by_relation(rows)
+    groups = len(firsts)
+    prefixes = [rows[firsts[g], :_PREFIX].tobytes() for g in range(groups)]
+    rank = np.empty(groups, dtype=np.uint64)
+    rank[sorted(range(groups), key=prefixes.__getitem__)] = np.arange(groups, dtype=np.uint64)
+    block = rows[:, _PREFIX:KEY_SIZE].copy().view(">u4").ravel().astype(np.uint64)
+    return np.argsort(rank[gid] << np.uint64(32) | block, kind="stable")
+
+
+@jit
+def _last_of_runs(rows, will_init, keep):
+    """Mark the last row of each run of identical rows; OR ``will_init`` along the run into it."""
+    n, width = rows.shape
+    for i in range(n):
+        keep[i] = True
+        if i + 1 < n:
+            same = True
+            for c in range(width):
+                if rows[i, c] != rows[i + 1, c]:
+                    same = False
+                    break
+            if same:
+                keep[i] = False
+                if will_init[i]:
+                    will_init[i + 1] = True
+
+
+def dedupe_sorted(rows: np.ndarray, will_init: np.ndarray) -> np.ndarray:
+    """Rows to keep of sorted rows where the same (key, LSN) repeats (a record naming one page twice).
+
+    The last value wins, and it initialises the page if any of the repeats did. ``will_init`` is updated.
+    """
+    keep = np.empty(len(rows), dtype=np.bool_)
+    _last_of_runs(rows, will_init, keep)
+    return keep
