@@ -115,6 +115,35 @@ crc32c_update = _crc32c_hardware if HARDWARE_CRC else _crc32c_table
 
 
 @jit
+def _copy_and_crc_hardware(src, s, out, d, n, state, tab):
+    k = np.int64(0)
+    while n - k >= 8:
+        w = u64_le(src, s + k)
+        state = _crc_u64(state, w)
+        o = np.uint64(d + k)
+        for j in range(8):
+            out[o + np.uint64(j)] = (w >> (8 * j)) & 0xFF
+        k += 8
+    while k < n:
+        b = byte_at(src, s + k)
+        state = _crc_u8(state, b)
+        out[np.uint64(d + k)] = b
+        k += 1
+    return state
+
+
+@jit
+def _copy_and_crc_table(src, s, out, d, n, state, tab):
+    for k in range(n):
+        out[np.uint64(d + k)] = src[np.uint64(s + k)]
+    return _crc32c_table(tab, out, d, d + n, state)
+
+
+copy_and_crc = _copy_and_crc_hardware if HARDWARE_CRC else _copy_and_crc_table
+"""Copy src[s:s+n] to out[d:d+n] and advance the CRC-32C state over those bytes, in one pass."""
+
+
+@jit
 def crc32c_range(a, start, end, tab):
     """The finished CRC-32C of ``a[start:end]`` (same value as ``crc32c.crc32c(bytes)``)."""
     return crc32c_update(tab, a, np.int64(start), np.int64(end), np.int64(0xFFFFFFFF)) ^ 0xFFFFFFFF

@@ -23,6 +23,7 @@ from types import TracebackType
 import numpy as np
 
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.scratch import scratch
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
 from neonctl.engine.pageserver.layer_file import (
     BLOCK_SIZE,
@@ -74,12 +75,14 @@ class DeltaEntries:
 
     Row i is index key ``ikeys[i]`` (the 18-byte key then the LSN, big-endian),
     ``will_init[i]``, and the value ``[tag[i]] + src[off[i]:off[i] + length[i]]``
-    (no tag byte where ``tag[i] < 0``).
+    (no tag byte where ``tag[i] < 0``). ``src`` may be a tuple of buffers that
+    offsets address as if they were concatenated: ingest keeps a WAL batch's
+    records and its gathered page images apart without copying either.
     """
 
     ikeys: np.ndarray  # (n, DELTA_KEY_LEN) uint8
     will_init: np.ndarray  # bool
-    src: np.ndarray  # uint8
+    src: np.ndarray | tuple[np.ndarray, ...]  # uint8
     off: np.ndarray  # int64
     length: np.ndarray  # int64
     tag: np.ndarray  # int16
@@ -90,8 +93,16 @@ class DeltaEntries:
     def lsns(self) -> np.ndarray:
         return self.ikeys[:, KEY_SIZE:].copy().view(">u8").ravel().astype(np.uint64)
 
+    def parts(self) -> tuple[np.ndarray, ...]:
+        return self.src if isinstance(self.src, tuple) else (self.src,)
+
     def value(self, i: int) -> bytes:
-        body = self.src[self.off[i]:self.off[i] + self.length[i]].tobytes()
+        off, n = int(self.off[i]), int(self.length[i])
+        for part in self.parts():
+            if off < len(part):
+                break
+            off -= len(part)
+        body = part[off:off + n].tobytes()
         return body if self.tag[i] < 0 else bytes((int(self.tag[i]),)) + body
 
     def take(self, rows: np.ndarray | slice) -> DeltaEntries:
@@ -100,6 +111,16 @@ class DeltaEntries:
 
     def value_bytes(self) -> int:
         return int(self.length.sum()) + len(self)
+
+
+def joined_sources(parts: list[np.ndarray] | tuple[np.ndarray, ...], name: str) -> np.ndarray:
+    """The buffers back to back in a scratch buffer (valid until this thread's next join of that name)."""
+    out = scratch(name, sum(len(p) for p in parts))
+    at = 0
+    for p in parts:
+        out[at:at + len(p)] = p
+        at += len(p)
+    return out
 
 
 def write_delta_layer(path: str | os.PathLike[str], timeline_id: str, entries: DeltaEntries, key_start: Key,
@@ -115,7 +136,8 @@ def write_delta_layer(path: str | os.PathLike[str], timeline_id: str, entries: D
         if int(lsns.min()) < lsn_start or int(lsns.max()) >= lsn_end:
             raise ValueError(f"LSNs {format_lsn(int(lsns.min()))}..{format_lsn(int(lsns.max()))} outside the layer"
                              f" {format_lsn(lsn_start)}..{format_lsn(lsn_end)}")
-    region, offsets = frame_blobs(entries.src, entries.off, entries.length, entries.tag)
+    src = entries.src if not isinstance(entries.src, tuple) else joined_sources(entries.parts(), "join")
+    region, offsets = frame_blobs(src, entries.off, entries.length, entries.tag)
     packed = ((offsets + BLOCK_SIZE).astype(np.uint64) << np.uint64(1)) | entries.will_init.astype(np.uint64)
     name = DeltaLayerName(KeyRange(key_start, key_end), lsn_start, lsn_end)
     summary, size = write_layer_file(path, DELTA_MAGIC, timeline_id, name.key_range, lsn_start, lsn_end, region,

@@ -10,31 +10,32 @@ the open layer is at most ``checkpoint_distance`` of WAL.
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from neonctl.engine.pageserver.delta_layer import DeltaEntries, DeltaLayerInfo, write_delta_layer
-from neonctl.engine.pageserver.key import KEY_SIZE, Key
+from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
+from neonctl.engine.pageserver.layer_name import DeltaLayerName
 from neonctl.engine.pageserver.key_columns import dedupe_sorted, key_order
 
 
 def concat_entries(chunks: list[DeltaEntries]) -> DeltaEntries:
-    """One set of columns from many, each chunk's values moved into one shared source buffer."""
+    """One set of columns from many; their sources stay apart (a tuple) until the layer is written."""
     if len(chunks) == 1:
         return chunks[0]
-    srcs, offs, base = [], [], 0
-    seen: dict[int, int] = {}
+    parts, offs, base = [], [], 0
+    seen: dict[tuple[int, ...], int] = {}
     for c in chunks:
-        at = seen.get(id(c.src))
-        if at is None:  # chunks of one WAL batch share its buffer: copy it once
-            at = seen[id(c.src)] = base
-            srcs.append(c.src)
-            base += len(c.src)
+        key = tuple(id(p) for p in c.parts())
+        at = seen.get(key)
+        if at is None:  # chunks of one WAL batch share its buffers: take them once
+            at = seen[key] = base
+            parts.extend(c.parts())
+            base += sum(len(p) for p in c.parts())
         offs.append(c.off + at)
     return DeltaEntries(np.concatenate([c.ikeys for c in chunks]), np.concatenate([c.will_init for c in chunks]),
-                        np.concatenate(srcs), np.concatenate(offs), np.concatenate([c.length for c in chunks]),
+                        tuple(parts), np.concatenate(offs), np.concatenate([c.length for c in chunks]),
                         np.concatenate([c.tag for c in chunks]))
 
 
@@ -99,8 +100,6 @@ class InMemoryLayer:
         e = sorted_entries(concat_entries(self.chunks))
         first = Key.from_bytes(e.ikeys[0, :KEY_SIZE].tobytes())
         last = Key.from_bytes(e.ikeys[-1, :KEY_SIZE].tobytes())
-        tmp = directory / f"pending-{uuid.uuid4().hex}"
-        info = write_delta_layer(tmp, timeline_id, e, first, last.next(), self.start_lsn, self.end_lsn)
-        final = directory / str(info.name)
-        tmp.rename(final)
-        return DeltaLayerInfo(final, info.name, info.timeline_id, info.file_size, info.num_values)
+        name = DeltaLayerName(KeyRange(first, last.next()), self.start_lsn, self.end_lsn)
+        return write_delta_layer(directory / str(name), timeline_id, e, first, last.next(), self.start_lsn,
+                                 self.end_lsn)

@@ -22,18 +22,29 @@ INDEX_KEY_SIZE = KEY_SIZE + 8
 _PREFIX = 14  # field1..field5; field6 (block number) is the last 4 bytes of the key
 
 
+@jit
+def _fill_rel_rows(spc, db, rel, fork, blkno, lsn, rows):
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        r[0] = 0
+        for k in range(4):
+            sh = 24 - 8 * k
+            r[1 + k] = (spc[i] >> sh) & 0xFF
+            r[5 + k] = (db[i] >> sh) & 0xFF
+            r[9 + k] = (rel[i] >> sh) & 0xFF
+            r[14 + k] = (blkno[i] >> sh) & 0xFF
+        r[13] = fork[i]
+        v = np.uint64(lsn[i])
+        for k in range(8):
+            r[18 + k] = (v >> np.uint64(56 - 8 * k)) & np.uint64(0xFF)
+
+
 def rel_block_rows(spc: np.ndarray, db: np.ndarray, rel: np.ndarray, fork: np.ndarray, blkno: np.ndarray,
                    lsn: np.ndarray) -> np.ndarray:
     """Index keys (n, 26) of relation blocks (or sizes, with blkno 0xFFFFFFFF) at the given LSNs."""
-    n = len(spc)
-    rows = np.empty((n, INDEX_KEY_SIZE), dtype=np.uint8)
-    rows[:, 0] = 0
-    rows[:, 1:5] = np.asarray(spc, dtype=">u4").view(np.uint8).reshape(n, 4)
-    rows[:, 5:9] = np.asarray(db, dtype=">u4").view(np.uint8).reshape(n, 4)
-    rows[:, 9:13] = np.asarray(rel, dtype=">u4").view(np.uint8).reshape(n, 4)
-    rows[:, 13] = fork
-    rows[:, 14:18] = np.asarray(blkno, dtype=">u4").view(np.uint8).reshape(n, 4)
-    rows[:, 18:26] = np.asarray(lsn, dtype=">u8").view(np.uint8).reshape(n, 8)
+    rows = np.empty((len(spc), INDEX_KEY_SIZE), dtype=np.uint8)
+    _fill_rel_rows(np.asarray(spc, np.uint32), np.asarray(db, np.uint32), np.asarray(rel, np.uint32),
+                   np.asarray(fork, np.uint8), np.asarray(blkno, np.uint32), np.asarray(lsn, np.uint64), rows)
     return rows
 
 
@@ -43,8 +54,14 @@ def _group_prefixes(rows, plen, table, gid, firsts):
     mask = table.shape[0] - 1
     groups = 0
     for i in range(rows.shape[0]):
-        h = np.uint64(1469598103934665603)
-        for c in range(plen):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for c in range(0, plen - 7, 8):  # eight bytes per multiply (LLVM merges the byte loads)
+            w = np.uint64(0)
+            for k in range(8):
+                w = (w << np.uint64(8)) | np.uint64(rows[i, c + k])
+            h = (h ^ w) * np.uint64(0xFF51AFD7ED558CCD)
+            h ^= h >> np.uint64(29)
+        for c in range(plen - plen % 8, plen):
             h = (h ^ np.uint64(rows[i, c])) * np.uint64(1099511628211)
         slot = np.int64(h & np.uint64(mask))
         while True:

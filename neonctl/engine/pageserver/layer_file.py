@@ -33,9 +33,10 @@ import crc32c
 import numpy as np
 import zstandard
 
-from neonctl.engine.jit import CRC_TABLE, byte_at, crc32c_range, jit
+from neonctl.engine.jit import CRC_TABLE, byte_at, copy_and_crc, crc32c_range, crc32c_update, jit
 from neonctl.engine.pageserver.disk_btree import NODE_SIZE, BTreeBuilder, BTreeReader, build_sorted, read_all_leaves
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
+from neonctl.engine.scratch import scratch
 from neonctl.errors import CorruptData
 
 BLOCK_SIZE = 8192
@@ -136,6 +137,7 @@ def _encode_blobs(src, off, length, tag, out, table, offsets):
     """Frame values ``[tag byte] + src[off:off+length]`` as blobs into ``out``; returns bytes used.
 
     ``tag[i] < 0`` means no tag byte. ``offsets[i]`` receives the blob's offset in ``out``.
+    The payload is copied and checksummed in the same pass, eight bytes at a time.
     """
     pos = np.int64(0)
     for i in range(off.shape[0]):
@@ -153,12 +155,10 @@ def _encode_blobs(src, off, length, tag, out, table, offsets):
         if t >= 0:
             out[np.uint64(pos)] = t
             pos += 1
-        s = np.uint64(off[i])
-        d = np.uint64(pos)
-        for k in range(np.uint64(n)):
-            out[d + k] = src[s + k]
+        state = crc32c_update(table, out, start, pos, np.int64(0xFFFFFFFF))
+        state = copy_and_crc(src, off[i], out, pos, n, state, table)
         pos += n
-        _put_u32_be(out, pos, crc32c_range(out, start, pos, table))
+        _put_u32_be(out, pos, state ^ 0xFFFFFFFF)
         pos += 4
     return pos
 
@@ -198,13 +198,16 @@ def _decode_blobs(region, offsets, payload_off, payload_len, compression, table)
 
 
 def frame_blobs(src: np.ndarray, off: np.ndarray, length: np.ndarray, tag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Many values framed as blobs in one go: (region bytes, offset of each blob in it)."""
+    """Many values framed as blobs in one go: (region bytes, offset of each blob in it).
+
+    The region is a scratch buffer: write it out before this thread frames the next layer.
+    """
     n = len(off)
     off = np.ascontiguousarray(off, dtype=np.int64)
     length = np.ascontiguousarray(length, dtype=np.int64)
     if n and int(length.max()) + 1 > MAX_BLOB_SIZE:
         raise ValueError(f"blob of {int(length.max())} bytes exceeds the {MAX_BLOB_SIZE}-byte limit")
-    out = np.empty(int(length.sum()) + 9 * n, dtype=np.uint8)
+    out = scratch("blob-region", int(length.sum()) + 9 * n)  # written out before the next layer
     offsets = np.empty(n, dtype=np.int64)
     used = _encode_blobs(src, off, length, np.ascontiguousarray(tag, dtype=np.int16), out, CRC_TABLE, offsets)
     return out[:used], offsets

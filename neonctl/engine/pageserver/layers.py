@@ -16,18 +16,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, write_delta_layer
+from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, joined_sources, write_delta_layer
 from neonctl.engine.pageserver.failpoints import failpoint
 from neonctl.engine.pageserver.image_layer import ImageLayerReader
 from neonctl.engine.pageserver.inmemory_layer import InMemoryLayer, concat_entries, sorted_entries
-from neonctl.engine.pageserver.key import KEY_SIZE, Key
+from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
+from neonctl.engine.pageserver.layer_name import DeltaLayerName
 from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
 from neonctl.engine.pageserver.wal_ingest import WalIngest
 from neonctl.engine.wal.record_scan import RecordBatch
@@ -105,16 +105,17 @@ class LayerStore:
                 return
             lsn_start, lsn_end = l0[0].lsn_start, max(d.lsn_end for d in l0)
             # L0s in LSN order, each sorted: a stable sort by key leaves each key's versions in LSN order
-            merged = sorted_entries(concat_entries([self.reader(d.name).read_all() for d in l0]))
+            merged = concat_entries([self.reader(d.name).read_all() for d in l0])
+            merged.src = joined_sources(merged.parts(), "compaction")  # one buffer for all the L1 writes
+            merged = sorted_entries(merged)
             new: list[LayerDesc] = []
             for lo, hi in _partitions(merged.ikeys, merged.length + 40, self.config.compaction_target_size):
                 part = merged.take(slice(lo, hi))
                 first = Key.from_bytes(part.ikeys[0, :KEY_SIZE].tobytes())
                 end = (Key.from_bytes(merged.ikeys[hi, :KEY_SIZE].tobytes()) if hi < len(merged)
                        else Key.from_bytes(part.ikeys[-1, :KEY_SIZE].tobytes()).next())
-                tmp = self.dir / f"pending-{uuid.uuid4().hex}"
-                info = write_delta_layer(tmp, self.timeline_id, part, first, end, lsn_start, lsn_end)
-                tmp.rename(self.dir / str(info.name))
+                path = self.dir / str(DeltaLayerName(KeyRange(first, end), lsn_start, lsn_end))
+                info = write_delta_layer(path, self.timeline_id, part, first, end, lsn_start, lsn_end)
                 new.append(LayerDesc.from_name(str(info.name), 1, info.file_size, info.num_values))
             failpoint("compaction-written-before-index")
             for d in l0:

@@ -14,6 +14,8 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
+from collections import deque
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from neonctl.engine.compute.controldata import read_control_data
+from neonctl.engine.scratch import scratch
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, XLOG_BLCKSZ, format_lsn, segment_file_name
 from neonctl.engine.wal.decoder import XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_OPMASK
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
@@ -41,19 +44,18 @@ _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.
 
 
 RM_XLOG_ID, RM_XACT_ID = 0, 1
+HANDOFF_LIMIT = 64 << 20  # bytes of scanned WAL the receiver may queue for the layer builder
 XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE = 0x00, 0x10
 
 
-def commits_of(batch: RecordBatch) -> list[tuple[int, int]]:
-    """(commit end LSN, xact_time) of the batch's commit records; xact_time opens their main data."""
+def commits_of(batch: RecordBatch) -> np.ndarray:
+    """(commit end LSN, xact_time) rows of the batch's commit records; xact_time opens their main data."""
     op = batch.info & XLOG_XACT_OPMASK
     idx = np.flatnonzero((batch.rmid == RM_XACT_ID) & ((op == XLOG_XACT_COMMIT) | (op == XLOG_XACT_COMMIT_PREPARED))
                          & (batch.main_len >= 8))
-    if not len(idx):
-        return []
     at = batch.main_off[idx]
     times = np.stack([batch.data[at + i] for i in range(8)], axis=1).copy().view("<i8").ravel()
-    return list(zip(batch.end[idx].tolist(), times.tolist(), strict=True))
+    return np.stack([batch.end[idx].astype(np.int64), times], axis=1)
 
 
 def last_checkpoint_of(batch: RecordBatch) -> int | None:
@@ -72,10 +74,11 @@ class CommitLog:
     def __init__(self, path: Path):
         self.path = path
 
-    def append(self, commits: list[tuple[int, int]]) -> None:
-        if commits:
+    def append(self, commits: list[tuple[int, int]] | np.ndarray) -> None:
+        """Append pairs (a list, or an (n, 2) int64 array as ingest makes them)."""
+        if len(commits):
             with open(self.path, "ab") as f:
-                f.write(b"".join(self._REC.pack(lsn, ts) for lsn, ts in commits))
+                f.write(np.asarray(commits, dtype="<i8").reshape(-1, 2).tobytes())
 
     def entries(self, upto_lsn: int | None = None) -> list[tuple[int, int]]:
         try:
@@ -131,6 +134,7 @@ class Timeline:
         self.commits = CommitLog(directory / "commits.bin")
         self._ancestor: Timeline | None = None
         self.received_lsn = self.meta.last_record_lsn
+        self._sync_lock = threading.Lock()
         self.sk_flush_lsn = 0  # what the safekeeper we stream from has flushed
         self._waiters: list = []
 
@@ -141,6 +145,10 @@ class Timeline:
         self.layer_lsn = self.layers.disk_consistent_lsn  # a record end: where the next scan starts
         self._layer_prev: int | None = None  # start of the record before layer_lsn, for the prev-link check
         self._layer_wal = SegmentedWal(self.dir / "wal", self.meta.wal_seg_size)  # own fds: another thread
+        # batches the receiver has just scanned, handed to the builder so it need not read and scan them again
+        self._handoff: deque[RecordBatch] = deque()
+        self._handoff_bytes = 0
+        self._handoff_lock = threading.Lock()
 
     def build_layers(self, budget: int = 16 << 20) -> int:
         """Scan stored WAL past `layer_lsn` into the layer store; return how many bytes were consumed.
@@ -156,6 +164,14 @@ class Timeline:
         if limit <= start:
             return 0
         want = min(limit - start, budget, max(self.layers.config.checkpoint_distance, 64 << 10))
+        handed = self._take_handoff(start, want)
+        if handed:
+            for batch in handed:
+                self.layers.put_batch(batch)
+            self._layer_prev = int(handed[-1].lsn[-1])
+            self.layer_lsn = handed[-1].end_lsn
+            self.layers.maybe_freeze()
+            return self.layer_lsn - start
         while True:
             batch = scan_wal(self._read_layer_wal(start, want), start, self.meta.wal_seg_size,
                              prev_lsn=self._layer_prev)
@@ -172,20 +188,47 @@ class Timeline:
         self.layers.maybe_freeze()
         return batch.end_lsn - start
 
-    def _read_layer_wal(self, pos: int, length: int) -> bytes:
-        """Stored WAL for the layer builder (its own file handles; below the branch point, the parent's)."""
-        seg = self.meta.wal_seg_size
-        parts = []
-        end = pos + length
-        while pos < end:
-            n = min(end - pos, seg - pos % seg)
-            if pos < self.meta.start_lsn and self.ancestor is not None:
-                n = min(n, self.meta.start_lsn - pos)
-                parts.append(self.ancestor.read_wal(pos, n))
-            else:
-                parts.append(self._layer_wal.read(pos, n))
-            pos += n
-        return b"".join(parts)
+    def _take_handoff(self, start: int, want: int) -> list[RecordBatch]:
+        """The receiver's batches that continue exactly at start, about `want` bytes of them."""
+        out: list[RecordBatch] = []
+        with self._handoff_lock:
+            q = self._handoff
+            while q and q[0].end_lsn <= start:  # already built (e.g. from disk after the queue overflowed)
+                self._handoff_bytes -= len(q.popleft().data)
+            pos = start
+            while q and q[0].start_lsn == pos and pos - start < want:
+                b = q.popleft()
+                self._handoff_bytes -= len(b.data)
+                out.append(b)
+                pos = b.end_lsn
+        return out
+
+    def _hand_off(self, batch: RecordBatch) -> None:
+        """Queue a freshly scanned batch for the layer builder (dropped when the builder is far behind)."""
+        if self.layers is None or not len(batch):
+            return
+        with self._handoff_lock:
+            if self._handoff_bytes + len(batch.data) > HANDOFF_LIMIT:
+                return  # the builder reads this stretch from disk instead
+            self._handoff.append(batch)
+            self._handoff_bytes += len(batch.data)
+
+    def _read_layer_wal(self, pos: int, length: int) -> np.ndarray:
+        """Stored WAL for the layer builder (its own file handles; below the branch point, the parent's).
+
+        A scratch buffer: the scan copies the records it keeps, and the next read reuses it.
+        """
+        out = scratch("layer-wal", length)
+        out[:] = 0
+        view = memoryview(out)
+        own = max(pos, self.meta.start_lsn) if self.ancestor is not None else pos
+        if own > pos:  # the parent's WAL below the branch point
+            n = min(own, pos + length) - pos
+            view[:n] = self.ancestor.read_wal(pos, n)
+        if own < pos + length:
+            self._layer_wal.read_into(own, view[own - pos:])
+        view.release()
+        return out
 
     def maybe_freeze(self) -> None:
         if self.layers is not None:
@@ -393,6 +436,7 @@ class Timeline:
             self.wal.write(start_lsn, data[: end - start_lsn])
             self.commits.append(commits)
             self.meta.last_record_lsn = end
+            self._hand_off(batch)
         # only now: a basebackup that sees received_lsn must also see last_record_lsn
         self.received_lsn = start_lsn + len(data)
         if end > start_lsn:
@@ -409,9 +453,10 @@ class Timeline:
         now = time.monotonic()
         if not force and now - getattr(self, "_last_sync", 0.0) < 1.0:
             return
-        self._last_sync = now
-        self.wal.flush()  # data first, then the metadata that points at it
-        self.save_metadata()
+        with self._sync_lock:  # the receiver and the layer builder both call this, from worker threads
+            self._last_sync = now
+            self.wal.flush()  # data first, then the metadata that points at it
+            self.save_metadata()
 
     # -- materialisation ------------------------------------------------------
 

@@ -115,15 +115,15 @@ class WalIngest:
         src = batch.data
         at = np.flatnonzero(fpi)
         if len(at):
-            # a page image is stored alone, not with the rest of its record: gather the images behind the
-            # record bytes in one buffer, so the chunk keeps its LSN order
+            # a page image is stored alone, not with the rest of its record: gather the images into a
+            # buffer addressed after the record bytes, so the chunk keeps its LSN order
             j = at + b0
             img_len = batch.blk_img_len[j]
-            src = np.empty(len(batch.data) + int(img_len.sum()) + 5 * len(j), dtype=np.uint8)
-            src[:len(batch.data)] = batch.data
+            images = np.empty(int(img_len.sum()) + 5 * len(j), dtype=np.uint8)
             fpi_off = np.empty(len(j), dtype=np.int64)
             _gather_fpis(batch.data, batch.blk_img_off[j], img_len, batch.blk_bimg_info[j], batch.blk_hole_off[j],
-                         batch.blk_hole_len[j], src[len(batch.data):], fpi_off)
+                         batch.blk_hole_len[j], images, fpi_off)
+            src = (batch.data, images)  # addressed as one buffer: the images' offsets follow the records'
             off[at] = fpi_off + len(batch.data)
             length[at] = img_len + 5
         out = [DeltaEntries(rows, will_init, src, off, length, tag)]
