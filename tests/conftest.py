@@ -31,6 +31,9 @@ os.environ["NEONCTL_HOME"] = _HOME
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("NEONCTL_KEEP_TEST_HOME"):
+        print("kept", _HOME)
+        return
     shutil.rmtree(_HOME, ignore_errors=True)
 
 

@@ -73,7 +73,7 @@ def test_freeze_compact_and_catalog_agree(lp, cli):
         a = {d["name"] for d in _layers(lp)}
         idx = {d["name"] for d in _index(lp)["layers"]}
         files = {f.name for f in (lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers").iterdir()
-                 if not f.name.startswith("pending-")}  # a freeze in progress right now
+                 if not f.name.endswith(".tmp")}  # a freeze or image in progress right now
         if a == {d["name"] for d in _layers(lp)}:
             break
         time.sleep(0.2)
@@ -122,7 +122,7 @@ def test_kill9_at_each_layer_step_leaves_consistent_state(lp, cli, point):
     _wait_ingested(lp)
     layers_dir = lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers"
     index = {d["name"] for d in _index(lp)["layers"]}
-    files = {f.name for f in layers_dir.iterdir() if not f.name.startswith("pending-")} - {"index_part.json"}
+    files = {f.name for f in layers_dir.iterdir() if not f.name.endswith(".tmp")} - {"index_part.json"}
     assert files == index, "files and index must agree after restart"
     assert {d["name"] for d in _layers(lp)} == index
     # and the data is all there: rebuild the compute from storage

@@ -61,13 +61,20 @@ class LayerStore:
     # -- write path -----------------------------------------------------------
 
     def put_batch(self, batch: RecordBatch) -> None:
+        """Add a scanned batch, freezing an L0 whenever the open layer reaches checkpoint_distance of WAL."""
         with self.lock:
             # records already in a frozen layer (re-ingest after restart) are skipped
             first = int(np.searchsorted(batch.end, self.open.start_lsn, side="right"))
-            for chunk in self.ingest.batch_entries(batch, first):
-                self.open.add(chunk)
-            if first < len(batch):
-                self.open.advance(batch.end_lsn)
+            while first < len(batch):
+                # up to and including the record that takes the open layer to checkpoint_distance
+                cut = self.open.start_lsn + self.config.checkpoint_distance
+                last = min(max(int(np.searchsorted(batch.end, cut, side="left")) + 1, first + 1), len(batch))
+                for chunk in self.ingest.batch_entries(batch, first, last):
+                    self.open.add(chunk)
+                self.open.advance(int(batch.end[last - 1]))
+                first = last
+                if first < len(batch):
+                    self.maybe_freeze()
 
     def maybe_freeze(self, force: bool = False) -> bool:
         with self.lock:

@@ -78,13 +78,13 @@ class WalIngest:
         self.pg_version = pg_version
         self.rel_sizes: dict[RelTag, int] = {}
 
-    def batch_entries(self, batch: RecordBatch, first: int = 0) -> list[DeltaEntries]:
-        """Entries for records ``first..`` of the batch, in LSN order per key (chunks to append in order)."""
-        n = len(batch)
+    def batch_entries(self, batch: RecordBatch, first: int = 0, last: int | None = None) -> list[DeltaEntries]:
+        """Entries for records ``first..last`` of the batch, in LSN order per key (chunks to append in order)."""
+        n = len(batch) if last is None else last
         if first >= n:
             return []
-        trunc = np.flatnonzero((batch.rmid[first:] == RM_SMGR_ID)
-                               & (batch.info[first:] & 0xF0 == XLOG_SMGR_TRUNCATE)) + first
+        trunc = np.flatnonzero((batch.rmid[first:n] == RM_SMGR_ID)
+                               & (batch.info[first:n] & 0xF0 == XLOG_SMGR_TRUNCATE)) + first
         out: list[DeltaEntries] = []
         start = first
         for t in trunc.tolist():
