@@ -115,12 +115,8 @@ def make_timeline(workdir: Path, start: int, pg_version: int) -> Timeline:
     return Timeline(d)
 
 
-def run_ingest(data: bytes, start: int, pg_version: int, workdir: Path) -> tuple[Timeline, float, float]:
-    """The pageserver's path: receive (scan, store raw WAL, commit log) in 1 MB messages as the walreceiver
-    gets them, then the layer builder (scan, entries, L0 freezes at the default checkpoint_distance)."""
-    tl = make_timeline(workdir, start, pg_version)
-    tl.attach_layers(PageserverConfig(compaction_threshold=1000))
-    t = time.perf_counter()
+def receive(tl: Timeline, data: bytes, start: int) -> None:
+    """Feed the WAL to the timeline in 1 MB messages, as the walreceiver gets them, and make it durable."""
     pos = start
     while pos < start + len(data):
         end = tl.ingest(pos, data[pos - start: pos - start + (1 << 20)])
@@ -128,6 +124,15 @@ def run_ingest(data: bytes, start: int, pg_version: int, workdir: Path) -> tuple
             break
         pos = end
     tl.sync_if_due(force=True)
+
+
+def run_ingest(data: bytes, start: int, pg_version: int, workdir: Path) -> tuple[Timeline, float, float]:
+    """The pageserver's path: receive (scan, store raw WAL, commit log) in 1 MB messages as the walreceiver
+    gets them, then the layer builder (scan, entries, L0 freezes at the default checkpoint_distance)."""
+    tl = make_timeline(workdir, start, pg_version)
+    tl.attach_layers(PageserverConfig(compaction_threshold=1000))
+    t = time.perf_counter()
+    receive(tl, data, start)
     t_receive = time.perf_counter() - t
     t = time.perf_counter()
     while tl.build_layers():
@@ -151,13 +156,7 @@ def run_pipeline(data: bytes, start: int, pg_version: int, workdir: Path) -> flo
     builder = threading.Thread(target=build)
     t = time.perf_counter()
     builder.start()
-    pos = start
-    while pos < start + len(data):
-        end = tl.ingest(pos, data[pos - start: pos - start + (1 << 20)])
-        if end == pos:
-            break
-        pos = end
-    tl.sync_if_due(force=True)
+    receive(tl, data, start)
     done.set()
     builder.join()
     tl.layers.maybe_freeze(force=True)

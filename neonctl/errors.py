@@ -50,3 +50,7 @@ class CorruptData(NeonctlError):
 
 class Timeout(NeonctlError):
     pass
+
+
+class RemoteStorageError(NeonctlError):
+    """Remote storage (a directory or an S3 bucket) failed a request or does not hold what it should."""

@@ -21,9 +21,10 @@ from neonctl.engine.pageserver.inmemory_layer import sorted_entries
 from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, rel_block_key, rel_size_key
 from neonctl.engine.pageserver.key_columns import key_order
 from neonctl.engine.pageserver.layers import LayerStore
-from neonctl.engine.wal.decoder import SmgrTruncate, decode_record, parse_smgr
+from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import WalStreamDecoder
 from neonctl.engine.wal.record_scan import scan_wal
+from neonctl.engine.wal.rmgr_records import SmgrTruncate, parse_smgr
 
 pytest_plugins = ["walgen"]
 

@@ -22,16 +22,11 @@ from test_redo_worker import PRIMARY_OPTIONS, Scratch, get_history, sql
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, segment_file_name
+from neonctl.engine.pageserver.image_create import create_image
 from neonctl.engine.pageserver.image_layer import ImageLayerReader
 from neonctl.engine.pageserver.image_materialize import prepare_for_recovery
-from neonctl.engine.pageserver.image_set import (
-    AUX_FILES_KEY,
-    IMAGE_META_KEY,
-    create_image,
-    image_info_from_layers,
-    read_image_meta,
-    restore_image,
-)
+from neonctl.engine.pageserver.image_restore import image_info_from_layers, read_image_meta, restore_image
+from neonctl.engine.pageserver.image_set import AUX_FILES_KEY, IMAGE_META_KEY
 from neonctl.engine.pageserver.key import (
     MAX_KEY,
     MIN_KEY,

@@ -33,11 +33,12 @@ from neonctl.engine.lsn import (
     parse_lsn,
     segment_file_name,
 )
+from neonctl.engine.pageserver.image_create import create_image
 from neonctl.engine.pageserver.image_materialize import (
     materialize_from_image,
     prepare_for_recovery,
 )
-from neonctl.engine.pageserver.image_set import ImageInfo, create_image
+from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.engine.pageserver.redo_worker import (
     SHUT_DOWN_IN_RECOVERY,
     RedoResult,

@@ -10,6 +10,8 @@ import pytest
 
 from neonctl.engine.lsn import parse_lsn
 from neonctl.engine.wal import decoder as wd
+from neonctl.engine.wal import page_image as img
+from neonctl.engine.wal import rmgr_records as rr
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import RawRecord, WalDecodeError, WalStreamDecoder
 
@@ -59,14 +61,14 @@ def test_identify_covers_common_rmgrs(wal_sample):
 
 
 def _check_page(page: bytes, blk: wd.BlockRef) -> None:
-    assert len(page) == wd.BLCKSZ
+    assert len(page) == img.BLCKSZ
     lower, upper, special, size_version = struct.unpack_from("<HHHH", page, 12)
     if blk.hole_length:
         # a standard page: the hole is exactly the free space between pd_lower and pd_upper
         assert (blk.hole_offset, blk.hole_offset + blk.hole_length) == (lower, upper)
         assert page[lower:upper] == bytes(upper - lower)
-    if page != bytes(wd.BLCKSZ):
-        assert size_version == wd.BLCKSZ | 4 and lower <= upper <= special <= wd.BLCKSZ
+    if page != bytes(img.BLCKSZ):
+        assert size_version == img.BLCKSZ | 4 and lower <= upper <= special <= img.BLCKSZ
 
 
 def test_page_images_restore(wal_sample):
@@ -90,8 +92,8 @@ def test_pure_python_lz4_matches_package_or_pages(wal_pg15):
     blocks = [b for r, _ in pairs(wal_pg15) for b in r.blocks if b.compression == "lz4"]
     assert blocks
     for b in blocks[:50]:
-        raw = wd._lz4_block_decompress(b.bimg, wd.BLCKSZ - b.hole_length)
-        assert raw == wd.lz4_decompress(b.bimg, wd.BLCKSZ - b.hole_length)
+        raw = img._lz4_block_decompress(b.bimg, img.BLCKSZ - b.hole_length)
+        assert raw == img.lz4_decompress(b.bimg, img.BLCKSZ - b.hole_length)
 
 
 def _ts(text: str) -> datetime:
@@ -100,14 +102,14 @@ def _ts(text: str) -> datetime:
     return datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC)
 
 
-def _relpaths(rels: list[wd.RelFileLocator]) -> str:
+def _relpaths(rels: list[rr.RelFileLocator]) -> str:
     return " ".join(f"global/{x.rel}" if x.spc == 1664 else f"base/{x.db}/{x.rel}" for x in rels)
 
 
 def test_xact_records(wal_sample):
     kinds = {}
     for r, d in pairs(wal_sample):
-        x = wd.parse_xact(r, strict=True)
+        x = rr.parse_xact(r, strict=True)
         if r.rmid != wd.RM_XACT_ID or x is None:
             assert x is None
             continue
@@ -130,16 +132,16 @@ def test_xact_records(wal_sample):
 def test_xact_needs_version_for_dropped_stats(wal_sample):
     with_stats = [r for r, _ in pairs(wal_sample)
                   if r.rmid == wd.RM_XACT_ID and r.info & 0x80
-                  and struct.unpack_from("<I", r.main_data, 8)[0] & wd.XACT_XINFO_HAS_DROPPED_STATS]
+                  and struct.unpack_from("<I", r.main_data, 8)[0] & rr.XACT_XINFO_HAS_DROPPED_STATS]
     assert with_stats
     r = with_stats[0]
     r.pg_version = None
     with pytest.raises(ValueError, match="pg_version"):
-        wd.parse_xact(r)
+        rr.parse_xact(r)
     other = 15 if wal_sample.version == 18 else 18
     with pytest.raises(WalDecodeError):  # the wrong layout does not go unnoticed
         for rec in with_stats:
-            wd.parse_xact(rec, pg_version=other, strict=True)
+            rr.parse_xact(rec, pg_version=other, strict=True)
     r.pg_version = wal_sample.version
 
 
@@ -153,7 +155,7 @@ _CP_RE = re.compile(
 def test_checkpoints(wal_sample):
     seen = set()
     for r, d in pairs(wal_sample):
-        cp = wd.parse_checkpoint(r)
+        cp = rr.parse_checkpoint(r)
         if not d.desc.startswith("CHECKPOINT_SHUTDOWN") and not d.desc.startswith("CHECKPOINT_ONLINE"):
             assert cp is None
             continue
@@ -179,27 +181,27 @@ def test_checkpoints(wal_sample):
 def test_storage_database_relmap_and_xlog(wal_sample):
     counts: dict[str, int] = {}
     for r, d in pairs(wal_sample):
-        s = wd.parse_smgr(r)
-        if isinstance(s, wd.SmgrCreate):
+        s = rr.parse_smgr(r)
+        if isinstance(s, rr.SmgrCreate):
             assert d.desc == f"CREATE {_relpaths([s.rel])}" + ("" if s.forknum == 0 else f"_{wd.FORK_NAMES[s.forknum]}")
-        elif isinstance(s, wd.SmgrTruncate):
+        elif isinstance(s, rr.SmgrTruncate):
             assert d.desc == f"TRUNCATE {_relpaths([s.rel])} to {s.blkno} blocks flags {s.flags}"
-        db = wd.parse_dbase(r)
-        if isinstance(db, wd.DbaseCreate) and db.strategy == "file_copy":
+        db = rr.parse_dbase(r)
+        if isinstance(db, rr.DbaseCreate) and db.strategy == "file_copy":
             assert d.desc == (f"CREATE_FILE_COPY copy dir {db.src_tablespace_id}/{db.src_db_id} "
                               f"to {db.tablespace_id}/{db.db_id}")
-        elif isinstance(db, wd.DbaseCreate):
+        elif isinstance(db, rr.DbaseCreate):
             assert d.desc == f"CREATE_WAL_LOG create dir {db.tablespace_id}/{db.db_id}"
-        elif isinstance(db, wd.DbaseDrop):
+        elif isinstance(db, rr.DbaseDrop):
             assert d.desc == "DROP dir " + " ".join(f"{t}/{db.db_id}" for t in db.tablespace_ids)
-        rm = wd.parse_relmap(r)
+        rm = rr.parse_relmap(r)
         if rm is not None:
             assert d.desc.startswith(f"UPDATE database {rm.db_id} tablespace {rm.tablespace_id} size {len(rm.data)}")
         if r.is_switch:
             assert d.desc.startswith("SWITCH")
         if r.is_fpi:
             assert d.desc.split(" ")[0] in ("FPI", "FPI_FOR_HINT") and r.blocks and all(b.has_image for b in r.blocks)
-        oid = wd.parse_nextoid(r)
+        oid = rr.parse_nextoid(r)
         if oid is not None:
             assert d.desc == f"NEXTOID {oid}"
         for kind, obj in (("smgr", s), ("dbase", db), ("relmap", rm), ("switch", r.is_switch or None),
@@ -239,7 +241,7 @@ def test_block_header_forms():
 
 
 def test_uncompressed_image_with_hole():
-    page = bytearray(wd.BLCKSZ)
+    page = bytearray(img.BLCKSZ)
     struct.pack_into("<HHHH", page, 12, 100, 8000, 8192, 0x2004)
     page[8000:] = b"t" * 192
     stored = bytes(page[:100] + page[8000:])
@@ -267,22 +269,22 @@ def test_malformed_records(body, msg):
 def test_pglz_literal_and_overlapping_match():
     # "abc" as literals, then a match of 10 bytes at distance 3, then literal "Z"
     src = bytes([0b0001000, *b"abc", 0x07, 0x03, *b"Z"])
-    assert wd.pglz_decompress(src, 14) == b"abcabcabcabcaZ"
+    assert img.pglz_decompress(src, 14) == b"abcabcabcabcaZ"
     with pytest.raises(WalDecodeError):
-        wd.pglz_decompress(src, 15)
+        img.pglz_decompress(src, 15)
     with pytest.raises(WalDecodeError):
-        wd.pglz_decompress(bytes([0x01, 0x07, 0x09]), 10)  # match before any output
+        img.pglz_decompress(bytes([0x01, 0x07, 0x09]), 10)  # match before any output
 
 
 def test_lz4_block_fallback():
     # literals "abcd", match offset 4 length 4+4, then last literals "!"
     src = bytes([0x44, *b"abcd", 4, 0, 0x10, *b"!"])
-    assert wd._lz4_block_decompress(src, 13) == b"abcdabcdabcd!"
+    assert img._lz4_block_decompress(src, 13) == b"abcdabcdabcd!"
     with pytest.raises(WalDecodeError):
-        wd._lz4_block_decompress(src, 12)
+        img._lz4_block_decompress(src, 12)
 
 
 def test_timestamptz():
-    assert wd.timestamptz_to_datetime(0) == datetime(2000, 1, 1, tzinfo=UTC)
-    assert wd.timestamptz_to_datetime(86_400_000_001) == datetime(2000, 1, 2, 0, 0, 0, 1, tzinfo=UTC)
-    assert wd.timestamptz_to_datetime(2**63 - 1).year == 9999
+    assert rr.timestamptz_to_datetime(0) == datetime(2000, 1, 1, tzinfo=UTC)
+    assert rr.timestamptz_to_datetime(86_400_000_001) == datetime(2000, 1, 2, 0, 0, 0, 1, tzinfo=UTC)
+    assert rr.timestamptz_to_datetime(2**63 - 1).year == 9999

@@ -8,8 +8,10 @@ import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.remote_config import prepare_remote_storage, remote_storage_url, set_remote_storage
 from neonctl.engine.project import create_project, delete_project, list_projects, load_project
 from neonctl.engine.safekeeper.membership import set_safekeeper_count
+from neonctl.errors import InvalidInput
 from neonctl.output import Format, emit, info
 
 app = typer.Typer(help="Manage projects (one Postgres cluster's storage and branches each).", no_args_is_help=True)
@@ -20,7 +22,7 @@ def project_row(p) -> dict:
     return {"name": c.name, "id": c.id, "pg_version": c.pg_version, "default_branch": c.default_branch,
             "branches": len(c.branches), "safekeepers": len(c.safekeepers), "pageserver_port": c.pageserver_port,
             "broker_port": c.broker_port, "safekeeper_ports": [s["port"] for s in c.safekeepers],
-            "pg_bin": c.pg_bin, "path": str(p.dir)}
+            "pg_bin": c.pg_bin, "remote_storage": remote_storage_url(p), "path": str(p.dir)}
 
 
 def init(
@@ -56,14 +58,25 @@ def get_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> Non
 def set_cmd(
     project: ProjectOpt = None,
     safekeepers: Annotated[int | None, typer.Option("--safekeepers", help="Number of safekeepers (1 is fine for a laptop; 3 tolerates one failure).")] = None,
+    remote_storage: Annotated[str | None, typer.Option("--remote-storage", help="Where the pageserver offloads timelines: local:PATH or s3://BUCKET/PREFIX.")] = None,
+    s3_endpoint_url: Annotated[str | None, typer.Option("--s3-endpoint-url", help="S3 endpoint (MinIO, a test server); default: AWS.")] = None,
+    s3_region: Annotated[str | None, typer.Option("--s3-region", help="S3 region (default us-east-1).")] = None,
+    s3_credentials_file: Annotated[str | None, typer.Option("--s3-credentials-file", help="AWS-style INI file (section default: aws_access_key_id, aws_secret_access_key), mode 0600.")] = None,
     output: OutputOpt = Format.table,
 ) -> None:
-    """Change a project's settings (the daemons and endpoints must be stopped)."""
+    """Change a project's settings (the daemons must be stopped; for --safekeepers the endpoints too)."""
     p = load_project(project)
+    if remote_storage is None and any(v is not None for v in (s3_endpoint_url, s3_region, s3_credentials_file)):
+        raise InvalidInput("the --s3-* options go with --remote-storage s3://BUCKET/PREFIX")
+    remote = None
+    if remote_storage is not None:  # checked before anything changes
+        remote = prepare_remote_storage(p, remote_storage, s3_endpoint_url, s3_region, s3_credentials_file)
     if safekeepers is not None:
         set_safekeeper_count(p, safekeepers, progress=info)
+    if remote is not None:
+        set_remote_storage(p, remote)
     p.reload()
-    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "path"])
+    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "path"])
 
 
 @app.command("delete")

@@ -67,7 +67,8 @@ def storage_status(project: Project) -> list[dict]:
             except DaemonError:
                 st = {}
             if d.name == "pageserver":
-                row["timelines"] = {k: {"last_record_lsn": v["last_record_lsn"], "received_lsn": v["received_lsn"]}
+                row["timelines"] = {k: {"last_record_lsn": v["last_record_lsn"], "received_lsn": v["received_lsn"],
+                                        "remote_consistent_lsn": v.get("remote_consistent_lsn")}
                                     for k, v in st.get("timelines", {}).items()}
             elif d.name.startswith("sk"):
                 row["timelines"] = {k: {"term": v["term"], "flush_lsn": v["flush_lsn"], "commit_lsn": v["commit_lsn"],

@@ -8,6 +8,7 @@ database never freezes a layer at all.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,6 +26,8 @@ class PageserverConfig:
     gc_horizon: int = 64 << 20
     pitr_interval: float = 7 * 86400.0
     gc_period: float = 3600.0  # periodic GC; 0 disables it
+    # where timelines are offloaded (remote_storage.parse_url); None: the directory <project>/remote_storage/
+    remote_storage: dict | None = None
 
     @classmethod
     def load(cls, workdir: Path) -> "PageserverConfig":
@@ -37,12 +40,16 @@ class PageserverConfig:
 
     def save(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "pageserver.json").write_text(json.dumps(asdict(self), indent=1))
+        tmp = workdir / "pageserver.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, workdir / "pageserver.json")  # a crash leaves the old settings or the new, never half
 
     def set(self, name: str, value: str) -> None:
         kinds = {f.name: f.type for f in fields(self)}
         if name not in kinds:
             raise InvalidInput(f"unknown pageserver setting {name!r}", hint=", ".join(kinds))
+        if kinds[name] not in (int, float, "int", "float"):
+            raise InvalidInput(f"{name} is not a numeric setting", hint="neonctl project set --remote-storage URL")
         try:
             setattr(self, name, float(value) if kinds[name] in (float, "float") else int(value))
         except ValueError:

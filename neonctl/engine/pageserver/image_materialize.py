@@ -33,11 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
-from neonctl.engine.pageserver.image_set import (
-    ImageInfo,
-    image_info_from_layers,
-    restore_image,
-)
+from neonctl.engine.pageserver.image_restore import image_info_from_layers, restore_image
+from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.errors import InvalidInput
 
 ReadWal = Callable[[int, int], bytes]

@@ -72,12 +72,9 @@ from typing import TYPE_CHECKING, NamedTuple
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.compute.runtime import PgRuntime
 from neonctl.engine.lsn import format_lsn, parse_lsn
+from neonctl.engine.pageserver.image_create import DEFAULT_PARTITION_SIZE, create_image
 from neonctl.engine.pageserver.image_materialize import materialize_from_image
-from neonctl.engine.pageserver.image_set import (
-    DEFAULT_PARTITION_SIZE,
-    ImageInfo,
-    create_image,
-)
+from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
 
@@ -197,7 +194,7 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
     ``pgdata`` must hold exactly the WAL up to ``lsn`` (``Timeline.materialize(lsn, pgdata)`` or
     ``materialize_from_image``) and be reachable by the user that runs Postgres; it is chowned to
     that user. On success the directory is in state "shut down in recovery", without signal
-    files, ready for ``image_set.create_image``. On failure Postgres is stopped and the error
+    files, ready for ``image_create.create_image``. On failure Postgres is stopped and the error
     quotes its log; the directory is then garbage.
     """
     pgdata = Path(pgdata)

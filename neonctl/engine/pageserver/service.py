@@ -1,10 +1,14 @@
 """The pageserver daemon: timelines, WAL ingest, and data directories on request.
 
   GET  /v1/status                         health and timelines
-  GET  /v1/timeline/{tl}                  metadata, last_record_lsn, received_lsn
+  GET  /v1/timeline/{tl}                  metadata, last_record_lsn, received_lsn, remote_consistent_lsn
   POST /v1/timeline/{tl}/basebackup       {target, lsn?, wait_for_lsn?, timeout?}: materialise a
                                           data directory; with no lsn, at the end of the WAL the
                                           safekeepers had (wait_for_lsn), rounded down to a record end
+
+At start-up, timelines that remote storage holds but the local disk lacks are
+downloaded first (remote_restore); then a background thread keeps the remote a
+consistent copy of every timeline (remote_sync).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from neonctl.engine.pageserver.gc import gc_cutoff, gc_timeline
 from neonctl.engine.timepoint import from_pg_us
 from neonctl.engine.pageserver.key import Key
 from neonctl.engine.pageserver.layer_catalog import LayerCatalog
+from neonctl.engine.pageserver.remote_restore import restore_missing
+from neonctl.engine.pageserver.remote_storage import open_remote_storage
+from neonctl.engine.pageserver.remote_sync import RemoteSync
 from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline, timeline_dir
 from neonctl.engine.pageserver.walreceiver import receive
-from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Timeout
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound, Timeout
 
 log = logging.getLogger("pageserver")
 LEASE_SECONDS = 3600.0  # an explicit-LSN basebackup (time travel) keeps its history this long
@@ -60,6 +67,7 @@ class Pageserver:
         self.image_lock = asyncio.Lock()
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
+        self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
 
     def load(self) -> None:
         for tid in list_timelines(self.workdir):
@@ -70,10 +78,16 @@ class Pageserver:
         if tl is None:
             tl = open_timeline(self.workdir, tid, resolver=self._resolve)
             self.timelines[tid] = tl
-            tl.attach_layers(self.config, self.catalog.sync)
+            tl.attach_layers(self.config, self._layers_changed)
             self.catalog.sync(tid, list(tl.layers.map.layers.values()))
             log.info("loaded timeline %s at %s", tid, format_lsn(tl.last_record_lsn))
         return tl
+
+    def _layers_changed(self, tid: str, layers: list) -> None:
+        """A layer was frozen, compacted or GC'd: update the catalog and upload the change soon."""
+        self.catalog.sync(tid, layers)
+        if self.remote is not None:
+            self.remote.wake()
 
     def _resolve(self, tid: str) -> Timeline:
         return self._load_one(tid)
@@ -89,7 +103,8 @@ class Pageserver:
     def info(self, tl: Timeline) -> dict:
         return {**asdict(tl.meta), "received_lsn": tl.received_lsn, "sk_flush_lsn": tl.sk_flush_lsn,
                 "layer_lsn": getattr(tl, "layer_lsn", None),
-                "disk_consistent_lsn": tl.layers.disk_consistent_lsn if tl.layers else None}
+                "disk_consistent_lsn": tl.layers.disk_consistent_lsn if tl.layers else None,
+                "remote_consistent_lsn": tl.remote_consistent_lsn}
 
     async def status(self, request: web.Request) -> web.Response:
         return json_body({"timelines": {k: self.info(v) for k, v in self.timelines.items()},
@@ -175,6 +190,10 @@ class Pageserver:
         children = [t for t in self.timelines.values() if t.meta.ancestor_timeline == tid]
         if children:
             raise Conflict(f"timeline {tid} has child timelines")
+        if self.remote is not None:  # remote first: a timeline left only remotely would be restored at start-up
+            await asyncio.to_thread(self.remote.delete_timeline, tid)
+        if self.timelines.get(tid) is not tl:
+            return json_body({"deleted": tid})  # a concurrent delete got here first
         task = self.receivers.pop(tid, None)
         if task:
             task.cancel()
@@ -383,9 +402,25 @@ class Pageserver:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 await asyncio.sleep(0.5)
 
+    def shutdown(self) -> None:
+        """Make ingested WAL and metadata durable, then bring the remote up to date with them."""
+        for tl in list(self.timelines.values()):
+            tl.sync_if_due(force=True)
+        if self.remote is not None:
+            self.remote.stop(final_round=True)
+
+    def load_with_remote_storage(self) -> None:
+        """Restore timelines the local disk lacks from remote storage, load everything, start uploading."""
+        storage = open_remote_storage(self.config.remote_storage, self.workdir.parent)
+        for tid in restore_missing(self.workdir, storage):
+            log.info("timeline %s restored from %s", tid, storage.url)
+        self.load()
+        self.remote = RemoteSync(storage, lambda: self.timelines.values())
+        self.remote.start()
+
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware])
-        app["on_stop"] = lambda: [tl.sync_if_due(force=True) for tl in list(self.timelines.values())]
+        app["on_stop"] = self.shutdown
         app.router.add_get("/v1/status", self.status)
         app.router.add_get("/v1/timeline/{tl}", self.timeline_info)
         app.router.add_post("/v1/timeline/{tl}/basebackup", self.basebackup)
@@ -422,6 +457,10 @@ def main(argv: list[str] | None = None) -> None:
         args.scratch.mkdir(parents=True, exist_ok=True)
         os.chmod(args.scratch, 0o755)
         ps.scratch = args.scratch
-    ps.load()
+    try:
+        ps.load_with_remote_storage()
+    except NeonctlError as e:  # misconfigured or unreachable remote storage, a damaged remote layer
+        print(f"fatal: {e}", flush=True)
+        raise SystemExit(1) from None
     host, port = args.listen.rsplit(":", 1)
     serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop, ps.image_loop, ps.gc_loop])

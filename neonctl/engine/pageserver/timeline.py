@@ -30,8 +30,9 @@ from neonctl.engine.wal.decoder import XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPAR
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.image_create import create_image
 from neonctl.engine.pageserver.image_materialize import materialize_from_image
-from neonctl.engine.pageserver.image_set import ImageInfo, create_image
+from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
 from neonctl.engine.pageserver.layers import LayerStore
 from neonctl.engine.pageserver.redo_worker import replay_to
@@ -136,6 +137,7 @@ class Timeline:
         self.received_lsn = self.meta.last_record_lsn
         self._sync_lock = threading.Lock()
         self.sk_flush_lsn = 0  # what the safekeeper we stream from has flushed
+        self.remote_consistent_lsn: int | None = None  # last_record_lsn the remote holds (set by remote_sync)
         self._waiters: list = []
 
     def attach_layers(self, config: PageserverConfig, on_change=None) -> None:

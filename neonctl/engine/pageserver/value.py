@@ -48,7 +48,8 @@ def page_image(v: bytes) -> bytes | None:
         return v[1:]
     if v[0] != FPI:
         return None
-    from neonctl.engine.wal.decoder import BlockRef, restore_image  # noqa: PLC0415 - only page reads need it
+    from neonctl.engine.wal.decoder import BlockRef  # noqa: PLC0415 - only page reads need it
+    from neonctl.engine.wal.page_image import restore_image  # noqa: PLC0415
 
     info, hole_offset, hole_length = FPI_HEADER.unpack_from(v, 1)
     blk = BlockRef(0, 0, 0, 0, 0, 0, bimg=v[1 + FPI_HEADER.size:], bimg_info=info, hole_offset=hole_offset,

@@ -24,8 +24,9 @@ from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.delta_layer import DeltaEntries
 from neonctl.engine.pageserver.key import SIZE_MARKER
 from neonctl.engine.pageserver.key_columns import group_by_relation, rel_block_rows
-from neonctl.engine.wal.decoder import SmgrTruncate, decode_record, parse_smgr
+from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.record_scan import BLK_APPLY_IMAGE, BLK_HAS_IMAGE, BLK_WILL_INIT, RecordBatch
+from neonctl.engine.wal.rmgr_records import SmgrTruncate, parse_smgr
 
 MAIN_FORK, FSM_FORK, VM_FORK = 0, 1, 2
 RM_SMGR_ID = 2

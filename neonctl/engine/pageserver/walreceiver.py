@@ -13,8 +13,9 @@ state the safekeepers publish to the broker, as Neon's walreceiver does:
 It asks only for WAL up to the safekeeper's ``commit_lsn`` (``upto=commit``): WAL
 above it may be a divergent tail that the next election truncates. Every
 request restarts at the timeline's last complete record, so a partial record is
-re-read, never spliced, and carries ``ps_lsn``, the LSN up to which the
-pageserver's own WAL copy is durable: the safekeepers may remove WAL below it.
+re-read, never spliced, and carries ``ps_lsn``, the timeline's
+``remote_consistent_lsn``: WAL below it is in remote storage (a pageserver that
+lost its disk is rebuilt from there), so the safekeepers may remove it.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def receive(tl: Timeline, http: aiohttp.ClientSession, broker_view: dict, 
         for addr in candidates:
             start = tl.last_record_lsn
             params = {"start": start, "after": max(tl.received_lsn, start), "wait": 1.0, "max": 16 << 20,
-                      "upto": "commit", "ps_lsn": tl.last_record_lsn}
+                      "upto": "commit", "ps_lsn": tl.remote_consistent_lsn or 0}
             try:
                 async with http.get(f"http://{addr}/v1/timeline/{tl.timeline_id}/wal", params=params) as r:
                     if r.status in (400, 404, 409):  # not here, damaged, or WAL before its start was removed

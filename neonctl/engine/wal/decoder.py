@@ -1,15 +1,14 @@
-"""WAL record decoding: block references, page images and the records neonctl acts on.
+"""WAL record decoding: a record's header, its block references and where its main data is.
 
 A record (``RawRecord`` from ``reader.py``) is a 24-byte header, then block
 reference headers, an optional origin / top-level xid, a main-data header, then
 the payloads in the same order: for each block its page image (if any) and its
 data, then the main data. Block references name the page a record changes
 (tablespace/database/relfilenode, fork, block number); a page image ("FPI") is
-stored without its zero "hole" and may be compressed (pglz, lz4, zstd).
+stored without its zero "hole" and may be compressed (``page_image.py`` restores it).
 ``decode_record`` splits a record into these parts the way PostgreSQL's
-DecodeXLogRecord does; the ``parse_*`` helpers read the main data of the
-records the pageserver and the safekeeper act on (transaction end, checkpoint,
-relation create/truncate, database create/drop, relmap update).
+DecodeXLogRecord does, and ``identify`` names its type as pg_waldump does; what
+the main data means is ``rmgr_records.py``'s business.
 
 Layouts are those of PostgreSQL 15-18; where they differ the helpers take the
 major version (``WalStreamDecoder.pg_version`` knows it from the page magic).
@@ -18,13 +17,12 @@ major version (``WalStreamDecoder.pg_version`` knows it from the page magic).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.wal.page_image import BLCKSZ, restore_image
 from neonctl.engine.wal.reader import XLOG_SWITCH, RawRecord, WalDecodeError
 
-BLCKSZ = 8192
 LATEST_PG_VERSION = 18
 
 # Resource managers (rmgrlist.h): the same ids and names in PostgreSQL 15-18.
@@ -52,18 +50,8 @@ XLOG_XACT_COMMIT, XLOG_XACT_PREPARE, XLOG_XACT_ABORT = 0x00, 0x10, 0x20
 XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_ABORT_PREPARED = 0x30, 0x40
 XLOG_XACT_OPMASK = 0x70
 XLOG_XACT_HAS_INFO = 0x80
-XACT_XINFO_HAS_DBINFO = 1 << 0
-XACT_XINFO_HAS_SUBXACTS = 1 << 1
-XACT_XINFO_HAS_RELFILELOCATORS = 1 << 2
-XACT_XINFO_HAS_INVALS = 1 << 3
-XACT_XINFO_HAS_TWOPHASE = 1 << 4
-XACT_XINFO_HAS_ORIGIN = 1 << 5
-XACT_XINFO_HAS_AE_LOCKS = 1 << 6
-XACT_XINFO_HAS_GID = 1 << 7
-XACT_XINFO_HAS_DROPPED_STATS = 1 << 8
 # Storage rmgr (storage_xlog.h)
 XLOG_SMGR_CREATE, XLOG_SMGR_TRUNCATE = 0x10, 0x20
-SMGR_TRUNCATE_HEAP, SMGR_TRUNCATE_VM, SMGR_TRUNCATE_FSM = 0x1, 0x2, 0x4
 # Database rmgr (dbcommands_xlog.h)
 XLOG_DBASE_CREATE_FILE_COPY, XLOG_DBASE_CREATE_WAL_LOG, XLOG_DBASE_DROP = 0x00, 0x10, 0x20
 # RelMap rmgr (relmapper.h)
@@ -88,14 +76,12 @@ BKPIMAGE_COMPRESS_ZSTD = 0x10
 _BKPIMAGE_COMPRESSED = BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD
 
 FORK_NAMES = ("main", "fsm", "vm", "init")
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 _REC_HDR = struct.Struct("<IIQBB")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _BLK_HDR = struct.Struct("<BH")  # fork_flags, data_length
 _IMG_HDR = struct.Struct("<HHB")  # bimg_len, hole_offset, bimg_info
-_RLOC = struct.Struct("<III")
 _RLOC_BLK = struct.Struct("<IIII")
 
 
@@ -226,7 +212,7 @@ def rmgr_name(rmid: int) -> str:
     return f"custom{rmid:03d}" if rmid >= 128 else f"unknown{rmid}"
 
 
-def _bad(raw_lsn: int, msg: str) -> WalDecodeError:
+def invalid_record(raw_lsn: int, msg: str) -> WalDecodeError:
     return WalDecodeError(f"invalid WAL record at {format_lsn(raw_lsn)}: {msg}")
 
 
@@ -237,7 +223,7 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
     n = len(data)
     tot_len, xid, prev, info, rmid = _REC_HDR.unpack_from(data)
     if tot_len != n:
-        raise _bad(lsn, f"length {tot_len} but {n} bytes")
+        raise invalid_record(lsn, f"length {tot_len} but {n} bytes")
     off = 24
     datatotal = 0
     main_len = 0
@@ -268,17 +254,17 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
                 off += 4
                 continue
             if block_id > XLR_MAX_BLOCK_ID:
-                raise _bad(lsn, f"invalid block_id {block_id}")
+                raise invalid_record(lsn, f"invalid block_id {block_id}")
             if block_id <= max_block_id:
-                raise _bad(lsn, f"out-of-order block_id {block_id}")
+                raise invalid_record(lsn, f"out-of-order block_id {block_id}")
             max_block_id = block_id
             flags, data_len = _BLK_HDR.unpack_from(data, off)
             off += 3
             if flags & BKPBLOCK_HAS_DATA:
                 if data_len == 0:
-                    raise _bad(lsn, "BKPBLOCK_HAS_DATA set, but no data included")
+                    raise invalid_record(lsn, "BKPBLOCK_HAS_DATA set, but no data included")
             elif data_len:
-                raise _bad(lsn, f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
+                raise invalid_record(lsn, f"BKPBLOCK_HAS_DATA not set, but data length is {data_len}")
             datatotal += data_len
             bimg_len = hole_offset = hole_length = bimg_info = 0
             if flags & BKPBLOCK_HAS_IMAGE:
@@ -289,18 +275,20 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
                         hole_length = _U16.unpack_from(data, off)[0]
                         off += 2
                     if bimg_len == BLCKSZ:
-                        raise _bad(lsn, "compressed block image has full length")
+                        raise invalid_record(lsn, "compressed block image has full length")
                 else:
                     hole_length = BLCKSZ - bimg_len
                 if bimg_info & BKPIMAGE_HAS_HOLE:
                     if hole_offset == 0 or hole_length == 0 or bimg_len == BLCKSZ:
-                        raise _bad(lsn, f"bad hole (offset {hole_offset}, length {hole_length}, image {bimg_len})")
+                        raise invalid_record(lsn, f"bad hole (offset {hole_offset}, length {hole_length},"
+                                                  f" image {bimg_len})")
                 elif hole_offset or hole_length:
-                    raise _bad(lsn, f"hole without BKPIMAGE_HAS_HOLE (offset {hole_offset}, length {hole_length})")
+                    raise invalid_record(lsn, f"hole without BKPIMAGE_HAS_HOLE (offset {hole_offset},"
+                                              f" length {hole_length})")
                 datatotal += bimg_len
             if flags & BKPBLOCK_SAME_REL:
                 if spc is None:
-                    raise _bad(lsn, "BKPBLOCK_SAME_REL set but no previous rel")
+                    raise invalid_record(lsn, "BKPBLOCK_SAME_REL set but no previous rel")
                 blkno = _U32.unpack_from(data, off)[0]
                 off += 4
             else:
@@ -309,9 +297,9 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
             heads.append((block_id, flags, spc, db, rel, blkno, bimg_info, hole_offset, hole_length,
                           bimg_len if flags & BKPBLOCK_HAS_IMAGE else -1, data_len))
     except (struct.error, IndexError):
-        raise _bad(lsn, "record header runs past its length") from None
+        raise invalid_record(lsn, "record header runs past its length") from None
     if n - off != datatotal:
-        raise _bad(lsn, f"{n - off} bytes of payload, headers promise {datatotal}")
+        raise invalid_record(lsn, f"{n - off} bytes of payload, headers promise {datatotal}")
     blocks = []
     for block_id, flags, spc, db, rel, blkno, bimg_info, hole_offset, hole_length, img_len, data_len in heads:
         bimg = None
@@ -324,154 +312,6 @@ def decode_record(raw: RawRecord, pg_version: int | None = None) -> DecodedRecor
                                hole_length))
     main = data[off:off + main_len] if main_len else b""
     return DecodedRecord(lsn, raw.end_lsn, tot_len, xid, prev, info, rmid, blocks, main, origin, toplevel, pg_version)
-
-
-# -- page images --------------------------------------------------------------
-
-
-def restore_image(blk: BlockRef) -> bytes:
-    """The full page of a block image: decompressed, with its hole put back."""
-    raw = blk.bimg
-    if raw is None:
-        raise ValueError("block has no image")
-    want = BLCKSZ - blk.hole_length
-    method = blk.compression
-    if method == "pglz":
-        raw = pglz_decompress(raw, want)
-    elif method == "lz4":
-        raw = lz4_decompress(raw, want)
-    elif method == "zstd":
-        raw = zstd_decompress(raw, want)
-    if len(raw) != want:
-        raise WalDecodeError(f"block image of {blk!r} has {len(raw)} bytes, expected {want}")
-    if blk.hole_length:
-        return b"".join((raw[:blk.hole_offset], bytes(blk.hole_length), raw[blk.hole_offset:]))
-    return bytes(raw)
-
-
-def _copy_match(out: bytearray, off: int, length: int) -> None:
-    start = len(out) - off
-    if off >= length:
-        out += out[start:start + length]
-    else:  # overlapping copy: the last `off` bytes repeat
-        out += (out[start:] * (length // off + 1))[:length]
-
-
-def pglz_decompress(src: bytes, rawsize: int) -> bytes:
-    """PostgreSQL's pglz format (pg_lzcompress.c); all of src must yield exactly rawsize bytes.
-
-    A control byte's bits, lowest first, say whether each of the next eight items is a
-    literal byte (0) or a back-reference (1: 2-3 bytes of length and offset).
-    """
-    out = bytearray()
-    sp = dp = 0
-    n = len(src)
-    try:
-        while sp < n and dp < rawsize:
-            ctrl = src[sp]
-            sp += 1
-            if ctrl == 0:  # eight literals
-                take = min(8, n - sp, rawsize - dp)
-                out += src[sp:sp + take]
-                sp += take
-                dp += take
-                continue
-            for _ in range(8):
-                if sp >= n or dp >= rawsize:
-                    break
-                if ctrl & 1:
-                    b0 = src[sp]
-                    off = ((b0 & 0xF0) << 4) | src[sp + 1]
-                    length = (b0 & 0x0F) + 3
-                    if length == 18:
-                        length += src[sp + 2]
-                        sp += 3
-                    else:
-                        sp += 2
-                    length = min(length, rawsize - dp)
-                    if off == 0 or off > dp:
-                        raise WalDecodeError("corrupt pglz data: bad match offset")
-                    start = dp - off
-                    if off >= length:
-                        out += out[start:start + length]
-                    else:  # overlapping: the last `off` bytes repeat
-                        out += (out[start:] * (length // off + 1))[:length]
-                    dp += length
-                else:
-                    out.append(src[sp])
-                    sp += 1
-                    dp += 1
-                ctrl >>= 1
-    except IndexError:
-        raise WalDecodeError("corrupt pglz data: truncated") from None
-    if dp != rawsize or sp != n:
-        raise WalDecodeError(f"corrupt pglz data: {dp} of {rawsize} bytes, {n - sp} input bytes left")
-    return bytes(out)
-
-
-def lz4_decompress(src: bytes, rawsize: int) -> bytes:
-    """An LZ4 block (as LZ4_compress_default writes it); uses the lz4 package when installed."""
-    try:
-        import lz4.block
-    except ImportError:
-        return _lz4_block_decompress(src, rawsize)
-    try:
-        return lz4.block.decompress(src, uncompressed_size=rawsize)
-    except lz4.block.LZ4BlockError as e:
-        raise WalDecodeError(f"corrupt lz4 data: {e}") from None
-
-
-def _lz4_block_decompress(src: bytes, rawsize: int) -> bytes:
-    out = bytearray()
-    sp = 0
-    n = len(src)
-    try:
-        while sp < n:
-            token = src[sp]
-            sp += 1
-            lit = token >> 4
-            if lit == 15:
-                while True:
-                    b = src[sp]
-                    sp += 1
-                    lit += b
-                    if b != 255:
-                        break
-            out += src[sp:sp + lit]
-            sp += lit
-            if sp >= n:
-                break
-            off = src[sp] | (src[sp + 1] << 8)
-            sp += 2
-            length = token & 15
-            if length == 15:
-                while True:
-                    b = src[sp]
-                    sp += 1
-                    length += b
-                    if b != 255:
-                        break
-            if off == 0 or off > len(out):
-                raise WalDecodeError("corrupt lz4 data: bad match offset")
-            _copy_match(out, off, length + 4)
-            if len(out) > rawsize:
-                break
-    except IndexError:
-        raise WalDecodeError("corrupt lz4 data: truncated") from None
-    if len(out) != rawsize:
-        raise WalDecodeError(f"corrupt lz4 data: {len(out)} bytes, expected {rawsize}")
-    return bytes(out)
-
-
-def zstd_decompress(src: bytes, rawsize: int) -> bytes:
-    try:
-        import zstandard
-    except ImportError:
-        raise WalDecodeError("a page image is zstd-compressed: pip install zstandard") from None
-    try:
-        return zstandard.ZstdDecompressor().decompress(src, max_output_size=rawsize)
-    except zstandard.ZstdError as e:
-        raise WalDecodeError(f"corrupt zstd data: {e}") from None
 
 
 # -- record types -------------------------------------------------------------
@@ -520,270 +360,3 @@ def identify(rmid: int, info: int, pg_version: int = LATEST_PG_VERSION) -> str |
         return name + "+INIT" if op & 0x80 and name == "MULTI_INSERT" else name
     ops = _SIMPLE_OPS.get(rmid)
     return ops.get(op) if ops else None
-
-
-def timestamptz_to_datetime(ts: int) -> datetime:
-    """PostgreSQL TimestampTz (microseconds since 2000-01-01 UTC) as an aware datetime."""
-    try:
-        return PG_EPOCH + timedelta(microseconds=ts)
-    except OverflowError:
-        return datetime.max.replace(tzinfo=UTC) if ts > 0 else datetime.min.replace(tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class RelFileLocator:
-    spc: int
-    db: int
-    rel: int
-
-
-@dataclass
-class XactRecord:
-    """A transaction's end (commit, abort, and their two-phase forms) or its prepare."""
-
-    kind: str  # "commit" | "abort" | "commit_prepared" | "abort_prepared"
-    xid: int  # the transaction it ends: the record's xid, or the prepared xid for *_prepared
-    xact_time: int  # TimestampTz
-    xinfo: int = 0
-    db_id: int | None = None
-    ts_id: int | None = None
-    subxacts: list[int] = field(default_factory=list)
-    rels: list[RelFileLocator] = field(default_factory=list)  # relations dropped by this commit/abort
-    ndropped_stats: int = 0
-    ninvals: int = 0
-    twophase_xid: int | None = None
-    gid: str | None = None
-    origin_lsn: int | None = None
-    origin_timestamp: int | None = None
-
-    @property
-    def timestamp(self) -> datetime:
-        return timestamptz_to_datetime(self.xact_time)
-
-    @property
-    def is_commit(self) -> bool:
-        return self.kind in ("commit", "commit_prepared")
-
-
-_XACT_KINDS = {XLOG_XACT_COMMIT: "commit", XLOG_XACT_ABORT: "abort",
-               XLOG_XACT_COMMIT_PREPARED: "commit_prepared", XLOG_XACT_ABORT_PREPARED: "abort_prepared"}
-
-
-def parse_xact(rec: DecodedRecord, pg_version: int | None = None, strict: bool = False) -> XactRecord | None:
-    """Commit/abort (incl. prepared) details; None for other Transaction records (prepare, assignment, ...).
-
-    ``strict``: also fail if bytes are left over (a layout mismatch, e.g. the wrong pg_version).
-    """
-    if rec.rmid != RM_XACT_ID:
-        return None
-    op = rec.info & XLOG_XACT_OPMASK
-    kind = _XACT_KINDS.get(op)
-    if kind is None:
-        return None
-    d = rec.main_data
-    try:
-        (xact_time,) = struct.unpack_from("<q", d, 0)
-        x = XactRecord(kind, rec.xid, xact_time)
-        off = 8
-        if rec.info & XLOG_XACT_HAS_INFO:
-            x.xinfo = xinfo = _U32.unpack_from(d, off)[0]
-            off += 4
-        else:
-            xinfo = 0
-        if xinfo & XACT_XINFO_HAS_DBINFO:
-            x.db_id, x.ts_id = struct.unpack_from("<II", d, off)
-            off += 8
-        if xinfo & XACT_XINFO_HAS_SUBXACTS:
-            (cnt,) = struct.unpack_from("<i", d, off)
-            x.subxacts = list(struct.unpack_from(f"<{cnt}I", d, off + 4))
-            off += 4 + 4 * cnt
-        if xinfo & XACT_XINFO_HAS_RELFILELOCATORS:
-            (cnt,) = struct.unpack_from("<i", d, off)
-            off += 4
-            for _ in range(cnt):
-                x.rels.append(RelFileLocator(*_RLOC.unpack_from(d, off)))
-                off += 12
-        if xinfo & XACT_XINFO_HAS_DROPPED_STATS:
-            (cnt,) = struct.unpack_from("<i", d, off)
-            x.ndropped_stats = cnt
-            off += 4 + cnt * _stats_item_size(rec, pg_version)
-        if xinfo & XACT_XINFO_HAS_INVALS and op != XLOG_XACT_ABORT and op != XLOG_XACT_ABORT_PREPARED:
-            (cnt,) = struct.unpack_from("<i", d, off)
-            x.ninvals = cnt
-            off += 4 + 16 * cnt  # sizeof(SharedInvalidationMessage)
-        if xinfo & XACT_XINFO_HAS_TWOPHASE:
-            x.twophase_xid = _U32.unpack_from(d, off)[0]
-            off += 4
-            if xinfo & XACT_XINFO_HAS_GID:
-                nul = d.find(b"\0", off)
-                if nul < 0:
-                    raise struct.error("unterminated gid")
-                x.gid = d[off:nul].decode("utf-8", "replace")
-                off = nul + 1
-        if xinfo & XACT_XINFO_HAS_ORIGIN:
-            x.origin_lsn, x.origin_timestamp = struct.unpack_from("<Qq", d, off)
-            off += 16
-    except struct.error:
-        raise _bad(rec.lsn, f"truncated {kind} record") from None
-    if strict and off != len(d):
-        raise _bad(rec.lsn, f"{len(d) - off} bytes left over in {kind} record")
-    if kind.endswith("_prepared"):
-        if x.twophase_xid is None:
-            raise _bad(rec.lsn, f"{kind} record without a prepared xid")
-        x.xid = x.twophase_xid
-    return x
-
-
-def _stats_item_size(rec: DecodedRecord, pg_version: int | None) -> int:
-    version = pg_version or rec.pg_version
-    if version is None:
-        raise ValueError("the PostgreSQL version is needed to parse dropped-stats items: pass pg_version")
-    return 16 if version >= 18 else 12  # PG 18 widened xl_xact_stats_item.objoid to 64 bits
-
-
-@dataclass
-class CheckPoint:
-    """The CheckPoint struct (pg_control.h) carried by checkpoint records."""
-
-    redo: int
-    this_timeline: int
-    prev_timeline: int
-    full_page_writes: bool
-    wal_level: int | None  # in the struct from PostgreSQL 17 on
-    next_xid: int  # FullTransactionId: epoch << 32 | xid
-    next_oid: int
-    next_multi: int
-    next_multi_offset: int
-    oldest_xid: int
-    oldest_xid_db: int
-    oldest_multi: int
-    oldest_multi_db: int
-    time: int  # pg_time_t, seconds since 1970
-    oldest_commit_ts_xid: int
-    newest_commit_ts_xid: int
-    oldest_active_xid: int
-    shutdown: bool = False
-
-    @property
-    def next_xid_epoch(self) -> int:
-        return self.next_xid >> 32
-
-    @property
-    def timestamp(self) -> datetime:
-        return datetime.fromtimestamp(self.time, UTC)
-
-
-_CHECKPOINT = struct.Struct("<QII?3xiQIIIIIII4xqIII4x")  # 88 bytes in PostgreSQL 15-18
-CHECKPOINT_SIZE = _CHECKPOINT.size
-
-
-def parse_checkpoint_bytes(d: bytes, pg_version: int | None) -> CheckPoint:
-    if len(d) < CHECKPOINT_SIZE:
-        raise WalDecodeError(f"checkpoint data of {len(d)} bytes, expected {CHECKPOINT_SIZE}")
-    f = _CHECKPOINT.unpack_from(d)
-    wal_level = f[4] if (pg_version or LATEST_PG_VERSION) >= 17 else None
-    return CheckPoint(f[0], f[1], f[2], f[3], wal_level, *f[5:])
-
-
-def parse_checkpoint(rec: DecodedRecord, pg_version: int | None = None) -> CheckPoint | None:
-    """The checkpoint of a CHECKPOINT_SHUTDOWN/ONLINE record, else None."""
-    if rec.rmid != RM_XLOG_ID or rec.rmgr_info not in (XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE):
-        return None
-    cp = parse_checkpoint_bytes(rec.main_data, pg_version or rec.pg_version)
-    cp.shutdown = rec.rmgr_info == XLOG_CHECKPOINT_SHUTDOWN
-    return cp
-
-
-def parse_nextoid(rec: DecodedRecord) -> int | None:
-    if rec.rmid != RM_XLOG_ID or rec.rmgr_info != XLOG_NEXTOID:
-        return None
-    return _U32.unpack_from(rec.main_data)[0]
-
-
-@dataclass
-class SmgrCreate:
-    rel: RelFileLocator
-    forknum: int
-
-
-@dataclass
-class SmgrTruncate:
-    rel: RelFileLocator
-    blkno: int  # new length in blocks
-    flags: int  # SMGR_TRUNCATE_HEAP | _VM | _FSM: which forks
-
-    truncates_heap = property(lambda self: bool(self.flags & SMGR_TRUNCATE_HEAP))
-    truncates_vm = property(lambda self: bool(self.flags & SMGR_TRUNCATE_VM))
-    truncates_fsm = property(lambda self: bool(self.flags & SMGR_TRUNCATE_FSM))
-
-
-def parse_smgr(rec: DecodedRecord) -> SmgrCreate | SmgrTruncate | None:
-    if rec.rmid != RM_SMGR_ID:
-        return None
-    d = rec.main_data
-    try:
-        if rec.rmgr_info == XLOG_SMGR_CREATE:
-            spc, db, rel, fork = struct.unpack_from("<IIIi", d)
-            return SmgrCreate(RelFileLocator(spc, db, rel), fork)
-        if rec.rmgr_info == XLOG_SMGR_TRUNCATE:
-            blkno, spc, db, rel, flags = struct.unpack_from("<IIIIi", d)
-            return SmgrTruncate(RelFileLocator(spc, db, rel), blkno, flags)
-    except struct.error:
-        raise _bad(rec.lsn, "truncated Storage record") from None
-    return None
-
-
-@dataclass
-class DbaseCreate:
-    db_id: int
-    tablespace_id: int
-    strategy: str  # "file_copy" (copies src directory, logged without page images) | "wal_log"
-    src_db_id: int | None = None
-    src_tablespace_id: int | None = None
-
-
-@dataclass
-class DbaseDrop:
-    db_id: int
-    tablespace_ids: list[int]
-
-
-def parse_dbase(rec: DecodedRecord) -> DbaseCreate | DbaseDrop | None:
-    if rec.rmid != RM_DBASE_ID:
-        return None
-    d = rec.main_data
-    try:
-        if rec.rmgr_info == XLOG_DBASE_CREATE_FILE_COPY:
-            db, ts, src_db, src_ts = struct.unpack_from("<IIII", d)
-            return DbaseCreate(db, ts, "file_copy", src_db, src_ts)
-        if rec.rmgr_info == XLOG_DBASE_CREATE_WAL_LOG:
-            db, ts = struct.unpack_from("<II", d)
-            return DbaseCreate(db, ts, "wal_log")
-        if rec.rmgr_info == XLOG_DBASE_DROP:
-            db, cnt = struct.unpack_from("<Ii", d)
-            return DbaseDrop(db, list(struct.unpack_from(f"<{cnt}I", d, 8)))
-    except struct.error:
-        raise _bad(rec.lsn, "truncated Database record") from None
-    return None
-
-
-@dataclass
-class RelmapUpdate:
-    """A new pg_filenode.map (the whole file) for a database, or the shared one (db_id 0)."""
-
-    db_id: int
-    tablespace_id: int
-    data: bytes
-
-
-def parse_relmap(rec: DecodedRecord) -> RelmapUpdate | None:
-    if rec.rmid != RM_RELMAP_ID or rec.rmgr_info != XLOG_RELMAP_UPDATE:
-        return None
-    d = rec.main_data
-    try:
-        db, ts, nbytes = struct.unpack_from("<IIi", d)
-    except struct.error:
-        raise _bad(rec.lsn, "truncated RelMap record") from None
-    if len(d) < 12 + nbytes:
-        raise _bad(rec.lsn, "truncated RelMap record")
-    return RelmapUpdate(db, ts, d[12:12 + nbytes])

@@ -1,0 +1,241 @@
+"""The image layer files of one image -> its data directory again, and an image's metadata.
+
+Restoring checks that the layers tile the whole key space at one LSN, unpacks the aux tar
+(directory skeleton and small files), then writes every page, relation size, relmap, SLRU
+segment and pg_control back to its file. The materialiser uses it to give a compute (or the
+redo worker) a data directory to start recovery from.
+
+Restoring writes relation and SLRU files with the data directory's file mode (0600, or 0640 for
+a group-readable cluster) and every directory and aux file with its recorded mode; files are
+owned by the caller (chown to the Postgres user afterwards). Zero-length segment files beyond a
+fork's last block (left by a truncation) are recorded in the metadata and recreated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from neonctl.engine.pageserver.image_layer import ImageLayerReader
+from neonctl.engine.pageserver.image_set import (
+    AUX_FILES_KEY,
+    BLCKSZ,
+    DEFAULTTABLESPACE_OID,
+    FORK_SUFFIX,
+    FORMAT,
+    GLOBALTABLESPACE_OID,
+    IMAGE_META_KEY,
+    SLRU_DIR_OF,
+    ImageInfo,
+    ImageLayerFile,
+)
+from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, SlruKind
+from neonctl.errors import CorruptData, InvalidInput
+
+_U32 = struct.Struct("<I")
+
+
+def _open_image(layer_paths: Sequence[str | os.PathLike[str]]) -> list[ImageLayerReader]:
+    readers: list[ImageLayerReader] = []
+    try:
+        for p in layer_paths:
+            readers.append(ImageLayerReader(p))
+        readers.sort(key=lambda r: r.key_range.start)
+        if not readers:
+            raise InvalidInput("an image needs at least one layer file")
+        lsns = {r.lsn for r in readers}
+        if len(lsns) != 1:
+            raise InvalidInput(f"image layers at different LSNs: {sorted(lsns)}")
+        expected = MIN_KEY
+        for r in readers:
+            if r.key_range.start != expected:
+                raise InvalidInput(f"image layers do not cover the key space contiguously: {r.path} starts at"
+                                   f" {r.key_range.start}, expected {expected}")
+            expected = r.key_range.end
+        if expected != MAX_KEY:
+            raise InvalidInput(f"image layers end at {expected}, not at the end of the key space")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return readers
+
+
+def _get(readers: list[ImageLayerReader], key: Key) -> bytes:
+    for r in readers:
+        if r.key_range.contains(key):
+            value = r.get(key)
+            if value is None:
+                raise CorruptData(f"{r.path}: image has no {key} (not an image made by create_image?)")
+            return value
+    raise CorruptData(f"no image layer covers {key}")
+
+
+def read_image_meta(layer_paths: Sequence[str | os.PathLike[str]]) -> dict:
+    """The metadata stored in an image (LSNs, pg version, cluster state, modes)."""
+    readers = _open_image(layer_paths)
+    try:
+        return _load_meta(readers)
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _load_meta(readers: list[ImageLayerReader]) -> dict:
+    try:
+        meta = json.loads(_get(readers, IMAGE_META_KEY))
+    except ValueError as e:
+        raise CorruptData(f"image metadata is not JSON: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CorruptData(f"unknown image format {meta.get('format')!r}")
+    return meta
+
+
+def image_info_from_layers(layer_paths: Sequence[str | os.PathLike[str]]) -> ImageInfo:
+    readers = _open_image(layer_paths)
+    try:
+        meta = _load_meta(readers)
+        layers = tuple(ImageLayerFile(Path(r.path).name, str(r.path), os.path.getsize(r.path),
+                                      str(r.key_range.start), str(r.key_range.end), -1) for r in readers)
+    finally:
+        for r in readers:
+            r.close()
+    return ImageInfo(timeline_id=meta["timeline_id"], lsn=meta["lsn"], checkpoint_lsn=meta["checkpoint_lsn"],
+                     redo_lsn=meta["redo_lsn"], pg_version=meta["pg_version"], cluster_state=meta["cluster_state"],
+                     layers=layers)
+
+
+class _FileWriter:
+    """Writes pages into the segment files of one relation fork or SLRU segment, in order."""
+
+    def __init__(self, target: Path, mode: int):
+        self.target, self.mode = target, mode
+        self.fds: dict[str, int] = {}
+        self.buf_path: str | None = None
+        self.buf_offset = 0
+        self.buf = bytearray()
+
+    def _fd(self, relpath: str) -> int:
+        fd = self.fds.get(relpath)
+        if fd is None:
+            fd = os.open(self.target / relpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.mode)
+            os.fchmod(fd, self.mode)
+            self.fds[relpath] = fd
+        return fd
+
+    def write(self, relpath: str, offset: int, data: bytes) -> None:
+        if relpath != self.buf_path or offset != self.buf_offset + len(self.buf) or len(self.buf) >= 1 << 20:
+            self.flush()
+            self.buf_path, self.buf_offset = relpath, offset
+        self.buf += data
+
+    def flush(self) -> None:
+        if self.buf_path is not None and self.buf:
+            os.pwrite(self._fd(self.buf_path), self.buf, self.buf_offset)
+        self.buf_path, self.buf = None, bytearray()
+
+    def set_size(self, relpath: str, size: int) -> None:
+        self.flush()
+        os.ftruncate(self._fd(relpath), size)
+
+    def close_all(self) -> None:
+        self.flush()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _rel_path(spc: int, db: int, rel: int, fork: int, segno: int) -> str:
+    if spc == GLOBALTABLESPACE_OID and db == 0:
+        d = "global"
+    elif spc == DEFAULTTABLESPACE_OID:
+        d = f"base/{db}"
+    else:
+        raise CorruptData(f"image holds tablespace {spc}, which neonctl does not restore")
+    return f"{d}/{rel}{FORK_SUFFIX[fork]}" + (f".{segno}" if segno else "")
+
+
+def _relmap_path(spc: int, db: int) -> str:
+    return "global/pg_filenode.map" if spc == GLOBALTABLESPACE_OID else f"base/{db}/pg_filenode.map"
+
+
+def _slru_path(kind: int, segno: int) -> str:
+    return f"{SLRU_DIR_OF[SlruKind(kind)]}/{segno:04X}"
+
+
+def restore_image(layer_paths: Sequence[str | os.PathLike[str]], target_dir: str | os.PathLike[str]) -> dict:
+    """Recreate the data directory of an image in ``target_dir`` (absent or empty); returns its metadata."""
+    target = Path(target_dir)
+    readers = _open_image(layer_paths)
+    try:
+        meta = _load_meta(readers)
+        if meta["blcksz"] != BLCKSZ:
+            raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
+        relseg = meta["relseg_size"]
+        if target.exists() and any(target.iterdir()):
+            raise InvalidInput(f"target directory {target} is not empty")
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(_get(readers, AUX_FILES_KEY)), mode="r:") as tar:
+            tar.extractall(target, filter="data")
+        # the data filter ignores directory modes of existing dirs only; set them all explicitly
+        with tarfile.open(fileobj=io.BytesIO(_get(readers, AUX_FILES_KEY)), mode="r:") as tar:
+            for member in tar.getmembers():
+                os.chmod(target / member.name, member.mode & 0o7777)
+        file_mode = meta["file_mode"]
+        out = _FileWriter(target, file_mode)
+        try:
+            for r in readers:
+                for key, value in r.iter_all():
+                    f1 = key.field1
+                    if f1 == 0 and key.is_rel_block():
+                        spc, db, rel, fork = key.rel_tag()
+                        blk = key.field6
+                        out.write(_rel_path(spc, db, rel, fork, blk // relseg), (blk % relseg) * BLCKSZ, value)
+                    elif f1 == 0 and key.is_rel_size():
+                        spc, db, rel, fork = key.rel_tag()
+                        (nblocks,) = _U32.unpack(value)
+                        nsegs = max(1, -(-nblocks // relseg))
+                        for segno in range(nsegs):
+                            out.set_size(_rel_path(spc, db, rel, fork, segno),
+                                         min(relseg, nblocks - segno * relseg) * BLCKSZ)
+                        out.close_all()  # a fork is complete: release its descriptors
+                    elif f1 == 0 and key.is_relmap():
+                        _write_small(target / _relmap_path(key.field2, key.field3), value, file_mode)
+                    elif key.is_slru_block():
+                        out.write(_slru_path(key.field2, key.field4), key.field6 * BLCKSZ, value)
+                    elif key.is_slru_seg_size():
+                        (npages,) = _U32.unpack(value)
+                        out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
+                        out.close_all()
+                    elif key.is_controlfile():
+                        _write_small(target / "global" / "pg_control", value, file_mode)
+                    elif key in (IMAGE_META_KEY, AUX_FILES_KEY):
+                        pass
+                    else:
+                        raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+        finally:
+            out.close_all()
+        for rel in meta["empty_segments"]:
+            _write_small(target / rel, b"", file_mode)
+        os.chmod(target, meta["dir_mode"])
+        return meta
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _write_small(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["image_info_from_layers", "read_image_meta", "restore_image"]
