@@ -174,7 +174,7 @@ def read_amp(store: LayerStore, workdir: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pg-bin")
-    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--scale", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

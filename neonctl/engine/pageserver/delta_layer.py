@@ -106,8 +106,13 @@ class DeltaEntries:
         return body if self.tag[i] < 0 else bytes((int(self.tag[i]),)) + body
 
     def take(self, rows: np.ndarray | slice) -> DeltaEntries:
-        return DeltaEntries(self.ikeys[rows], self.will_init[rows], self.src, self.off[rows], self.length[rows],
-                            self.tag[rows])
+        if isinstance(rows, slice):
+            return DeltaEntries(self.ikeys[rows], self.will_init[rows], self.src, self.off[rows], self.length[rows],
+                                self.tag[rows])
+        if rows.dtype == np.bool_:
+            rows = np.flatnonzero(rows)
+        return DeltaEntries(np.take(self.ikeys, rows, axis=0), np.take(self.will_init, rows), self.src,
+                            np.take(self.off, rows), np.take(self.length, rows), np.take(self.tag, rows))
 
     def value_bytes(self) -> int:
         return int(self.length.sum()) + len(self)
