@@ -530,3 +530,29 @@ def test_block_image_locations_match_decoder(wal_sample):
             (blk.hole_offset, blk.hole_length, blk.bimg_info)
         seen += 1
     assert seen > 10
+
+
+def test_concat_of_consecutive_batches_equals_one_scan(wal_sample):
+    """Batches scanned message by message and joined are the batch one scan of the whole range gives."""
+    data = wal_sample.read(wal_sample.start_lsn, wal_sample.end_lsn - wal_sample.start_lsn)
+    whole = scan_wal(data, wal_sample.start_lsn, wal_sample.seg_size)
+    parts, pos, prev = [], wal_sample.start_lsn, None
+    while pos < whole.end_lsn:
+        b = scan_wal(data[pos - wal_sample.start_lsn: pos - wal_sample.start_lsn + 40_000], pos,
+                     wal_sample.seg_size, prev_lsn=prev)
+        assert b.error is None
+        if not len(b):
+            b = scan_wal(data[pos - wal_sample.start_lsn:], pos, wal_sample.seg_size, prev_lsn=prev)
+        parts.append(b)
+        pos, prev = b.end_lsn, int(b.lsn[-1])
+    joined = rs.RecordBatch.concat(parts)
+    assert len(parts) > 3 and len(joined) == len(whole) and joined.end_lsn == whole.end_lsn
+    for i in range(0, len(whole), max(1, len(whole) // 200)):
+        assert joined.raw(i) == whole.raw(i)
+    for col in ("blk_rec", "blk_spc", "blk_rel", "blk_no", "blk_flags", "blk_img_len", "main_len"):
+        assert (getattr(joined, col) == getattr(whole, col)).all(), col
+    imgs = np.flatnonzero(whole.blk_img_len)
+    for j in imgs[:: max(1, len(imgs) // 50)].tolist():
+        a, b = int(joined.blk_img_off[j]), int(whole.blk_img_off[j])
+        n = int(whole.blk_img_len[j])
+        assert bytes(joined.data[a:a + n]) == bytes(whole.data[b:b + n])

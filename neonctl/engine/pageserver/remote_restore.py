@@ -127,6 +127,7 @@ def rebuild_commit_log(tmp: Path, meta: dict, seg_size: int) -> None:
                 break  # damaged or torn WAL: commits beyond it stay unknown, like the WAL itself
             commits.append(commits_of(batch))
             pos, prev = batch.end_lsn, int(batch.lsn[-1])
+    commits.close()
     wal.close()
     (tmp / "commits.bin").touch()
 

@@ -18,6 +18,7 @@ as ``prev_lsn``) once more WAL has arrived.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -434,8 +435,7 @@ class RecordBatch:
     blk_fork: np.ndarray  # uint8
     blk_no: np.ndarray  # uint32
     blk_flags: np.ndarray  # uint8: BLK_WILL_INIT | BLK_HAS_IMAGE | BLK_APPLY_IMAGE | BLK_HAS_DATA
-    blk_img_off: np.ndarray  # int64 offset in `data` of the block's image bytes (as stored: hole removed, maybe compressed)
-    blk_img_len: np.ndarray  # int64 bimg_len (0 without an image)
+    blk_sizes: np.ndarray  # uint32 bimg_len << 16 | data length (what follows the headers, per block)
     blk_hole_off: np.ndarray  # int64
     blk_hole_len: np.ndarray  # int64
     blk_bimg_info: np.ndarray  # uint8 BKPIMAGE_* bits
@@ -455,6 +455,44 @@ class RecordBatch:
     @property
     def pg_version(self) -> int | None:
         return PAGE_MAGIC_TO_PG_VERSION.get(self.page_magic) if self.page_magic else None
+
+    @cached_property
+    def _images(self) -> tuple[np.ndarray, np.ndarray]:
+        return _image_locations(self.blk_rec, self.blk_sizes, self.main_off)
+
+    @property
+    def blk_img_off(self) -> np.ndarray:
+        """int64 offset in ``data`` of each block's image bytes (as stored: hole removed, maybe compressed)."""
+        return self._images[0]
+
+    @property
+    def blk_img_len(self) -> np.ndarray:
+        """int64 bimg_len (0 without an image). Computed on first use: the receive path never needs it."""
+        return self._images[1]
+
+    @classmethod
+    def concat(cls, batches: list[RecordBatch]) -> RecordBatch:
+        """Consecutive batches as one (each starts where the previous ended): fewer, larger calls downstream."""
+        if len(batches) == 1:
+            return batches[0]
+        data_at = np.cumsum([0] + [len(b.data) for b in batches[:-1]])
+        rec_at = np.cumsum([0] + [len(b) for b in batches[:-1]])
+
+        def cat(name: str, shift=None):
+            cols = [getattr(b, name) for b in batches]
+            if shift is not None:
+                cols = [c + k for c, k in zip(cols, shift, strict=True)]
+            return np.concatenate(cols)
+
+        first, last = batches[0], batches[-1]
+        return cls(
+            start_lsn=first.start_lsn, end_lsn=last.end_lsn, data=cat("data"), lsn=cat("lsn"), end=cat("end"),
+            off=cat("off", data_at), tot_len=cat("tot_len"), xid=cat("xid"), info=cat("info"), rmid=cat("rmid"),
+            main_off=cat("main_off", data_at), main_len=cat("main_len"), blk_rec=cat("blk_rec", rec_at),
+            blk_id=cat("blk_id"), blk_spc=cat("blk_spc"), blk_db=cat("blk_db"), blk_rel=cat("blk_rel"),
+            blk_fork=cat("blk_fork"), blk_no=cat("blk_no"), blk_flags=cat("blk_flags"), blk_sizes=cat("blk_sizes"),
+            blk_hole_off=cat("blk_hole_off"), blk_hole_len=cat("blk_hole_len"), blk_bimg_info=cat("blk_bimg_info"),
+            error=last.error, at_zeros=last.at_zeros, page_magic=first.page_magic, system_id=first.system_id)
 
 
 def _as_u8(buf) -> np.ndarray:
@@ -528,7 +566,6 @@ def scan_wal(buf, start_lsn: int, seg_size: int = WAL_SEGMENT_SIZE, *, prev_lsn:
             brec, b32, b8 = _grow(brec, nblk), _grow(b32, nblk), _grow(b8, nblk)
     nrec, nblk = int(st[_S_NREC]), int(st[_S_NBLK])
     magic = int(st[_S_MAGIC])
-    img_off, img_len = _image_locations(brec[:nblk], b32[4, :nblk], r64[3, :nrec])
     return RecordBatch(
         start_lsn=start_lsn, end_lsn=int(st[_S_END]), data=data[:int(st[_S_DPOS])],
         lsn=r64[0, :nrec].view(np.uint64), end=r64[1, :nrec].view(np.uint64), off=r64[2, :nrec],
@@ -536,7 +573,7 @@ def scan_wal(buf, start_lsn: int, seg_size: int = WAL_SEGMENT_SIZE, *, prev_lsn:
         main_off=r64[3, :nrec], main_len=r64[4, :nrec],
         blk_rec=brec[:nblk], blk_id=b8[0, :nblk], blk_spc=b32[0, :nblk], blk_db=b32[1, :nblk],
         blk_rel=b32[2, :nblk], blk_fork=b8[1, :nblk], blk_no=b32[3, :nblk], blk_flags=b8[2, :nblk],
-        blk_img_off=img_off, blk_img_len=img_len, blk_hole_off=(b32[5, :nblk] >> 16).astype(np.int64),
+        blk_sizes=b32[4, :nblk], blk_hole_off=(b32[5, :nblk] >> 16).astype(np.int64),
         blk_hole_len=(b32[5, :nblk] & 0xFFFF).astype(np.int64), blk_bimg_info=b8[3, :nblk],
         error=_error(status, err) if status < 0 else None, at_zeros=status == ST_ZEROS,
         page_magic=magic if magic >= 0 else None,
