@@ -38,6 +38,7 @@ from neonctl.engine.pageserver.disk_btree import NODE_SIZE, BTreeBuilder, BTreeR
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
 from neonctl.engine.scratch import scratch
 from neonctl.errors import CorruptData
+from neonctl.engine.durability import fsync_dir
 
 BLOCK_SIZE = 8192
 assert NODE_SIZE == BLOCK_SIZE
@@ -241,16 +242,8 @@ def write_layer_file(path: str | os.PathLike[str], magic: int, timeline_id: str,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return summary, (start_blk + n_blocks) * BLOCK_SIZE
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LayerFileWriter:
@@ -318,7 +311,7 @@ class LayerFileWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp_path, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return summary
 
     def abort(self) -> None:

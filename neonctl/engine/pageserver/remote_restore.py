@@ -37,6 +37,7 @@ from neonctl.engine.pageserver.remote_sync import (
 )
 from neonctl.engine.pageserver.timeline import list_timelines
 from neonctl.errors import CorruptData
+from neonctl.engine.durability import fsync_dir
 
 log = logging.getLogger("pageserver.remote_restore")
 
@@ -106,7 +107,7 @@ def restore_timeline(storage: RemoteStorage, tid: str, files: dict[str, int], wo
         log.warning("timeline %s: replacing an incomplete local directory with the remote copy", tid)
         shutil.rmtree(dest)
     os.rename(tmp, dest)
-    _fsync(timelines)
+    fsync_dir(timelines)
     log.info("restored timeline %s up to %X (%d layers)", tid, meta["last_record_lsn"], len(layers))
 
 
@@ -155,17 +156,9 @@ def verify_layer(path: Path, desc: dict, key: str) -> None:
         raise CorruptData(f"remote layer {key} is damaged: its summary names layer {named}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """The renamed-in names (metadata, index) and the directories: files were fsynced as they were downloaded."""
     for dirpath, _, _ in os.walk(root):
-        _fsync(Path(dirpath))
-    _fsync(root / "metadata.json")
-    _fsync(root / "layers" / INDEX)
+        fsync_dir(Path(dirpath))
+    fsync_dir(root / "metadata.json")
+    fsync_dir(root / "layers" / INDEX)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from neonctl.errors import InvalidInput, RemoteStorageError
+from neonctl.engine.durability import fsync_dir
 
 DEFAULT_DIR = "remote_storage"  # under the project directory
 _COPY_CHUNK = 8 << 20
@@ -68,14 +69,6 @@ class RemoteStorage(ABC):
         """Where the objects are, as `project set --remote-storage` takes it (no secrets)."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(dest: Path, chunks: Iterable[bytes]) -> None:
     """Write chunks to a hidden temp file next to dest, fsync it, rename it over dest, fsync the directory."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
@@ -89,7 +82,7 @@ def _write_atomic(dest: Path, chunks: Iterable[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 def _read_chunks(f, length: int | None):
@@ -287,7 +280,7 @@ class S3Storage(RemoteStorage):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def list(self, prefix: str = "") -> dict[str, int]:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415

@@ -523,9 +523,15 @@ class Timeline:
         raise InvalidInput(f"no image at or below {format_lsn(lsn)} for timeline {self.timeline_id}")
 
     def image_due(self, wal_threshold: int) -> bool:
-        """Worth imaging: much WAL to replay since the newest image, and a checkpoint to restart from."""
+        """Worth imaging: much WAL to replay since the newest image, and a checkpoint to restart from.
+
+        "Much" is at least wal_threshold and at least the database's size (the newest image's pages):
+        an image costs about one materialisation of the whole database, so a busy large database
+        would otherwise spend a core re-imaging itself every few seconds of WAL.
+        """
         newest = self.image_for(self.meta.last_record_lsn)
-        return (self.meta.last_record_lsn - newest.redo_lsn >= wal_threshold
+        pages = sum(layer.num_values for layer in newest.layers) * 8192
+        return (self.meta.last_record_lsn - newest.redo_lsn >= max(wal_threshold, pages)
                 and self.meta.last_checkpoint_lsn > newest.checkpoint_lsn)
 
     def create_image_at(self, lsn: int, runtime, scratch: Path) -> ImageInfo | None:

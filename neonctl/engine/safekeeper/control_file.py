@@ -45,6 +45,7 @@ import crc32c
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE
 from neonctl.engine.safekeeper.term_history import ProtocolViolation, TermHistory, TermSwitch
 from neonctl.errors import CorruptData, InvalidInput, NotFound
+from neonctl.engine.durability import fsync_dir
 
 CONTROL_FILE_NAME = "safekeeper.control"
 MAGIC = b"NCSK"
@@ -169,7 +170,7 @@ def save(path: str | os.PathLike[str], state: TimelineState) -> None:
     finally:
         os.close(fd)
     os.replace(partial, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def load(path: str | os.PathLike[str]) -> TimelineState:
@@ -180,14 +181,6 @@ def load(path: str | os.PathLike[str]) -> TimelineState:
     except FileNotFoundError:
         raise NotFound(f"no safekeeper control file at {final}") from None
     return decode(data, final)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_json(state: TimelineState) -> dict[str, Any]:
