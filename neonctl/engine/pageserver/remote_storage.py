@@ -18,11 +18,12 @@ import os
 import stat
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-from neonctl.errors import InvalidInput, RemoteStorageError
 from neonctl.engine.durability import fsync_dir
+from neonctl.errors import InvalidInput, RemoteStorageError
 
 DEFAULT_DIR = "remote_storage"  # under the project directory
 _COPY_CHUNK = 8 << 20
@@ -69,13 +70,17 @@ class RemoteStorage(ABC):
         """Where the objects are, as `project set --remote-storage` takes it (no secrets)."""
 
 
-def _write_atomic(dest: Path, chunks: Iterable[bytes]) -> None:
-    """Write chunks to a hidden temp file next to dest, fsync it, rename it over dest, fsync the directory."""
+def _write_atomic(dest: Path, chunks: Iterable[bytes] | Callable[[BinaryIO], object]) -> None:
+    """Write chunks (or let a callable write) to a hidden temp file next to dest, fsync it, rename it over
+    dest, fsync the directory: a crash leaves the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            if callable(chunks):
+                chunks(f)
+            else:
+                for chunk in chunks:
+                    f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, dest)
@@ -263,24 +268,17 @@ class S3Storage(RemoteStorage):
     def download(self, key: str, dest: Path) -> None:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                try:
-                    self.client.download_fileobj(self.bucket, self._key(key), f)
-                except ClientError as e:
-                    if (e.response or {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                        raise RemoteStorageError(f"{self.url}: {key} does not exist") from None
-                    raise self._error(f"download of {key}", e) from None
-                except BotoCoreError as e:
-                    raise self._error(f"download of {key}", e) from None
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(dest.parent)
+        def fetch(f: BinaryIO) -> None:
+            try:
+                self.client.download_fileobj(self.bucket, self._key(key), f)
+            except ClientError as e:
+                if (e.response or {}).get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    raise RemoteStorageError(f"{self.url}: {key} does not exist") from None
+                raise self._error(f"download of {key}", e) from None
+            except BotoCoreError as e:
+                raise self._error(f"download of {key}", e) from None
+
+        _write_atomic(dest, fetch)
 
     def list(self, prefix: str = "") -> dict[str, int]:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415

@@ -15,8 +15,8 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from neonctl.engine.compute.controldata import read_control_data
-from neonctl.engine.scratch import scratch
-from neonctl.engine.lsn import WAL_SEGMENT_SIZE, XLOG_BLCKSZ, format_lsn, segment_file_name
-from neonctl.engine.wal.decoder import XLOG_XACT_COMMIT, XLOG_XACT_COMMIT_PREPARED, XLOG_XACT_OPMASK
-from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
-from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
+from neonctl.engine.lsn import (
+    WAL_SEGMENT_SIZE,
+    XLOG_BLCKSZ,
+    format_lsn,
+    segment_file_name,
+)
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.image_create import create_image
 from neonctl.engine.pageserver.image_materialize import materialize_from_image
@@ -36,6 +37,14 @@ from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
 from neonctl.engine.pageserver.layers import LayerStore
 from neonctl.engine.pageserver.redo_worker import replay_to
+from neonctl.engine.scratch import scratch
+from neonctl.engine.wal.decoder import (
+    XLOG_XACT_COMMIT,
+    XLOG_XACT_COMMIT_PREPARED,
+    XLOG_XACT_OPMASK,
+)
+from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
+from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.wal.segments import SegmentedWal
 from neonctl.errors import InvalidInput, NotFound, PostgresError
 
@@ -46,6 +55,8 @@ _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.
 
 RM_XLOG_ID, RM_XACT_ID = 0, 1
 HANDOFF_LIMIT = 64 << 20  # bytes of scanned WAL the receiver may queue for the layer builder
+HANDOFF_JOIN = 256 << 10  # the builder joins queued batches up to this much: joining saves per-call costs of
+#                           small messages but copies, so a big batch is built on its own
 XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE = 0x00, 0x10
 
 
@@ -54,13 +65,7 @@ def commits_of(batch: RecordBatch) -> np.ndarray:
     op = batch.info & XLOG_XACT_OPMASK
     idx = np.flatnonzero((batch.rmid == RM_XACT_ID) & ((op == XLOG_XACT_COMMIT) | (op == XLOG_XACT_COMMIT_PREPARED))
                          & (batch.main_len >= 8))
-    if len(idx) < 16:  # a message from a busy compute holds a commit or two: skip the array machinery
-        d = batch.data
-        rows = [(int(batch.end[i]), int.from_bytes(d[batch.main_off[i]:batch.main_off[i] + 8].tobytes(), "little",
-                                                   signed=True)) for i in idx.tolist()]
-        return np.array(rows, dtype=np.int64).reshape(len(rows), 2)
-    at = batch.main_off[idx]
-    times = np.stack([batch.data[at + i] for i in range(8)], axis=1).copy().view("<i8").ravel()
+    times = batch.data[batch.main_off[idx, None] + np.arange(8)].view("<i8").ravel()  # one gather of 8 bytes each
     return np.stack([batch.end[idx].astype(np.int64), times], axis=1)
 
 
@@ -165,12 +170,14 @@ class Timeline:
         self._handoff_lock = threading.Lock()
 
     def build_layers(self, budget: int = 16 << 20) -> int:
-        """Scan stored WAL past `layer_lsn` into the layer store; return how many bytes were consumed.
+        """Turn WAL past `layer_lsn` into layers; return how many bytes were consumed.
 
         Runs on the pageserver's layer-builder thread, decoupled from WAL receipt,
-        so a burst of WAL reaches durable storage at reader speed while layers
-        catch up behind it. One call scans about `budget` bytes (at least one
-        whole record) in one JIT-compiled pass that releases the GIL.
+        so a burst of WAL reaches durable storage at scan speed while layers
+        catch up behind it. It takes the batches the receiver already scanned;
+        only when those do not continue at `layer_lsn` (after a restart, or when
+        the queue overflowed) does it read and scan about `budget` bytes of stored
+        WAL itself (at least one whole record).
         """
         if self.layers is None:
             return 0
@@ -178,22 +185,16 @@ class Timeline:
         if limit <= start:
             return 0
         want = min(limit - start, budget, max(self.layers.config.checkpoint_distance, 64 << 10))
-        handed = self._take_handoff(start, want)
-        if handed:
-            for batch in handed:
-                self.layers.put_batch(batch)
-            self._layer_prev = int(handed[-1].lsn[-1])
-            self.layer_lsn = handed[-1].end_lsn
-            self.layers.maybe_freeze()
-            return self.layer_lsn - start
-        while True:
-            batch = scan_wal(self._read_layer_wal(start, want), start, self.meta.wal_seg_size,
-                             prev_lsn=self._layer_prev)
-            if batch.error is not None:
-                raise batch.error
-            if len(batch) or start + want >= limit:
-                break
-            want = min(limit - start, want * 2)  # one record longer than the budget
+        batch = self._take_handoff(start, want)
+        while batch is None:
+            scanned = scan_wal(self._read_layer_wal(start, want), start, self.meta.wal_seg_size,
+                               prev_lsn=self._layer_prev)
+            if scanned.error is not None:
+                raise scanned.error
+            if len(scanned) or start + want >= limit:
+                batch = scanned
+            else:
+                want = min(limit - start, want * 2)  # one record longer than the budget
         if not len(batch):
             return 0
         self.layers.put_batch(batch)
@@ -202,25 +203,20 @@ class Timeline:
         self.layers.maybe_freeze()
         return batch.end_lsn - start
 
-    def _take_handoff(self, start: int, want: int) -> list[RecordBatch]:
-        """The receiver's batches that continue exactly at start (about `want` bytes), as one batch."""
-        batches = self._take_handoff_batches(start, want)
-        return [RecordBatch.concat(batches)] if batches else []
-
-    def _take_handoff_batches(self, start: int, want: int) -> list[RecordBatch]:
-        """The receiver's batches that continue exactly at start, about `want` bytes of them."""
+    def _take_handoff(self, start: int, want: int) -> RecordBatch | None:
+        """The receiver's batches that continue exactly at start, joined into one (small ones only, see HANDOFF_JOIN)."""
         out: list[RecordBatch] = []
         with self._handoff_lock:
             q = self._handoff
             while q and q[0].end_lsn <= start:  # already built (e.g. from disk after the queue overflowed)
                 self._handoff_bytes -= len(q.popleft().data)
             pos = start
-            while q and q[0].start_lsn == pos and pos - start < want:
+            while q and q[0].start_lsn == pos and pos - start < min(want, HANDOFF_JOIN):
                 b = q.popleft()
                 self._handoff_bytes -= len(b.data)
                 out.append(b)
                 pos = b.end_lsn
-        return out
+        return RecordBatch.concat(out) if out else None
 
     def _hand_off(self, batch: RecordBatch) -> None:
         """Queue a freshly scanned batch for the layer builder (dropped when the builder is far behind)."""
@@ -238,7 +234,6 @@ class Timeline:
         A scratch buffer: the scan copies the records it keeps, and the next read reuses it.
         """
         out = scratch("layer-wal", length)
-        out[:] = 0
         view = memoryview(out)
         own = max(pos, self.meta.start_lsn) if self.ancestor is not None else pos
         if own > pos:  # the parent's WAL below the branch point

@@ -12,7 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from neonctl.engine.lsn import WAL_SEGMENT_SIZE, parse_segment_file_name, segment_file_name
+from neonctl.engine.lsn import (
+    WAL_SEGMENT_SIZE,
+    parse_segment_file_name,
+    segment_file_name,
+)
 
 
 class SegmentedWal:
@@ -84,7 +88,7 @@ class SegmentedWal:
         self._dirty.clear()
 
     def read_into(self, lsn: int, out: memoryview) -> None:
-        """Fill ``out`` with the bytes at lsn (missing segments or a short file leave what ``out`` held).
+        """Fill ``out`` with the bytes at lsn; missing segments and bytes past a file's end read as zeros.
 
         For bulk readers that keep WAL in numpy buffers: those get transparent huge pages, where a
         fresh ``bytes`` of 16 MiB costs about as much in page faults as scanning it.
@@ -94,8 +98,9 @@ class SegmentedWal:
             segno, off = divmod(lsn + pos, self.seg_size)
             n = min(len(out) - pos, self.seg_size - off)
             fd = self._fd(segno, create=False)
-            if fd is not None:
-                os.preadv(fd, [out[pos:pos + n]], off)
+            got = os.preadv(fd, [out[pos:pos + n]], off) if fd is not None else 0
+            if got < n:
+                out[pos + got:pos + n] = bytes(n - got)
             pos += n
 
     def read(self, lsn: int, length: int) -> bytes:
