@@ -36,7 +36,7 @@ def q3():
     # free for a moment can be taken by someone else's new project: use ports away from the defaults.
     project = load_project("quorum")
     c = project.config
-    free = ports.allocate(20000 + (os.getpid() * 13) % 20000, set(), 5)
+    free = ports.allocate(20000 + (os.getpid() * 13) % 12000, set(), 5)  # below the ephemeral range
     c.pageserver_port, c.broker_port = free[:2]
     for sk_cfg, port in zip(c.safekeepers, free[2:]):
         sk_cfg["port"] = port

@@ -14,11 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from neonctl.engine.client import request
 from neonctl.errors import DaemonError
 
 
@@ -46,11 +45,12 @@ def pid_cmdline(pid: int) -> str:
 
 def http_ok(url: str, timeout: float = 1.0, pid: int | None = None) -> bool:
     """The health URL answers 200 - from process `pid`, if given (not some other home's daemon)."""
+    address, _, path = url.removeprefix("http://").partition("/")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200 and (pid is None or r.headers.get("X-Neonctl-Pid") == str(pid))
-    except (urllib.error.URLError, OSError, ValueError):
+        r = request(address, "GET", "/" + path, timeout=timeout)
+    except (OSError, ValueError):
         return False
+    return r.status == 200 and (pid is None or r.headers.get("X-Neonctl-Pid") == str(pid))
 
 
 def log_tail(path: Path, lines: int = 3) -> str:
