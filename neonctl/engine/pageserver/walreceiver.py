@@ -33,6 +33,11 @@ log = logging.getLogger("pageserver.walreceiver")
 MAX_LSN_WAL_LAG = 16 << 20  # switch when another safekeeper's commit_lsn is this far ahead
 LAGGING_WAL_TIMEOUT = 5.0  # switch when the current safekeeper has not published for this long
 FAILED_BACKOFF = 2.0  # skip a safekeeper that failed a request for this long
+# After a request that brought less than BATCH_BYTES of WAL, wait this long before the next one, so that a
+# busy compute's commits arrive in batches: one request per commit cost both daemons more CPU than ingesting
+# the WAL (measured under pgbench). A request after an empty one goes out at once (and long-polls).
+BATCH_DELAY = 0.01
+BATCH_BYTES = 1 << 20
 
 
 def _fresh(s: dict, now: float) -> bool:
@@ -122,6 +127,8 @@ async def receive(tl: Timeline, http: aiohttp.ClientSession, broker_view: dict, 
                 await asyncio.to_thread(tl.maybe_freeze)  # time-based freeze while idle
             tl.notify()
             progressed = True
+            if 0 < len(data) < BATCH_BYTES:
+                await asyncio.sleep(BATCH_DELAY)
             break
         if not progressed:
             await asyncio.sleep(0.2)
