@@ -54,3 +54,43 @@ def test_image_shortens_replay_and_changes_no_answer(pg18, cli):
         cli("branch", "delete", f"img_{lsn:x}", *p)
     rc, out, _ = cli("layers", "list", "-b", "main", "-o", "json", *p)
     assert any(layer["kind"] == "image" and layer["lsn_start"] == img["lsn"] for layer in json.loads(out))
+
+
+def test_next_image_starts_from_the_kept_redo_directory(pg18, cli):
+    """The second image replays in the directory the first was made from; its answers are the same."""
+    p = ["-p", pg18.name]
+    tl = pg18.branch("main").timeline_id
+    ps = pg18.pageserver_addr
+
+    def image_after(rows: int) -> dict:
+        with connect(pg18) as conn:
+            conn.execute("INSERT INTO kept SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
+                         (rows - 4999, rows))
+            conn.execute("CHECKPOINT")
+            conn.execute("INSERT INTO kept VALUES (-%s, 'after')" % rows)
+            lsn = _lsn(conn)
+        deadline = time.time() + 30
+        while client.call("pageserver", ps, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < lsn:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        return client.call("pageserver", ps, "POST", f"/v1/timeline/{tl}/image", {}, timeout=300)
+
+    cli("endpoint", "start", "main", *p)
+    with connect(pg18) as conn:
+        conn.execute("DROP TABLE IF EXISTS kept")
+        conn.execute("CREATE TABLE kept (id int, v text)")
+    first = image_after(5000)
+    second = image_after(10000)
+    third = image_after(15000)
+    assert second["redo_started_from"] == third["redo_started_from"] == "kept directory"
+    assert third["lsn"] > second["lsn"] > first["lsn"]
+    assert client.call("pageserver", ps, "GET", "/v1/status")["redo_kept"]["hits"] >= 2
+    with connect(pg18) as conn:
+        expected = conn.execute("SELECT count(*), sum(id), string_agg(v, '' ORDER BY id) FROM kept").fetchone()
+    cli("endpoint", "stop", "main", *p)
+    cli("endpoint", "start", "main", *p)  # from the third image
+    with connect(pg18) as conn:
+        assert conn.execute("SELECT count(*), sum(id), string_agg(v, '' ORDER BY id) FROM kept").fetchone() == expected
+    log = (pg18.compute_root() / "endpoints" / "main" / "postgres.log").read_text()
+    assert f"redo starts at {format_lsn(third['redo_lsn'])}" in log
+    cli("endpoint", "stop", "main", *p)

@@ -18,7 +18,7 @@ from neonctl.cli import main as cli_main
 from neonctl.engine import client
 from neonctl.engine.branches import _sk_flush
 from neonctl.engine.lsn import segment_file_name
-from neonctl.engine.pageserver.remote_restore import restore_missing
+from neonctl.engine.pageserver.remote_restore import restore_timelines
 from neonctl.engine.pageserver.remote_storage import LocalFsStorage, S3Storage, parse_url
 from neonctl.engine.pageserver.remote_sync import RemoteSync, remote_timelines
 from neonctl.engine.pageserver.timeline import CommitLog, Timeline
@@ -305,14 +305,14 @@ def test_restore_verifies_layers_and_installs_whole_timelines(local_project, tmp
     files = remote_timelines(LocalFsStorage(tmp_path / "remote"))[_tl(p)]
     workdir = tmp_path / "ps"
     workdir.mkdir()
-    assert restore_missing(workdir, LocalFsStorage(tmp_path / "remote")) == [_tl(p)]
+    assert restore_timelines(workdir, LocalFsStorage(tmp_path / "remote")) == [_tl(p)]
     restored = workdir / "timelines" / _tl(p)
     assert json.loads((restored / "layers" / "index_part.json").read_text()) == json.loads(
         (copy / "layers" / "index_part.json").read_text())
     assert {f.name for f in (restored / "wal").iterdir()} == {k[4:] for k in files if k.startswith("wal/")}
     assert all(f.stat().st_size == 16 << 20 for f in (restored / "wal").iterdir())  # partial one padded
     assert not (workdir / "restore.tmp").exists()
-    assert restore_missing(workdir, LocalFsStorage(tmp_path / "remote")) == []  # present locally: left alone
+    assert restore_timelines(workdir, LocalFsStorage(tmp_path / "remote")) == []  # present locally: left alone
 
     # one flipped bit in a layer's first value: a clear error naming the layer, nothing installed
     shutil.rmtree(workdir / "timelines")
@@ -323,7 +323,7 @@ def test_restore_verifies_layers_and_installs_whole_timelines(local_project, tmp
         f.seek(8192 + 1)
         f.write(bytes([b[0] ^ 0x01]))
     with pytest.raises(CorruptData, match=f"remote layer timelines/{_tl(p)}/layers/{layer} is damaged"):
-        restore_missing(workdir, LocalFsStorage(tmp_path / "remote"))
+        restore_timelines(workdir, LocalFsStorage(tmp_path / "remote"))
     assert not (workdir / "timelines" / _tl(p)).exists()
 
 
@@ -378,3 +378,88 @@ def test_pageserver_config_keeps_numeric_set_and_the_remote_storage_field(tmp_pa
     cfg.save(tmp_path)
     again = PageserverConfig.load(tmp_path)
     assert again.remote_storage == {"kind": "local", "path": str(tmp_path / "r")} and again.checkpoint_distance == 1024
+
+
+def test_project_delete_removes_only_its_own_timelines_from_remote_storage(s3, cli):
+    """Two projects may share a bucket prefix: deleting one leaves the other's timelines alone."""
+    prefix = "shared-prefix"
+    foreign = S3Storage(s3.bucket, prefix, s3.endpoint, None, str(s3.credentials))
+    foreign.upload("timelines/00000000000000000000000000000abc/metadata.json", b"{}")  # someone else's
+    gen = _project("remote-del", "--remote-storage", f"s3://{s3.bucket}/{prefix}", "--s3-endpoint-url", s3.endpoint,
+                   "--s3-credentials-file", str(s3.credentials))
+    p = next(gen)
+    tid = _tl(p)
+    cli("stop", "-p", p.name, "-o", "json")  # a clean stop commits the timeline to the remote
+    assert f"timelines/{tid}/layers/index_part.json" in foreign.list()
+
+    # an unreachable remote: the deletion fails with one line and the project stays
+    cfg_path = p.dir / "pageserver" / "pageserver.json"
+    good = cfg_path.read_text()
+    broken = json.loads(good)
+    broken["remote_storage"]["endpoint_url"] = f"http://127.0.0.1:{_free_port()}"
+    cfg_path.write_text(json.dumps(broken))
+    rc, _, err = cli("project", "delete", p.name, ok=False)
+    assert rc != 0 and "cannot delete the project's timelines from" in _one_line(err)
+    assert p.dir.exists() and f"timelines/{tid}/metadata.json" in foreign.list()
+    cfg_path.write_text(good)
+
+    _, out, _ = cli("project", "delete", p.name, "-o", "json")
+    assert json.loads(out)["remote_timelines_deleted"] == 1
+    assert not p.dir.exists()
+    assert set(foreign.list()) == {"timelines/00000000000000000000000000000abc/metadata.json"}
+    gen.close()  # the fixture generator's own delete_project would find nothing left: not run
+
+
+def test_project_delete_keep_remote_leaves_the_timelines(tmp_path, cli):
+    remote = tmp_path / "kept"
+    gen = _project("remote-keep", "--remote-storage", f"local:{remote}")
+    p = next(gen)
+    tid = _tl(p)
+    cli("stop", "-p", p.name, "-o", "json")
+    _, out, _ = cli("project", "delete", p.name, "--keep-remote", "-o", "json")
+    assert "remote_timelines_deleted" not in json.loads(out)
+    assert (remote / "timelines" / tid / "layers" / "index_part.json").exists()
+    gen.close()
+
+
+def test_a_stale_local_disk_is_replaced_by_the_newer_remote_copy(local_project, cli, tmp_path):
+    """An old copy of the pageserver's disk put back must not overwrite the remote's newer index."""
+    p = local_project
+    tl_dir = p.dir / "pageserver" / "timelines" / _tl(p)
+    cli("endpoint", "start", "main", "-p", p.name, "-o", "json")
+    with connect(p) as conn:
+        conn.execute("DROP TABLE IF EXISTS stale_test")
+        conn.execute("CREATE TABLE stale_test (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO stale_test SELECT generate_series(1, 1000)")
+    cli("endpoint", "stop", "main", "-p", p.name, "-o", "json")
+    cli("stop", "-p", p.name, "-o", "json")
+    shutil.copytree(tl_dir, tmp_path / "old")  # a backup of the pageserver's disk
+    old_lsn = json.loads((tmp_path / "old" / "metadata.json").read_text())["last_record_lsn"]
+
+    cli("start", "-p", p.name, "-o", "json")
+    cli("endpoint", "start", "main", "-p", p.name, "-o", "json")
+    with connect(p) as conn:
+        for i in range(6):  # a few MB: layers frozen and compacted after the backup
+            conn.execute("INSERT INTO stale_test SELECT g FROM generate_series(%s::int, %s::int) g",
+                         (1001 + i * 20000, 1000 + (i + 1) * 20000))
+    cli("endpoint", "stop", "main", "-p", p.name, "-o", "json")
+    target = _wait_offloaded(p)
+    assert target > old_lsn
+    cli("stop", "-p", p.name, "-o", "json")
+
+    shutil.rmtree(tl_dir)
+    shutil.copytree(tmp_path / "old", tl_dir)  # the backup is put back
+    cli("start", "-p", p.name, "-o", "json")
+    log = (p.dir / "pageserver" / "pageserver.log").read_text()
+    assert "the local disk is stale; replacing it with the remote copy" in log
+    assert f"restored timeline {_tl(p)}" in log
+    assert json.loads((tl_dir / "metadata.json").read_text())["last_record_lsn"] >= target
+    cli("endpoint", "start", "main", "-p", p.name, "-o", "json")
+    with connect(p) as conn:
+        assert conn.execute("SELECT count(*), max(id) FROM stale_test").fetchone() == (121_000, 121_000)
+    cli("endpoint", "stop", "main", "-p", p.name, "-o", "json")
+    # a current local copy is left alone at the next start
+    cli("stop", "-p", p.name, "-o", "json")
+    cli("start", "-p", p.name, "-o", "json")
+    log = (p.dir / "pageserver" / "pageserver.log").read_text()
+    assert log.count("the local disk is stale") == 1

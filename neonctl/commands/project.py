@@ -81,8 +81,14 @@ def set_cmd(
 
 @app.command("delete")
 def delete_cmd(name: Annotated[str, typer.Argument(help="Project to delete.")],
+               keep_remote: Annotated[bool, typer.Option(
+                   "--keep-remote", help="Leave the project's timelines in its remote storage (S3 or a directory).")
+               ] = False,
                output: OutputOpt = Format.table) -> None:
-    """Stop a project's endpoints and daemons and delete all its data."""
+    """Stop a project's endpoints and daemons and delete all its data, in remote storage too."""
     p = load_project(name)
-    delete_project(p)
-    emit({"name": name, "deleted": True}, output)
+    remote = delete_project(p, keep_remote=keep_remote)
+    row = {"name": name, "deleted": True}
+    if remote is not None:
+        row.update(remote_storage=remote["remote_storage"], remote_timelines_deleted=remote["timelines"])
+    emit(row, output)

@@ -251,12 +251,19 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
     return Project(pdir)
 
 
-def delete_project(project: Project) -> None:
+def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
+    """Stop everything and delete the project; its timelines in remote storage first, unless keep_remote.
+
+    A remote that cannot be reached fails the deletion before any local file is gone (the daemons are
+    stopped by then); returns what was deleted remotely.
+    """
     from neonctl.engine.compute.endpoint import stop_all_endpoints  # noqa: PLC0415
+    from neonctl.engine.pageserver.remote_config import delete_remote_data  # noqa: PLC0415
     from neonctl.engine.storage import stop_storage  # noqa: PLC0415
 
     stop_all_endpoints(project)
     stop_storage(project, immediate=True)
+    remote = None if keep_remote else delete_remote_data(project)
     croot = project.compute_root()
     if croot != project.dir / "compute":
         shutil.rmtree(croot, ignore_errors=True)
@@ -266,3 +273,4 @@ def delete_project(project: Project) -> None:
             current_marker().unlink()
     except OSError:
         pass
+    return remote

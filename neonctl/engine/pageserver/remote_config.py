@@ -7,14 +7,20 @@ reachable and writable - and only then written to ``pageserver.json``: a refused
 change leaves everything as it was. A new, empty remote is filled on the
 pageserver's next start; one that already holds timelines this pageserver lacks
 is restored from.
+
+Deleting a project deletes its timelines from the remote too (unless asked to keep
+them): only the timelines this project owns, so two projects sharing a bucket
+prefix never delete each other's.
 """
 
 from __future__ import annotations
 
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.remote_storage import default_config, describe, open_remote_storage, parse_url
+from neonctl.engine.pageserver.remote_sync import delete_remote_timeline, remote_timelines
+from neonctl.engine.pageserver.timeline import list_timelines
 from neonctl.engine.project import Project
-from neonctl.errors import Conflict
+from neonctl.errors import Conflict, RemoteStorageError
 
 
 def remote_storage_config(project: Project) -> dict:
@@ -51,3 +57,18 @@ def set_remote_storage(project: Project, cfg: dict) -> dict:
         ps.remote_storage = None if cfg == default_config(project.dir) else cfg
         ps.save(workdir)
     return {"remote_storage": describe(cfg), "changed": cfg != before}
+
+
+def delete_remote_data(project: Project) -> dict:
+    """Delete the project's own timelines from its remote storage (the daemons must be stopped)."""
+    _require_stopped(project)
+    cfg = remote_storage_config(project)
+    storage = open_remote_storage(cfg, project.dir)
+    own = set(list_timelines(project.dir / "pageserver")) | {b.timeline_id for b in project.config.branches.values()}
+    try:
+        present = sorted(own & set(remote_timelines(storage)))
+        objects = sum(delete_remote_timeline(storage, tid) for tid in present)
+    except RemoteStorageError as e:
+        raise RemoteStorageError(f"cannot delete the project's timelines from {describe(cfg)}: {e.message}",
+                                 hint="fix access, or delete with --keep-remote to leave them there") from None
+    return {"remote_storage": describe(cfg), "timelines": len(present), "objects": objects}

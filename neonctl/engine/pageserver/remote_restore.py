@@ -1,13 +1,22 @@
-"""Rebuilding a pageserver's timelines from remote storage when the local copy is gone.
+"""Rebuilding a pageserver's timelines from remote storage when the local copy is gone or stale.
 
 At start-up, before anything is served, every timeline the remote holds (it has a
 ``layers/index_part.json``, the remote commit point, and a ``metadata.json``) that
-is missing locally is downloaded whole into a staging directory and renamed into
+is missing locally - or whose local copy is *behind* the remote's, see below - is
+downloaded whole into a staging directory and renamed into
 ``timelines/`` only when complete, so a crash mid-download leaves nothing half
 there. The index and metadata are read first (they say what to fetch) and put in
 place last. Every layer file is verified by opening it with the layer readers and
 reading every value (summary, index and blob checksums) against the size the index
 records; a damaged one stops the restore with an error naming it.
+
+Stale local copies: the remote's metadata is always a copy of a metadata.json the
+local disk had already made durable, so in normal operation the remote's
+``last_record_lsn`` never exceeds the local one. When it does, the local disk went
+back in time (an old backup put back, a disk that lost writes): uploading from it
+would replace a newer remote index with an older one and delete the newer layers,
+while the safekeepers have already dropped the WAL the remote held. Such a copy is
+replaced by the remote one (downloaded and verified first, swapped in last).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from neonctl.engine.pageserver.remote_sync import (
     remote_timelines,
     timeline_prefix,
 )
-from neonctl.engine.pageserver.timeline import list_timelines
+from neonctl.engine.pageserver.timeline import list_timelines, timeline_dir
 from neonctl.errors import CorruptData
 from neonctl.engine.durability import fsync_dir
 
@@ -46,23 +55,45 @@ _TIMELINE_ID = re.compile(r"[0-9a-f]{32}")
 _SEGMENT = re.compile(r"[0-9A-F]{24}")
 
 
-def restore_missing(workdir: Path, storage: RemoteStorage) -> list[str]:
-    """Download every complete remote timeline that is not here; return their ids."""
+def restore_timelines(workdir: Path, storage: RemoteStorage) -> list[str]:
+    """Download every complete remote timeline that is missing here or newer than here; return their ids."""
     staging = workdir / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # an interrupted restore starts over
+    staging.mkdir(parents=True)
     local = set(list_timelines(workdir))
     restored = []
     for tid, files in sorted(remote_timelines(storage).items()):
-        if tid in local or not _TIMELINE_ID.fullmatch(tid):
+        if not _TIMELINE_ID.fullmatch(tid):
             continue
         if INDEX_KEY not in files or METADATA_KEY not in files:
-            log.warning("remote timeline %s has no index_part.json or metadata.json (a deletion or its first"
-                        " upload was interrupted): not restored", tid)
+            if tid not in local:
+                log.warning("remote timeline %s has no index_part.json or metadata.json (a deletion or its first"
+                            " upload was interrupted): not restored", tid)
+            continue
+        if tid in local and not local_is_stale(workdir, storage, tid, staging):
             continue
         restore_timeline(storage, tid, files, workdir, staging)
         restored.append(tid)
     shutil.rmtree(staging, ignore_errors=True)
     return restored
+
+
+def local_is_stale(workdir: Path, storage: RemoteStorage, tid: str, staging: Path) -> bool:
+    """The remote holds WAL past the local copy's durable end: the local disk went back in time."""
+    probe = staging / f"{tid}.probe.json"
+    storage.download(timeline_prefix(tid) + METADATA_KEY, probe)
+    try:
+        remote_lsn = int(json.loads(probe.read_text())["last_record_lsn"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptData(f"remote timeline {tid}: bad metadata.json: {e}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    local_lsn = int(json.loads((timeline_dir(workdir, tid) / "metadata.json").read_text())["last_record_lsn"])
+    if remote_lsn <= local_lsn:
+        return False
+    log.warning("timeline %s: the local copy ends at %X, remote storage at %X - the local disk is stale;"
+                " replacing it with the remote copy", tid, local_lsn, remote_lsn)
+    return True
 
 
 def restore_timeline(storage: RemoteStorage, tid: str, files: dict[str, int], workdir: Path, staging: Path) -> None:
@@ -103,11 +134,15 @@ def restore_timeline(storage: RemoteStorage, tid: str, files: dict[str, int], wo
     timelines = workdir / "timelines"
     timelines.mkdir(parents=True, exist_ok=True)
     dest = timelines / tid
-    if dest.exists():  # a directory without metadata.json is no timeline (list_timelines skips it)
-        log.warning("timeline %s: replacing an incomplete local directory with the remote copy", tid)
-        shutil.rmtree(dest)
-    os.rename(tmp, dest)
-    fsync_dir(timelines)
+    if dest.exists():  # stale, or without metadata.json (no timeline: list_timelines skips it)
+        old = staging / f"{tid}.replaced"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        fsync_dir(timelines)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dest)
+        fsync_dir(timelines)
     log.info("restored timeline %s up to %X (%d layers)", tid, meta["last_record_lsn"], len(layers))
 
 

@@ -67,6 +67,15 @@ def remote_timelines(storage: RemoteStorage) -> dict[str, dict[str, int]]:
     return out
 
 
+def delete_remote_timeline(storage: RemoteStorage, tid: str) -> int:
+    """Remove a timeline's objects, its index first: a half-deleted timeline is never restored. Returns the count."""
+    keys = storage.list(timeline_prefix(tid))
+    first = [k for k in (timeline_prefix(tid) + INDEX_KEY, timeline_prefix(tid) + METADATA_KEY) if k in keys]
+    storage.delete(first)
+    storage.delete(k for k in keys if k not in first)
+    return len(keys)
+
+
 @dataclass
 class Snapshot:
     """What one round makes the remote hold: taken at one instant, consistent with itself."""
@@ -248,11 +257,7 @@ class RemoteSync:
         with st.lock:
             st.deleted = True
             try:
-                keys = self.storage.list(timeline_prefix(tid))
-                first = [k for k in (timeline_prefix(tid) + INDEX_KEY, timeline_prefix(tid) + METADATA_KEY)
-                         if k in keys]
-                self.storage.delete(first)
-                self.storage.delete(k for k in keys if k not in first)
+                delete_remote_timeline(self.storage, tid)
             except BaseException:
                 st.deleted = False  # the timeline stays; keep offloading it
                 raise

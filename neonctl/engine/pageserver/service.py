@@ -34,7 +34,8 @@ from neonctl.engine.pageserver.gc import gc_cutoff, gc_timeline
 from neonctl.engine.timepoint import from_pg_us
 from neonctl.engine.pageserver.key import Key
 from neonctl.engine.pageserver.layer_catalog import LayerCatalog
-from neonctl.engine.pageserver.remote_restore import restore_missing
+from neonctl.engine.pageserver.redo_cache import RedoDirCache
+from neonctl.engine.pageserver.remote_restore import restore_timelines
 from neonctl.engine.pageserver.remote_storage import open_remote_storage
 from neonctl.engine.pageserver.remote_sync import RemoteSync
 from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline, timeline_dir
@@ -64,6 +65,7 @@ class Pageserver:
         self.config = PageserverConfig.load(workdir)
         self.runtime = None
         self.scratch: Path | None = None
+        self.redo_kept: RedoDirCache | None = None  # the redo worker's last directory (with scratch)
         self.image_lock = asyncio.Lock()
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
@@ -107,8 +109,10 @@ class Pageserver:
                 "remote_consistent_lsn": tl.remote_consistent_lsn}
 
     async def status(self, request: web.Request) -> web.Response:
+        kept = self.redo_kept
         return json_body({"timelines": {k: self.info(v) for k, v in self.timelines.items()},
-                          "broker_version": getattr(self, "broker_version", None)})
+                          "broker_version": getattr(self, "broker_version", None),
+                          "redo_kept": {"hits": kept.hits, "misses": kept.misses} if kept else None})
 
     async def timeline_info(self, request: web.Request) -> web.Response:
         return json_body(self.info(self.get(request.match_info["tl"])))
@@ -202,6 +206,8 @@ class Pageserver:
         if tl.layers is not None:
             tl.layers.close()
         self.catalog.drop(tid)
+        if self.redo_kept is not None:
+            await asyncio.to_thread(self.redo_kept.forget, tid)
         await asyncio.to_thread(shutil.rmtree, tl.dir)
         return json_body({"deleted": tid})
 
@@ -308,11 +314,15 @@ class Pageserver:
             if tl.meta.last_checkpoint_lsn <= tl.image_for(tl.last_record_lsn).checkpoint_lsn:
                 raise Conflict("no checkpoint since the newest image: an image now would not shorten replay",
                                hint="run CHECKPOINT on the branch's endpoint first")
-            info = await asyncio.to_thread(tl.create_image_at, tl.last_record_lsn, self.runtime, self.scratch)
+            hits = self.redo_kept.hits if self.redo_kept else 0
+            info = await asyncio.to_thread(tl.create_image_at, tl.last_record_lsn, self.runtime, self.scratch,
+                                           self.redo_kept)
+            kept = self.redo_kept is not None and self.redo_kept.hits > hits
         if info is None:
             raise Conflict("the redo worker found no newer checkpoint to restart from")
         return json_body({"lsn": info.lsn, "redo_lsn": info.redo_lsn, "checkpoint_lsn": info.checkpoint_lsn,
-                          "layers": info.names, "file_size": info.file_size})
+                          "layers": info.names, "file_size": info.file_size,
+                          "redo_started_from": "kept directory" if kept else "restored image"})
 
     async def image_loop(self, stop: asyncio.Event) -> None:
         """Create images where much WAL piled up since the newest one, so compute starts replay little."""
@@ -323,7 +333,7 @@ class Pageserver:
                     if tl.image_due(threshold):
                         async with self.image_lock:
                             info = await asyncio.to_thread(tl.create_image_at, tl.last_record_lsn, self.runtime,
-                                                           self.scratch)
+                                                           self.scratch, self.redo_kept)
                         if info:
                             log.info("timeline %s: image at %s (redo from %s)", tl.timeline_id,
                                      format_lsn(info.lsn), format_lsn(info.redo_lsn))
@@ -412,7 +422,7 @@ class Pageserver:
     def load_with_remote_storage(self) -> None:
         """Restore timelines the local disk lacks from remote storage, load everything, start uploading."""
         storage = open_remote_storage(self.config.remote_storage, self.workdir.parent)
-        for tid in restore_missing(self.workdir, storage):
+        for tid in restore_timelines(self.workdir, storage):
             log.info("timeline %s restored from %s", tid, storage.url)
         self.load()
         self.remote = RemoteSync(storage, lambda: self.timelines.values())
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
         args.scratch.mkdir(parents=True, exist_ok=True)
         os.chmod(args.scratch, 0o755)
         ps.scratch = args.scratch
+        ps.redo_kept = RedoDirCache(args.scratch)
     try:
         ps.load_with_remote_storage()
     except NeonctlError as e:  # misconfigured or unreachable remote storage, a damaged remote layer

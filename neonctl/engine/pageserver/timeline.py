@@ -32,10 +32,11 @@ from neonctl.engine.lsn import (
 )
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.image_create import create_image
-from neonctl.engine.pageserver.image_materialize import materialize_from_image
+from neonctl.engine.pageserver.image_materialize import materialize_from_image, prepare_for_recovery
 from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
 from neonctl.engine.pageserver.layers import LayerStore
+from neonctl.engine.pageserver.redo_cache import RedoDirCache
 from neonctl.engine.pageserver.redo_worker import replay_to
 from neonctl.engine.scratch import scratch
 from neonctl.engine.wal.decoder import (
@@ -529,18 +530,29 @@ class Timeline:
         return (self.meta.last_record_lsn - newest.redo_lsn >= max(wal_threshold, pages)
                 and self.meta.last_checkpoint_lsn > newest.checkpoint_lsn)
 
-    def create_image_at(self, lsn: int, runtime, scratch: Path) -> ImageInfo | None:
-        """Make an image at lsn with the redo worker; None when it would not shorten replay."""
+    def create_image_at(self, lsn: int, runtime, scratch: Path, kept: RedoDirCache | None = None) -> ImageInfo | None:
+        """Make an image at lsn with the redo worker; None when it would not shorten replay.
+
+        With ``kept``, the redo worker starts from the directory the base image was made from when
+        that is still there (instead of restoring the image), and the new directory is kept in turn.
+        """
         base = self.image_for(lsn)
         work = Path(tempfile.mkdtemp(dir=scratch))
         os.chmod(work, 0o755)
         try:
             pgdata = work / "pgdata"
-            self.materialize(lsn, pgdata)
+            if kept is not None and kept.take(base.timeline_id, base.lsn, pgdata):
+                prepare_for_recovery(pgdata, self.read_wal, lsn, base.checkpoint_lsn, base.redo_lsn, "standby",
+                                     f"neonctl redo {base.timeline_id}@{format_lsn(base.lsn)} -> {format_lsn(lsn)}",
+                                     self.meta.wal_seg_size)
+            else:
+                self.materialize(lsn, pgdata)
             res = replay_to(runtime, pgdata, lsn, log_file=work / "redo.log")
             if res.redo_lsn <= base.redo_lsn:
                 return None  # no checkpoint replayed since the base image: nothing gained
             info = create_image(pgdata, self.dir / "layers", self.timeline_id, lsn, res.checkpoint_lsn, res.redo_lsn)
+            if kept is not None:
+                kept.keep(self.timeline_id, info.lsn, pgdata)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if self.layers is not None:
