@@ -53,7 +53,7 @@ class Cli:
         rc = cli_main([str(a) for a in args])
         out, err = self.capsys.readouterr()
         if ok and rc != 0:
-            raise AssertionError(f"neonctl {' '.join(args)} exited {rc}: {err}")
+            raise AssertionError(f"neonctl {' '.join(map(str, args))} exited {rc}: {err}")
         return rc, out, err
 
 

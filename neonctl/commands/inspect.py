@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,6 +11,7 @@ from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine import inspect as engine
 from neonctl.engine.lsn import parse_lsn
 from neonctl.engine.project import load_project
+from neonctl.errors import InvalidInput, NotFound
 from neonctl.output import Format, emit
 
 layers_app = typer.Typer(help="The pageserver's layer files (key range x LSN range).", no_args_is_help=True)
@@ -65,13 +67,40 @@ def page_get(rel: Annotated[str, typer.Argument(help="SPC/DB/RELFILENODE, or a t
              branch: BranchOpt = "main",
              lsn: Annotated[str | None, typer.Option("--lsn", help="Read as of this LSN (default: head).")] = None,
              fork: Annotated[str, typer.Option("--fork", help="main, fsm, vm or init.")] = "main",
+             dump: Annotated[Path | None, typer.Option(
+                 "--dump", help="Write the 8 KiB page to this file.", dir_okay=False)] = None,
+             versions_only: Annotated[bool, typer.Option(
+                 "--versions-only", help="Only list the stored versions; do not reconstruct the page.")] = False,
              project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
-    """Show the versions of one page the pageserver holds at an LSN (newest first) and its header."""
+    """Show one page at an LSN: its header and the versions the pageserver holds (newest first).
+
+    The page is what Postgres reads there: an image layer's copy, or replayed by Postgres (the
+    pageserver materialises the branch at the LSN for it, which takes a moment on a big database).
+    """
     p = load_project(project)
     r = engine.parse_rel(rel) if "/" in rel else engine.rel_from_table(p, branch, rel)
-    res = engine.page_versions(p, branch, r, fork, block, parse_lsn(lsn) if lsn else None)
+    if dump is not None and versions_only:
+        raise InvalidInput("--dump needs the page: drop --versions-only")
+    if dump is not None and not dump.parent.is_dir():
+        raise InvalidInput(f"--dump: directory {dump.parent} does not exist")
+    res = engine.page_versions(p, branch, r, fork, block, parse_lsn(lsn) if lsn else None, page=not versions_only)
+    page = res.get("page")
+    if dump is not None:
+        if page["image"] is None:
+            raise NotFound(f"block {block} does not exist at {page['lsn']}: nothing written to {dump}")
+        dump.write_bytes(page["image"])
+    if page is not None:
+        page.pop("image")
     if output == Format.table:
         print(f"key {res['key']}  complete: {'yes' if res['complete'] else 'no (needs older history)'}")
+        if page is not None:
+            if page["exists"]:
+                how = (f"replayed by Postgres ({page['versions_replayed']} stored versions)"
+                       if page["source"] == "postgres redo" else "from an image layer")
+                print(f"page at {page['lsn']} {how}:")
+                print("  " + "  ".join(f"{k} {v}" for k, v in page["header"].items()))
+            else:
+                print(f"page at {page['lsn']}: the block does not exist there")
         emit(res["versions"], output, ["lsn", "kind", "will_init", "length", "page_lsn"])
     else:
         emit(res, output)

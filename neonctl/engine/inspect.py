@@ -107,18 +107,31 @@ def page_header(page: bytes) -> dict:
 
 
 def page_versions(project: Project, branch: str, rel: tuple[int, int, int], fork: str, blkno: int,
-                  lsn: int | None) -> dict:
+                  lsn: int | None, page: bool = True) -> dict:
+    """The versions the pageserver holds for a page and (with page) the page itself at the LSN.
+
+    The page comes back as bytes under ``page.image``; ``page.header`` decodes its header.
+    """
     if fork not in FORKS:
         raise InvalidInput(f"invalid fork {fork!r}: one of {', '.join(FORKS)}")
+    if blkno < 0 or blkno >= 0xFFFFFFFF:
+        raise InvalidInput(f"invalid block number {blkno}")
     key = rel_block_key(rel[0], rel[1], rel[2], FORKS[fork], blkno)
     tid = project.branch(branch).timeline_id
-    q = f"/v1/timeline/{tid}/page?key={key}" + (f"&lsn={lsn}" if lsn is not None else "")
-    res = client.call("pageserver", project.pageserver_addr, "GET", q)
+    q = f"/v1/timeline/{tid}/page?key={key}" + (f"&lsn={lsn}" if lsn is not None else "") + ("&page=1" if page else "")
+    res = client.call("pageserver", project.pageserver_addr, "GET", q, timeout=600)
     for v in res["versions"]:
         v["lsn"] = format_lsn(v["lsn"])
         if v.get("page_lsn") is not None:
             v["page_lsn"] = format_lsn(v["page_lsn"])
-    return {"key": str(key), "complete": res["complete"], "versions": res["versions"]}
+    out = {"key": str(key), "complete": res["complete"], "versions": res["versions"]}
+    if page:
+        p = res["page"]
+        image = bytes.fromhex(p["hex"]) if p["hex"] is not None else None
+        out["page"] = {"lsn": format_lsn(p["lsn"]), "source": p["source"], "versions_replayed": p["versions_replayed"],
+                       "exists": image is not None, "header": page_header(image) if image is not None else None,
+                       "image": image}
+    return out
 
 
 def branch_changes(project: Project, branch: str) -> dict:

@@ -109,8 +109,13 @@ class LayerMap:
             (self.dir / n).unlink(missing_ok=True)
 
     def search(self, key: Key, lsn_end: int) -> list[LayerDesc]:
-        """Layers that may hold versions of key below lsn_end, newest first (images before deltas at ties)."""
-        out = [d for n, d in self.layers.items() if d.lsn_start < lsn_end and self._ranges[n].contains(key)]
+        """Layers that may hold versions of key below lsn_end, newest first (images before deltas at ties).
+
+        An image at I holds the page as of I (records starting below I applied), so it serves lsn_end = I too.
+        """
+        out = [d for n, d in self.layers.items()
+               if (d.lsn_start <= lsn_end if d.kind == "image" else d.lsn_start < lsn_end)
+               and self._ranges[n].contains(key)]
         out.sort(key=lambda d: (d.lsn_end if d.kind == "delta" else d.lsn_start + 1, d.kind == "image"), reverse=True)
         return out
 

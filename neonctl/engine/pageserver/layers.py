@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, joined_sources, write_delta_layer
 from neonctl.engine.pageserver.failpoints import failpoint
@@ -198,8 +199,8 @@ class LayerStore:
                 cur_end = min(cur_end, d.lsn_start)
             if image is not None:
                 page = self.reader(image.name).get(key)
-                if page is not None:
-                    out.append((image.lsn_start, True, page))
+                if page is not None:  # image layers store bare pages; versions are tagged values
+                    out.append((image.lsn_start, True, value.image(page)))
                     return out, True
                 return out, bool(out) and out[-1][1]  # absent at the image: did not exist then
             return out, False

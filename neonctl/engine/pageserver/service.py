@@ -32,6 +32,7 @@ from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.gc import gc_cutoff, gc_timeline
 from neonctl.engine.timepoint import from_pg_us
+from neonctl.engine.pageserver.getpage import page_at
 from neonctl.engine.pageserver.key import Key
 from neonctl.engine.pageserver.layer_catalog import LayerCatalog
 from neonctl.engine.pageserver.redo_cache import RedoDirCache
@@ -254,6 +255,7 @@ class Pageserver:
         tl = self.get(request.match_info["tl"])
         key = Key.parse(request.query["key"])
         lsn = int(request.query.get("lsn", tl.last_record_lsn))
+        await self.wait_received(tl, lsn, float(request.query.get("timeout", 30)))
         vals, complete = await asyncio.to_thread(tl.get_page_versions, key, lsn)
 
         def describe(v_lsn: int, wi: bool, v: bytes) -> dict:
@@ -261,7 +263,12 @@ class Pageserver:
             return {"lsn": v_lsn, "will_init": wi, "kind": value.KIND_NAMES.get(v[0], str(v[0])),
                     "length": len(v) - 1, "page_lsn": page_lsn(page) if page is not None and len(page) > 8 else None}
 
-        return json_body({"complete": complete, "versions": [describe(*v) for v in vals]})
+        out = {"complete": complete, "versions": [describe(*v) for v in vals]}
+        if request.query.get("page") in ("1", "true"):  # the page itself, replayed by Postgres where needed
+            at = await asyncio.to_thread(page_at, tl, key, lsn, self.runtime, self.scratch)
+            out["page"] = {"lsn": at.lsn, "source": at.source, "versions_replayed": at.versions_replayed,
+                           "hex": at.page.hex() if at.page is not None else None}
+        return json_body(out)
 
     def retained_points(self, tl: Timeline, leases: dict[str, list[int]]) -> list[int]:
         """LSNs of tl that must stay materialisable: child branch points and leases."""
