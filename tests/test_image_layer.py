@@ -61,6 +61,8 @@ def test_round_trip(items: list[tuple[Key, bytes]], probes: list[int]) -> None:
         with ImageLayerReader(path) as reader:
             assert reader.name == info.name
             assert list(reader.iter_all()) == items
+            bulk = reader.read_all()
+            assert [(bulk.key(i), bulk.value(i)) for i in range(len(bulk))] == items
             assert list(reader.keys()) == [k for k, _ in items]
             stored = dict(items)
             for b in probes:
@@ -143,11 +145,28 @@ def layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[Ke
 
 
 def read_everything(path: Path) -> list[tuple[Key, bytes]]:
-    with ImageLayerReader(path) as reader:
-        got = list(reader.iter_all())
-        for key, _ in got[::50]:
-            reader.get(key)
-        return got
+    """Every value, key by key and in bulk (``read_all``): both return the same or both raise CorruptData."""
+    outcomes: list = []
+    for bulk in (False, True):
+        try:
+            with ImageLayerReader(path) as reader:
+                if bulk:
+                    v = reader.read_all()
+                    outcomes.append([(v.key(i), v.value(i)) for i in range(len(v))])
+                else:
+                    got = list(reader.iter_all())
+                    for key, _ in got[::50]:
+                        reader.get(key)
+                    outcomes.append(got)
+        except CorruptData as e:
+            outcomes.append(e)
+    errors = [o for o in outcomes if isinstance(o, CorruptData)]
+    assert len(errors) in (0, 2), outcomes
+    if errors:
+        assert str(path) in str(errors[1])
+        raise errors[0]
+    assert outcomes[0] == outcomes[1]
+    return outcomes[0]
 
 
 def damaged_copy(src: Path, dst: Path, bit: int | None = None, size: int | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""What every JIT-compiled (numba) kernel shares: its compile settings, byte loads, CRC-32C.
+"""What every JIT-compiled (numba) kernel shares: its compile settings, byte loads, CRC-32C, range copies.
 
 Kernels are compiled once per machine and cached next to their module
 (``cache=True``) and release the GIL (``nogil=True``), so the pageserver's
@@ -147,3 +147,12 @@ copy_and_crc = _copy_and_crc_hardware if HARDWARE_CRC else _copy_and_crc_table
 def crc32c_range(a, start, end, tab):
     """The finished CRC-32C of ``a[start:end]`` (same value as ``crc32c.crc32c(bytes)``)."""
     return crc32c_update(tab, a, np.int64(start), np.int64(end), np.int64(0xFFFFFFFF)) ^ 0xFFFFFFFF
+
+
+@jit
+def copy_ranges(src, src_off, length, dest, dest_off):
+    """dest[dest_off[i]:dest_off[i] + length[i]] = src[src_off[i]:src_off[i] + length[i]] for every i."""
+    for i in range(length.shape[0]):  # a plain loop: numba's slice assignment copies through a temporary
+        s, d = np.uint64(src_off[i]), np.uint64(dest_off[i])
+        for k in range(np.uint64(length[i])):
+            dest[d + k] = src[s + k]

@@ -1,10 +1,12 @@
 """A stopped data directory -> the image layer files of one image (the format is ``image_set.py``'s).
 
 Creating an image walks the data directory once to classify every file (relation fork segment,
-relmap, SLRU segment, pg_control, or aux file; skipping what the format leaves out), then
-streams the values in key order twice: once for sizes, to cut the key space into partitions of
-~64 MiB, and once to write the layers. A timeline's first image is initdb's cluster; every
-later one is a directory the redo worker has replayed to the image LSN.
+relmap, SLRU segment, pg_control, or aux file; skipping what the format leaves out) and lists
+the values in key order as runs - a segment file's pages are one run of consecutive keys. The
+sizes alone cut the key space into partitions of ~64 MiB; then each partition is read (one read
+per file piece) into one buffer and written as a layer in one bulk call, so no Python runs per
+page. A timeline's first image is initdb's cluster; every later one is a directory the redo
+worker has replayed to the image LSN.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import re
 import stat
 import struct
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neonctl.engine.pageserver.image_layer import ImageLayerWriter
+import numpy as np
+
+from neonctl.engine.pageserver.image_layer import ImageValues, write_image_layer
 from neonctl.engine.pageserver.image_set import (
     AUX_FILES_KEY,
     BLCKSZ,
@@ -47,7 +50,9 @@ from neonctl.engine.pageserver.key import (
     slru_block_key,
     slru_seg_size_key,
 )
+from neonctl.engine.pageserver.key_columns import key_runs
 from neonctl.engine.pageserver.layer_name import ImageLayerName
+from neonctl.engine.scratch import scratch
 from neonctl.errors import InvalidInput
 
 RELSEG_SIZE = 131072  # blocks per 1 GiB segment file (Postgres' default --with-segsize)
@@ -172,42 +177,107 @@ def _scan(pgdata: Path, relseg_size: int) -> _Scan:
     return scan
 
 
-# -- the ordered stream of values ----------------------------------------------------------------
+# -- the ordered values ---------------------------------------------------------------------------
 
 
-class _Blocks:
-    """Consecutive pages of one file under consecutive keys."""
+@dataclass(frozen=True)
+class _Run:
+    """``count`` values under consecutive keys from ``first``: pages 0.. of the file ``path``, or the one
+    value ``data``. A segment file is one run, so its keys and its reads need no Python per page."""
 
-    __slots__ = ("count", "first_page", "keys", "path")
+    first: Key
+    count: int
+    path: Path | None = None
+    data: bytes = b""
 
-    def __init__(self, keys: list[Key], path: Path, first_page: int, count: int):
-        self.keys, self.path, self.first_page, self.count = keys, path, first_page, count
+    @property
+    def value_size(self) -> int:
+        return BLCKSZ if self.path is not None else len(self.data)
+
+    def key(self, i: int) -> Key:
+        return self.first._replace(field6=self.first.field6 + i)
 
 
-def _items(scan: _Scan, relseg_size: int, meta: bytes, aux: bytes) -> Iterator[tuple[Key, bytes] | _Blocks]:
-    """Every value of the image in key order: (key, bytes) for small values, _Blocks for pages."""
+def _runs(scan: _Scan, relseg_size: int, meta: bytes, aux: bytes) -> list[_Run]:
+    """Every value of the image in key order."""
     by_db: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for spc, db, rel, fork in scan.forks:
         by_db.setdefault((spc, db), []).append((rel, fork))
+    runs = []
     for loc in sorted(set(by_db) | set(scan.relmaps)):
         if loc in scan.relmaps:
-            yield relmap_key(*loc), scan.relmaps[loc].read_bytes()
+            runs.append(_Run(relmap_key(*loc), 1, data=scan.relmaps[loc].read_bytes()))
         for rel, fork in sorted(by_db.get(loc, [])):
             nblocks = 0
             for segno, path, n in scan.forks[(*loc, rel, fork)]:
                 if n:
-                    base = segno * relseg_size
-                    yield _Blocks([rel_block_key(*loc, rel, fork, base + i) for i in range(n)], path, 0, n)
+                    runs.append(_Run(rel_block_key(*loc, rel, fork, segno * relseg_size), n, path))
                 nblocks += n
-            yield rel_size_key(*loc, rel, fork), _U32.pack(nblocks)
+            runs.append(_Run(rel_size_key(*loc, rel, fork), 1, data=_U32.pack(nblocks)))
     for (kind, segno), (path, n) in sorted(scan.slru.items()):
         if n:
-            yield _Blocks([slru_block_key(kind, segno, i) for i in range(n)], path, 0, n)
-        yield slru_seg_size_key(kind, segno), _U32.pack(n)
+            runs.append(_Run(slru_block_key(kind, segno, 0), n, path))
+        runs.append(_Run(slru_seg_size_key(kind, segno), 1, data=_U32.pack(n)))
     assert scan.control is not None
-    yield controlfile_key(), scan.control.read_bytes()
-    yield IMAGE_META_KEY, meta
-    yield AUX_FILES_KEY, aux
+    runs.append(_Run(controlfile_key(), 1, data=scan.control.read_bytes()))
+    runs.append(_Run(IMAGE_META_KEY, 1, data=meta))
+    runs.append(_Run(AUX_FILES_KEY, 1, data=aux))
+    return runs
+
+
+_Piece = tuple[_Run, int, int]  # values [i, i + count) of a run
+
+
+def _partitions(runs: list[_Run], partition_size: int) -> list[list[_Piece]]:
+    """Cut the values into partitions: a new one starts at the first value after ``partition_size`` bytes."""
+    parts: list[list[_Piece]] = [[]]
+    acc = 0
+    for run in runs:
+        size, i = run.value_size, 0
+        while i < run.count:
+            if acc >= partition_size:
+                parts.append([])
+                acc = 0
+            # values until this partition is full: the check above fires again after the k-th
+            k = run.count - i if size == 0 else min(run.count - i, max(1, -(-(partition_size - acc) // size)))
+            parts[-1].append((run, i, k))
+            acc += k * size
+            i += k
+    return parts
+
+
+def _read_pages(path: Path, first_page: int, out: np.ndarray) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, got = memoryview(out), 0
+        while got < len(out):
+            n = os.preadv(fd, [view[got:]], first_page * BLCKSZ + got)
+            if n == 0:
+                raise InvalidInput(f"{path} changed while it was imaged")
+            got += n
+    finally:
+        os.close(fd)
+
+
+def _partition_values(pieces: list[_Piece]) -> ImageValues:
+    """One partition's keys and values as columns; pages are read one piece of a file at a time.
+
+    The values live in a scratch buffer, valid until this thread's next partition.
+    """
+    counts = np.array([c for _, _, c in pieces], dtype=np.int64)
+    sizes = np.array([run.value_size for run, _, _ in pieces], dtype=np.int64)
+    keys = key_runs(np.frombuffer(b"".join(run.key(i).to_bytes() for run, i, _ in pieces), dtype=np.uint8), counts)
+    length = np.repeat(sizes, counts)
+    nbytes = sizes * counts
+    buf = scratch("image-values", int(nbytes.sum()))
+    pos = 0
+    for (run, i, _), n in zip(pieces, nbytes.tolist(), strict=True):
+        if run.path is None:
+            buf[pos:pos + n] = np.frombuffer(run.data, dtype=np.uint8)
+        else:
+            _read_pages(run.path, i, buf[pos:pos + n])
+        pos += n
+    return ImageValues(keys, buf, np.cumsum(length) - length, length)
 
 
 def _aux_tar(pgdata: Path, scan: _Scan) -> bytes:
@@ -266,77 +336,21 @@ def create_image(pgdata: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
     aux = _aux_tar(pgdata, scan)
 
-    # pass 1: keys and sizes only, to cut the key space into partitions
-    boundaries: list[Key] = []
-    acc = 0
-    raw_bytes = 0
-    for item in _items(scan, relseg_size, meta_bytes, aux):
-        if isinstance(item, _Blocks):
-            for k in item.keys:
-                if acc >= partition_size:
-                    boundaries.append(k)
-                    acc = 0
-                acc += BLCKSZ
-            raw_bytes += BLCKSZ * item.count
-        else:
-            if acc >= partition_size:
-                boundaries.append(item[0])
-                acc = 0
-            acc += len(item[1])
-            raw_bytes += len(item[1])
-    edges = [MIN_KEY, *boundaries, MAX_KEY]
+    runs = _runs(scan, relseg_size, meta_bytes, aux)
+    raw_bytes = sum(run.count * run.value_size for run in runs)
+    parts = _partitions(runs, partition_size)
+    edges = [MIN_KEY, *(run.key(i) for run, i, _ in (part[0] for part in parts[1:])), MAX_KEY]
     ranges = [KeyRange(a, b) for a, b in itertools.pairwise(edges)]
 
-    # pass 2: write
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[ImageLayerFile] = []
-    part = 0
-    writer = None
-
-    def open_writer(i: int) -> ImageLayerWriter:
-        name = ImageLayerName(ranges[i], lsn)
-        return ImageLayerWriter(out_dir / str(name), timeline_id, ranges[i], lsn)
-
-    def finish(w: ImageLayerWriter) -> None:
-        info = w.finish()
-        written.append(ImageLayerFile(info.path.name, str(info.path), info.file_size, str(info.key_range.start),
-                                      str(info.key_range.end), info.num_values))
-
     try:
-        writer = open_writer(0)
-
-        def put(key: Key, value: bytes) -> None:
-            nonlocal writer, part
-            while not ranges[part].contains(key):
-                finish(writer)
-                part += 1
-                writer = open_writer(part)
-            writer.put(key, value)
-
-        for item in _items(scan, relseg_size, meta_bytes, aux):
-            if isinstance(item, _Blocks):
-                with open(item.path, "rb") as f:
-                    f.seek(item.first_page * BLCKSZ)
-                    i = 0
-                    while i < item.count:
-                        chunk = f.read(min(128, item.count - i) * BLCKSZ)
-                        if len(chunk) % BLCKSZ or not chunk:
-                            raise InvalidInput(f"{item.path} changed while it was imaged")
-                        view = memoryview(chunk)
-                        for j in range(len(chunk) // BLCKSZ):
-                            put(item.keys[i + j], bytes(view[j * BLCKSZ:(j + 1) * BLCKSZ]))
-                        i += len(chunk) // BLCKSZ
-            else:
-                put(*item)
-        finish(writer)
-        while part + 1 < len(ranges):  # a partition whose keys all vanished (cannot happen with pass 1)
-            part += 1
-            writer = open_writer(part)
-            finish(writer)
-        writer = None
+        for key_range, pieces in zip(ranges, parts, strict=True):
+            path = out_dir / str(ImageLayerName(key_range, lsn))
+            info = write_image_layer(path, timeline_id, key_range, lsn, _partition_values(pieces))
+            written.append(ImageLayerFile(path.name, str(path), info.file_size, str(key_range.start),
+                                          str(key_range.end), info.num_values))
     except BaseException:
-        if writer is not None:
-            writer.abort()
         for layer in written:
             Path(layer.path).unlink(missing_ok=True)
         raise

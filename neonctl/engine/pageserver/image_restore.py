@@ -3,7 +3,9 @@
 Restoring checks that the layers tile the whole key space at one LSN, unpacks the aux tar
 (directory skeleton and small files), then writes every page, relation size, relmap, SLRU
 segment and pg_control back to its file. The materialiser uses it to give a compute (or the
-redo worker) a data directory to start recovery from.
+redo worker) a data directory to start recovery from. A layer is read whole (checksums verified,
+one batch decompression) and its keys are classified column-wise, so a run of consecutive pages
+of one file goes out with one write instead of Python per page.
 
 Restoring writes relation and SLRU files with the data directory's file mode (0600, or 0640 for
 a group-readable cluster) and every directory and aux file with its recorded mode; files are
@@ -21,7 +23,9 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from neonctl.engine.pageserver.image_layer import ImageLayerReader
+import numpy as np
+
+from neonctl.engine.pageserver.image_layer import ImageLayerReader, ImageValues
 from neonctl.engine.pageserver.image_set import (
     AUX_FILES_KEY,
     BLCKSZ,
@@ -34,10 +38,20 @@ from neonctl.engine.pageserver.image_set import (
     ImageInfo,
     ImageLayerFile,
 )
-from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, SlruKind
+from neonctl.engine.pageserver.key import (
+    MAX_KEY,
+    MIN_KEY,
+    REL_PREFIX,
+    SIZE_MARKER,
+    SLRU_PREFIX,
+    Key,
+    SlruKind,
+)
+from neonctl.engine.pageserver.key_columns import key_fields
 from neonctl.errors import CorruptData, InvalidInput
 
 _U32 = struct.Struct("<I")
+_OTHER, _REL_PAGE, _REL_SIZE, _SLRU_PAGE, _SLRU_SIZE, _RELMAP = range(6)
 
 
 def _open_image(layer_paths: Sequence[str | os.PathLike[str]]) -> list[ImageLayerReader]:
@@ -111,14 +125,11 @@ def image_info_from_layers(layer_paths: Sequence[str | os.PathLike[str]]) -> Ima
 
 
 class _FileWriter:
-    """Writes pages into the segment files of one relation fork or SLRU segment, in order."""
+    """Writes runs of pages into segment files, keeping each file open until its fork or segment is complete."""
 
     def __init__(self, target: Path, mode: int):
         self.target, self.mode = target, mode
         self.fds: dict[str, int] = {}
-        self.buf_path: str | None = None
-        self.buf_offset = 0
-        self.buf = bytearray()
 
     def _fd(self, relpath: str) -> int:
         fd = self.fds.get(relpath)
@@ -128,23 +139,16 @@ class _FileWriter:
             self.fds[relpath] = fd
         return fd
 
-    def write(self, relpath: str, offset: int, data: bytes) -> None:
-        if relpath != self.buf_path or offset != self.buf_offset + len(self.buf) or len(self.buf) >= 1 << 20:
-            self.flush()
-            self.buf_path, self.buf_offset = relpath, offset
-        self.buf += data
-
-    def flush(self) -> None:
-        if self.buf_path is not None and self.buf:
-            os.pwrite(self._fd(self.buf_path), self.buf, self.buf_offset)
-        self.buf_path, self.buf = None, bytearray()
+    def write(self, relpath: str, offset: int, data: np.ndarray) -> None:
+        fd, view = self._fd(relpath), memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def set_size(self, relpath: str, size: int) -> None:
-        self.flush()
         os.ftruncate(self._fd(relpath), size)
 
     def close_all(self) -> None:
-        self.flush()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
@@ -190,34 +194,7 @@ def restore_image(layer_paths: Sequence[str | os.PathLike[str]], target_dir: str
         out = _FileWriter(target, file_mode)
         try:
             for r in readers:
-                for key, value in r.iter_all():
-                    f1 = key.field1
-                    if f1 == 0 and key.is_rel_block():
-                        spc, db, rel, fork = key.rel_tag()
-                        blk = key.field6
-                        out.write(_rel_path(spc, db, rel, fork, blk // relseg), (blk % relseg) * BLCKSZ, value)
-                    elif f1 == 0 and key.is_rel_size():
-                        spc, db, rel, fork = key.rel_tag()
-                        (nblocks,) = _U32.unpack(value)
-                        nsegs = max(1, -(-nblocks // relseg))
-                        for segno in range(nsegs):
-                            out.set_size(_rel_path(spc, db, rel, fork, segno),
-                                         min(relseg, nblocks - segno * relseg) * BLCKSZ)
-                        out.close_all()  # a fork is complete: release its descriptors
-                    elif f1 == 0 and key.is_relmap():
-                        _write_small(target / _relmap_path(key.field2, key.field3), value, file_mode)
-                    elif key.is_slru_block():
-                        out.write(_slru_path(key.field2, key.field4), key.field6 * BLCKSZ, value)
-                    elif key.is_slru_seg_size():
-                        (npages,) = _U32.unpack(value)
-                        out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
-                        out.close_all()
-                    elif key.is_controlfile():
-                        _write_small(target / "global" / "pg_control", value, file_mode)
-                    elif key in (IMAGE_META_KEY, AUX_FILES_KEY):
-                        pass
-                    else:
-                        raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+                _restore_layer(r, out, target, relseg, file_mode)
         finally:
             out.close_all()
         for rel in meta["empty_segments"]:
@@ -227,6 +204,74 @@ def restore_image(layer_paths: Sequence[str | os.PathLike[str]], target_dir: str
     finally:
         for r in readers:
             r.close()
+
+
+def _page_runs(values: ImageValues, relseg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Classify a layer's keys column-wise: (kind of each row, page position in its file, run starts, run ends).
+
+    A run is a stretch of rows that are consecutive pages of one file (relation segment or SLRU
+    segment), so it goes out with one write.
+    """
+    f1, f2, f3, f4, f5, f6 = key_fields(values.keys)
+    size = f6 == SIZE_MARKER
+    rel = (f1 == REL_PREFIX) & (f4 != 0)
+    slru = (f1 == SLRU_PREFIX) & (f3 == 1)
+    kind = np.full(len(f1), _OTHER, dtype=np.int8)
+    kind[rel & ~size] = _REL_PAGE
+    kind[rel & size] = _REL_SIZE
+    kind[slru & ~size] = _SLRU_PAGE
+    kind[slru & size] = _SLRU_SIZE
+    relmap = (f1 == REL_PREFIX) & (f4 == 0) & (f5 == 0) & (f6 == 0) & ((f2 != 0) | (f3 != 0))
+    kind[relmap] = _RELMAP
+    page = (kind == _REL_PAGE) | (kind == _SLRU_PAGE)
+    segno = np.where(kind == _REL_PAGE, f6 // relseg, 0)
+    pos = np.where(kind == _REL_PAGE, f6 % relseg, f6).astype(np.int64)
+    starts = page.copy()
+    if len(page) > 1:
+        same_fork = np.all(values.keys[1:, :14] == values.keys[:-1, :14], axis=1)  # or the same SLRU segment
+        starts[1:] &= ~(page[:-1] & same_fork & (segno[1:] == segno[:-1]) & (pos[1:] == pos[:-1] + 1))
+    breaks = np.flatnonzero(starts | ~page)
+    run_starts = np.flatnonzero(starts)
+    after = np.searchsorted(breaks, run_starts, side="right")
+    run_ends = np.append(breaks, len(page))[after]
+    return kind, pos, run_starts, run_ends
+
+
+def _restore_layer(r: ImageLayerReader, out: _FileWriter, target: Path, relseg: int, file_mode: int) -> None:
+    """Write one layer's values to their files: a run of pages with one write, sizes, relmaps, pg_control."""
+    values = r.read_all(scratch_name="image-restore")
+    kind, pos, run_starts, run_ends = _page_runs(values, relseg)
+    pages = (kind == _REL_PAGE) | (kind == _SLRU_PAGE)
+    if np.any(values.length[pages] != BLCKSZ):
+        bad = int(np.flatnonzero(pages & (values.length != BLCKSZ))[0])
+        raise CorruptData(f"{r.path}: page {values.key(bad)} is {int(values.length[bad])} bytes, not {BLCKSZ}")
+    run_end = dict(zip(run_starts.tolist(), run_ends.tolist(), strict=True))
+    for i in sorted([*run_starts.tolist(), *np.flatnonzero(~pages).tolist()]):
+        k = int(kind[i])
+        key = values.key(i)
+        if k == _REL_PAGE or k == _SLRU_PAGE:
+            end = run_end[i]
+            relpath = (_rel_path(*key.rel_tag(), key.field6 // relseg) if k == _REL_PAGE
+                       else _slru_path(key.field2, key.field4))
+            start = int(values.off[i])
+            out.write(relpath, int(pos[i]) * BLCKSZ, values.buf[start:start + (end - i) * BLCKSZ])
+        elif k == _REL_SIZE:
+            spc, db, rel, fork = key.rel_tag()
+            (nblocks,) = _U32.unpack(values.value(i))
+            nsegs = max(1, -(-nblocks // relseg))
+            for segno in range(nsegs):
+                out.set_size(_rel_path(spc, db, rel, fork, segno), min(relseg, nblocks - segno * relseg) * BLCKSZ)
+            out.close_all()  # a fork is complete: release its descriptors
+        elif k == _SLRU_SIZE:
+            (npages,) = _U32.unpack(values.value(i))
+            out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
+            out.close_all()
+        elif k == _RELMAP:
+            _write_small(target / _relmap_path(key.field2, key.field3), values.value(i), file_mode)
+        elif key.is_controlfile():
+            _write_small(target / "global" / "pg_control", values.value(i), file_mode)
+        elif key not in (IMAGE_META_KEY, AUX_FILES_KEY):
+            raise CorruptData(f"{r.path}: unexpected key {key} in an image")
 
 
 def _write_small(path: Path, data: bytes, mode: int) -> None:

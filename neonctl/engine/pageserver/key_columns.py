@@ -1,4 +1,4 @@
-"""Keys as numpy rows: building index keys for many values at once, and sorting them.
+"""Keys as numpy rows: building index keys for many values at once, taking them apart, sorting them.
 
 A delta layer's index key is the 18-byte ``Key`` followed by the LSN, both
 big-endian, so byte order is (key, LSN) order. Ingest and compaction handle a
@@ -8,6 +8,10 @@ database, relation, fork) take few distinct values. So rows are grouped by
 that prefix in a hash table, the few prefixes are ranked, and a stable
 integer sort on (rank, block) puts rows in key order while keeping the order
 rows came in (ascending LSN) for equal keys.
+
+Images work on runs instead: the pages of a segment file lie under consecutive
+keys (same prefix, consecutive block numbers), so they are built from each run's
+first key and taken apart into field columns without a ``Key`` per page.
 """
 
 from __future__ import annotations
@@ -37,6 +41,42 @@ def _fill_rel_rows(spc, db, rel, fork, blkno, lsn, rows):
         v = np.uint64(lsn[i])
         for k in range(8):
             r[18 + k] = (v >> np.uint64(56 - 8 * k)) & np.uint64(0xFF)
+
+
+@jit
+def _fill_runs(firsts, counts, rows):
+    k = 0
+    for r in range(firsts.shape[0]):
+        f = firsts[r]
+        blk = (np.int64(f[14]) << 24) | (np.int64(f[15]) << 16) | (np.int64(f[16]) << 8) | np.int64(f[17])
+        for j in range(counts[r]):
+            row = rows[k]
+            for c in range(14):
+                row[c] = f[c]
+            b = blk + j
+            row[14] = (b >> 24) & 0xFF
+            row[15] = (b >> 16) & 0xFF
+            row[16] = (b >> 8) & 0xFF
+            row[17] = b & 0xFF
+            k += 1
+
+
+def key_runs(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Keys (n, 18) of runs: ``counts[r]`` keys from ``firsts[r]`` (18-byte rows) on, field6 counting up."""
+    firsts = np.ascontiguousarray(firsts, dtype=np.uint8).reshape(-1, KEY_SIZE)
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    last = (firsts[:, 14:].copy().view(">u4").ravel().astype(np.int64) + counts - 1) if len(counts) else counts
+    if len(counts) and (int(counts.min()) < 0 or int(last.max()) > 0xFFFFFFFF):
+        raise ValueError("a key run goes past block number 0xFFFFFFFF or has a negative length")
+    rows = np.empty((int(counts.sum()), KEY_SIZE), dtype=np.uint8)
+    _fill_runs(firsts, counts, rows)
+    return rows
+
+
+def key_fields(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The six fields of 18-byte key rows as columns: field1, field5 uint8; field2-4, field6 uint32."""
+    u32 = [np.ascontiguousarray(rows[:, at:at + 4]).view(">u4").ravel().astype(np.uint32) for at in (1, 5, 9, 14)]
+    return rows[:, 0].copy(), u32[0], u32[1], u32[2], rows[:, 13].copy(), u32[3]
 
 
 def rel_block_rows(spc: np.ndarray, db: np.ndarray, rel: np.ndarray, fork: np.ndarray, blkno: np.ndarray,

@@ -33,7 +33,8 @@ import crc32c
 import numpy as np
 import zstandard
 
-from neonctl.engine.jit import CRC_TABLE, byte_at, copy_and_crc, crc32c_range, crc32c_update, jit
+from neonctl.engine.jit import CRC_TABLE, byte_at, copy_and_crc, copy_ranges, crc32c_range, crc32c_update, jit
+from neonctl.engine.pageserver.blob_zstd import ZSTD_LEVEL, Packed, decompress_into, frame_sizes
 from neonctl.engine.pageserver.disk_btree import NODE_SIZE, BTreeBuilder, BTreeReader, build_sorted, read_all_leaves
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
 from neonctl.engine.scratch import scratch
@@ -53,7 +54,6 @@ _LENGTH_MASK = (1 << _COMPRESSION_SHIFT) - 1
 MAX_BLOB_SIZE = _LENGTH_MASK
 COMPRESSION_NONE = 0
 COMPRESSION_ZSTD = 1
-ZSTD_LEVEL = 1
 _FIRST_READ = 512  # bytes fetched for a blob before its length is known
 _MAX_SPAN = 1 << 20  # read_blobs reads a span this long at once, else blob by blob
 _SPOOL_MEMORY = 8 << 20  # index bytes kept in memory while writing before spilling to disk
@@ -134,20 +134,30 @@ def _put_u32_be(out, pos, v):
 
 
 @jit
-def _encode_blobs(src, off, length, tag, out, table, offsets):
+def _encode_blobs(src, off, length, tag, zbuf, zoff, zlen, out, table, offsets):
     """Frame values ``[tag byte] + src[off:off+length]`` as blobs into ``out``; returns bytes used.
 
-    ``tag[i] < 0`` means no tag byte. ``offsets[i]`` receives the blob's offset in ``out``.
-    The payload is copied and checksummed in the same pass, eight bytes at a time.
+    ``tag[i] < 0`` means no tag byte. Where ``zlen[i] >= 0`` (if ``zlen`` is not empty) the value
+    is stored compressed instead: the zstd frame ``zbuf[zoff:zoff+zlen]``, no tag. ``offsets[i]``
+    receives the blob's offset in ``out``. The payload is copied and checksummed in the same pass,
+    eight bytes at a time.
     """
     pos = np.int64(0)
+    any_packed = zlen.shape[0] != 0
     for i in range(off.shape[0]):
         t = tag[i]
         n = length[i]
+        packed = any_packed and zlen[i] >= 0
+        if packed:
+            t = -1
+            n = zlen[i]
         plen = n + (1 if t >= 0 else 0)
         offsets[i] = pos
         start = pos
-        if plen < 0x80:
+        if packed:
+            _put_u32_be(out, pos, 0x80000000 | (COMPRESSION_ZSTD << 28) | plen)
+            pos += 4
+        elif plen < 0x80:
             out[np.uint64(pos)] = plen
             pos += 1
         else:
@@ -157,7 +167,10 @@ def _encode_blobs(src, off, length, tag, out, table, offsets):
             out[np.uint64(pos)] = t
             pos += 1
         state = crc32c_update(table, out, start, pos, np.int64(0xFFFFFFFF))
-        state = copy_and_crc(src, off[i], out, pos, n, state, table)
+        if packed:
+            state = copy_and_crc(zbuf, zoff[i], out, pos, n, state, table)
+        else:
+            state = copy_and_crc(src, off[i], out, pos, n, state, table)
         pos += n
         _put_u32_be(out, pos, state ^ 0xFFFFFFFF)
         pos += 4
@@ -198,19 +211,28 @@ def _decode_blobs(region, offsets, payload_off, payload_len, compression, table)
     return -1
 
 
-def frame_blobs(src: np.ndarray, off: np.ndarray, length: np.ndarray, tag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def frame_blobs(src: np.ndarray, off: np.ndarray, length: np.ndarray, tag: np.ndarray,
+                packed: Packed | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Many values framed as blobs in one go: (region bytes, offset of each blob in it).
 
-    The region is a scratch buffer: write it out before this thread frames the next layer.
+    With ``packed`` (``blob_zstd.compress_smaller``'s output), values it has a frame for are stored
+    compressed. The region is a scratch buffer: write it out before this thread frames the next layer.
     """
     n = len(off)
     off = np.ascontiguousarray(off, dtype=np.int64)
     length = np.ascontiguousarray(length, dtype=np.int64)
     if n and int(length.max()) + 1 > MAX_BLOB_SIZE:
         raise ValueError(f"blob of {int(length.max())} bytes exceeds the {MAX_BLOB_SIZE}-byte limit")
-    out = scratch("blob-region", int(length.sum()) + 9 * n)  # written out before the next layer
+    if packed is None:
+        packed = Packed(np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        stored = int(length.sum())
+    else:
+        stored = int(np.where(packed.length >= 0, packed.length, length).sum())
+    out = scratch("blob-region", stored + 9 * n)  # written out before the next layer
     offsets = np.empty(n, dtype=np.int64)
-    used = _encode_blobs(src, off, length, np.ascontiguousarray(tag, dtype=np.int16), out, CRC_TABLE, offsets)
+    used = _encode_blobs(src, off, length, np.ascontiguousarray(tag, dtype=np.int16), packed.buf,
+                         np.ascontiguousarray(packed.off, dtype=np.int64),
+                         np.ascontiguousarray(packed.length, dtype=np.int64), out, CRC_TABLE, offsets)
     return out[:used], offsets
 
 
@@ -428,18 +450,22 @@ class LayerFileReader:
                 raise CorruptData(f"{self.path}: blob at offset {offset} does not decompress: {e}") from e
         raise CorruptData(f"{self.path}: blob at offset {offset} has unknown compression {compression}")
 
-    def read_all(self, flag_bits: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def read_all(self, flag_bits: int = 0, contiguous: bool = False, scratch_name: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
         """Every index entry and where its blob's payload lies, checksums verified, in two reads.
 
-        An index value is a blob offset shifted left by ``flag_bits``. Returns (keys, index values, value region, payload offsets into the region, payload
-        lengths). Compressed blobs are decompressed into an extension of the region.
+        An index value is a blob offset shifted left by ``flag_bits``. Returns (keys, index values,
+        values, payload offsets, payload lengths). Values are the value region, or - when some blobs
+        are compressed - (region, their decompressed payloads), offsets addressing the two as if
+        concatenated. With ``contiguous`` values are instead copied back to back in index order into
+        one buffer: this thread's scratch buffer ``scratch_name`` (valid until its next use) if given.
         """
         s = self.summary
         index = os.pread(self._fd, (s.index_root_blk + 1 - s.index_start_blk) * BLOCK_SIZE,
                          s.index_start_blk * BLOCK_SIZE)
-        keys, values = read_all_leaves(index, self.index.key_len, name=self.path)
+        keys, index_values = read_all_leaves(index, self.index.key_len, name=self.path)
         region = np.frombuffer(os.pread(self._fd, self._values_end - BLOCK_SIZE, BLOCK_SIZE), dtype=np.uint8)
-        offsets = (values >> np.uint64(flag_bits)).astype(np.int64) - BLOCK_SIZE
+        offsets = (index_values >> np.uint64(flag_bits)).astype(np.int64) - BLOCK_SIZE
         n = len(offsets)
         poff, plen, comp = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
         bad = _decode_blobs(region, offsets, poff, plen, comp, CRC_TABLE)
@@ -447,18 +473,47 @@ class LayerFileReader:
             raise CorruptData(f"{self.path}: checksum mismatch or bad header in blob at offset "
                               f"{int(offsets[bad]) + BLOCK_SIZE}")
         packed = np.flatnonzero(comp)
-        if len(packed):
-            extra, base = [], len(region)
-            for i in packed:
-                if comp[i] != COMPRESSION_ZSTD:
-                    raise CorruptData(f"{self.path}: blob at offset {int(offsets[i]) + BLOCK_SIZE} has unknown"
-                                      f" compression {int(comp[i])}")
-                raw = _zstd_decompress(region[poff[i]:poff[i] + plen[i]].tobytes(), MAX_BLOB_SIZE)
-                poff[i], plen[i] = base, len(raw)
-                base += len(raw)
-                extra.append(raw)
-            region = np.concatenate([region, np.frombuffer(b"".join(extra), dtype=np.uint8)])
-        return keys, values, region, poff, plen
+        sizes = self._unpacked_sizes(region, offsets, poff, plen, comp, packed)
+        length = plen.copy()
+        length[packed] = sizes
+        if contiguous:
+            size = int(length.sum())
+            out = scratch(scratch_name, size) if scratch_name else np.empty(size, dtype=np.uint8)
+            out_off = np.cumsum(length) - length
+            raw = np.flatnonzero(comp == COMPRESSION_NONE)
+            copy_ranges(region, poff[raw], plen[raw], out, out_off[raw])
+            self._decompress(region, poff[packed], plen[packed], sizes, out, out_off[packed])
+            return keys, index_values, out, out_off, length
+        if not len(packed):
+            return keys, index_values, region, poff, plen
+        unpacked = np.empty(int(sizes.sum()), dtype=np.uint8)
+        unpacked_off = np.cumsum(sizes) - sizes
+        self._decompress(region, poff[packed], plen[packed], sizes, unpacked, unpacked_off)
+        poff[packed] = len(region) + unpacked_off
+        return keys, index_values, (region, unpacked), poff, length
+
+    def _unpacked_sizes(self, region: np.ndarray, offsets: np.ndarray, poff: np.ndarray, plen: np.ndarray,
+                        comp: np.ndarray, packed: np.ndarray) -> np.ndarray:
+        """What the compressed blobs (rows ``packed``) decompress to, from their frame headers."""
+        unknown = packed[comp[packed] != COMPRESSION_ZSTD]
+        if len(unknown):
+            i = int(unknown[0])
+            raise CorruptData(f"{self.path}: blob at offset {int(offsets[i]) + BLOCK_SIZE} has unknown"
+                              f" compression {int(comp[i])}")
+        try:
+            sizes = frame_sizes(region, poff[packed], plen[packed])
+        except ValueError as e:
+            raise CorruptData(f"{self.path}: a compressed blob does not decompress: {e}") from e
+        if len(sizes) and (int(sizes.min()) < 0 or int(sizes.max()) > MAX_BLOB_SIZE):
+            raise CorruptData(f"{self.path}: a compressed blob claims to hold more than {MAX_BLOB_SIZE} bytes")
+        return sizes
+
+    def _decompress(self, region: np.ndarray, off: np.ndarray, length: np.ndarray, sizes: np.ndarray,
+                    dest: np.ndarray, dest_off: np.ndarray) -> None:
+        try:
+            decompress_into(region, off, length, sizes, dest, dest_off)
+        except (zstandard.ZstdError, ValueError) as e:
+            raise CorruptData(f"{self.path}: a compressed blob does not decompress: {e}") from e
 
     def close(self) -> None:
         if self._fd >= 0:
