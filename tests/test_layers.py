@@ -69,12 +69,14 @@ def test_freeze_compact_and_catalog_agree(lp, cli):
         time.sleep(0.2)
     assert len([d for d in _layers(lp) if d["level"] == 0]) <= SMALL["compaction_threshold"]
     # the DuckDB catalog is exactly the index (the commit point), and so are the files
-    for _ in range(20):  # background freezes may land between the reads: retry until stable
+    # Background freezes and compactions may land between the reads (a new layer file is in place
+    # before the index names it, by design): retry until one round of reads agrees.
+    for _ in range(50):
         a = {d["name"] for d in _layers(lp)}
         idx = {d["name"] for d in _index(lp)["layers"]}
         files = {f.name for f in (lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers").iterdir()
                  if not f.name.endswith(".tmp")}  # a freeze or image in progress right now
-        if a == {d["name"] for d in _layers(lp)}:
+        if a == idx == files - {"index_part.json"} and a == {d["name"] for d in _layers(lp)}:
             break
         time.sleep(0.2)
     assert a == idx
