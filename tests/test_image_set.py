@@ -274,3 +274,30 @@ def test_refusals(cluster, image):
     with pytest.raises(CorruptData):
         restore_image(paths, root / "c")
     shutil.rmtree(root)
+
+
+def test_restore_into_a_recycled_directory_gives_the_same_tree(cluster, image):
+    """A stopped compute's directory, with its own extra files, changed contents and odd entries, becomes
+    exactly the tree a restore into an empty directory gives: files rewritten in place, the rest deleted."""
+    fresh, old = cluster.scratch.dir("recycle-fresh") / "pgdata", cluster.scratch.dir("recycle-old") / "pgdata"
+    restore_image(image.paths, fresh)
+    restore_image(image.paths, old)
+    inode_before = (old / "global" / "pg_control").stat().st_ino
+    rels = sorted(p for p in old.rglob("*") if p.is_file() and p.stat().st_size >= 8192)
+    with open(rels[0], "r+b") as f:  # a page changed by the old compute
+        f.write(b"\xff" * 100)
+    with open(rels[1], "ab") as f:  # a relation that grew
+        f.write(bytes(8192 * 3))
+    os.truncate(rels[2], 8192)  # one that shrank
+    rels[3].unlink()  # one that is missing
+    (old / "base" / "99999").mkdir()  # a database the image does not have
+    (old / "base" / "99999" / "1259").write_bytes(b"x" * 8192)
+    (old / "global" / "pg_internal.init").write_bytes(b"stale relcache")
+    (old / "postmaster.pid").write_text("12345\n")
+    (old / "pg_wal" / "000000010000000000000009").write_bytes(bytes(100))
+    (old / "pg_wal" / "archive_status" / "000000010000000000000009.done").write_text("")
+    (old / "stray-link").symlink_to("/etc")
+    os.chmod(old / "base", 0o755)
+    restore_image(image.paths, old, recycle=True)
+    assert _tree(old) == _tree(fresh)
+    assert (old / "global" / "pg_control").stat().st_ino == inode_before  # rewritten where it was

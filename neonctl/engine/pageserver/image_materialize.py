@@ -114,14 +114,15 @@ def _write(path: Path, text: str) -> None:
 def materialize_from_image(image: ImageInfo | Sequence[str | os.PathLike[str]], read_wal: ReadWal, lsn: int,
                            target: str | os.PathLike[str], *, checkpoint_lsn: int | None = None,
                            redo_lsn: int | None = None, label_method: str | None = None,
-                           seg_size: int = WAL_SEGMENT_SIZE) -> int:
+                           seg_size: int = WAL_SEGMENT_SIZE, recycle: bool = False) -> int:
     """Build a data directory at ``lsn`` from an image plus WAL; returns the bytes of WAL to replay.
 
     ``image`` is an ``ImageInfo`` or the paths of its layer files (then C/R come from the image's
     metadata unless given). ``read_wal(start, length)`` returns WAL bytes as the timeline sees
     them (``Timeline.read_wal``); it is asked for whole segments from the start of R's segment up
     to ``lsn``. ``lsn`` must be a record end at or after the image's LSN: an image's pages may
-    hold changes made up to its LSN, so an earlier target is refused.
+    hold changes made up to its LSN, so an earlier target is refused. ``recycle``: ``target``
+    holds an old data directory to overwrite (``restore_image``).
     """
     info = image if isinstance(image, ImageInfo) else image_info_from_layers(image)
     checkpoint_lsn = info.checkpoint_lsn if checkpoint_lsn is None else checkpoint_lsn
@@ -137,7 +138,7 @@ def materialize_from_image(image: ImageInfo | Sequence[str | os.PathLike[str]], 
     if label_method == "standby" and info.cluster_state != "shut down in recovery":
         raise InvalidInput("a 'from standby' backup_label needs an image shut down in recovery")
     target = Path(target)
-    meta = restore_image(info.paths, target)
+    meta = restore_image(info.paths, target, recycle=recycle)
     if (meta["checkpoint_lsn"], meta["redo_lsn"]) != (checkpoint_lsn, redo_lsn):
         raise InvalidInput(f"the image's pg_control names checkpoint {format_lsn(meta['checkpoint_lsn'])}, not"
                            f" {format_lsn(checkpoint_lsn)}")

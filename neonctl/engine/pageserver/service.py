@@ -138,7 +138,10 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        await asyncio.to_thread(tl.materialize, at, Path(body["target"]))
+        recycle = Path(body["recycle"]) if body.get("recycle") else None  # a stopped compute's directory
+        if recycle is not None and not recycle.is_absolute():
+            raise InvalidInput(f"recycle must be an absolute path, not {recycle}")
+        await asyncio.to_thread(tl.materialize, at, Path(body["target"]), recycle)
         return json_body({"lsn": at, "timeline_id": tl.timeline_id})
 
     async def create_branch(self, request: web.Request) -> web.Response:

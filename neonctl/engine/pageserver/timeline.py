@@ -10,6 +10,7 @@ record: that is the LSN a compute can be materialised at.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -52,6 +53,8 @@ from neonctl.errors import InvalidInput, NotFound, PostgresError, Timeout
 # Files of a data directory that never belong in a stored image.
 _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old",
              "tablespace_map", "recovery.signal", "standby.signal"}
+
+log = logging.getLogger("pageserver.timeline")
 
 
 RM_XLOG_ID, RM_XACT_ID = 0, 1
@@ -489,7 +492,7 @@ class Timeline:
 
     # -- materialisation ------------------------------------------------------
 
-    def materialize(self, lsn: int, target: Path) -> int:
+    def materialize(self, lsn: int, target: Path, recycle: Path | None = None) -> int:
         """Build a data directory that Postgres crash-recovers to exactly `lsn`; return WAL bytes to replay.
 
         The newest image at or below `lsn` + WAL from its redo point; the
@@ -505,6 +508,20 @@ class Timeline:
         if target.exists() and any(target.iterdir()):
             raise InvalidInput(f"target directory {target} is not empty")
         image = self.image_for(lsn)
+        if recycle is not None and recycle.is_dir() and not recycle.is_symlink():
+            # A stopped compute's directory: its files are rewritten in place (restore_image). Any
+            # failure falls back to an empty directory - the recycled one was only a pool of inodes.
+            try:
+                if target.exists():
+                    target.rmdir()
+                os.rename(recycle, target)
+                os.chmod(target, 0o700)
+                return materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size,
+                                              recycle=True)
+            except Exception as e:  # noqa: BLE001 - logged, then the plain way
+                log.warning("timeline %s: materialising into the recycled %s failed (%s); starting afresh",
+                            self.timeline_id, recycle, e)
+                shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o700)
         return materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size)
