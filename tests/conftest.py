@@ -37,6 +37,24 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, add the daemons' recent problems to the report: the logs go with the test home."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        lines = []
+        for log in sorted(Path(_HOME).glob("projects/*/*/*.log")) + sorted(Path(_HOME).glob("projects/*/*/*/*.log")):
+            try:
+                text = log.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            bad = [ln for ln in text if any(w in ln for w in ("ERROR", "Traceback", "Error", "failed", "FATAL", "PANIC"))]
+            lines += [f"{log.relative_to(_HOME)}: {ln[:300]}" for ln in bad[-8:]]
+        if lines:
+            report.sections.append(("daemon log problems", "\n".join(lines[-60:])))
+
+
 @pytest.fixture(scope="session")
 def home() -> Path:
     return Path(_HOME)

@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -258,7 +259,10 @@ class Pageserver:
         tl = self.get(request.match_info["tl"])
         key = Key.parse(request.query["key"])
         lsn = int(request.query.get("lsn", tl.last_record_lsn))
-        await self.wait_received(tl, lsn, float(request.query.get("timeout", 30)))
+        timeout = float(request.query.get("timeout", 30))
+        await self.wait_received(tl, lsn, timeout)
+        # wait here, not in a worker thread: a thread blocked on the layer builder holds a worker it may need
+        await self.wait_layers(tl, min(lsn, tl.last_record_lsn), timeout)
         vals, complete = await asyncio.to_thread(tl.get_page_versions, key, lsn)
 
         def describe(v_lsn: int, wi: bool, v: bytes) -> dict:
@@ -360,18 +364,22 @@ class Pageserver:
 
     async def build_layers_loop(self, stop: asyncio.Event) -> None:
         """The layer builder: turn ingested WAL into layers, behind WAL receipt, one timeline at a time."""
+        # Its own thread: in the shared pool, requests that wait for the layers to catch up could take
+        # every worker and leave none for the builder they wait for.
+        loop = asyncio.get_running_loop()
+        builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-builder")
         while not stop.is_set():
             busy = False
             for tl in list(self.timelines.values()):
-                await asyncio.to_thread(tl.sync_if_due)
+                await loop.run_in_executor(builder, tl.sync_if_due)
                 try:
-                    n = await asyncio.to_thread(tl.build_layers)
+                    n = await loop.run_in_executor(builder, tl.build_layers)
                 except Exception:  # noqa: BLE001 - keep the builder alive; the error is logged
                     log.exception("building layers for %s failed", tl.timeline_id)
                     n = 0
                 busy = busy or n > 0
                 if not n and tl.layers is not None:
-                    await asyncio.to_thread(tl.layers.maybe_freeze)  # time-based freeze while idle
+                    await loop.run_in_executor(builder, tl.layers.maybe_freeze)  # time-based freeze while idle
             if not busy:
                 await asyncio.sleep(0.2)
 
