@@ -42,7 +42,7 @@ def quickstart(output: OutputOpt = Format.table) -> None:
     print()
     print("Next steps:")
     print("  neonctl psql main                  # open psql")
-    print("  neonctl endpoint stop main         # stop; the data directory is deleted, storage keeps the data")
+    print("  neonctl endpoint stop main         # stop; the data directory is thrown away, storage keeps the data")
     print("  neonctl endpoint start main        # rebuild it from the pageserver + safekeeper")
     print("  neonctl status                     # daemons and LSNs")
     print()
