@@ -89,6 +89,8 @@ def gc_timeline(tl, retain: list[int], config: PageserverConfig, now: float | No
             min_wal = tl.meta.start_lsn
         else:
             min_wal = min(i.redo_lsn for i in kept_below)
+        # ... and never WAL the layer builder has not turned into layers yet: it reads it from these segments
+        min_wal = min(min_wal, getattr(tl, "layer_lsn", min_wal))
         seg = tl.meta.wal_seg_size
         res.wal_kept_from = min_wal
         res.wal_segments_removed = [s for s in tl.wal.segments() if (s + 1) * seg <= min_wal]

@@ -368,14 +368,18 @@ class Pageserver:
         # every worker and leave none for the builder they wait for.
         loop = asyncio.get_running_loop()
         builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-builder")
+        failed: dict[str, str] = {}  # timeline -> the error last logged for it
         while not stop.is_set():
             busy = False
             for tl in list(self.timelines.values()):
                 await loop.run_in_executor(builder, tl.sync_if_due)
                 try:
                     n = await loop.run_in_executor(builder, tl.build_layers)
-                except Exception:  # noqa: BLE001 - keep the builder alive; the error is logged
-                    log.exception("building layers for %s failed", tl.timeline_id)
+                    failed.pop(tl.timeline_id, None)
+                except Exception as e:  # noqa: BLE001 - keep the builder alive; the error is logged once
+                    if failed.get(tl.timeline_id) != str(e):
+                        log.exception("building layers for %s failed", tl.timeline_id)
+                        failed[tl.timeline_id] = str(e)
                     n = 0
                 busy = busy or n > 0
                 if not n and tl.layers is not None:

@@ -48,7 +48,7 @@ from neonctl.engine.wal.decoder import (
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.wal.segments import SegmentedWal
-from neonctl.errors import InvalidInput, NotFound, PostgresError, Timeout
+from neonctl.errors import CorruptData, InvalidInput, NotFound, PostgresError, Timeout
 
 # Files of a data directory that never belong in a stored image.
 _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old",
@@ -190,6 +190,10 @@ class Timeline:
             return 0
         want = min(limit - start, budget, max(self.layers.config.checkpoint_distance, 64 << 10))
         batch = self._take_handoff(start, want)
+        if batch is None:  # read from disk only up to the next queued batch, so the builder joins the queue again
+            nxt = self._handoff_head()
+            if nxt is not None and nxt > start:
+                want = min(want, nxt - start)
         while batch is None:
             scanned = scan_wal(self._read_layer_wal(start, want), start, self.meta.wal_seg_size,
                                prev_lsn=self._layer_prev)
@@ -199,8 +203,9 @@ class Timeline:
                 batch = scanned
             else:
                 want = min(limit - start, want * 2)  # one record longer than the budget
-        if not len(batch):
-            return 0
+        if not len(batch):  # below last_record_lsn there are whole records: the stored WAL lost them
+            raise CorruptData(f"timeline {self.timeline_id}: no WAL records at {format_lsn(start)} in the stored"
+                              f" segments, though WAL was ingested up to {format_lsn(limit)}")
         self.layers.put_batch(batch)
         self._layer_prev = int(batch.lsn[-1])
         self.layer_lsn = batch.end_lsn
@@ -212,7 +217,7 @@ class Timeline:
         out: list[RecordBatch] = []
         with self._handoff_lock:
             q = self._handoff
-            while q and q[0].end_lsn <= start:  # already built (e.g. from disk after the queue overflowed)
+            while q and q[0].start_lsn < start:  # built from disk, wholly or in part (the queue overflowed)
                 self._handoff_bytes -= len(q.popleft().data)
             pos = start
             while q and q[0].start_lsn == pos and pos - start < min(want, HANDOFF_JOIN):
@@ -221,6 +226,10 @@ class Timeline:
                 out.append(b)
                 pos = b.end_lsn
         return RecordBatch.concat(out) if out else None
+
+    def _handoff_head(self) -> int | None:
+        with self._handoff_lock:
+            return self._handoff[0].start_lsn if self._handoff else None
 
     def _hand_off(self, batch: RecordBatch) -> None:
         """Queue a freshly scanned batch for the layer builder (dropped when the builder is far behind)."""
