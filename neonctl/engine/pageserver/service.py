@@ -213,7 +213,17 @@ class Pageserver:
         self.catalog.drop(tid)
         if self.redo_kept is not None:
             await asyncio.to_thread(self.redo_kept.forget, tid)
-        await asyncio.to_thread(shutil.rmtree, tl.dir)
+        # The layer builder or an ingest already under way may still write a file or two in there.
+        for attempt in range(50):
+            try:
+                await asyncio.to_thread(shutil.rmtree, tl.dir)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
         return json_body({"deleted": tid})
 
     async def wait_received(self, tl: Timeline, lsn: int, timeout: float) -> None:
@@ -372,6 +382,8 @@ class Pageserver:
         while not stop.is_set():
             busy = False
             for tl in list(self.timelines.values()):
+                if self.timelines.get(tl.timeline_id) is not tl:
+                    continue  # deleted meanwhile
                 await loop.run_in_executor(builder, tl.sync_if_due)
                 try:
                     n = await loop.run_in_executor(builder, tl.build_layers)
