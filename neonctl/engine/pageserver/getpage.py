@@ -24,11 +24,11 @@ from pathlib import Path
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver import value
-from neonctl.engine.pageserver.image_set import BLCKSZ, DEFAULTTABLESPACE_OID, FORK_SUFFIX, GLOBALTABLESPACE_OID
+from neonctl.engine.pageserver.image_create import RELSEG_SIZE
+from neonctl.engine.pageserver.image_restore import rel_path
+from neonctl.engine.pageserver.image_set import BLCKSZ
 from neonctl.engine.pageserver.key import Key
 from neonctl.errors import Conflict, InvalidInput, PostgresError
-
-RELSEG_SIZE = 131072  # blocks per segment file: Postgres' default, as neonctl's initdb uses
 
 
 @dataclass
@@ -41,15 +41,8 @@ class PageAt:
 
 def relation_file(pgdata: Path, key: Key) -> tuple[Path, int]:
     """The segment file holding a relation block and the block's byte offset in it."""
-    spc, db, rel, fork = key.rel_tag()
-    if spc == GLOBALTABLESPACE_OID:
-        d = pgdata / "global"
-    elif spc == DEFAULTTABLESPACE_OID:
-        d = pgdata / "base" / str(db)
-    else:
-        raise InvalidInput(f"tablespace {spc} is not supported")
     segno, blk = divmod(key.field6, RELSEG_SIZE)
-    return d / (f"{rel}{FORK_SUFFIX[fork]}" + (f".{segno}" if segno else "")), blk * BLCKSZ
+    return pgdata / rel_path(*key.rel_tag(), segno), blk * BLCKSZ
 
 
 def page_at(tl, key: Key, lsn: int, runtime, scratch: Path | None) -> PageAt:

@@ -194,7 +194,8 @@ def _sweep(target: Path, keep: set[str]) -> int:
     return gone
 
 
-def _rel_path(spc: int, db: int, rel: int, fork: int, segno: int) -> str:
+def rel_path(spc: int, db: int, rel: int, fork: int, segno: int) -> str:
+    """A relation fork segment's file, relative to the data directory."""
     if spc == GLOBALTABLESPACE_OID and db == 0:
         d = "global"
     elif spc == DEFAULTTABLESPACE_OID:
@@ -302,7 +303,7 @@ def _restore_layer(r: ImageLayerReader, out: _FileWriter, relseg: int) -> None:
         key = values.key(i)
         if k == _REL_PAGE or k == _SLRU_PAGE:
             end = run_end[i]
-            relpath = (_rel_path(*key.rel_tag(), key.field6 // relseg) if k == _REL_PAGE
+            relpath = (rel_path(*key.rel_tag(), key.field6 // relseg) if k == _REL_PAGE
                        else _slru_path(key.field2, key.field4))
             start = int(values.off[i])
             out.write(relpath, int(pos[i]) * BLCKSZ, values.buf[start:start + (end - i) * BLCKSZ])
@@ -311,7 +312,7 @@ def _restore_layer(r: ImageLayerReader, out: _FileWriter, relseg: int) -> None:
             (nblocks,) = _U32.unpack(values.value(i))
             nsegs = max(1, -(-nblocks // relseg))
             for segno in range(nsegs):
-                out.set_size(_rel_path(spc, db, rel, fork, segno), min(relseg, nblocks - segno * relseg) * BLCKSZ)
+                out.set_size(rel_path(spc, db, rel, fork, segno), min(relseg, nblocks - segno * relseg) * BLCKSZ)
             out.close_all()  # a fork is complete: release its descriptors
         elif k == _SLRU_SIZE:
             (npages,) = _U32.unpack(values.value(i))
@@ -334,4 +335,4 @@ def _write_small(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-__all__ = ["image_info_from_layers", "read_image_meta", "restore_image"]
+__all__ = ["image_info_from_layers", "read_image_meta", "rel_path", "restore_image"]

@@ -271,8 +271,7 @@ class Pageserver:
         lsn = int(request.query.get("lsn", tl.last_record_lsn))
         timeout = float(request.query.get("timeout", 30))
         await self.wait_received(tl, lsn, timeout)
-        # wait here, not in a worker thread: a thread blocked on the layer builder holds a worker it may need
-        await self.wait_layers(tl, min(lsn, tl.last_record_lsn), timeout)
+        await self.wait_layers_chain(tl, lsn, timeout)
         vals, complete = await asyncio.to_thread(tl.get_page_versions, key, lsn)
 
         def describe(v_lsn: int, wi: bool, v: bytes) -> dict:
@@ -405,6 +404,18 @@ class Pageserver:
             if time.monotonic() > deadline:
                 raise Timeout(f"layers of {tl.timeline_id} reached {format_lsn(tl.layer_lsn)}, not {format_lsn(lsn)}")
             await asyncio.sleep(0.05)
+
+    async def wait_layers_chain(self, tl: Timeline, lsn: int, timeout: float) -> None:
+        """Until the layers of tl, and of its ancestors below each branch point, reach lsn.
+
+        On the event loop, not in a worker thread: a thread blocked on the layer builder would hold a
+        worker the builder's callers may need.
+        """
+        t: Timeline | None = tl
+        while t is not None and t.layers is not None:
+            await self.wait_layers(t, min(lsn, t.last_record_lsn), timeout)
+            lsn = min(lsn, t.meta.start_lsn)
+            t = t.ancestor
 
     def ensure_receiver(self, tl: Timeline) -> None:
         task = self.receivers.get(tl.timeline_id)

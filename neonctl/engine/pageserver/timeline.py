@@ -48,7 +48,7 @@ from neonctl.engine.wal.decoder import (
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.wal.segments import SegmentedWal
-from neonctl.errors import CorruptData, InvalidInput, NotFound, PostgresError, Timeout
+from neonctl.errors import CorruptData, InvalidInput, NotFound, PostgresError
 
 # Files of a data directory that never belong in a stored image.
 _EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old",
@@ -261,25 +261,14 @@ class Timeline:
         if self.layers is not None:
             self.layers.maybe_freeze()
 
-    def wait_layers(self, lsn: int, timeout: float = 60.0) -> None:
-        """Block until the layer builder has turned the WAL up to lsn (at most last_record_lsn) into layers.
-
-        Ingest moves last_record_lsn as soon as WAL is stored; the layers catch up on another thread.
-        """
-        target = min(lsn, self.meta.last_record_lsn)
-        deadline = time.monotonic() + timeout
-        while self.layers is not None and self.layer_lsn < target:
-            if time.monotonic() > deadline:
-                raise Timeout(f"timeline {self.timeline_id}: layers reach {format_lsn(self.layer_lsn)}, waited"
-                              f" {timeout:.0f}s for {format_lsn(target)}")
-            time.sleep(0.01)
-
     def get_page_versions(self, key, lsn: int) -> tuple[list[tuple[int, bool, bytes]], bool]:
-        """Versions of a page at lsn from this timeline's layers, then its ancestors' below the branch point."""
+        """Versions of a page at lsn from this timeline's layers, then its ancestors' below the branch point.
+
+        The layers must have caught up to lsn (the service's ``wait_layers_chain`` waits for that).
+        """
         out: list = []
         t: Timeline | None = self
         while t is not None and t.layers is not None:
-            t.wait_layers(lsn)
             vals, complete = t.layers.get_values(key, lsn)
             out.extend(vals)
             if complete or t.ancestor is None:
