@@ -39,7 +39,8 @@ from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime, shared_di
 from neonctl.engine.lsn import parse_lsn
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.process import log_tail
-from neonctl.engine.project import Project, create_project, delete_project
+from neonctl.engine.lifecycle import create_project, delete_project
+from neonctl.engine.project import Project
 from neonctl.engine.storage import start_storage, stop_storage
 from neonctl.errors import Conflict, DaemonError, PostgresError
 

@@ -2,33 +2,73 @@
 
 Errors from the engine (NeonctlError) are printed as one line on stderr with a
 non-zero exit code; nothing else is caught, so a bug still shows a traceback.
+
+Start-up is part of the product (scripts call the CLI hundreds of times), so the
+app is built from a table: a call that names a command imports only that
+command's module and lets typer inspect only its functions; the full app is
+built for root help, completion and `neonctl.cli.app`.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
+from dataclasses import dataclass, field
 
-import click
-import typer
+# typer renders help with rich panels, which costs more than the rest of the CLI's start-up together; they are
+# worth it on a terminal only. Set before typer is imported (it reads the variable once).
+if not sys.stdout.isatty():
+    os.environ.setdefault("TYPER_USE_RICH", "0")
 
-from neonctl import __version__
-from neonctl.commands import branch, endpoint, gc, inspect, project, quickstart, safekeeper, storage, tui
-from neonctl.errors import NeonctlError
+import typer  # noqa: E402
 
-try:  # recent typer parses with its own vendored click, whose exceptions are not click's
-    from typer._click.exceptions import ClickException as _TyperClickException
-except ImportError:  # pragma: no cover - older typer uses click itself
-    _TyperClickException = click.exceptions.ClickException
-_USAGE_ERRORS = (click.exceptions.ClickException, _TyperClickException)
-_ABORTS = (click.exceptions.Abort, typer.Abort)
+from neonctl import __version__  # noqa: E402
+from neonctl.errors import NeonctlError  # noqa: E402
 
-app = typer.Typer(
-    name="neonctl",
-    help="Local, branchable serverless Postgres: Neon's storage/compute split on your machine.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=True,
+# typer's usage errors (its vendored click's ClickException and subclasses) all derive from TyperException.
+_USAGE_ERRORS = (typer.TyperException,)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One top-level name: a sub-app (`group`) or a single command taken from a command module."""
+
+    name: str
+    module: str
+    attr: str
+    group: bool = False
+    hidden: bool = False
+    settings: dict = field(default_factory=dict)
+
+
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+# In the order `neonctl --help` lists them.
+COMMANDS = (
+    Entry("init", "project", "init"),
+    Entry("project", "project", "app", group=True),
+    Entry("projects", "project", "app", group=True, hidden=True),
+    Entry("start", "storage", "start"),
+    Entry("stop", "storage", "stop"),
+    Entry("status", "storage", "status"),
+    Entry("safekeeper", "safekeeper", "app", group=True),
+    Entry("safekeepers", "safekeeper", "app", group=True, hidden=True),
+    Entry("endpoint", "endpoint", "app", group=True),
+    Entry("endpoints", "endpoint", "app", group=True, hidden=True),
+    Entry("connection-string", "endpoint", "connection_string"),
+    Entry("cs", "endpoint", "connection_string", hidden=True),
+    Entry("psql", "endpoint", "psql", settings=_EXTRA_ARGS),
+    Entry("quickstart", "quickstart", "quickstart"),
+    Entry("branch", "branch", "app", group=True),
+    Entry("branches", "branch", "app", group=True, hidden=True),
+    Entry("lsn", "branch", "lsn_cmd"),
+    Entry("layers", "inspect", "layers_app", group=True),
+    Entry("wal", "inspect", "wal_app", group=True),
+    Entry("page", "inspect", "page_app", group=True),
+    Entry("tui", "tui", "tui"),
+    Entry("gc", "gc", "gc"),
 )
+_BY_NAME = {e.name: e for e in COMMANDS}
 
 
 def _version(value: bool) -> None:
@@ -37,57 +77,72 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     pass
 
 
-app.command("init")(project.init)
-app.add_typer(project.app, name="project")
-app.add_typer(project.app, name="projects", hidden=True)
-app.command("start")(storage.start)
-app.command("stop")(storage.stop)
-app.command("status")(storage.status)
-app.add_typer(safekeeper.app, name="safekeeper")
-app.add_typer(safekeeper.app, name="safekeepers", hidden=True)
-app.add_typer(endpoint.app, name="endpoint")
-app.add_typer(endpoint.app, name="endpoints", hidden=True)
-app.command("connection-string")(endpoint.connection_string)
-app.command("cs", hidden=True)(endpoint.connection_string)
-app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(endpoint.psql)
-app.command("quickstart")(quickstart.quickstart)
-app.add_typer(branch.app, name="branch")
-app.add_typer(branch.app, name="branches", hidden=True)
-app.command("lsn")(branch.lsn_cmd)
-app.add_typer(inspect.layers_app, name="layers")
-app.add_typer(inspect.wal_app, name="wal")
-app.add_typer(inspect.page_app, name="page")
-app.command("tui")(tui.tui)
-app.command("gc")(gc.gc)
+def build_app(only: str | None = None) -> typer.Typer:
+    """The typer app with every command, or with just `only` (what a call naming that command needs)."""
+    app = typer.Typer(
+        name="neonctl",
+        help="Local, branchable serverless Postgres: Neon's storage/compute split on your machine.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=True,
+    )
+    app.callback()(_root)
+    for e in COMMANDS:
+        if only is not None and e.name != only:  # "" registers none
+            continue
+        target = getattr(importlib.import_module(f"neonctl.commands.{e.module}"), e.attr)
+        if e.group:
+            app.add_typer(target, name=e.name, hidden=e.hidden)
+        else:
+            app.command(e.name, hidden=e.hidden, context_settings=e.settings or None)(target)
+    return app
+
+
+def _command_named(argv: list[str]) -> str | None:
+    """The top-level command a call names (its first argument, when no root option comes before it)."""
+    if os.environ.get("_NEONCTL_COMPLETE") or not argv:
+        return None
+    if argv == ["--version"]:
+        return ""  # no command at all
+    if argv[0].startswith("-"):
+        return None
+    return argv[0] if argv[0] in _BY_NAME else None
+
+
+def __getattr__(name: str):
+    if name == "app":  # the full app, for tests, docs and completion scripts
+        return build_app()
+    raise AttributeError(name)
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    app = build_app(_command_named(args))
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="neonctl")
+        rv = app(args=args, standalone_mode=False, prog_name="neonctl")
     except NeonctlError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
     except _USAGE_ERRORS as e:
         e.show()
         return e.exit_code
-    except _ABORTS:
-        print("aborted", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         return 130
     return rv if isinstance(rv, int) else 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point."""
     sys.exit(main())
 
 
-def run() -> None:
-    """Console-script entry point."""
+if __name__ == "__main__":
     sys.exit(main())

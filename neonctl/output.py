@@ -12,8 +12,6 @@ import sys
 from enum import Enum
 from typing import Any
 
-import yaml
-
 
 class Format(str, Enum):
     table = "table"
@@ -47,6 +45,8 @@ def emit(data: Any, fmt: Format = Format.table, columns: list[str] | None = None
     if fmt == Format.json:
         print(json.dumps(data, indent=2, default=str))
     elif fmt == Format.yaml:
+        import yaml  # noqa: PLC0415 - loaded on use: CLI start-up
+
         print(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False).rstrip())
     elif isinstance(data, list):
         print(table(data, columns))

@@ -22,7 +22,8 @@ import pytest
 
 from neonctl.cli import main as cli_main
 from neonctl.engine.compute.runtime import shared_dir
-from neonctl.engine.project import delete_project, load_project
+from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.project import load_project
 
 PG15_BIN = "/usr/lib/postgresql/15/bin"
 

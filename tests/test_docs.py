@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from neonctl.cli import app
@@ -13,9 +12,13 @@ from neonctl.cli import app
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _commands(cmd: click.Command, path=()):
+def _is_group(cmd) -> bool:
+    return hasattr(cmd, "commands")  # typer's (vendored click) Group; click itself is not a dependency
+
+
+def _commands(cmd, path=()):
     yield path, cmd
-    if isinstance(cmd, click.Group):
+    if _is_group(cmd):
         for name, sub in cmd.commands.items():
             if not sub.hidden:
                 yield from _commands(sub, path + (name,))
@@ -25,7 +28,7 @@ def test_every_command_has_help_and_output_option():
     root = typer.main.get_command(app)
     for path, cmd in _commands(root):
         assert (cmd.help or "").strip(), f"`neonctl {' '.join(path)}` has no help text"
-        if not isinstance(cmd, click.Group) and path and path[-1] not in ("psql", "tui"):
+        if not _is_group(cmd) and path and path[-1] not in ("psql", "tui"):
             opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
             assert "-o" in opts, f"`neonctl {' '.join(path)}` lacks -o/--output"
 
@@ -37,3 +40,11 @@ def test_completions_are_generated_and_current():
                              env=env, capture_output=True, text=True).stdout
         committed = (ROOT / "completions" / f"neonctl.{shell}").read_text()
         assert out == committed, f"completions/neonctl.{shell} is stale: regenerate with _NEONCTL_COMPLETE=source_{shell} neonctl"
+
+
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
+    readme = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    test_cmd = readme[1].split("  #", 1)[0].strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv" in test_cmd and test_cmd in ci
+    assert ci.index("rm -rf .venv") < ci.index(test_cmd)  # fresh: nothing left from an earlier run

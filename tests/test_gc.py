@@ -9,7 +9,8 @@ from conftest import connect
 from neonctl.cli import main as cli_main
 from neonctl.engine import client
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.project import delete_project, load_project
+from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.project import load_project
 
 TINY_WINDOW = {"gc_horizon": 0, "pitr_interval": 2.0, "gc_period": 0, "checkpoint_distance": 256 * 1024,
                "image_creation_threshold": 1000}

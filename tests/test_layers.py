@@ -10,7 +10,8 @@ from conftest import connect
 from neonctl.cli import main as cli_main
 from neonctl.engine import client
 from neonctl.engine.branches import _sk_flush
-from neonctl.engine.project import delete_project, load_project
+from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.project import load_project
 
 SMALL = {"checkpoint_distance": 128 * 1024, "checkpoint_timeout": 3600, "compaction_threshold": 3,
          "compaction_target_size": 512 * 1024}

@@ -22,7 +22,8 @@ from neonctl.cli import main as cli_main
 from neonctl.engine import client, ports
 from neonctl.engine.compute.endpoint import postgres_pid, read_state, start_endpoint, stop_endpoint
 from neonctl.engine.lsn import segment_file_name
-from neonctl.engine.project import delete_project, load_project
+from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.project import load_project
 from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
 from neonctl.engine.safekeeper.control_file import load
 from neonctl.engine.safekeeper.election_driver import elect

@@ -22,7 +22,8 @@ from neonctl.engine.pageserver.remote_restore import restore_timelines
 from neonctl.engine.pageserver.remote_storage import LocalFsStorage, S3Storage, parse_url
 from neonctl.engine.pageserver.remote_sync import RemoteSync, remote_timelines
 from neonctl.engine.pageserver.timeline import CommitLog, Timeline
-from neonctl.engine.project import delete_project, load_project
+from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.project import load_project
 from neonctl.errors import CorruptData, InvalidInput, RemoteStorageError
 
 SMALL = {"checkpoint_distance": 256 * 1024, "checkpoint_timeout": 3600, "compaction_threshold": 3,

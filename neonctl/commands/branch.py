@@ -9,10 +9,6 @@ from typing import Annotated
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
-from neonctl.engine import branch_ops
-from neonctl.engine import branches as engine
-from neonctl.engine import client
-from neonctl.engine.compute.endpoint import start_endpoint
 from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.project import load_project
 from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_ref, parse_timestamp, to_pg_us
@@ -25,6 +21,8 @@ COLUMNS = ["tree", "parent_lsn", "head_lsn", "default", "endpoint", "created_at"
 
 
 def _row(project, name: str) -> dict:
+    from neonctl.engine import branches as engine  # noqa: PLC0415
+
     return next(r for r in engine.branch_rows(project) if r["name"] == name)
 
 
@@ -40,6 +38,9 @@ def create(
     output: OutputOpt = Format.table,
 ) -> None:
     """Create a branch. Copies no data: the branch reads its parent's history below the branch point."""
+    from neonctl.engine import branches as engine  # noqa: PLC0415
+    from neonctl.engine.compute.endpoint import start_endpoint  # noqa: PLC0415
+
     p = load_project(project)
     ref = parse_ref(parent) if parent else TimePoint(None)
     if lsn is not None and timestamp is not None:
@@ -62,6 +63,8 @@ def create(
 @app.command("list")
 def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Branches as a tree with branch points, head LSNs and endpoints."""
+    from neonctl.engine import branches as engine  # noqa: PLC0415
+
     emit(engine.branch_rows(load_project(project)), output, COLUMNS)
 
 
@@ -78,6 +81,8 @@ def delete_cmd(name: Annotated[str, typer.Argument()],
                force: Annotated[bool, typer.Option("--force", help="Stop a running endpoint first.")] = False,
                project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Delete a branch (refused for the default branch, branches with children, or a running endpoint)."""
+    from neonctl.engine import branches as engine  # noqa: PLC0415
+
     b = engine.delete_branch(load_project(project), name, force=force)
     emit({"name": b.name, "id": b.timeline_id, "deleted": True}, output)
 
@@ -86,6 +91,8 @@ def delete_cmd(name: Annotated[str, typer.Argument()],
 def rename_cmd(old: Annotated[str, typer.Argument()], new: Annotated[str, typer.Argument()],
                project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Rename a branch."""
+    from neonctl.engine import branches as engine  # noqa: PLC0415
+
     p = load_project(project)
     engine.rename_branch(p, old, new)
     emit(_row(p, new), output, COLUMNS)
@@ -95,6 +102,8 @@ def rename_cmd(old: Annotated[str, typer.Argument()], new: Annotated[str, typer.
 def set_default_cmd(name: Annotated[str, typer.Argument()], project: ProjectOpt = None,
                     output: OutputOpt = Format.table) -> None:
     """Make a branch the default parent for new branches."""
+    from neonctl.engine import branches as engine  # noqa: PLC0415
+
     p = load_project(project)
     engine.set_default(p, name)
     emit(_row(p, name), output, COLUMNS)
@@ -122,6 +131,8 @@ def lsn_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Map a commit time to an LSN on a branch, or an LSN to the time of the last commit at or before it."""
+    from neonctl.engine import client  # noqa: PLC0415
+
     p = load_project(project)
     b = p.branch(branch)
     if (timestamp is None) == (lsn is None):
@@ -171,6 +182,8 @@ def reset_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Overwrite a branch with its parent's latest state; a running endpoint restarts on the same port."""
+    from neonctl.engine import branch_ops  # noqa: PLC0415
+
     if not parent:
         raise InvalidInput("only resetting to the parent is supported: pass --parent",
                            hint=f"for a point in time use `neonctl branch restore {name} ^self@LSN|TIMESTAMP`")
@@ -191,6 +204,8 @@ def restore_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Point-in-time restore in place: the branch becomes the source point; its old state stays as a backup branch."""
+    from neonctl.engine import branch_ops  # noqa: PLC0415
+
     if (source is None) == (source_opt is None):
         raise InvalidInput("give the source once: `branch restore NAME SOURCE` or `--source SOURCE`",
                            hint="SOURCE is ^self@LSN|TIMESTAMP, ^parent[@...] or BRANCH[@...]")

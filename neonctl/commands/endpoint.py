@@ -13,9 +13,6 @@ from typing import Annotated
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
-from neonctl.engine.compute.endpoint import (
-    list_endpoints, read_state, running_endpoint, start_endpoint, stop_endpoint)
-from neonctl.engine.compute.time_travel import endpoint_name, resolve_point, start_time_travel
 from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.project import load_project
 from neonctl.engine.timepoint import TimePoint, parse_ref, parse_timestamp
@@ -47,6 +44,9 @@ def _point(ref: str, lsn: str | None = None, timestamp: str | None = None) -> Ti
 
 def _endpoint_for(p, ref: str):
     """The running endpoint for `ref`; for a point in time, start a read-only one if none runs there."""
+    from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
+    from neonctl.engine.compute.time_travel import start_time_travel  # noqa: PLC0415
+
     point = _point(ref)
     if point.lsn is None and point.timestamp is None:
         return running_endpoint(p, point.branch or p.config.default_branch)
@@ -68,6 +68,9 @@ def start_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Materialise the branch from storage and start Postgres on it (read-only at a past point with --lsn/--timestamp)."""
+    from neonctl.engine.compute.endpoint import start_endpoint  # noqa: PLC0415
+    from neonctl.engine.compute.time_travel import start_time_travel  # noqa: PLC0415
+
     p = load_project(project)
     point = _point(branch, lsn, timestamp)
     if point.lsn is None and point.timestamp is None:
@@ -85,6 +88,9 @@ def stop_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Stop Postgres and delete its data directory (storage keeps everything)."""
+    from neonctl.engine.compute.endpoint import read_state, stop_endpoint  # noqa: PLC0415
+    from neonctl.engine.compute.time_travel import endpoint_name, resolve_point  # noqa: PLC0415
+
     p = load_project(project)
     name = branch
     if "@" in branch and read_state(p, branch) is None:  # a time or an unresolved LSN: find its record end
@@ -97,6 +103,8 @@ def stop_cmd(
 @app.command("list")
 def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """List endpoints and whether their Postgres is alive."""
+    from neonctl.engine.compute.endpoint import list_endpoints  # noqa: PLC0415
+
     rows = [endpoint_row(st, s) for st, s in list_endpoints(load_project(project))]
     emit(rows, output, COLUMNS)
 

@@ -8,7 +8,6 @@ import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.project import load_project
-from neonctl.engine.retention import run_gc
 from neonctl.output import Format, emit
 
 
@@ -16,6 +15,8 @@ def gc(branch: Annotated[str | None, typer.Option("--branch", "-b", help="Only t
        dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
        project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Remove images, deltas and WAL no branch point, time-travel endpoint or the PITR window needs."""
+    from neonctl.engine.retention import run_gc  # noqa: PLC0415
+
     rows = run_gc(load_project(project), branch, dry_run)
     if output == Format.table:
         for r in rows:

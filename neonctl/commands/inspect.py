@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
-from neonctl.engine import inspect as engine
 from neonctl.engine.lsn import parse_lsn
 from neonctl.engine.project import load_project
 from neonctl.errors import InvalidInput, NotFound
@@ -16,6 +15,14 @@ from neonctl.output import Format, emit
 
 layers_app = typer.Typer(help="The pageserver's layer files (key range x LSN range).", no_args_is_help=True)
 wal_app = typer.Typer(help="WAL as stored for a branch.", no_args_is_help=True)
+def _engine():
+    """The inspection engine (layers, WAL scans: numpy, numba, DuckDB), loaded on first use so that the
+    CLI's start-up and every other command stay light."""
+    from neonctl.engine import inspect  # noqa: PLC0415
+
+    return inspect
+
+
 page_app = typer.Typer(help="Pages as the pageserver stores them.", no_args_is_help=True)
 
 BranchOpt = Annotated[str, typer.Option("--branch", "-b", help="Branch name.")]
@@ -25,14 +32,14 @@ BranchOpt = Annotated[str, typer.Option("--branch", "-b", help="Branch name.")]
 def layers_list(branch: Annotated[str | None, typer.Option("--branch", "-b", help="Only this branch.")] = None,
                 project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """List layer files with kind, level, key range, LSN range, size and value count."""
-    rows = engine.layer_rows(load_project(project), branch)
+    rows = _engine().layer_rows(load_project(project), branch)
     emit(rows, output, ["branch", "kind", "level", "key_start", "key_end", "lsn_range", "file_size", "num_values"])
 
 
 @layers_app.command("stats")
 def layers_stats(branch: BranchOpt = "main", project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Layer counts and bytes by kind/level, and read amplification per key range."""
-    s = engine.layer_stats(load_project(project), branch)
+    s = _engine().layer_stats(load_project(project), branch)
     if output == Format.table:
         emit(s["totals"], output)
         print(f"\nmax read amplification: {s['max_read_amplification']}; disk consistent at "
@@ -46,7 +53,7 @@ def layers_checkpoint(branch: BranchOpt = "main",
                       compact: Annotated[bool, typer.Option("--compact", help="Also compact L0 layers now.")] = False,
                       project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Freeze the branch's open layer into an L0 delta now (and optionally compact)."""
-    emit(engine.checkpoint(load_project(project), branch, compact), output)
+    emit(_engine().checkpoint(load_project(project), branch, compact), output)
 
 
 @wal_app.command("dump")
@@ -56,7 +63,7 @@ def wal_dump(branch: BranchOpt = "main",
              limit: Annotated[int, typer.Option("--limit", help="At most this many records.")] = 1000,
              project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """List WAL records (like pg_waldump) from the branch's stored WAL."""
-    rows = engine.wal_records(load_project(project), branch, parse_lsn(start) if start else None,
+    rows = _engine().wal_records(load_project(project), branch, parse_lsn(start) if start else None,
                               parse_lsn(end) if end else None, limit)
     emit(rows, output, ["lsn", "end_lsn", "rmgr", "type", "len", "xid", "blocks"])
 
@@ -78,12 +85,12 @@ def page_get(rel: Annotated[str, typer.Argument(help="SPC/DB/RELFILENODE, or a t
     pageserver materialises the branch at the LSN for it, which takes a moment on a big database).
     """
     p = load_project(project)
-    r = engine.parse_rel(rel) if "/" in rel else engine.rel_from_table(p, branch, rel)
+    r = _engine().parse_rel(rel) if "/" in rel else _engine().rel_from_table(p, branch, rel)
     if dump is not None and versions_only:
         raise InvalidInput("--dump needs the page: drop --versions-only")
     if dump is not None and not dump.parent.is_dir():
         raise InvalidInput(f"--dump: directory {dump.parent} does not exist")
-    res = engine.page_versions(p, branch, r, fork, block, parse_lsn(lsn) if lsn else None, page=not versions_only)
+    res = _engine().page_versions(p, branch, r, fork, block, parse_lsn(lsn) if lsn else None, page=not versions_only)
     page = res.get("page")
     if dump is not None:
         if page["image"] is None:

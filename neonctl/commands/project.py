@@ -8,9 +8,7 @@ import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.pageserver.remote_config import prepare_remote_storage, remote_storage_url, set_remote_storage
-from neonctl.engine.project import create_project, delete_project, list_projects, load_project
-from neonctl.engine.safekeeper.membership import set_safekeeper_count
+from neonctl.engine.project import list_projects, load_project
 from neonctl.errors import InvalidInput
 from neonctl.output import Format, emit, info
 
@@ -18,6 +16,8 @@ app = typer.Typer(help="Manage projects (one Postgres cluster's storage and bran
 
 
 def project_row(p) -> dict:
+    from neonctl.engine.pageserver.remote_config import remote_storage_url  # noqa: PLC0415
+
     c = p.config
     return {"name": c.name, "id": c.id, "pg_version": c.pg_version, "default_branch": c.default_branch,
             "branches": len(c.branches), "safekeepers": len(c.safekeepers), "pageserver_port": c.pageserver_port,
@@ -32,6 +32,7 @@ def init(
     output: OutputOpt = Format.table,
 ) -> None:
     """Create a project: initdb once, import it into the pageserver as branch `main`."""
+    from neonctl.engine.lifecycle import create_project  # noqa: PLC0415 - the pageserver's import path is heavy
     p = create_project(name, pg_bin=pg_bin, safekeepers=safekeepers, progress=info)
     info(f"created project {name!r}; next: `neonctl start`, then `neonctl endpoint start main`")
     emit(project_row(p), output, ["name", "pg_version", "default_branch", "safekeepers", "pageserver_port", "path"])
@@ -65,6 +66,9 @@ def set_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Change a project's settings (the daemons must be stopped; for --safekeepers the endpoints too)."""
+    from neonctl.engine.pageserver.remote_config import prepare_remote_storage, set_remote_storage  # noqa: PLC0415
+    from neonctl.engine.safekeeper.membership import set_safekeeper_count  # noqa: PLC0415
+
     p = load_project(project)
     if remote_storage is None and any(v is not None for v in (s3_endpoint_url, s3_region, s3_credentials_file)):
         raise InvalidInput("the --s3-* options go with --remote-storage s3://BUCKET/PREFIX")
@@ -86,6 +90,8 @@ def delete_cmd(name: Annotated[str, typer.Argument(help="Project to delete.")],
                ] = False,
                output: OutputOpt = Format.table) -> None:
     """Stop a project's endpoints and daemons and delete all its data, in remote storage too."""
+    from neonctl.engine.lifecycle import delete_project  # noqa: PLC0415 - stops endpoints and daemons
+
     p = load_project(name)
     remote = delete_project(p, keep_remote=keep_remote)
     row = {"name": name, "deleted": True}

@@ -9,7 +9,6 @@ import typer
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import load_project
-from neonctl.engine.safekeeper.admin import repair_safekeeper, safekeeper_rows, start_safekeeper, stop_safekeeper
 from neonctl.output import Format, emit
 
 app = typer.Typer(help="Safekeepers one by one: list, start, stop (kill -9 with --immediate), repair.",
@@ -35,6 +34,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
 @app.command("list")
 def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Each safekeeper's term, flush and commit LSN and lag, per branch."""
+    from neonctl.engine.safekeeper.admin import safekeeper_rows  # noqa: PLC0415
+
     rows = safekeeper_rows(load_project(project))
     emit(table_rows(rows) if output == Format.table else rows, output, COLUMNS)
 
@@ -42,6 +43,8 @@ def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> No
 @app.command("start")
 def start_cmd(sk: SkArg, project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Start one safekeeper (harmless if running); it catches up from its peers."""
+    from neonctl.engine.safekeeper.admin import start_safekeeper  # noqa: PLC0415
+
     emit(start_safekeeper(load_project(project), sk), output)
 
 
@@ -53,10 +56,14 @@ def stop_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Stop one safekeeper. With a quorum of the others running, commits go on."""
+    from neonctl.engine.safekeeper.admin import stop_safekeeper  # noqa: PLC0415
+
     emit(stop_safekeeper(load_project(project), sk, immediate=immediate), output)
 
 
 @app.command("repair")
 def repair_cmd(sk: SkArg, project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Rebuild a safekeeper's damaged timelines (bad control file or WAL) from its peers."""
+    from neonctl.engine.safekeeper.admin import repair_safekeeper  # noqa: PLC0415
+
     emit(repair_safekeeper(load_project(project), sk), output, ["safekeeper", "branch", "repaired", "term", "was"])

@@ -7,15 +7,15 @@ from typing import Annotated
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
-from neonctl.engine.compute.endpoint import list_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import load_project
-from neonctl.engine.storage import start_storage, stop_storage, storage_status
 from neonctl.output import Format, emit, info
 
 
 def start(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Start the storage broker, safekeepers and pageserver (harmless if running)."""
+    from neonctl.engine.storage import start_storage  # noqa: PLC0415
+
     p = load_project(project)
     emit(start_storage(p, progress=info), output)
 
@@ -26,6 +26,8 @@ def stop(
     output: OutputOpt = Format.table,
 ) -> None:
     """Stop the project's daemons. Running endpoints keep running but their commits wait."""
+    from neonctl.engine.storage import stop_storage  # noqa: PLC0415
+
     p = load_project(project)
     emit(stop_storage(p, immediate=immediate), output)
 
@@ -41,6 +43,9 @@ def _lsns(timelines: dict, names: dict[str, str]) -> str:
 
 def status(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """Show each daemon's pid, address, state and key LSNs, and the endpoints."""
+    from neonctl.engine.compute.endpoint import list_endpoints  # noqa: PLC0415
+    from neonctl.engine.storage import storage_status  # noqa: PLC0415
+
     p = load_project(project)
     rows = storage_status(p)
     if output == Format.table:

@@ -2,8 +2,9 @@
 
 A project lives in ``<home>/projects/<name>/`` with ``project.json`` (ports,
 Postgres version, branches and their timelines), a directory per daemon, and
-endpoint state. `create` runs initdb once and imports it as the root
-timeline's first image; it either completes or leaves nothing behind.
+endpoint state. This module is the model only (reading, saving, locking, the
+daemons' addresses); creating and deleting projects is `engine/lifecycle.py`,
+which sits above compute and storage.
 """
 
 from __future__ import annotations
@@ -12,22 +13,15 @@ import fcntl
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from neonctl.engine import ports
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
 from neonctl.engine.home import compute_root, home_dir, projects_dir
-from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
 from neonctl.engine.process import BackgroundProcess
-from neonctl.engine.safekeeper.control_file import TimelineState
-from neonctl.engine.safekeeper.timeline import SkTimeline
-from neonctl.errors import AlreadyExists, InvalidInput, NotFound
+from neonctl.errors import InvalidInput, NotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_BRANCH = "main"
@@ -160,7 +154,8 @@ class Project:
         raise NotFound(f"no daemon named {name!r} in project {self.name!r}")
 
 
-def _taken_ports() -> set[int]:
+def taken_ports() -> set[int]:
+    """Every daemon port any project of this home has claimed (new ports avoid them)."""
     taken: set[int] = set()
     for p in list_projects():
         c = p.config
@@ -196,81 +191,3 @@ def load_project(name: str | None = None) -> Project:
     except (OSError, NotFound):
         raise InvalidInput("several projects exist; choose one with --project",
                            hint=", ".join(p.name for p in projects)) from None
-
-
-def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, progress=print) -> Project:
-    check_name("project", name)
-    if safekeepers < 1 or safekeepers > 7:
-        raise InvalidInput("--safekeepers must be between 1 and 7")
-    pdir = projects_dir() / name
-    if (pdir / "project.json").exists():
-        raise AlreadyExists(f"project {name!r} already exists", hint="choose another --name or `neonctl project delete`")
-    runtime = resolve_runtime(pg_bin)  # fails before anything is created
-    taken = _taken_ports()
-    ps_port, = ports.allocate(PAGESERVER_BASE_PORT, taken)
-    broker_port, = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
-    sk_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken | {ps_port, broker_port}, safekeepers)
-    if pdir.exists():
-        shutil.rmtree(pdir)  # leftovers of an interrupted init, never a complete project
-    pdir.mkdir(parents=True)
-    try:
-        timeline_id = uuid.uuid4().hex
-        progress(f"initdb with PostgreSQL {runtime.version_string} ...")
-        with tempfile.TemporaryDirectory(dir=compute_root(pdir)) as tmp:
-            os.chmod(tmp, 0o755)
-            pgdata = Path(tmp) / "pgdata"
-            pgdata.mkdir(mode=0o700)
-            runtime.chown(pgdata)
-            runtime.run([runtime.bin("initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                         "-E", "UTF8", "--locale=C", "-N"])
-            progress("importing the initdb image into the pageserver ...")
-            tl = Timeline.import_initdb(timeline_dir(pdir / "pageserver", timeline_id), timeline_id, pgdata,
-                                        runtime.bin_dir, runtime.version)
-        sk_cfg = []
-        for i, port in enumerate(sk_ports, start=1):
-            sk_cfg.append({"id": i, "port": port})
-            state = TimelineState(timeline_id=timeline_id, system_id=tl.meta.system_id,
-                                  pg_version=runtime.version, timeline_start_lsn=tl.last_record_lsn,
-                                  flush_lsn=tl.last_record_lsn, commit_lsn=tl.last_record_lsn)
-            SkTimeline.create(pdir / "safekeepers" / f"sk{i}" / "timelines" / timeline_id, state)
-        config = ProjectConfig(
-            name=name, id=uuid.uuid4().hex, pg_bin=str(pg_bin) if pg_bin else None, pg_version=runtime.version,
-            system_id=tl.meta.system_id, pageserver_port=ps_port, broker_port=broker_port, safekeepers=sk_cfg,
-            branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
-        )
-        tmp_json = pdir / "project.json.tmp"
-        tmp_json.write_text(json.dumps(asdict(config), indent=1))
-        os.replace(tmp_json, pdir / "project.json")  # the commit point of init
-    except BaseException:
-        croot = compute_root(pdir)
-        if croot != pdir / "compute":
-            shutil.rmtree(croot, ignore_errors=True)
-        shutil.rmtree(pdir, ignore_errors=True)
-        raise
-    current_marker().write_text(name)
-    return Project(pdir)
-
-
-def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
-    """Stop everything and delete the project; its timelines in remote storage first, unless keep_remote.
-
-    A remote that cannot be reached fails the deletion before any local file is gone (the daemons are
-    stopped by then); returns what was deleted remotely.
-    """
-    from neonctl.engine.compute.endpoint import stop_all_endpoints  # noqa: PLC0415
-    from neonctl.engine.pageserver.remote_config import delete_remote_data  # noqa: PLC0415
-    from neonctl.engine.storage import stop_storage  # noqa: PLC0415
-
-    stop_all_endpoints(project)
-    stop_storage(project, immediate=True)
-    remote = None if keep_remote else delete_remote_data(project)
-    croot = project.compute_root()
-    if croot != project.dir / "compute":
-        shutil.rmtree(croot, ignore_errors=True)
-    shutil.rmtree(project.dir)
-    try:
-        if current_marker().read_text().strip() == project.name:
-            current_marker().unlink()
-    except OSError:
-        pass
-    return remote

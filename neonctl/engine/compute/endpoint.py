@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from neonctl.engine import client, ports
+from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.engine.project import Project, list_projects
@@ -235,13 +236,9 @@ def verify_replayed(port: int, lsn: int, logfile: Path) -> None:
     checkpoint is written at the target LSN, so a correctly replayed compute
     always inserts at or beyond it.
     """
-    import psycopg  # noqa: PLC0415
-
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True,
-                         connect_timeout=10) as conn:
-        in_recovery, insert = conn.execute(
-            "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()
-    if in_recovery or int(insert) < lsn:
+    in_recovery, insert = query_row(
+        "127.0.0.1", port, "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+    if in_recovery == "t" or int(insert) < lsn:
         raise PostgresError(
             f"compute came up at {format_lsn(int(insert))}, before its target {format_lsn(lsn)}:"
             " WAL was not replayed; refusing to serve stale data", hint=str(logfile))

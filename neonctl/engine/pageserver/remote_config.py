@@ -18,7 +18,7 @@ from __future__ import annotations
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.remote_storage import default_config, describe, open_remote_storage, parse_url
 from neonctl.engine.pageserver.remote_sync import delete_remote_timeline, remote_timelines
-from neonctl.engine.pageserver.timeline import list_timelines
+from neonctl.engine.pageserver.workdir import list_timelines
 from neonctl.engine.project import Project
 from neonctl.errors import Conflict, RemoteStorageError
 

@@ -44,7 +44,7 @@ from neonctl.engine.pageserver.remote_sync import (
     remote_timelines,
     timeline_prefix,
 )
-from neonctl.engine.pageserver.timeline import list_timelines, timeline_dir
+from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
 from neonctl.errors import CorruptData
 from neonctl.engine.durability import fsync_dir
 

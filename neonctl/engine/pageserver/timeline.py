@@ -48,6 +48,7 @@ from neonctl.engine.wal.decoder import (
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.wal.segments import SegmentedWal
+from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
 from neonctl.errors import CorruptData, InvalidInput, NotFound, PostgresError
 
 # Files of a data directory that never belong in a stored image.
@@ -605,15 +606,6 @@ def register_images(layers_dir: Path, infos: list[ImageInfo]) -> None:
 
 def open_timeline(workdir: Path, timeline_id: str, resolver=None) -> Timeline:
     return Timeline(workdir / "timelines" / timeline_id, resolver)
-
-
-def timeline_dir(workdir: Path, timeline_id: str) -> Path:
-    return workdir / "timelines" / timeline_id
-
-
-def list_timelines(workdir: Path) -> list[str]:
-    d = workdir / "timelines"
-    return sorted(p.name for p in d.iterdir() if (p / "metadata.json").exists()) if d.exists() else []
 
 
 __all__ = ["Timeline", "TimelineMetadata", "open_timeline", "list_timelines", "timeline_dir"]

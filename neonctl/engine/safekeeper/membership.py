@@ -23,7 +23,7 @@ from pathlib import Path
 
 from neonctl.engine import ports
 from neonctl.engine.compute.endpoint import list_endpoints
-from neonctl.engine.project import SAFEKEEPER_BASE_PORT, Project, _taken_ports
+from neonctl.engine.project import SAFEKEEPER_BASE_PORT, Project, taken_ports
 from neonctl.engine.safekeeper.control_file import load, save
 from neonctl.engine.safekeeper.timeline import CONTROL_FILE, BrokenTimeline, open_timeline
 from neonctl.errors import Conflict, CorruptData, InvalidInput
@@ -84,7 +84,7 @@ def set_safekeeper_count(project: Project, n: int, progress=lambda msg: None) ->
             assert best is not None
             plan[tid] = (best[1], max_term, copies)
         if n > len(old):
-            taken = _taken_ports() | {sk["port"] for sk in old}
+            taken = taken_ports() | {sk["port"] for sk in old}
             new_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken, n - len(old))
             next_id = max(old_ids) + 1
             new = old + [{"id": next_id + i, "port": p} for i, p in enumerate(new_ports)]

@@ -1,0 +1,134 @@
+"""Project lifecycle: create (initdb, import as the root timeline's first image) and delete.
+
+Separate from `engine/project.py` (the model everyone imports) because both
+operations reach across components: create writes the pageserver's and the
+safekeepers' first state, delete stops endpoints and daemons first. Keeping them
+here is what lets the model stay free of import cycles and of the heavy
+pageserver modules. `create_project` either completes or leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from neonctl.engine import ports
+from neonctl.engine.compute.endpoint import endpoint_status, read_state, start_endpoint, stop_all_endpoints
+from neonctl.engine.compute.runtime import resolve_runtime
+from neonctl.engine.home import compute_root, projects_dir
+from neonctl.engine.pageserver.remote_config import delete_remote_data
+from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
+from neonctl.engine.project import (
+    BROKER_BASE_PORT, DEFAULT_BRANCH, PAGESERVER_BASE_PORT, SAFEKEEPER_BASE_PORT, Branch, Project, ProjectConfig,
+    check_name, current_marker, list_projects, load_project, taken_ports)
+from neonctl.engine.safekeeper.control_file import TimelineState
+from neonctl.engine.safekeeper.timeline import SkTimeline
+from neonctl.engine.storage import start_storage, stop_storage
+from neonctl.errors import AlreadyExists, InvalidInput
+
+
+def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, progress=print) -> Project:
+    check_name("project", name)
+    if safekeepers < 1 or safekeepers > 7:
+        raise InvalidInput("--safekeepers must be between 1 and 7")
+    pdir = projects_dir() / name
+    if (pdir / "project.json").exists():
+        raise AlreadyExists(f"project {name!r} already exists", hint="choose another --name or `neonctl project delete`")
+    runtime = resolve_runtime(pg_bin)  # fails before anything is created
+    taken = taken_ports()
+    ps_port, = ports.allocate(PAGESERVER_BASE_PORT, taken)
+    broker_port, = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
+    sk_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken | {ps_port, broker_port}, safekeepers)
+    if pdir.exists():
+        shutil.rmtree(pdir)  # leftovers of an interrupted init, never a complete project
+    pdir.mkdir(parents=True)
+    try:
+        timeline_id = uuid.uuid4().hex
+        progress(f"initdb with PostgreSQL {runtime.version_string} ...")
+        with tempfile.TemporaryDirectory(dir=compute_root(pdir)) as tmp:
+            os.chmod(tmp, 0o755)
+            pgdata = Path(tmp) / "pgdata"
+            pgdata.mkdir(mode=0o700)
+            runtime.chown(pgdata)
+            runtime.run([runtime.bin("initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                         "-E", "UTF8", "--locale=C", "-N"])
+            progress("importing the initdb image into the pageserver ...")
+            tl = Timeline.import_initdb(timeline_dir(pdir / "pageserver", timeline_id), timeline_id, pgdata,
+                                        runtime.bin_dir, runtime.version)
+        sk_cfg = []
+        for i, port in enumerate(sk_ports, start=1):
+            sk_cfg.append({"id": i, "port": port})
+            state = TimelineState(timeline_id=timeline_id, system_id=tl.meta.system_id,
+                                  pg_version=runtime.version, timeline_start_lsn=tl.last_record_lsn,
+                                  flush_lsn=tl.last_record_lsn, commit_lsn=tl.last_record_lsn)
+            SkTimeline.create(pdir / "safekeepers" / f"sk{i}" / "timelines" / timeline_id, state)
+        config = ProjectConfig(
+            name=name, id=uuid.uuid4().hex, pg_bin=str(pg_bin) if pg_bin else None, pg_version=runtime.version,
+            system_id=tl.meta.system_id, pageserver_port=ps_port, broker_port=broker_port, safekeepers=sk_cfg,
+            branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
+        )
+        tmp_json = pdir / "project.json.tmp"
+        tmp_json.write_text(json.dumps(asdict(config), indent=1))
+        os.replace(tmp_json, pdir / "project.json")  # the commit point of init
+    except BaseException:
+        croot = compute_root(pdir)
+        if croot != pdir / "compute":
+            shutil.rmtree(croot, ignore_errors=True)
+        shutil.rmtree(pdir, ignore_errors=True)
+        raise
+    current_marker().write_text(name)
+    return Project(pdir)
+
+
+def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
+    """Stop everything and delete the project; its timelines in remote storage first, unless keep_remote.
+
+    A remote that cannot be reached fails the deletion before any local file is gone (the daemons are
+    stopped by then); returns what was deleted remotely.
+    """
+    stop_all_endpoints(project)
+    stop_storage(project, immediate=True)
+    remote = None if keep_remote else delete_remote_data(project)
+    croot = project.compute_root()
+    if croot != project.dir / "compute":
+        shutil.rmtree(croot, ignore_errors=True)
+    shutil.rmtree(project.dir)
+    try:
+        if current_marker().read_text().strip() == project.name:
+            current_marker().unlink()
+    except OSError:
+        pass
+    return remote
+
+
+QUICKSTART_PROJECT = "demo"
+
+
+def quickstart(progress=print) -> dict:
+    """From nothing to a running `main`: init a demo project if there is none, start storage and `main`,
+    then prove it with a write and a read. Safe to run again: each step is skipped when already done."""
+    import psycopg  # noqa: PLC0415 - only this operation talks SQL; keeps psycopg off the CLI's start-up
+
+    if not list_projects():
+        progress(f"creating project {QUICKSTART_PROJECT!r} ...")
+        project = create_project(QUICKSTART_PROJECT, progress=progress)
+    else:
+        project = load_project(None)
+    start_storage(project, progress=progress)
+    st = read_state(project, DEFAULT_BRANCH)
+    if st is None or endpoint_status(st) != "running":
+        st = start_endpoint(project, DEFAULT_BRANCH, progress=progress)
+    with psycopg.connect(st.connection_string, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS quickstart (id serial PRIMARY KEY, note text,"
+                     " at timestamptz DEFAULT now())")
+        conn.execute("INSERT INTO quickstart (note) VALUES ('hello from neonctl')")
+        (rows,) = conn.execute("SELECT count(*) FROM quickstart").fetchone()
+        (version,) = conn.execute("SHOW server_version").fetchone()
+        (lsn,) = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
+    return {"project": project.name, "branch": DEFAULT_BRANCH, "postgres": version, "rows_in_quickstart_table": rows,
+            "wal_lsn": lsn, "start_lsn": st.start_lsn, "connection_string": st.connection_string}
