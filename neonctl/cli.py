@@ -58,6 +58,8 @@ COMMANDS = (
     Entry("connection-string", "endpoint", "connection_string"),
     Entry("cs", "endpoint", "connection_string", hidden=True),
     Entry("psql", "endpoint", "psql", settings=_EXTRA_ARGS),
+    Entry("roles", "roles", "app", group=True),
+    Entry("role", "roles", "app", group=True, hidden=True),
     Entry("quickstart", "quickstart", "quickstart"),
     Entry("branch", "branch", "app", group=True),
     Entry("branches", "branch", "app", group=True, hidden=True),

@@ -84,6 +84,9 @@ def cli(capsys) -> Cli:
 def _project(name: str, pg_bin: str | None):
     rc = cli_main(["init", "--name", name, *(["--pg-bin", pg_bin] if pg_bin else []), "-o", "json"])
     assert rc == 0
+    # Shared projects never scale to zero: a module's endpoint must not vanish while it sits idle between
+    # tests. The proxy tests give their own branches short suspend timeouts.
+    assert cli_main(["project", "set", "-p", name, "--suspend-timeout", "0", "-o", "json"]) == 0
     assert cli_main(["start", "-p", name, "-o", "json"]) == 0
     project = load_project(name)
     yield project
@@ -110,7 +113,7 @@ def any_project(request):
 def connect(project, branch: str = "main", **kw) -> psycopg.Connection:
     from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
 
-    return psycopg.connect(running_endpoint(project, branch).connection_string, autocommit=True, **kw)
+    return psycopg.connect(running_endpoint(project, branch).admin_dsn, autocommit=True, **kw)
 
 
 @contextmanager

@@ -86,7 +86,7 @@ def test_materialize_at_each_recorded_lsn(pg18, history, scratch_dir):
         s.start()
         try:
             assert s.query("SELECT count(*) FROM hist")[0] == expected
-            verify_replayed(s.port, lsn, s.dir / "log")
+            verify_replayed(str(s.dir), s.port, lsn, s.dir / "log")
         finally:
             s.stop()
 
@@ -109,9 +109,9 @@ def test_missing_backup_label_is_refused_not_served(pg18, history, scratch_dir):
         if count != expected:
             # ... and the guard refuses such a compute instead of serving stale data
             with pytest.raises(PostgresError, match="WAL was not replayed"):
-                verify_replayed(s.port, lsn, s.dir / "log")
+                verify_replayed(str(s.dir), s.port, lsn, s.dir / "log")
         else:
-            verify_replayed(s.port, lsn, s.dir / "log")  # an image's own control file led replay: correct
+            verify_replayed(str(s.dir), s.port, lsn, s.dir / "log")  # an image's own control file led replay: correct
     finally:
         s.stop()
 

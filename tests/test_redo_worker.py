@@ -269,7 +269,7 @@ def image(history) -> Image:
 def _start_and_check(h: History, pgdata: Path, point: Point) -> str:
     port = h.scratch.start(pgdata)
     try:
-        verify_replayed(port, point.lsn, pgdata.parent / "log")
+        verify_replayed(str(pgdata.parent), port, point.lsn, pgdata.parent / "log")
         assert tuple(sql(port, CONTENT)[0]) == (point.count, point.digest)
         idx = sql(port, "SELECT count(*) FROM t WHERE id >= 0",
                   options="-c enable_seqscan=off -c enable_bitmapscan=off")[0][0]

@@ -62,12 +62,12 @@ def test_endpoint_at_lsn_is_read_only_and_exact(pg18, cli, history):
 def test_connection_string_at_timestamp_starts_one_once(pg18, cli, history):
     _, ts, rows = history[2]
     p = ["-p", pg18.name]
-    rc, out, err = cli("connection-string", f"main@{ts.isoformat()}", *p)
+    rc, out, err = cli("connection-string", f"main@{ts.isoformat()}", "--direct", *p)
     conn_str = out.strip()
     assert conn_str.startswith("postgresql://") and "started read-only time-travel endpoint" in err
     assert _count(conn_str) == rows
     _refuses_writes(conn_str)
-    rc, out, err = cli("cs", f"main@{ts.isoformat()}", "-o", "json", *p)  # the same point: reused
+    rc, out, err = cli("cs", f"main@{ts.isoformat()}", "--direct", "-o", "json", *p)  # the same point: reused
     res = json.loads(out)
     assert res["connection_string"] == conn_str and res["read_only"] and "started" not in err
     cli("endpoint", "stop", f"main@{ts.isoformat()}", *p)

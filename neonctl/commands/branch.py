@@ -34,6 +34,7 @@ def create(
     timestamp: Annotated[str | None, typer.Option("--timestamp", help="Branch point time (transactions committed at or before it).")] = None,
     endpoint: Annotated[bool, typer.Option("--endpoint", help="Start a compute on the new branch right away.")] = False,
     if_not_exists: Annotated[bool, typer.Option("--if-not-exists", help="Return the existing branch instead of failing.")] = False,
+    suspend_timeout: Annotated[int | None, typer.Option("--suspend-timeout", help="Seconds without a client before the proxy suspends its compute (0 = never; default: the project's, 300).")] = None,
     project: ProjectOpt = None,
     output: OutputOpt = Format.table,
 ) -> None:
@@ -49,14 +50,16 @@ def create(
         raise InvalidInput("the branch point is given twice (in --parent and in --lsn/--timestamp)")
     point = TimePoint(ref.branch, parse_lsn(lsn) if lsn else ref.lsn,
                       parse_timestamp(timestamp) if timestamp else ref.timestamp)
-    b, created = engine.create_branch(p, name, point, if_not_exists=if_not_exists)
+    b, created = engine.create_branch(p, name, point, if_not_exists=if_not_exists, suspend_timeout=suspend_timeout)
     if not created:
         info(f"branch {name!r} already exists; returning it")
     row = _row(p, name)
     if endpoint:
+        from neonctl.engine.connection import proxy_uri  # noqa: PLC0415
+
         st = start_endpoint(p, name, progress=info)
         row["endpoint"] = f"running :{st.port}"
-        row["connection_string"] = st.connection_string
+        row["connection_string"] = proxy_uri(p, name)
     emit(row, output, COLUMNS + (["connection_string"] if endpoint else []))
 
 
@@ -164,7 +167,9 @@ def _swap_sections(p, res, first: str, second: str, output: Format) -> dict:
     row = {**_row(p, res.branch.name), "restored_from": res.source,
            "last_reset_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if res.endpoint is not None:
-        row["connection_string"] = res.endpoint.connection_string
+        from neonctl.engine.connection import proxy_uri  # noqa: PLC0415
+
+        row["connection_string"] = proxy_uri(p, res.branch.name)
     out = {first: row}
     if res.preserved is not None:
         out[second] = _row(p, res.preserved.name)

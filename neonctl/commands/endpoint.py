@@ -22,14 +22,20 @@ from neonctl.output import Format, emit, info
 app = typer.Typer(help="Postgres computes on branches.", no_args_is_help=True)
 
 BranchArg = Annotated[str, typer.Argument(help="Branch name, or BRANCH@LSN|BRANCH@TIMESTAMP for read-only time travel.")]
-COLUMNS = ["endpoint", "port", "status", "mode", "start_lsn", "connection_string"]
+COLUMNS = ["endpoint", "port", "status", "mode", "start_lsn", "suspend_timeout", "connection_string"]
+SuspendOpt = Annotated[int | None, typer.Option(
+    "--suspend-timeout", help="Seconds without a client before the proxy suspends the compute (0 = never; "
+                              "default: the branch's, else the project's, 300).")]
 
 
-def endpoint_row(st, status: str = "running") -> dict:
+def endpoint_row(p, st, status: str = "running") -> dict:
+    from neonctl.engine.compute.scale_to_zero import effective_suspend_timeout  # noqa: PLC0415
+    from neonctl.engine.connection import direct_uri  # noqa: PLC0415
+
     return {"endpoint": st.name, "branch": st.branch, "port": st.port, "status": status,
             "mode": "read-write" if st.at_lsn is None else "read-only", "start_lsn": format_lsn(st.start_lsn),
-            "pg_version": st.pg_version, "timeline_id": st.timeline_id, "connection_string": st.connection_string,
-            "pgdata": st.pgdata}
+            "suspend_timeout": effective_suspend_timeout(p, st), "pg_version": st.pg_version,
+            "timeline_id": st.timeline_id, "connection_string": direct_uri(p, st.port), "pgdata": st.pgdata}
 
 
 def _point(ref: str, lsn: str | None = None, timestamp: str | None = None) -> TimePoint:
@@ -42,21 +48,6 @@ def _point(ref: str, lsn: str | None = None, timestamp: str | None = None) -> Ti
                      parse_timestamp(timestamp) if timestamp else point.timestamp)
 
 
-def _endpoint_for(p, ref: str):
-    """The running endpoint for `ref`; for a point in time, start a read-only one if none runs there."""
-    from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
-    from neonctl.engine.compute.time_travel import start_time_travel  # noqa: PLC0415
-
-    point = _point(ref)
-    if point.lsn is None and point.timestamp is None:
-        return running_endpoint(p, point.branch or p.config.default_branch)
-    st, started = start_time_travel(p, point, reuse=True, progress=info)
-    if started:
-        info(f"started read-only time-travel endpoint {st.name} on port {st.port}"
-             f" (stop it with `neonctl endpoint stop {st.name}`)")
-    return st
-
-
 @app.command("start")
 def start_cmd(
     branch: BranchArg = "main",
@@ -64,6 +55,7 @@ def start_cmd(
     fsync: Annotated[bool, typer.Option("--fsync/--no-fsync", help="fsync in the compute (its data dir is a disposable cache).")] = False,
     lsn: Annotated[str | None, typer.Option("--lsn", help="Read-only time travel: the branch as of this LSN.")] = None,
     timestamp: Annotated[str | None, typer.Option("--timestamp", help="Read-only time travel: the branch as of this time.")] = None,
+    suspend_timeout: SuspendOpt = None,
     project: ProjectOpt = None,
     output: OutputOpt = Format.table,
 ) -> None:
@@ -74,10 +66,11 @@ def start_cmd(
     p = load_project(project)
     point = _point(branch, lsn, timestamp)
     if point.lsn is None and point.timestamp is None:
-        st = start_endpoint(p, point.branch or p.config.default_branch, port=port, fsync=fsync, progress=info)
+        st = start_endpoint(p, point.branch or p.config.default_branch, port=port, fsync=fsync, progress=info,
+                            suspend_timeout=suspend_timeout)
     else:
         st, _ = start_time_travel(p, point, port=port, progress=info)
-    emit(endpoint_row(st), output, COLUMNS)
+    emit(endpoint_row(p, st), output, COLUMNS)
 
 
 @app.command("stop")
@@ -102,22 +95,45 @@ def stop_cmd(
 
 @app.command("list")
 def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
-    """List endpoints and whether their Postgres is alive."""
+    """List endpoints: running, crashed, or suspended by the proxy (the next connection wakes them)."""
     from neonctl.engine.compute.endpoint import list_endpoints  # noqa: PLC0415
+    from neonctl.engine.compute.scale_to_zero import suspended_endpoints  # noqa: PLC0415
 
-    rows = [endpoint_row(st, s) for st, s in list_endpoints(load_project(project))]
+    p = load_project(project)
+    rows = [endpoint_row(p, st, s) for st, s in list_endpoints(p)]
+    running = {r["endpoint"] for r in rows}
+    rows += [{"endpoint": s["endpoint"], "branch": s["branch"], "port": None, "status": "suspended",
+              "mode": "read-write" if "@" not in s["endpoint"] else "read-only", "start_lsn": None,
+              "suspend_timeout": s["suspend_timeout"], "suspended_at": s["suspended_at"], "connection_string": None}
+             for s in suspended_endpoints(p) if s["endpoint"] not in running]
     emit(rows, output, COLUMNS)
 
 
-def connection_string(branch: BranchArg = "main", project: ProjectOpt = None,
-                      output: OutputOpt = Format.table) -> None:
-    """Print the connection string of the branch's endpoint; BRANCH@LSN|@TIME starts a read-only time-travel one."""
-    st = _endpoint_for(load_project(project), branch)
+def connection_string(
+    branch: BranchArg = "main",
+    pooled: Annotated[bool, typer.Option("--pooled", help="Through the proxy to the branch's PgBouncer (transaction pooling).")] = False,
+    direct: Annotated[bool, typer.Option("--direct", help="The compute's own port instead of the proxy (it must run; a point in time starts one).")] = False,
+    serverless: Annotated[bool, typer.Option("--serverless", help="Also the neonConfig settings for the @neondatabase/serverless driver (HTTP /sql and WebSocket).")] = False,
+    role: Annotated[str, typer.Option("--role", help="Role to connect as.")] = "postgres",
+    database: Annotated[str, typer.Option("--database", "--db", help="Database to connect to.")] = "postgres",
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Print the branch's connection string: the proxy's by default, which wakes the compute on connect."""
+    from neonctl.engine.connection import connection_info, serverless_config, serverless_snippet  # noqa: PLC0415
+
+    p = load_project(project)
+    if serverless and (pooled or direct):
+        raise InvalidInput("--serverless gives the proxy's URI: it goes with neither --pooled nor --direct")
+    res = connection_info(p, branch, pooled=pooled, direct=direct, role=role, database=database, progress=info)
+    if serverless:
+        res = {"connection_string": res["connection_string"], "neon_config": serverless_config(p)}
     if output == Format.table:
-        print(st.connection_string)
+        print(res["connection_string"])
+        if serverless:
+            print(serverless_snippet(res["neon_config"]))
     else:
-        emit({"branch": st.branch, "endpoint": st.name, "read_only": st.at_lsn is not None,
-              "connection_string": st.connection_string}, output)
+        emit(res, output)
 
 
 def psql(
@@ -125,10 +141,12 @@ def psql(
     args: Annotated[list[str] | None, typer.Argument(help="Extra psql arguments (after --).")] = None,
     project: ProjectOpt = None,
 ) -> None:
-    """Run psql against the branch's endpoint."""
+    """Run psql on the branch through the proxy (which wakes its compute)."""
+    from neonctl.engine.connection import connection_info  # noqa: PLC0415
+
     p = load_project(project)
-    st = _endpoint_for(p, branch)
+    uri = connection_info(p, branch, progress=info)["connection_string"]
     psql_bin = p.runtime().bin("psql")
-    info(f"connecting to {st.connection_string}")
+    info(f"connecting to {branch} through the proxy at {p.proxy_addr}")
     sys.stdout.flush()
-    os.execv(psql_bin, [psql_bin, st.connection_string, *(args or [])])
+    os.execv(psql_bin, [psql_bin, uri, *(args or [])])

@@ -22,7 +22,8 @@ def project_row(p) -> dict:
     return {"name": c.name, "id": c.id, "pg_version": c.pg_version, "default_branch": c.default_branch,
             "branches": len(c.branches), "safekeepers": len(c.safekeepers), "pageserver_port": c.pageserver_port,
             "broker_port": c.broker_port, "safekeeper_ports": [s["port"] for s in c.safekeepers],
-            "pg_bin": c.pg_bin, "remote_storage": remote_storage_url(p), "path": str(p.dir)}
+            "pg_bin": c.pg_bin, "remote_storage": remote_storage_url(p), "proxy_port": c.proxy_port,
+            "proxy_http_port": c.proxy_http_port, "suspend_timeout": c.suspend_timeout, "path": str(p.dir)}
 
 
 def init(
@@ -63,15 +64,18 @@ def set_cmd(
     s3_endpoint_url: Annotated[str | None, typer.Option("--s3-endpoint-url", help="S3 endpoint (MinIO, a test server); default: AWS.")] = None,
     s3_region: Annotated[str | None, typer.Option("--s3-region", help="S3 region (default us-east-1).")] = None,
     s3_credentials_file: Annotated[str | None, typer.Option("--s3-credentials-file", help="AWS-style INI file (section default: aws_access_key_id, aws_secret_access_key), mode 0600.")] = None,
+    suspend_timeout: Annotated[int | None, typer.Option("--suspend-timeout", help="Default seconds without a client before the proxy suspends a compute (0 = never). Any time.")] = None,
     output: OutputOpt = Format.table,
 ) -> None:
-    """Change a project's settings (the daemons must be stopped; for --safekeepers the endpoints too)."""
+    """Change a project's settings (the daemons must be stopped for --safekeepers and --remote-storage)."""
     from neonctl.engine.pageserver.remote_config import prepare_remote_storage, set_remote_storage  # noqa: PLC0415
     from neonctl.engine.safekeeper.membership import set_safekeeper_count  # noqa: PLC0415
 
     p = load_project(project)
     if remote_storage is None and any(v is not None for v in (s3_endpoint_url, s3_region, s3_credentials_file)):
         raise InvalidInput("the --s3-* options go with --remote-storage s3://BUCKET/PREFIX")
+    if suspend_timeout is not None and suspend_timeout < 0:
+        raise InvalidInput("--suspend-timeout must be >= 0 seconds (0 = never suspend)")
     remote = None
     if remote_storage is not None:  # checked before anything changes
         remote = prepare_remote_storage(p, remote_storage, s3_endpoint_url, s3_region, s3_credentials_file)
@@ -79,8 +83,11 @@ def set_cmd(
         set_safekeeper_count(p, safekeepers, progress=info)
     if remote is not None:
         set_remote_storage(p, remote)
+    if suspend_timeout is not None:
+        p.set_suspend_timeout(suspend_timeout)
     p.reload()
-    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "path"])
+    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "suspend_timeout",
+                                  "path"])
 
 
 @app.command("delete")

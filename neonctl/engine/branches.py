@@ -33,9 +33,12 @@ def resolve_parent(project: Project, parent: str | None, lsn: int | None, ts: da
     return TimePoint(parent, lsn, ts)
 
 
-def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: bool = False) -> tuple[Branch, bool]:
+def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: bool = False,
+                  suspend_timeout: int | None = None) -> tuple[Branch, bool]:
     """Create branch `name` at `point`; returns (branch, created)."""
     check_name("branch", name)
+    if suspend_timeout is not None and suspend_timeout < 0:
+        raise InvalidInput("--suspend-timeout must be >= 0 seconds (0 = never suspend)")
     if point.lsn is not None and point.timestamp is not None:
         raise InvalidInput("give either an LSN or a timestamp, not both")
     with project.lock():
@@ -47,7 +50,7 @@ def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: 
         parent = project.branch(point.branch or project.config.default_branch)
         tid, lsn = create_timeline(project, parent, point)
         try:
-            b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn)
+            b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn, suspend_timeout=suspend_timeout)
             project.config.branches[name] = b
             project.save()
         except BaseException:

@@ -88,7 +88,7 @@ def rel_from_table(project: Project, branch: str, table: str) -> tuple[int, int,
     from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
 
     st = running_endpoint(project, branch)
-    with psycopg.connect(st.connection_string, autocommit=True) as conn:
+    with psycopg.connect(st.admin_dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT CASE WHEN c.reltablespace = 0 THEN (SELECT dattablespace FROM pg_database"
             " WHERE datname = current_database()) ELSE c.reltablespace END,"
@@ -161,11 +161,10 @@ def _relation_names(project: Project, branch: str) -> dict[tuple[int, int], str]
 
     st = running_endpoint(project, branch)
     out: dict[tuple[int, int], str] = {}
-    with psycopg.connect(st.connection_string, autocommit=True) as conn:
+    with psycopg.connect(st.admin_dsn, autocommit=True) as conn:
         dbs = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datallowconn")]
     for db in dbs:
-        cs = st.connection_string.rsplit("/", 1)[0] + f"/{db}"
-        with psycopg.connect(cs, autocommit=True) as conn:
+        with psycopg.connect(st.admin_dsn, dbname=db, autocommit=True) as conn:
             for oid, node, name in conn.execute(
                     "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()),"
                     " pg_relation_filenode(c.oid), c.oid::regclass::text FROM pg_class c"

@@ -23,9 +23,11 @@ from neonctl.engine.compute.runtime import resolve_runtime
 from neonctl.engine.home import compute_root, projects_dir
 from neonctl.engine.pageserver.remote_config import delete_remote_data
 from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
+from neonctl.engine.connection import proxy_uri
+from neonctl.engine.roles import load_roles
 from neonctl.engine.project import (
     BROKER_BASE_PORT, DEFAULT_BRANCH, PAGESERVER_BASE_PORT, SAFEKEEPER_BASE_PORT, Branch, Project, ProjectConfig,
-    check_name, current_marker, list_projects, load_project, taken_ports)
+    allocate_proxy_ports, check_name, current_marker, list_projects, load_project, taken_ports)
 from neonctl.engine.safekeeper.control_file import TimelineState
 from neonctl.engine.safekeeper.timeline import SkTimeline
 from neonctl.engine.storage import start_storage, stop_storage
@@ -44,6 +46,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
     ps_port, = ports.allocate(PAGESERVER_BASE_PORT, taken)
     broker_port, = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
     sk_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken | {ps_port, broker_port}, safekeepers)
+    proxy_port, proxy_http_port = allocate_proxy_ports(taken | {ps_port, broker_port, *sk_ports})
     if pdir.exists():
         shutil.rmtree(pdir)  # leftovers of an interrupted init, never a complete project
     pdir.mkdir(parents=True)
@@ -71,6 +74,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
             name=name, id=uuid.uuid4().hex, pg_bin=str(pg_bin) if pg_bin else None, pg_version=runtime.version,
             system_id=tl.meta.system_id, pageserver_port=ps_port, broker_port=broker_port, safekeepers=sk_cfg,
             branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
+            proxy_port=proxy_port, proxy_http_port=proxy_http_port,
         )
         tmp_json = pdir / "project.json.tmp"
         tmp_json.write_text(json.dumps(asdict(config), indent=1))
@@ -82,7 +86,9 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
         shutil.rmtree(pdir, ignore_errors=True)
         raise
     current_marker().write_text(name)
-    return Project(pdir)
+    project = Project(pdir)
+    load_roles(project)  # the `postgres` role's password, in the project's 0600 secrets
+    return project
 
 
 def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
@@ -123,7 +129,7 @@ def quickstart(progress=print) -> dict:
     st = read_state(project, DEFAULT_BRANCH)
     if st is None or endpoint_status(st) != "running":
         st = start_endpoint(project, DEFAULT_BRANCH, progress=progress)
-    with psycopg.connect(st.connection_string, autocommit=True) as conn:
+    with psycopg.connect(st.admin_dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS quickstart (id serial PRIMARY KEY, note text,"
                      " at timestamptz DEFAULT now())")
         conn.execute("INSERT INTO quickstart (note) VALUES ('hello from neonctl')")
@@ -131,4 +137,4 @@ def quickstart(progress=print) -> dict:
         (version,) = conn.execute("SHOW server_version").fetchone()
         (lsn,) = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
     return {"project": project.name, "branch": DEFAULT_BRANCH, "postgres": version, "rows_in_quickstart_table": rows,
-            "wal_lsn": lsn, "start_lsn": st.start_lsn, "connection_string": st.connection_string}
+            "wal_lsn": lsn, "start_lsn": st.start_lsn, "connection_string": proxy_uri(project)}

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from neonctl.engine import ports
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
 from neonctl.engine.home import compute_root, home_dir, projects_dir
 from neonctl.engine.process import BackgroundProcess
@@ -28,6 +29,9 @@ DEFAULT_BRANCH = "main"
 PAGESERVER_BASE_PORT = 64000
 SAFEKEEPER_BASE_PORT = 5454
 BROKER_BASE_PORT = 50051
+PROXY_BASE_PORT = 4432  # Neon's proxy port
+PROXY_HTTP_BASE_PORT = 4444
+DEFAULT_SUSPEND_TIMEOUT = 300  # seconds without a client before the proxy suspends a compute (Neon's default)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -43,6 +47,7 @@ class Branch:
     parent: str | None = None
     parent_lsn: int | None = None
     created_at: float = field(default_factory=time.time)
+    suspend_timeout: int | None = None  # None: the project's default
 
 
 @dataclass
@@ -58,6 +63,9 @@ class ProjectConfig:
     default_branch: str = DEFAULT_BRANCH
     branches: dict[str, Branch] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    proxy_port: int | None = None  # None in projects made before the proxy: assigned at the next `start`
+    proxy_http_port: int | None = None
+    suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT
 
     @classmethod
     def from_json(cls, d: dict) -> "ProjectConfig":
@@ -119,6 +127,14 @@ class Project:
         return f"127.0.0.1:{self.config.pageserver_port}"
 
     @property
+    def proxy_addr(self) -> str:
+        return f"127.0.0.1:{self.config.proxy_port}"
+
+    @property
+    def proxy_http_addr(self) -> str:
+        return f"127.0.0.1:{self.config.proxy_http_port}"
+
+    @property
     def broker_addr(self) -> str:
         return f"127.0.0.1:{self.config.broker_port}"
 
@@ -145,7 +161,28 @@ class Project:
              "--broker", self.broker_addr, "--safekeepers", ",".join(self.safekeeper_addrs().values()),
              "--pg-bin", self.config.pg_bin or "", "--scratch", str(self.compute_root() / "redo")],
             self.dir / "pageserver", f"http://{self.pageserver_addr}/v1/status"))
+        if self.config.proxy_port is not None:
+            out.append(BackgroundProcess(
+                "proxy", "neonctl.engine.proxy",
+                ["--project-dir", str(self.dir), "--listen", self.proxy_addr, "--http", self.proxy_http_addr],
+                self.dir / "proxy", f"http://{self.proxy_http_addr}/v1/status"))
         return out
+
+    def assign_proxy_ports(self) -> None:
+        """Give a project made before the proxy existed its two proxy ports (once, under the project lock)."""
+        with self.lock():
+            self.reload()
+            if self.config.proxy_port is None:
+                taken = taken_ports()
+                self.config.proxy_port, self.config.proxy_http_port = allocate_proxy_ports(taken)
+                self.save()
+
+    def set_suspend_timeout(self, seconds: int) -> None:
+        """The project's default suspend timeout (the proxy reads it on each pass)."""
+        with self.lock():
+            self.reload()
+            self.config.suspend_timeout = seconds
+            self.save()
 
     def daemon(self, name: str) -> BackgroundProcess:
         for d in self.daemons():
@@ -160,7 +197,14 @@ def taken_ports() -> set[int]:
     for p in list_projects():
         c = p.config
         taken |= {c.pageserver_port, c.broker_port, *(sk["port"] for sk in c.safekeepers)}
+        taken |= {port for port in (c.proxy_port, c.proxy_http_port) if port is not None}
     return taken
+
+
+def allocate_proxy_ports(taken: set[int]) -> tuple[int, int]:
+    pg, = ports.allocate(PROXY_BASE_PORT, taken)
+    http, = ports.allocate(PROXY_HTTP_BASE_PORT, taken | {pg})
+    return pg, http
 
 
 def list_projects() -> list[Project]:

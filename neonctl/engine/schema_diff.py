@@ -55,7 +55,7 @@ def resolve_points(project: Project, base: str | None, compare: str | None) -> t
 
 def dump_schema(project: Project, st: EndpointState, db: str) -> str:
     runtime = project.runtime()
-    out = runtime.run([runtime.bin("pg_dump"), "--schema-only", "-h", "127.0.0.1", "-p", str(st.port),
+    out = runtime.run([runtime.bin("pg_dump"), "--schema-only", "-h", st.socket_dir, "-p", str(st.port),
                        "-U", "postgres", "-d", db], timeout=120).stdout
     return "".join(line for line in out.splitlines(keepends=True) if not _NOISE.match(line))
 
@@ -63,7 +63,7 @@ def dump_schema(project: Project, st: EndpointState, db: str) -> str:
 def list_databases(st: EndpointState) -> list[str]:
     import psycopg  # noqa: PLC0415
 
-    with psycopg.connect(st.connection_string, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(st.admin_dsn, autocommit=True, connect_timeout=10) as conn:
         return [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
 

@@ -1,4 +1,4 @@
-"""Starting, stopping and inspecting a project's storage daemons as a unit."""
+"""Starting, stopping and inspecting a project's daemons (storage and the proxy) as a unit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from neonctl.errors import DaemonError
 
 
 def start_storage(project: Project, progress=lambda msg: None) -> list[dict]:
-    """Start broker, safekeepers and pageserver; already-running ones are left alone."""
+    """Start broker, safekeepers, pageserver and proxy; already-running ones are left alone."""
+    if project.config.proxy_port is None:
+        project.assign_proxy_ports()
     started = []
     for d in project.daemons():
         was = d.pid()
@@ -42,7 +44,7 @@ def require_running(project: Project, names: list[str] | None = None) -> None:
         if names and d.name not in names:
             continue
         if d.pid() is None:
-            if not names and d.name == "broker":
+            if not names and d.name in ("broker", "proxy"):  # best effort / not needed to run a compute
                 continue
             if not names and d.name.startswith("sk"):
                 down_sks.append(d.name)

@@ -35,10 +35,16 @@ def query_rows(host: str, port: int, sql: str, user: str = "postgres", dbname: s
                timeout: float = 10.0) -> list[list[str | None]]:
     """Run a simple query (several statements allowed) and return the rows of its results as text values."""
     deadline = time.monotonic() + timeout
-    try:
-        sock = _connect(host, port, timeout)
-    except OSError as e:
-        raise PostgresError(f"cannot connect to the compute at {host}:{port}: {e}") from e
+    while True:
+        try:
+            sock = _connect(host, port, timeout)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as e:  # not listening (yet): wait, within the timeout
+            if time.monotonic() > deadline:
+                raise PostgresError(f"cannot connect to the compute at {host}:{port}: {e}") from e
+            time.sleep(0.02)
+        except OSError as e:
+            raise PostgresError(f"cannot connect to the compute at {host}:{port}: {e}") from e
     buf = pgwire.MessageBuffer()
     rows: list[list[str | None]] = []
     with sock:

@@ -21,10 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from neonctl.engine import client, ports
+from neonctl.engine.compute import pgbouncer
 from neonctl.engine.compute.admin_query import query_row
+from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.engine.project import Project, list_projects
+from neonctl.engine.roles import apply_roles
 from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
 from neonctl.errors import Conflict, InvalidInput, NotFound, PostgresError
@@ -41,10 +44,17 @@ class EndpointState:
     pg_version: int
     fsync: bool = False
     at_lsn: int | None = None  # a read-only time-travel endpoint frozen at this LSN (compute/time_travel.py)
+    suspend_timeout: int | None = None  # seconds without a client before the proxy suspends it (None: default)
 
     @property
-    def connection_string(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+    def socket_dir(self) -> str:
+        """The compute's own directory, 0700: its Unix socket, trusted, for neonctl and the proxy only."""
+        return str(Path(self.pgdata).parent)
+
+    @property
+    def admin_dsn(self) -> str:
+        """neonctl's superuser connection over the Unix socket (TCP clients need a password: see roles.py)."""
+        return f"postgresql://postgres@/postgres?host={self.socket_dir}&port={self.port}"
 
     @property
     def name(self) -> str:
@@ -93,6 +103,16 @@ def _ports_in_use() -> set[int]:
     return used
 
 
+# TCP clients authenticate with SCRAM (the project's roles, roles.py); the Unix socket in the compute's 0700
+# directory is trusted: only neonctl, the proxy and the safekeepers (same user or root) reach it.
+PG_HBA = """# neonctl: rewritten at every endpoint start
+local   all          all                   trust
+local   replication  all                   trust
+host    all          all    127.0.0.1/32   scram-sha-256
+host    replication  all    127.0.0.1/32   scram-sha-256
+"""
+
+
 def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -> str:
     sks = [f"sk{sk['id']}" for sk in project.config.safekeepers]
     quorum = len(sks) // 2 + 1
@@ -100,6 +120,7 @@ def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -
         "",
         "# --- neonctl compute settings (rewritten at every endpoint start) ---",
         "listen_addresses = '127.0.0.1'",
+        "password_encryption = 'scram-sha-256'",
         f"port = {port}",
         f"unix_socket_directories = '{socket_dir}'",
         f"fsync = {'on' if fsync else 'off'}  # durability is the safekeepers' job",
@@ -118,7 +139,9 @@ def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -
 
 
 def start_endpoint(project: Project, branch: str, port: int | None = None, fsync: bool = False,
-                   progress=lambda msg: None) -> EndpointState:
+                   progress=lambda msg: None, suspend_timeout: int | None = None) -> EndpointState:
+    if suspend_timeout is not None and suspend_timeout < 0:
+        raise InvalidInput("--suspend-timeout must be >= 0 seconds (0 = never suspend)")
     with project.lock():
         project.reload()
         b = project.branch(branch)
@@ -143,11 +166,14 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
                 runtime, pgdata, epdir, logfile, port, auto_port,
                 lambda p: compute_config(project, p, epdir, fsync) + f"neonctl.term = {elected.term}\n",
                 f"PostgreSQL {runtime.version} on branch {branch!r}", progress)
-            verify_replayed(port, lsn, logfile)
-            attach(project, elected, port, lsn)
+            verify_replayed(str(epdir), port, lsn, logfile)
+            attach(project, elected, str(epdir), port, lsn)
+            apply_roles(project, str(epdir), port)
         st = EndpointState(branch=branch, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
-                           started_at=time.time(), pg_version=runtime.version, fsync=fsync)
+                           started_at=time.time(), pg_version=runtime.version, fsync=fsync,
+                           suspend_timeout=suspend_timeout)
         save_state(project, st)
+        clear_suspended(project, st.name)
         return st
 
 
@@ -185,7 +211,7 @@ def new_compute_dir(project: Project, name: str) -> Iterator[Path]:
     if epdir.exists():
         shutil.rmtree(epdir)
     epdir.mkdir(parents=True)
-    os.chmod(epdir, 0o755)
+    os.chmod(epdir, 0o700)  # the compute's socket lives here: only its user (and root) may connect
     try:
         yield epdir
     except BaseException:
@@ -211,6 +237,7 @@ def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int
     `settings(port)` returns the neonctl part of postgresql.conf. Returns the port it runs on.
     """
     base_conf = (pgdata / "postgresql.conf").read_text()
+    (pgdata / "pg_hba.conf").write_text(PG_HBA)
     for attempt in range(5):
         (pgdata / "postgresql.conf").write_text(base_conf + settings(port))
         runtime.chown(epdir, recursive=True)
@@ -228,7 +255,7 @@ def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int
     raise AssertionError("unreachable")
 
 
-def verify_replayed(port: int, lsn: int, logfile: Path) -> None:
+def verify_replayed(socket_dir: str, port: int, lsn: int, logfile: Path) -> None:
     """Refuse a compute that did not come up at or after the LSN it was built for.
 
     Postgres happily starts from a clean base that lacks a backup_label and
@@ -237,7 +264,7 @@ def verify_replayed(port: int, lsn: int, logfile: Path) -> None:
     always inserts at or beyond it.
     """
     in_recovery, insert = query_row(
-        "127.0.0.1", port, "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+        socket_dir, port, "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
     if in_recovery == "t" or int(insert) < lsn:
         raise PostgresError(
             f"compute came up at {format_lsn(int(insert))}, before its target {format_lsn(lsn)}:"
@@ -283,6 +310,7 @@ def _discard(project: Project, st: EndpointState) -> None:
             client.call(f"sk{sk_id}", addr, "DELETE", f"/v1/timeline/{st.timeline_id}/compute")
         except Exception:  # noqa: BLE001 - a stopped safekeeper re-learns on the next start
             pass
+    pgbouncer.stop(Path(st.pgdata).parent)
     _keep_for_recycling(project, st, pid)
     shutil.rmtree(Path(st.pgdata).parent, ignore_errors=True)
     _state_path(project, st.name).unlink(missing_ok=True)
@@ -293,6 +321,10 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
         project.branch(branch.partition("@")[0])  # `branch@X/Y`: a time-travel endpoint
         st = read_state(project, branch)
         if st is None:
+            if any(r["endpoint"] == branch for r in suspended_endpoints(project)):
+                clear_suspended(project, branch)  # stopping a suspended endpoint: it stays stopped, not suspended
+                return EndpointState(branch=branch.partition("@")[0], timeline_id="", port=0, pgdata="",
+                                     start_lsn=0, started_at=0.0, pg_version=0)
             raise NotFound(f"no endpoint is running on branch {branch!r}")
         pid = postgres_pid(st.pgdata)
         if pid:
@@ -307,6 +339,7 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
             while pid_alive(pid) and time.time() < deadline:
                 time.sleep(0.05)
         _discard(project, st)
+        clear_suspended(project, st.name)
         return st
 
 

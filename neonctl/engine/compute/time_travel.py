@@ -151,20 +151,20 @@ def start_time_travel(project: Project, point: TimePoint, port: int | None = Non
                 runtime, pgdata, epdir, logfile, port, auto_port,
                 lambda p: compute_config(project, p, epdir, fsync=False) + STANDBY_SETTINGS,
                 f"read-only PostgreSQL {runtime.version} for {name}", progress)
-            wait_replayed(port, lsn, logfile)
+            wait_replayed(str(epdir), port, lsn, logfile)
         st = EndpointState(branch=b.name, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
                            started_at=time.time(), pg_version=runtime.version, fsync=False, at_lsn=lsn)
         save_state(project, st)
         return st, True
 
 
-def wait_replayed(port: int, lsn: int, logfile, timeout: float = 120.0, stall: float = 20.0) -> None:
+def wait_replayed(socket_dir: str, port: int, lsn: int, logfile, timeout: float = 120.0, stall: float = 20.0) -> None:
     """Return once the standby replayed up to `lsn`; refuse one that stops short or left recovery."""
     import psycopg  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
     last, last_change = -1, time.monotonic()
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True,
+    with psycopg.connect(host=socket_dir, port=port, user="postgres", dbname="postgres", autocommit=True,
                          connect_timeout=10) as conn:
         while True:
             in_recovery, replayed = conn.execute(

@@ -155,13 +155,14 @@ def wait_ingested(project: Project, timeline_id: str, lsn: int, timeout: float =
         time.sleep(0.05)
 
 
-def attach(project: Project, outcome: ElectionOutcome, port: int, lsn: int) -> list[int]:
-    """Hand the compute of the elected term to the safekeepers; a quorum must take it."""
+def attach(project: Project, outcome: ElectionOutcome, socket_dir: str, port: int, lsn: int) -> list[int]:
+    """Hand the compute of the elected term to the safekeepers; a quorum must take it. They stream over the
+    compute's Unix socket (`socket_dir`), which it trusts; its TCP port wants a password."""
     if lsn != outcome.start_lsn:
         raise Conflict(f"the compute was materialised at {format_lsn(lsn)}, not at the start of term "
                        f"{outcome.term} ({format_lsn(outcome.start_lsn)})")
     addrs = project.safekeeper_addrs()
-    body = {"term": outcome.term, "host": "127.0.0.1", "port": port, "user": "postgres", "start_lsn": lsn}
+    body = {"term": outcome.term, "host": socket_dir, "port": port, "user": "postgres", "start_lsn": lsn}
     ok, failed = _parallel({sk: (lambda sk=sk: client.call(f"sk{sk}", addrs[sk], "POST",
                                                            f"/v1/timeline/{outcome.timeline_id}/compute", body))
                             for sk in addrs})

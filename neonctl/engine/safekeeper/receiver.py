@@ -55,7 +55,10 @@ class ReplicationConnection:
 
 
 async def connect(host: str, port: int, user: str, app_name: str) -> ReplicationConnection:
-    reader, writer = await asyncio.open_connection(host, port)
+    if host.startswith("/"):  # the compute's Unix socket directory
+        reader, writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+    else:
+        reader, writer = await asyncio.open_connection(host, port)
     conn = ReplicationConnection(reader, writer)
     writer.write(pgwire.startup_message(
         {"user": user, "replication": "true", "application_name": app_name}))

@@ -1,0 +1,149 @@
+"""The proxy against the same compute reached directly, in one run: throughput, connection set-up, cold start.
+
+1. pgbench -S (select-only), --clients clients, --seconds each, alternating proxy and direct runs over
+   --rounds rounds: TPS through the proxy / TPS direct (target >= 0.8).
+2. Connection set-up: --connects sequential connect + `SELECT 1` + close with psycopg (SCRAM both ways):
+   median through the proxy / median direct (target <= 2).
+3. Cold start: a branch of a --size-mb database, suspended by the proxy; the time from connect to the first
+   row of a query through the proxy, median of --cold-reps (target <= 1 s; Neon publishes "a few hundred ms").
+
+    python benchmarks/bench_proxy.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import BenchEnv, bench_parser, client_env, log, median, parse_pgbench, run_benchmark  # noqa: E402
+
+from neonctl.engine.branches import create_branch  # noqa: E402
+from neonctl.engine.compute.endpoint import list_endpoints, read_state, start_endpoint  # noqa: E402
+from neonctl.engine.compute.scale_to_zero import suspended_endpoints  # noqa: E402
+from neonctl.engine.connection import direct_uri, proxy_uri  # noqa: E402
+from neonctl.engine.timepoint import TimePoint  # noqa: E402
+
+
+def pgbench(rt, args: list[str], uri: str, timeout: float) -> str:
+    proc = subprocess.run([rt.bin("pgbench"), *args, uri], capture_output=True, text=True, env=client_env(),
+                          timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+    return proc.stdout + proc.stderr
+
+
+def _connect_ms(uri: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with psycopg.connect(uri, autocommit=True) as c:
+            c.execute("SELECT 1").fetchone()
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def body(env: BenchEnv) -> None:
+    a = env.args
+    p = env.project("proxybench")
+    p.set_suspend_timeout(0)
+    st = start_endpoint(p, "main")
+    direct, proxied = direct_uri(p, st.port), proxy_uri(p, "main")
+    log(f"pgbench -i -s {a.scale} ...")
+    pgbench(env.rt, ["-i", "-s", str(a.scale), "-q"], direct, timeout=600)
+
+    # 1. throughput
+    tps: dict[str, list[float]] = {"proxy": [], "direct": []}
+    for r in range(a.rounds):
+        for side in (("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")):
+            uri = proxied if side == "proxy" else direct
+            out = pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", str(a.seconds)], uri,
+                          timeout=a.seconds + 120)
+            tps[side].append(parse_pgbench(out)["tps"])
+            log(f"round {r + 1}: {side} {tps[side][-1]:.0f} TPS")
+    env.result["select_only"] = {"clients": a.clients, "seconds": a.seconds, "tps": tps,
+                                 "ratio": round(statistics.mean(tps["proxy"]) / statistics.mean(tps["direct"]), 3)}
+
+    # 2. connection set-up
+    _connect_ms(proxied, 3)
+    _connect_ms(direct, 3)
+    conn_p, conn_d = _connect_ms(proxied, a.connects), _connect_ms(direct, a.connects)
+    env.result["connect_ms"] = {"proxy": median(conn_p), "direct": median(conn_d),
+                                "ratio": round(statistics.median(conn_p) / statistics.median(conn_d), 2)}
+    log(f"connect: proxy {median(conn_p)} ms, direct {median(conn_d)} ms")
+
+    # 3. cold start of a suspended branch
+    log(f"loading {a.size_mb} MB for the cold-start branch ...")
+    with psycopg.connect(direct, autocommit=True) as c:
+        c.execute("CREATE TABLE cold (id int PRIMARY KEY, pad text)")
+        rows = a.size_mb * 1024 * 1024 // 1100
+        c.execute("INSERT INTO cold SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, %s) g", (rows,))
+        c.execute("CHECKPOINT")
+        size = c.execute("SELECT pg_database_size('postgres')").fetchone()[0]
+    create_branch(p, "cold", TimePoint("main"), suspend_timeout=1)
+    uri = proxy_uri(p, "cold")
+    colds = []
+    for i in range(a.cold_reps + 1):  # the first wake builds the pool's data directory: not counted
+        _wait(lambda i=i: not any(s.name == "cold" for s, _ in list_endpoints(p))
+              and any(s["endpoint"] == "cold" for s in suspended_endpoints(p)) or i == 0, 60, "cold suspended")
+        t = time.perf_counter()
+        with psycopg.connect(uri, autocommit=True, connect_timeout=60) as c:
+            c.execute("SELECT id FROM cold WHERE id = 42").fetchone()
+        dt = time.perf_counter() - t
+        log(f"cold start {i}: {dt:.3f} s" + (" (first: not counted)" if i == 0 else ""))
+        if i:
+            colds.append(dt)
+    env.result["cold_start"] = {"database_mb": round(size / 2**20), "seconds": [round(x, 3) for x in colds],
+                                "median_s": median(colds)}
+    assert read_state(p, "main") is not None
+
+
+def render(res: dict) -> list[str]:
+    out = [""]
+    s = res.get("select_only")
+    if s:
+        out.append(f"pgbench -S, {s['clients']} clients, {s['seconds']} s runs: proxy "
+                   f"{[round(x) for x in s['tps']['proxy']]} TPS, direct {[round(x) for x in s['tps']['direct']]} "
+                   f"TPS -> ratio {s['ratio']} (target >= 0.8)")
+    c = res.get("connect_ms")
+    if c:
+        out.append(f"connect + SELECT 1 + close: proxy {c['proxy']} ms, direct {c['direct']} ms -> ratio {c['ratio']}"
+                   " (target <= 2)")
+    cs = res.get("cold_start")
+    if cs:
+        out.append(f"cold start of a suspended {cs['database_mb']} MB branch, connect to first row: "
+                   f"{cs['seconds']} s, median {cs['median_s']} s (target <= 1 s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = bench_parser(__doc__)
+    ap.add_argument("--seconds", type=int, help="seconds per pgbench run (default 10; --quick 3)")
+    ap.add_argument("--rounds", type=int, help="rounds (default 3; --quick 1)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--connects", type=int, default=50)
+    ap.add_argument("--size-mb", type=int, default=100)
+    ap.add_argument("--cold-reps", type=int, default=5)
+    a = ap.parse_args(argv)
+    a.seconds = a.seconds or (3 if a.quick else 10)
+    a.rounds = a.rounds or (1 if a.quick else 3)
+    return run_benchmark(a, "proxy", body, render)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

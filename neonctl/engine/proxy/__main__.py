@@ -1,0 +1,3 @@
+from neonctl.engine.proxy.service import main
+
+main()

@@ -1,0 +1,220 @@
+"""One client connection through the proxy: negotiate, authenticate, route, wake, connect, relay.
+
+The order is Neon's: nothing is started before the client proved its password, so a wrong password
+(28P01) or an unknown branch costs no compute. Routing follows Neon's conventions (`protocol.py`): the
+startup option `endpoint=BRANCH[@LSN|@TIME][-pooler]` with SCRAM-SHA-256, or - for clients that cannot set
+options - the password `endpoint=BRANCH;PASSWORD` over cleartext, and the default branch when neither names
+one. The proxy authenticates against the project's role verifiers (`engine/roles.py`) and reaches the
+compute over its private Unix socket, where the compute trusts the connection. The client gets the proxy's
+own cancel key, so a CancelRequest finds the compute that runs its session (`sessions.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+from neonctl.engine import pgwire
+from neonctl.engine.proxy import protocol, scram
+from neonctl.engine.proxy.link import Link, splice
+from neonctl.engine.proxy.sessions import CancelTarget, Sessions
+from neonctl.engine.proxy.wake import ComputeAddress, Waker
+from neonctl.engine.roles import Role, new_password
+from neonctl.errors import InvalidInput, NeonctlError, NotFound
+
+log = logging.getLogger("proxy.relay")
+HANDSHAKE_TIMEOUT = 30.0  # a client that does not finish start-up and authentication in time is dropped
+
+
+class Refused(Exception):
+    """Tell the client why (an ErrorResponse with this SQLSTATE) and close."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.sqlstate, self.message, self.hint = sqlstate, message, hint
+
+
+def _message(link: Link) -> tuple[bytes, bytes] | None:
+    """One complete typed message from the link's buffer, or None if more bytes are needed."""
+    if len(link.buf) < 5:
+        return None
+    n = int.from_bytes(link.buf[1:5], "big")
+    if n < 4 or n > 1 << 20:
+        raise Refused("08P01", "invalid message length")
+    if len(link.buf) < 1 + n:
+        return None
+    kind, body = bytes(link.buf[:1]), bytes(link.buf[5 : 1 + n])
+    del link.buf[: 1 + n]
+    return kind, body
+
+
+async def _next(link: Link, deadline: float) -> tuple[bytes, bytes]:
+    while True:
+        msg = _message(link)
+        if msg is not None:
+            return msg
+        await link.read_more(max(0.01, deadline - time.monotonic()))
+
+
+class Session:
+    def __init__(self, client: Link, waker: Waker, sessions: Sessions, roles):
+        self.client = client
+        self.waker = waker
+        self.sessions = sessions
+        self.roles = roles  # () -> dict[str, Role], the current spec
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Refused as e:
+            self.client.write(protocol.error_response(e.sqlstate, e.message, hint=e.hint))
+            self.client.close()
+        except protocol.ProtocolViolation as e:
+            self.client.write(protocol.error_response(e.sqlstate, e.message))
+            self.client.close()
+        except (ConnectionError, asyncio.TimeoutError, TimeoutError):
+            self.client.close()
+        except Exception:  # noqa: BLE001 - one session's bug must not take the proxy down; it is logged
+            log.exception("session failed")
+            self.client.write(protocol.error_response("XX000", "internal error in the neonctl proxy"))
+            self.client.close()
+
+    async def _startup(self) -> protocol.Startup | None:
+        while True:
+            parsed = protocol.parse_initial(self.client.buf)
+            if parsed is None:
+                await self.client.read_more(max(0.01, self.deadline - time.monotonic()))
+                continue
+            event, used = parsed
+            del self.client.buf[:used]
+            if isinstance(event, (protocol.SSLRequest, protocol.GSSENCRequest)):
+                self.client.write(b"N")  # plain connections only, on 127.0.0.1
+                continue
+            if isinstance(event, protocol.CancelRequest):
+                await self._cancel(event)
+                return None
+            return event
+
+    async def _cancel(self, req) -> None:
+        target = self.sessions.cancel_target(req.pid, req.secret)
+        self.client.close()
+        if target is None:
+            return  # as Postgres: no answer either way
+        try:
+            _r, w = await asyncio.wait_for(asyncio.open_unix_connection(f"{target.host}/.s.PGSQL.{target.port}"), 5)
+            w.write(protocol.cancel_request(target.pid, target.secret))
+            await w.drain()
+            w.close()
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("cancel request could not reach %s: %s", target.host, e)
+
+    async def _run(self) -> None:
+        startup = await self._startup()
+        if startup is None:
+            return
+        params = dict(startup.params)
+        user = params["user"]
+        database = params.get("database") or user
+        endpoint, rest = protocol.split_endpoint_option(params.get("options"))
+        role = self.roles().get(user)
+        if endpoint is not None:
+            await self._scram(user, role)
+        else:
+            endpoint = await self._cleartext(user, role)
+        target = protocol.parse_endpoint(endpoint) if endpoint else None
+        try:
+            point = self.waker.point(target.branch if target else None, target.at if target else None)
+            addr = await self.waker.wake(point, bool(target and target.pooled))
+        except NotFound as e:
+            raise Refused("08004", str(e)) from None
+        except InvalidInput as e:
+            raise Refused("08004", str(e)) from None
+        except NeonctlError as e:
+            raise Refused("08006", f"could not wake the compute for {endpoint or 'the default branch'}: {e}") from None
+        await self._connect_and_relay(addr, user, database, rest, params)
+
+    async def _scram(self, user: str, role: Role | None) -> None:
+        # An unknown role runs the whole exchange against a throw-away verifier and fails like a wrong
+        # password: the answer does not tell which roles exist.
+        server = scram.ScramServer(role.verifier if role else scram.make_verifier(new_password()))
+        self.client.write(protocol.auth_sasl(["SCRAM-SHA-256"]))
+        kind, body = await _next(self.client, self.deadline)
+        if kind != b"p":
+            raise Refused("08P01", "expected a SASLInitialResponse")
+        mechanism, data = protocol.parse_sasl_initial(body)
+        if mechanism != "SCRAM-SHA-256":
+            raise Refused("28000", f"unsupported SASL mechanism {mechanism!r}")
+        self.client.write(protocol.auth_sasl_continue(server.client_first(data or b"")))
+        kind, body = await _next(self.client, self.deadline)
+        if kind != b"p":
+            raise Refused("08P01", "expected a SASLResponse")
+        try:
+            final = server.client_final(body)
+        except scram.AuthenticationFailed:
+            raise Refused("28P01", f'password authentication failed for user "{user}"') from None
+        if role is None:
+            raise Refused("28P01", f'password authentication failed for user "{user}"')
+        self.client.write(protocol.auth_sasl_final(final))
+
+    async def _cleartext(self, user: str, role: Role | None) -> str | None:
+        self.client.write(protocol.auth_cleartext())
+        kind, body = await _next(self.client, self.deadline)
+        if kind != b"p":
+            raise Refused("08P01", "expected a password message")
+        endpoint, password = protocol.endpoint_from_password(protocol.parse_password(body))
+        expected = role.password if role else new_password()
+        if not hmac.compare_digest(password.encode(), expected.encode()) or role is None:
+            raise Refused("28P01", f'password authentication failed for user "{user}"')
+        return endpoint
+
+    async def _connect_and_relay(self, addr: ComputeAddress, user: str, database: str, rest: str | None,
+                                 params: dict[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _t, server = await asyncio.wait_for(
+                loop.create_unix_connection(Link, f"{addr.host}/.s.PGSQL.{addr.port}"), 10)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise Refused("08006", f"cannot connect to the compute of {addr.endpoint}: {e}") from None
+        forward = {k: v for k, v in params.items() if k not in ("user", "database", "options")}
+        forward.update(user=user, database=database)
+        if rest:
+            forward["options"] = rest
+        server.write(pgwire.startup_message(forward))
+        out = [protocol.auth_ok()]
+        key = None
+        try:
+            while True:
+                kind, body = await _next(server, self.deadline)
+                if kind == b"R":
+                    if body[:4] != b"\0\0\0\0":
+                        raise Refused("08006", f"the compute of {addr.endpoint} asked the proxy for a password")
+                    continue  # the client already got its AuthenticationOk from us
+                if kind == b"E":  # e.g. the database does not exist: the compute's own words
+                    self.client.write(b"".join(out) + pgwire.message(kind, body))
+                    server.close()
+                    self.client.close()
+                    return
+                if kind == b"K":
+                    pid, secret = protocol.parse_backend_key_data(body)
+                    key = self.sessions.issue_key(CancelTarget(addr.host, addr.port, pid, secret))  # PgBouncer for pooled
+                    out.append(protocol.backend_key_data(*key))
+                    continue
+                out.append(pgwire.message(kind, body))
+                if kind == b"Z":
+                    break
+        except BaseException:
+            server.close()
+            self.sessions.forget_key(key)
+            raise
+        self.sessions.opened(addr.endpoint)
+
+        def ended() -> None:
+            self.sessions.closed(addr.endpoint)
+            self.sessions.forget_key(key)
+
+        server.on_close(ended)
+        self.client.write(b"".join(out))
+        splice(self.client, server)

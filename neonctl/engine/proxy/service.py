@@ -1,0 +1,134 @@
+"""The proxy daemon: the one address every client of a project uses (Neon's proxy, for one project).
+
+    neonctl proxy: Postgres protocol on 127.0.0.1:<proxy_port>; HTTP on 127.0.0.1:<proxy_http_port>:
+      GET /v1/status      sessions per endpoint (the daemon's health check)
+      POST /sql           SQL over HTTP for the serverless driver's neon() (sql_over_http.py)
+      GET /v2, /v1        the Postgres protocol over WebSocket, for its Pool and Client (websocket.py)
+
+Each accepted connection becomes a `relay.Session` (authenticate, route, wake, relay); a background task
+suspends idle computes (`suspend.py`). The proxy holds no state that matters across restarts: computes
+keep running while it is down, and new connections work again once it is back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
+from neonctl.engine.project import Project
+from neonctl.engine.proxy import websocket
+from neonctl.engine.proxy.conn_cache import ConnCache
+from neonctl.engine.proxy.link import Link
+from neonctl.engine.proxy.relay import Session
+from neonctl.engine.proxy.sessions import Sessions
+from neonctl.engine.proxy.sql_over_http import SqlOverHttp
+from neonctl.engine.proxy.suspend import run_suspender
+from neonctl.engine.proxy.wake import Waker
+from neonctl.engine.roles import Role, load_roles, roles_file
+
+log = logging.getLogger("proxy")
+
+
+class RoleCache:
+    """The project's roles, re-read when roles.json changes (`neonctl roles ...` writes it)."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        self._stamp: tuple[int, int] | None = None
+        self._roles: dict[str, Role] = {}
+
+    def __call__(self) -> dict[str, Role]:
+        try:
+            st = os.stat(roles_file(self.project))
+            stamp = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is None or stamp != self._stamp:
+            self._roles = load_roles(self.project)
+            self._stamp = stamp
+        return self._roles
+
+
+class Proxy:
+    def __init__(self, project: Project, suspend_interval: float):
+        self.project = project
+        self.sessions = Sessions()
+        self.waker = Waker(project)
+        self.roles = RoleCache(project)
+        self.suspend_interval = suspend_interval
+        self.tasks: set[asyncio.Task] = set()
+        self.cache = ConnCache()
+        self.sql = SqlOverHttp(self.waker, self.sessions, self.roles, self.cache)
+
+    def accept(self) -> Link:
+        link = Link()
+        loop = asyncio.get_running_loop()
+
+        def made(transport, _orig=link.connection_made) -> None:
+            _orig(transport)
+            task = loop.create_task(Session(link, self.waker, self.sessions, self.roles).run())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        link.connection_made = made
+        return link
+
+    async def status(self, request: web.Request) -> web.Response:
+        return json_body({"sessions": dict(self.sessions.active), "total": self.sessions.total(),
+                          "sql_cache": {"hits": self.cache.hits, "misses": self.cache.misses}})
+
+    async def ws(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.json_response({"message": "expected a WebSocket upgrade"}, status=400)
+        return await websocket.handle(request, lambda link: Session(link, self.waker, self.sessions, self.roles))
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=11 * 1024 * 1024)
+        app.router.add_get("/v1/status", self.status)
+        app.router.add_post("/sql", self.sql.handle)
+        app.router.add_route("OPTIONS", "/sql", self.sql.options)
+        for path in ("/v1", "/v2", "/"):  # the driver's default `host + '/v2'`; `/v1?address=` for a string wsProxy
+            app.router.add_get(path, self.ws)
+        return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="neonctl-proxy")
+    p.add_argument("--project-dir", required=True, type=Path)
+    p.add_argument("--listen", required=True, help="Postgres protocol address, 127.0.0.1:PORT")
+    p.add_argument("--http", required=True, help="HTTP address (status), 127.0.0.1:PORT")
+    p.add_argument("--suspend-interval", type=float, default=1.0)
+    args = p.parse_args(argv)
+    setup_logging("proxy")
+    # uvloop's event loop (libuv) costs a fraction of asyncio's per callback, and every relayed query is two
+    # callbacks: through the proxy, pgbench -S goes from ~0.6x to ~0.8x of direct (benchmarks/bench_proxy.py).
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    project = Project(args.project_dir)
+    proxy = Proxy(project, args.suspend_interval)
+    host, port = args.listen.rsplit(":", 1)
+    http_host, http_port = args.http.rsplit(":", 1)
+
+    async def listen(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(proxy.accept, host, int(port), reuse_address=True, backlog=1024)
+        except OSError as e:
+            log.error("cannot listen on %s: %s", args.listen, e.strerror)
+            os._exit(1)
+        log.info("proxy for project %s listening on %s", project.name, args.listen)
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+
+    async def suspender(stop: asyncio.Event) -> None:
+        await run_suspender(project, proxy.sessions, stop, args.suspend_interval, on_suspend=proxy.cache.drop_endpoint)
+
+    serve(proxy.app(), http_host, int(http_port), [listen, suspender, proxy.cache.run_expiry])
