@@ -17,7 +17,9 @@ from neonctl.output import Format, emit, info
 
 app = typer.Typer(help="Copy-on-write branches: timelines at any LSN or time of their parent.", no_args_is_help=True)
 
-COLUMNS = ["tree", "parent_lsn", "head_lsn", "default", "endpoint", "created_at"]
+COLUMNS = ["tree", "parent_lsn", "head_lsn", "default", "endpoint", "created_at", "expires_at"]
+ExpiresAtOpt = Annotated[str | None, typer.Option("--expires-at", help="Delete the branch at this time (RFC 3339).")]
+TtlOpt = Annotated[str | None, typer.Option("--ttl", help="Delete the branch after this long: 90s, 30m, 2h, 7d.")]
 
 
 def _row(project, name: str) -> dict:
@@ -35,6 +37,8 @@ def create(
     endpoint: Annotated[bool, typer.Option("--endpoint", help="Start a compute on the new branch right away.")] = False,
     if_not_exists: Annotated[bool, typer.Option("--if-not-exists", help="Return the existing branch instead of failing.")] = False,
     suspend_timeout: Annotated[int | None, typer.Option("--suspend-timeout", help="Seconds without a client before the proxy suspends its compute (0 = never; default: the project's, 300).")] = None,
+    expires_at: ExpiresAtOpt = None,
+    ttl: TtlOpt = None,
     project: ProjectOpt = None,
     output: OutputOpt = Format.table,
 ) -> None:
@@ -50,7 +54,11 @@ def create(
         raise InvalidInput("the branch point is given twice (in --parent and in --lsn/--timestamp)")
     point = TimePoint(ref.branch, parse_lsn(lsn) if lsn else ref.lsn,
                       parse_timestamp(timestamp) if timestamp else ref.timestamp)
-    b, created = engine.create_branch(p, name, point, if_not_exists=if_not_exists, suspend_timeout=suspend_timeout)
+    from neonctl.engine.expiry import parse_expiry  # noqa: PLC0415
+
+    expiry = parse_expiry(expires_at, ttl)
+    b, created = engine.create_branch(p, name, point, if_not_exists=if_not_exists, suspend_timeout=suspend_timeout,
+                                      expires_at=expiry)
     if not created:
         info(f"branch {name!r} already exists; returning it")
     row = _row(p, name)
@@ -73,10 +81,27 @@ def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> No
 
 @app.command("get")
 def get_cmd(name: Annotated[str, typer.Argument()], project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
-    """Show one branch."""
+    """Show one branch (with its expiry, and why an expired branch is still here)."""
+    from neonctl.engine.expiry import waiting_reason  # noqa: PLC0415
+
     p = load_project(project)
-    p.branch(name)
-    emit(_row(p, name), output, ["name", "id", "parent", "parent_lsn", "head_lsn", "default", "endpoint"])
+    row = {**_row(p, name), "expiry_status": waiting_reason(p, p.branch(name))}
+    emit(row, output, ["name", "id", "parent", "parent_lsn", "head_lsn", "default", "endpoint", "expires_at",
+                       "expiry_status"])
+
+
+@app.command("set-expiration")
+def set_expiration_cmd(name: Annotated[str, typer.Argument()], expires_at: ExpiresAtOpt = None, ttl: TtlOpt = None,
+                       never: Annotated[bool, typer.Option("--never", help="Remove the expiry.")] = False,
+                       project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+    """Set or clear when a branch is deleted (expired branches go while the project's daemons run)."""
+    from neonctl.engine.expiry import parse_expiry, set_expiration  # noqa: PLC0415
+
+    if never == (expires_at is not None or ttl is not None):
+        raise InvalidInput("give one of --expires-at, --ttl or --never")
+    p = load_project(project)
+    set_expiration(p, name, None if never else parse_expiry(expires_at, ttl))
+    emit(_row(p, name), output, COLUMNS)
 
 
 @app.command("delete")

@@ -34,7 +34,7 @@ def resolve_parent(project: Project, parent: str | None, lsn: int | None, ts: da
 
 
 def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: bool = False,
-                  suspend_timeout: int | None = None) -> tuple[Branch, bool]:
+                  suspend_timeout: int | None = None, expires_at: float | None = None) -> tuple[Branch, bool]:
     """Create branch `name` at `point`; returns (branch, created)."""
     check_name("branch", name)
     if suspend_timeout is not None and suspend_timeout < 0:
@@ -50,7 +50,8 @@ def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: 
         parent = project.branch(point.branch or project.config.default_branch)
         tid, lsn = create_timeline(project, parent, point)
         try:
-            b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn, suspend_timeout=suspend_timeout)
+            b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn, suspend_timeout=suspend_timeout,
+                       expires_at=expires_at)
             project.config.branches[name] = b
             project.save()
         except BaseException:
@@ -187,6 +188,8 @@ def branch_rows(project: Project) -> list[dict]:
                 "default": b.name == project.config.default_branch,
                 "endpoint": f"{ep[1]} :{ep[0].port}" if ep else None,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created_at)),
+                "expires_at": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.expires_at))
+                               if b.expires_at is not None else None),
             })
             walk(b.name, depth + 1)
 

@@ -48,6 +48,7 @@ class Branch:
     parent_lsn: int | None = None
     created_at: float = field(default_factory=time.time)
     suspend_timeout: int | None = None  # None: the project's default
+    expires_at: float | None = None  # Unix time after which the branch is deleted (engine/expiry.py)
 
 
 @dataclass

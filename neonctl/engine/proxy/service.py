@@ -5,8 +5,8 @@
       POST /sql           SQL over HTTP for the serverless driver's neon() (sql_over_http.py)
       GET /v2, /v1        the Postgres protocol over WebSocket, for its Pool and Client (websocket.py)
 
-Each accepted connection becomes a `relay.Session` (authenticate, route, wake, relay); a background task
-suspends idle computes (`suspend.py`). The proxy holds no state that matters across restarts: computes
+Each accepted connection becomes a `relay.Session` (authenticate, route, wake, relay); background tasks
+suspend idle computes (`suspend.py`) and delete expired branches (`engine/expiry.py`). The proxy holds no state that matters across restarts: computes
 keep running while it is down, and new connections work again once it is back.
 """
 
@@ -22,6 +22,7 @@ import uvloop
 from aiohttp import web
 
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
+from neonctl.engine.expiry import sweep_expired
 from neonctl.engine.project import Project
 from neonctl.engine.proxy import websocket
 from neonctl.engine.proxy.conn_cache import ConnCache
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", required=True, help="Postgres protocol address, 127.0.0.1:PORT")
     p.add_argument("--http", required=True, help="HTTP address (status), 127.0.0.1:PORT")
     p.add_argument("--suspend-interval", type=float, default=1.0)
+    p.add_argument("--expiry-interval", type=float, default=10.0)
     args = p.parse_args(argv)
     setup_logging("proxy")
     # uvloop's event loop (libuv) costs a fraction of asyncio's per callback, and every relayed query is two
@@ -131,4 +133,17 @@ def main(argv: list[str] | None = None) -> None:
     async def suspender(stop: asyncio.Event) -> None:
         await run_suspender(project, proxy.sessions, stop, args.suspend_interval, on_suspend=proxy.cache.drop_endpoint)
 
-    serve(proxy.app(), http_host, int(http_port), [listen, suspender, proxy.cache.run_expiry])
+    async def expirer(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                deleted = await asyncio.to_thread(sweep_expired, project)
+                if deleted:
+                    log.info("deleted expired branches: %s", ", ".join(deleted))
+            except Exception:  # noqa: BLE001 - logged, retried on the next pass
+                log.exception("expiry pass failed")
+            try:
+                await asyncio.wait_for(stop.wait(), args.expiry_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    serve(proxy.app(), http_host, int(http_port), [listen, suspender, expirer, proxy.cache.run_expiry])
