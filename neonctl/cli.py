@@ -60,6 +60,7 @@ COMMANDS = (
     Entry("psql", "endpoint", "psql", settings=_EXTRA_ARGS),
     Entry("roles", "roles", "app", group=True),
     Entry("role", "roles", "app", group=True, hidden=True),
+    Entry("checkout", "checkout", "checkout"),
     Entry("quickstart", "quickstart", "quickstart"),
     Entry("branch", "branch", "app", group=True),
     Entry("branches", "branch", "app", group=True, hidden=True),
@@ -80,8 +81,11 @@ def _version(value: bool) -> None:
 
 
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    pass
+                                       help="Print the version and exit."),
+          context_file: str = typer.Option(None, "--context-file",
+                                           help="A .neon context file (default: the nearest one upwards).")) -> None:
+    if context_file:
+        os.environ["NEONCTL_CONTEXT_FILE"] = context_file
 
 
 def build_app(only: str | None = None) -> typer.Typer:
@@ -125,6 +129,7 @@ def __getattr__(name: str):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     app = build_app(_command_named(args))
+    context_env = os.environ.get("NEONCTL_CONTEXT_FILE")  # --context-file sets it for this call only
     try:
         rv = app(args=args, standalone_mode=False, prog_name="neonctl")
     except NeonctlError as e:
@@ -138,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        if context_env is None:
+            os.environ.pop("NEONCTL_CONTEXT_FILE", None)
+        else:
+            os.environ["NEONCTL_CONTEXT_FILE"] = context_env
     return rv if isinstance(rv, int) else 0
 
 

@@ -14,7 +14,7 @@ import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.lsn import format_lsn, parse_lsn
-from neonctl.engine.project import load_project
+from neonctl.engine.project import default_branch_for, load_project
 from neonctl.engine.timepoint import TimePoint, parse_ref, parse_timestamp
 from neonctl.errors import InvalidInput
 from neonctl.output import Format, emit, info
@@ -22,6 +22,8 @@ from neonctl.output import Format, emit, info
 app = typer.Typer(help="Postgres computes on branches.", no_args_is_help=True)
 
 BranchArg = Annotated[str, typer.Argument(help="Branch name, or BRANCH@LSN|BRANCH@TIMESTAMP for read-only time travel.")]
+OptBranchArg = Annotated[str | None, typer.Argument(
+    help="Branch name, or BRANCH@LSN|BRANCH@TIMESTAMP (default: the .neon context's branch, else the default branch).")]
 COLUMNS = ["endpoint", "port", "status", "mode", "start_lsn", "suspend_timeout", "connection_string"]
 SuspendOpt = Annotated[int | None, typer.Option(
     "--suspend-timeout", help="Seconds without a client before the proxy suspends the compute (0 = never; "
@@ -110,7 +112,7 @@ def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> No
 
 
 def connection_string(
-    branch: BranchArg = "main",
+    branch: OptBranchArg = None,
     pooled: Annotated[bool, typer.Option("--pooled", help="Through the proxy to the branch's PgBouncer (transaction pooling).")] = False,
     direct: Annotated[bool, typer.Option("--direct", help="The compute's own port instead of the proxy (it must run; a point in time starts one).")] = False,
     serverless: Annotated[bool, typer.Option("--serverless", help="Also the neonConfig settings for the @neondatabase/serverless driver (HTTP /sql and WebSocket).")] = False,
@@ -123,6 +125,7 @@ def connection_string(
     from neonctl.engine.connection import connection_info, serverless_config, serverless_snippet  # noqa: PLC0415
 
     p = load_project(project)
+    branch = default_branch_for(p, branch)
     if serverless and (pooled or direct):
         raise InvalidInput("--serverless gives the proxy's URI: it goes with neither --pooled nor --direct")
     res = connection_info(p, branch, pooled=pooled, direct=direct, role=role, database=database, progress=info)
@@ -137,7 +140,7 @@ def connection_string(
 
 
 def psql(
-    branch: BranchArg = "main",
+    branch: OptBranchArg = None,
     args: Annotated[list[str] | None, typer.Argument(help="Extra psql arguments (after --).")] = None,
     project: ProjectOpt = None,
 ) -> None:
@@ -145,6 +148,7 @@ def psql(
     from neonctl.engine.connection import connection_info  # noqa: PLC0415
 
     p = load_project(project)
+    branch = default_branch_for(p, branch)
     uri = connection_info(p, branch, progress=info)["connection_string"]
     psql_bin = p.runtime().bin("psql")
     info(f"connecting to {branch} through the proxy at {p.proxy_addr}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from neonctl.engine import ports
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
+from neonctl.engine.context import current_context
 from neonctl.engine.home import compute_root, home_dir, projects_dir
 from neonctl.engine.process import BackgroundProcess
 from neonctl.errors import InvalidInput, NotFound
@@ -221,10 +222,17 @@ def current_marker() -> Path:
 
 
 def load_project(name: str | None = None) -> Project:
-    """The named project, or the only one, or the last initialised one."""
+    """The named project, else the nearest `.neon` context's, else the only or last initialised one."""
     if name:
         check_name("project", name)
         return Project(projects_dir() / name)
+    ctx = current_context()
+    if ctx is not None and ctx.project:
+        check_name("project", ctx.project)
+        if not (projects_dir() / ctx.project / "project.json").exists():
+            raise NotFound(f"project {ctx.project!r} named by {ctx.path} does not exist",
+                           hint="fix the file, or pass --project")
+        return Project(projects_dir() / ctx.project)
     projects = list_projects()
     if not projects:
         raise NotFound("no project here yet", hint="run `neonctl init` or `neonctl quickstart`")
@@ -236,3 +244,13 @@ def load_project(name: str | None = None) -> Project:
     except (OSError, NotFound):
         raise InvalidInput("several projects exist; choose one with --project",
                            hint=", ".join(p.name for p in projects)) from None
+
+
+def default_branch_for(project: Project, branch: str | None) -> str:
+    """The branch a command works on: the one given, else the `.neon` context's, else the project's default."""
+    if branch:
+        return branch
+    ctx = current_context()
+    if ctx is not None and ctx.branch and (ctx.project in (None, project.name)):
+        return ctx.branch
+    return project.config.default_branch
