@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -37,7 +38,8 @@ def endpoint_row(p, st, status: str = "running") -> dict:
     return {"endpoint": st.name, "branch": st.branch, "port": st.port, "status": status,
             "mode": "read-write" if st.at_lsn is None else "read-only", "start_lsn": format_lsn(st.start_lsn),
             "suspend_timeout": effective_suspend_timeout(p, st), "pg_version": st.pg_version,
-            "timeline_id": st.timeline_id, "connection_string": direct_uri(p, st.port), "pgdata": st.pgdata}
+            "timeline_id": st.timeline_id, "connection_string": direct_uri(p, st.port), "pgdata": st.pgdata,
+            "suspended_at": None}
 
 
 def _point(ref: str, lsn: str | None = None, timestamp: str | None = None) -> TimePoint:
@@ -106,7 +108,9 @@ def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> No
     running = {r["endpoint"] for r in rows}
     rows += [{"endpoint": s["endpoint"], "branch": s["branch"], "port": None, "status": "suspended",
               "mode": "read-write" if "@" not in s["endpoint"] else "read-only", "start_lsn": None,
-              "suspend_timeout": s["suspend_timeout"], "suspended_at": s["suspended_at"], "connection_string": None}
+              "suspend_timeout": s["suspend_timeout"], "pg_version": None, "timeline_id": None,
+              "connection_string": None, "pgdata": None,
+              "suspended_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s["suspended_at"]))}
              for s in suspended_endpoints(p) if s["endpoint"] not in running]
     emit(rows, output, COLUMNS)
 

@@ -48,6 +48,9 @@ def status(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None
 
     p = load_project(project)
     rows = storage_status(p)
+    for r in rows:
+        if r["name"] == "proxy":  # clients' address, not the health check's
+            r["address"], r["http_address"] = p.proxy_addr, p.proxy_http_addr
     if output == Format.table:
         names = {b.timeline_id: n for n, b in p.config.branches.items()}
         for r in rows:
