@@ -54,3 +54,7 @@ class Timeout(NeonctlError):
 
 class RemoteStorageError(NeonctlError):
     """Remote storage (a directory or an S3 bucket) failed a request or does not hold what it should."""
+
+
+class Unauthorized(NeonctlError):
+    """A daemon refused a request without the project's API credential."""

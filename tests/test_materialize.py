@@ -18,10 +18,11 @@ from neonctl.engine.ports import allocate
 from neonctl.errors import PostgresError
 
 
-def _materialize(project, lsn, target: Path) -> int:
+def _materialize(project, lsn, endpoint: str) -> int:
+    """The pageserver derives the directory from the endpoint name: compute root/endpoints/NAME/pgdata."""
     tl = project.branch("main").timeline_id
     res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tl}/basebackup",
-                      {"target": str(target), "lsn": lsn, "timeout": 30})
+                      {"endpoint": endpoint, "lsn": lsn, "timeout": 30})
     return res["lsn"]
 
 
@@ -30,13 +31,14 @@ class Scratch:
 
     def __init__(self, project, root: Path, name: str):
         self.project, self.runtime = project, project.runtime()
-        self.dir = root / name
+        self.name = f"tm-{name}"
+        self.dir = project.compute_root() / "endpoints" / self.name
         self.pgdata = self.dir / "pgdata"
         self.port = allocate(56500, set())[0]
 
     def prepare(self, lsn):
         self.dir.mkdir(parents=True)
-        _materialize(self.project, lsn, self.pgdata)
+        _materialize(self.project, lsn, self.name)
         conf = compute_config(self.project, self.port, self.dir, fsync=False)
         conf = conf.replace("synchronous_standby_names", "#synchronous_standby_names")
         with open(self.pgdata / "postgresql.conf", "a") as f:

@@ -241,9 +241,9 @@ def test_divergent_tail_is_truncated(q3, cli):
     path = f"/v1/timeline/{tid(q3)}/wal?start={start}&upto=flush&max={end - start}"
 
     def raw(i):
-        import urllib.request
-        with urllib.request.urlopen(f"http://{q3.safekeeper_addrs()[i]}{path}") as r:
-            return r.read()
+        r = client.request(q3.safekeeper_addrs()[i], "GET", path)  # sends the project's API credential
+        assert r.status == 200, r.status
+        return r.body
 
     assert raw(1) == raw(2), "sk1's WAL from the new term's start must be the quorum's"
     log = (q3.safekeeper_dir(1) / "sk1.log").read_text()

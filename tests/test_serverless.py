@@ -111,8 +111,9 @@ def test_websocket_garbage_and_close_mid_query(driver_env):
                 assert msg.type == aiohttp.WSMsgType.BINARY and msg.data[:1] == b"E" and b"C08P01" in msg.data
             async with s.ws_connect(url) as ws:  # closes half-way through its start-up
                 await ws.send_bytes(b"\x00\x00\x00\x40\x00\x03")
-            async with s.get(f"http://{p.proxy_http_addr}/v1/status") as r:
-                assert r.status == 200
+            async with s.post(f"http://{p.proxy_http_addr}/sql", data='{"query": "SELECT 1"}',
+                              headers={"Neon-Connection-String": proxy_uri(p, "main")}) as r:
+                assert r.status == 200  # still serving
 
     asyncio.run(run())
     cfg = _cs_serverless(p)

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 
 from neonctl import errors
 
+# daemon address -> the project's API credential (engine/credentials.py fills it when a project is loaded)
+_TOKENS: dict[str, str] = {}
+
+
+def set_token(address: str, token: str) -> None:
+    _TOKENS[address] = token
+
 
 class _LoopbackConnection(http.client.HTTPConnection):
     """Refuses a TCP self-connection.
@@ -50,6 +57,9 @@ def request(address: str, method: str, path: str, data: bytes | None = None,
     conn = _LoopbackConnection(host, int(port), timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        token = _TOKENS.get(address)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         conn.request(method, path, body=data, headers=headers)
         r = conn.getresponse()
         return Reply(r.status, r.headers, r.read())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from neonctl.engine.credentials import daemon_token
 from neonctl.errors import Conflict, NeonctlError, NotFound
 
 
@@ -23,7 +25,17 @@ def setup_logging(name: str) -> None:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
-    """Turn engine errors into JSON responses the client side re-raises as NeonctlError."""
+    """Check the project's credential, and turn engine errors into JSON responses the client side re-raises
+    as NeonctlError."""
+    token = request.app.get("api_token")
+    if token and request.path not in request.app.get("public_paths", ()):
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            resp = web.json_response({"error": "missing or wrong credential for this daemon",
+                                      "kind": "Unauthorized", "hint": "neonctl sends the project's API token"},
+                                     status=401)
+            resp.headers["X-Neonctl-Pid"] = str(os.getpid())
+            return resp
     try:
         resp = await handler(request)
     except NeonctlError as e:
@@ -41,6 +53,8 @@ def json_body(obj) -> web.Response:
 def serve(app: web.Application, host: str, port: int,
           background: list[Callable[[asyncio.Event], Awaitable[None]]]) -> None:
     """Run the app and background tasks until SIGTERM/SIGINT, then stop tasks and exit cleanly."""
+
+    app["api_token"] = daemon_token()
 
     async def main() -> None:
         stop = asyncio.Event()

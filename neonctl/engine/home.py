@@ -1,6 +1,6 @@
 """The neonctl home: where projects, daemon state and compute data directories live.
 
-``NEONCTL_HOME`` overrides ``platformdirs.user_data_dir("neonctl")``. Compute
+``NEONCTL_HOME`` overrides ``platformdirs.user_data_dir("neonctl")``; a new home is 0700. Compute
 data directories must be reachable by the unprivileged user that runs
 Postgres; when the home is not (root's home is mode 0700), they go to a
 per-home directory under /var/lib/neonctl instead.
@@ -26,8 +26,18 @@ def home_dir() -> Path:
             import platformdirs  # noqa: PLC0415
 
             p = Path(platformdirs.user_data_dir("neonctl"))
-    p.mkdir(parents=True, exist_ok=True)
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir(mode=0o700, exist_ok=True)  # WAL, layers, logs and secrets: for their owner only
     return p
+
+
+def tighten_home() -> None:
+    """Make the home its owner's alone (0700): everything below it, WAL and layers included, is then out of
+    other local users' reach. `init` calls it, so a home made by an older neonctl (0755) is fixed too."""
+    p = home_dir()
+    if p.stat().st_uid == os.geteuid():
+        os.chmod(p, 0o700)
 
 
 def projects_dir() -> Path:

@@ -20,10 +20,11 @@ from pathlib import Path
 from neonctl.engine import ports
 from neonctl.engine.compute.endpoint import endpoint_status, read_state, start_endpoint, stop_all_endpoints
 from neonctl.engine.compute.runtime import resolve_runtime
-from neonctl.engine.home import compute_root, projects_dir
+from neonctl.engine.home import compute_root, projects_dir, tighten_home
 from neonctl.engine.pageserver.remote_config import delete_remote_data
 from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
 from neonctl.engine.connection import proxy_uri
+from neonctl.engine.credentials import ensure_token
 from neonctl.engine.roles import load_roles
 from neonctl.engine.project import (
     BROKER_BASE_PORT, DEFAULT_BRANCH, PAGESERVER_BASE_PORT, SAFEKEEPER_BASE_PORT, Branch, Project, ProjectConfig,
@@ -76,6 +77,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
             branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
             proxy_port=proxy_port, proxy_http_port=proxy_http_port,
         )
+        ensure_token(pdir)  # the daemons' API credential, before anything can start them
         tmp_json = pdir / "project.json.tmp"
         tmp_json.write_text(json.dumps(asdict(config), indent=1))
         os.replace(tmp_json, pdir / "project.json")  # the commit point of init
@@ -86,6 +88,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
         shutil.rmtree(pdir, ignore_errors=True)
         raise
     current_marker().write_text(name)
+    tighten_home()
     project = Project(pdir)
     load_roles(project)  # the `postgres` role's password, in the project's 0600 secrets
     return project

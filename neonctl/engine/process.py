@@ -70,6 +70,7 @@ class BackgroundProcess:
     args: list[str]
     workdir: Path
     health_url: str
+    token_file: Path | None = None  # the project's API credential, handed to the daemon (credentials.py)
 
     @property
     def pid_file(self) -> Path:
@@ -101,11 +102,14 @@ class BackgroundProcess:
         if existing is not None:
             return existing
         self.workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if self.token_file is not None:
+            env["NEONCTL_API_TOKEN_FILE"] = str(self.token_file)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, env=env,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout

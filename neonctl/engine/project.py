@@ -21,6 +21,7 @@ from pathlib import Path
 from neonctl.engine import ports
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
 from neonctl.engine.context import current_context
+from neonctl.engine.credentials import register_project, token_path
 from neonctl.engine.home import compute_root, home_dir, projects_dir
 from neonctl.engine.process import BackgroundProcess
 from neonctl.errors import InvalidInput, NotFound
@@ -83,6 +84,7 @@ class Project:
             self.config = ProjectConfig.from_json(json.loads((directory / "project.json").read_text()))
         except FileNotFoundError:
             raise NotFound(f"project {directory.name!r} does not exist", hint="run `neonctl init`") from None
+        register_project(directory, self.daemon_addresses())
 
     @property
     def name(self) -> str:
@@ -140,6 +142,11 @@ class Project:
     def broker_addr(self) -> str:
         return f"127.0.0.1:{self.config.broker_port}"
 
+    def daemon_addresses(self) -> list[str]:
+        """Every HTTP address of the project's daemons (where the API credential goes)."""
+        out = [self.pageserver_addr, self.broker_addr, *self.safekeeper_addrs().values()]
+        return out + ([self.proxy_http_addr] if self.config.proxy_http_port is not None else [])
+
     def safekeeper_addrs(self) -> dict[int, str]:
         return {sk["id"]: f"127.0.0.1:{sk['port']}" for sk in self.config.safekeepers}
 
@@ -148,26 +155,29 @@ class Project:
 
     def daemons(self) -> list[BackgroundProcess]:
         """Broker first, then safekeepers, then the pageserver: the order they start in."""
+        token = token_path(self.dir)
+        register_project(self.dir, self.daemon_addresses())  # ports may have moved since the project was loaded
         out = [BackgroundProcess("broker", "neonctl.engine.broker", ["--listen", self.broker_addr],
-                                 self.dir / "broker", f"http://{self.broker_addr}/v1/status")]
+                                 self.dir / "broker", f"http://{self.broker_addr}/v1/status", token)]
         peers = ",".join(f"{i}={a}" for i, a in self.safekeeper_addrs().items())
         for sk_id, addr in self.safekeeper_addrs().items():
             out.append(BackgroundProcess(
                 f"sk{sk_id}", "neonctl.engine.safekeeper",
                 ["--id", str(sk_id), "--workdir", str(self.safekeeper_dir(sk_id)), "--listen", addr,
                  "--broker", self.broker_addr, *(["--peers", peers] if len(self.config.safekeepers) > 1 else [])],
-                self.safekeeper_dir(sk_id), f"http://{addr}/v1/status"))
+                self.safekeeper_dir(sk_id), f"http://{addr}/v1/status", token))
         out.append(BackgroundProcess(
             "pageserver", "neonctl.engine.pageserver",
             ["--workdir", str(self.dir / "pageserver"), "--listen", self.pageserver_addr,
              "--broker", self.broker_addr, "--safekeepers", ",".join(self.safekeeper_addrs().values()),
-             "--pg-bin", self.config.pg_bin or "", "--scratch", str(self.compute_root() / "redo")],
-            self.dir / "pageserver", f"http://{self.pageserver_addr}/v1/status"))
+             "--pg-bin", self.config.pg_bin or "", "--scratch", str(self.compute_root() / "redo"),
+             "--compute-root", str(self.compute_root())],
+            self.dir / "pageserver", f"http://{self.pageserver_addr}/v1/status", token))
         if self.config.proxy_port is not None:
             out.append(BackgroundProcess(
                 "proxy", "neonctl.engine.proxy",
                 ["--project-dir", str(self.dir), "--listen", self.proxy_addr, "--http", self.proxy_http_addr],
-                self.dir / "proxy", f"http://{self.proxy_http_addr}/v1/status"))
+                self.dir / "proxy", f"http://{self.proxy_http_addr}/v1/status", token))
         return out
 
     def assign_proxy_ports(self) -> None:
@@ -178,6 +188,7 @@ class Project:
                 taken = taken_ports()
                 self.config.proxy_port, self.config.proxy_http_port = allocate_proxy_ports(taken)
                 self.save()
+        register_project(self.dir, self.daemon_addresses())
 
     def set_suspend_timeout(self, seconds: int) -> None:
         """The project's default suspend timeout (the proxy reads it on each pass)."""

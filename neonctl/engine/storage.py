@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from neonctl.engine import client
+from neonctl.engine.credentials import ensure_token, register_project
 from neonctl.engine.project import Project
 from neonctl.errors import DaemonError
 
@@ -11,6 +12,8 @@ def start_storage(project: Project, progress=lambda msg: None) -> list[dict]:
     """Start broker, safekeepers, pageserver and proxy; already-running ones are left alone."""
     if project.config.proxy_port is None:
         project.assign_proxy_ports()
+    ensure_token(project.dir)  # projects made before daemons required it get theirs now
+    register_project(project.dir, project.daemon_addresses())
     started = []
     for d in project.daemons():
         was = d.pid()

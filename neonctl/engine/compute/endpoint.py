@@ -158,8 +158,8 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             progress(f"materialising {branch} at the end of its WAL ({format_lsn(flush)}) ...")
             recycled = recycled_pgdata(project)
             res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
-                              {"target": str(pgdata), "wait_for_lsn": flush, "timeout": 60,
-                               "recycle": str(recycled) if recycled.is_dir() else None}, timeout=120)
+                              {"endpoint": branch, "wait_for_lsn": flush, "timeout": 60,
+                               "recycle": recycled.is_dir()}, timeout=120)
             lsn = res["lsn"]
             logfile = epdir / "postgres.log"
             port = launch_postgres(

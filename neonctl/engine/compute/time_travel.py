@@ -142,7 +142,7 @@ def start_time_travel(project: Project, point: TimePoint, port: int | None = Non
             logfile = epdir / "postgres.log"
             progress(f"materialising {name} (read-only time travel) ...")
             client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
-                        {"target": str(pgdata), "lsn": lsn, "timeout": 60}, timeout=120)
+                        {"endpoint": name, "lsn": lsn, "timeout": 60}, timeout=120)
             # Standby mode replays everything after the image's checkpoint on its own; a backup_label would
             # make every later shutdown checkpoint in the WAL fatal ("online backup was canceled").
             (pgdata / "backup_label").unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
   GET  /v1/status                         health and timelines
   GET  /v1/timeline/{tl}                  metadata, last_record_lsn, received_lsn, remote_consistent_lsn
-  POST /v1/timeline/{tl}/basebackup       {target, lsn?, wait_for_lsn?, timeout?}: materialise a
+  POST /v1/timeline/{tl}/basebackup       {endpoint, recycle?, lsn?, wait_for_lsn?, timeout?}: materialise a
                                           data directory; with no lsn, at the end of the WAL the
                                           safekeepers had (wait_for_lsn), rounded down to a record end
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import os
 import shutil
 import struct
@@ -27,6 +28,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver import value
@@ -44,6 +46,7 @@ from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_ti
 from neonctl.engine.pageserver.walreceiver import receive
 from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound, Timeout
 
+ENDPOINT_DIR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 log = logging.getLogger("pageserver")
 LEASE_SECONDS = 3600.0  # an explicit-LSN basebackup (time travel) keeps its history this long
 
@@ -67,6 +70,7 @@ class Pageserver:
         self.config = PageserverConfig.load(workdir)
         self.runtime = None
         self.scratch: Path | None = None
+        self.compute_root: Path | None = None  # computes' directories: endpoints/<name>/pgdata, recycled-pgdata
         self.redo_kept: RedoDirCache | None = None  # the redo worker's last directory (with scratch)
         self.image_lock = asyncio.Lock()
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
@@ -123,10 +127,13 @@ class Pageserver:
         tl = self.get(request.match_info["tl"])
         self.ensure_receiver(tl)
         body = await request.json()
+        target, recycle = self.compute_paths(body.get("endpoint"), bool(body.get("recycle")))
         timeout = float(body.get("timeout", 60))
         deadline = time.monotonic() + timeout
         wait_for = body.get("wait_for_lsn")
         lsn = body.get("lsn")
+        if not isinstance(wait_for if lsn is None else lsn, int):
+            raise InvalidInput("basebackup needs an integer lsn or wait_for_lsn")
         target_lsn = int(wait_for if lsn is None else lsn)
         # Until we hold the WAL up to the requested point, wait for the walreceiver.
         while (tl.received_lsn if lsn is None else tl.last_record_lsn) < target_lsn:
@@ -139,11 +146,19 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        recycle = Path(body["recycle"]) if body.get("recycle") else None  # a stopped compute's directory
-        if recycle is not None and not recycle.is_absolute():
-            raise InvalidInput(f"recycle must be an absolute path, not {recycle}")
-        await asyncio.to_thread(tl.materialize, at, Path(body["target"]), recycle)
+        await asyncio.to_thread(tl.materialize, at, target, recycle)
         return json_body({"lsn": at, "timeline_id": tl.timeline_id})
+
+    def compute_paths(self, endpoint, recycle: bool) -> tuple[Path, Path | None]:
+        """Where an endpoint's data directory goes, derived from its validated name: no request names a path
+        (the pageserver may run as root; a path from a request would let any caller move and wipe one)."""
+        if self.compute_root is None:
+            raise InvalidInput("this pageserver was started without --compute-root: it cannot materialise")
+        if not isinstance(endpoint, str) or not ENDPOINT_DIR_RE.match(endpoint.replace("/", "_")):
+            raise InvalidInput(f"invalid endpoint name {endpoint!r}")
+        target = self.compute_root / "endpoints" / endpoint.replace("/", "_") / "pgdata"
+        pool = self.compute_root / "recycled-pgdata"  # the last stopped compute's files (endpoint.py)
+        return target, (pool if recycle and pool.is_dir() else None)
 
     async def create_branch(self, request: web.Request) -> web.Response:
         """Create a child timeline at an LSN or a time of its ancestor; copies no data."""
@@ -425,7 +440,7 @@ class Pageserver:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.stop_event = stop
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=auth_headers())
         try:
             for tl in self.timelines.values():
                 self.ensure_receiver(tl)
@@ -502,6 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--safekeepers", default="", help="comma-separated host:port used when the broker is silent")
     p.add_argument("--pg-bin", default=None, help="Postgres bin dir for the redo worker (default: discovery)")
     p.add_argument("--scratch", type=Path, default=None, help="directory the Postgres user can write, for redo")
+    p.add_argument("--compute-root", type=Path, default=None, help="the project's compute directory (basebackup)")
     args = p.parse_args(argv)
     setup_logging("pageserver")
     ps = Pageserver(args.workdir, args.broker, [s for s in args.safekeepers.split(",") if s])
@@ -513,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         os.chmod(args.scratch, 0o755)
         ps.scratch = args.scratch
         ps.redo_kept = RedoDirCache(args.scratch)
+    ps.compute_root = args.compute_root
     try:
         ps.load_with_remote_storage()
     except NeonctlError as e:  # misconfigured or unreachable remote storage, a damaged remote layer

@@ -36,6 +36,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.safekeeper import peer_recovery
@@ -75,7 +76,7 @@ class Safekeeper:
     def http(self) -> aiohttp.ClientSession:
         """One client session for peers and the broker (created on the event loop at first use)."""
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=auth_headers())
         return self._http
 
     @property
