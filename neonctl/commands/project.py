@@ -41,8 +41,12 @@ def init(
 
 @app.command("list")
 def list_cmd(output: OutputOpt = Format.table) -> None:
-    """List projects."""
-    emit([project_row(p) for p in list_projects()], output, ["name", "pg_version", "branches", "pageserver_port", "path"])
+    """List projects (a damaged one is listed with its error; the others work normally)."""
+    from neonctl.engine.project import broken_projects  # noqa: PLC0415
+
+    rows = [project_row(p) for p in list_projects()]
+    rows += [{"name": name, "error": error} for name, error in broken_projects()]
+    emit(rows, output, ["name", "pg_version", "branches", "pageserver_port", "path", "error"])
 
 
 @app.command("get")

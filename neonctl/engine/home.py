@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from neonctl.engine.compute.runtime import shared_dir, traversable_by_others
+from neonctl.errors import InvalidInput
 
 
 def home_dir() -> Path:
@@ -26,9 +27,15 @@ def home_dir() -> Path:
             import platformdirs  # noqa: PLC0415
 
             p = Path(platformdirs.user_data_dir("neonctl"))
+    if p.exists() and not p.is_dir():
+        raise InvalidInput(f"neonctl's home {p} is not a directory", hint="point NEONCTL_HOME at a directory")
     if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.mkdir(mode=0o700, exist_ok=True)  # WAL, layers, logs and secrets: for their owner only
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.mkdir(mode=0o700, exist_ok=True)  # WAL, layers, logs and secrets: for their owner only
+        except OSError as e:
+            raise InvalidInput(f"cannot create neonctl's home {p}: {e.strerror}",
+                               hint="set NEONCTL_HOME to a writable directory") from None
     return p
 
 
@@ -42,7 +49,12 @@ def tighten_home() -> None:
 
 def projects_dir() -> Path:
     d = home_dir() / "projects"
-    d.mkdir(parents=True, exist_ok=True)
+    if not d.is_dir():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InvalidInput(f"cannot use {d.parent} as neonctl's home: {e.strerror}",
+                               hint="set NEONCTL_HOME to a writable directory") from None
     return d
 
 

@@ -24,7 +24,7 @@ from neonctl.engine.context import current_context
 from neonctl.engine.credentials import register_project, token_path
 from neonctl.engine.home import compute_root, home_dir, projects_dir
 from neonctl.engine.process import BackgroundProcess
-from neonctl.errors import InvalidInput, NotFound
+from neonctl.errors import CorruptData, InvalidInput, NotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 DEFAULT_BRANCH = "main"
@@ -80,10 +80,18 @@ class ProjectConfig:
 class Project:
     def __init__(self, directory: Path):
         self.dir = directory
+        path = directory / "project.json"
         try:
-            self.config = ProjectConfig.from_json(json.loads((directory / "project.json").read_text()))
+            self.config = ProjectConfig.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             raise NotFound(f"project {directory.name!r} does not exist", hint="run `neonctl init`") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptData(f"{path} is not a valid project file ({type(e).__name__}: {e})",
+                              hint="restore it from a backup; other projects are not affected") from None
+        if self.config.default_branch not in self.config.branches:
+            raise CorruptData(f"{path} names default branch {self.config.default_branch!r}, which it does not have",
+                              hint="set default_branch to one of its branches: "
+                                   + ", ".join(sorted(self.config.branches)))
         register_project(directory, self.daemon_addresses())
 
     @property
@@ -221,10 +229,27 @@ def allocate_proxy_ports(taken: set[int]) -> tuple[int, int]:
 
 
 def list_projects() -> list[Project]:
+    """The home's projects; one whose project.json is damaged is left out (see `broken_projects`), so it
+    never breaks commands on the others."""
     out = []
     for d in sorted(projects_dir().iterdir()):
         if (d / "project.json").exists():
-            out.append(Project(d))
+            try:
+                out.append(Project(d))
+            except CorruptData:
+                continue
+    return out
+
+
+def broken_projects() -> list[tuple[str, str]]:
+    """(name, error) of every project whose project.json cannot be used."""
+    out = []
+    for d in sorted(projects_dir().iterdir()):
+        if (d / "project.json").exists():
+            try:
+                Project(d)
+            except CorruptData as e:
+                out.append((d.name, str(e)))
     return out
 
 

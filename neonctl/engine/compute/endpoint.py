@@ -30,7 +30,7 @@ from neonctl.engine.project import Project, list_projects
 from neonctl.engine.roles import apply_roles
 from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
-from neonctl.errors import Conflict, InvalidInput, NotFound, PostgresError
+from neonctl.errors import Conflict, CorruptData, InvalidInput, NotFound, PostgresError
 
 
 @dataclass
@@ -74,10 +74,15 @@ def _state_path(project: Project, branch: str) -> Path:
 
 
 def read_state(project: Project, branch: str) -> EndpointState | None:
+    path = _state_path(project, branch)
     try:
-        return EndpointState(**json.loads(_state_path(project, branch).read_text()))
+        return EndpointState(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
+    except (ValueError, TypeError) as e:
+        raise CorruptData(f"endpoint state file {path} is damaged ({type(e).__name__})",
+                          hint="stop its Postgres if one still runs (see its postmaster.pid), then delete the file"
+                          ) from None
 
 
 def postgres_pid(pgdata: str | Path) -> int | None:
