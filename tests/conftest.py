@@ -235,8 +235,8 @@ class BlockedCommit:
         with connect(self.project) as conn:
             assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone()[0] == 1
 
-    def assert_committed(self, why: str) -> None:
-        assert self.done.wait(15), f"{why}: {self.errors}"
+    def assert_committed(self, why: str, within: float = 15) -> None:
+        assert self.done.wait(within), f"{why} (within {within} s): {self.errors}"
         self.thread.join()
 
     def assert_kept(self) -> None:

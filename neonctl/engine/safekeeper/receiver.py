@@ -127,6 +127,11 @@ async def stream(tl: SkTimeline, app_name: str, stop: asyncio.Event, on_flushed)
                 kind, _ = await conn.next_message()
                 if kind == b"W":
                     break
+            # Report what we hold right away: WAL recovered from a peer while we were away may already cover
+            # commits waiting for a quorum, and the walsender has nothing new to send us (without this reply
+            # they waited for the next WAL, up to ~15 s: Postgres logs running xacts every 15 s when idle).
+            end = tl.synced_lsn
+            conn.writer.write(pgwire.standby_status_update(end, end, end))
             tl.streaming = True
             tl.last_error = None
             log.info("streaming %s from %s:%s at %s in term %d", tl.timeline_id, c["host"], c["port"],
