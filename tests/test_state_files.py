@@ -68,3 +68,39 @@ def test_home_that_is_a_file(tmp_path):
     rc, _, err = _neonctl(home, "project", "list")
     assert rc != 0 and err.count("\n") == 1 and "is not a directory" in err
     assert home.read_text() == "x"
+
+
+def test_tui_without_a_terminal_is_one_line(tmp_path):
+    rc, _, err = _neonctl(tmp_path / "h", "tui")
+    assert rc != 0 and err.count("\n") == 1 and "needs a terminal" in err
+
+
+def test_project_delete_asks_on_a_terminal(tmp_path):
+    """On a pty, `project delete` asks for the name and deletes nothing without it."""
+    import pty
+
+    home = tmp_path / "h"
+    projects = home / "projects" / "keepme"
+    projects.mkdir(parents=True)
+    src = json.loads((projects_dir() / "pg18" / "project.json").read_text())
+    src["name"] = "keepme"
+    (projects / "project.json").write_text(json.dumps(src))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: neonctl on a terminal
+        os.environ["NEONCTL_HOME"] = str(home)
+        os.execv(sys.executable, [sys.executable, "-m", "neonctl", "project", "delete", "keepme"])
+    out = b""
+    while b"confirm" not in out:
+        out += os.read(fd, 1024)
+    os.write(fd, b"no\n")
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) != 0 and b"not confirmed" in out
+    assert (projects / "project.json").exists()

@@ -99,11 +99,20 @@ def delete_cmd(name: Annotated[str, typer.Argument(help="Project to delete.")],
                keep_remote: Annotated[bool, typer.Option(
                    "--keep-remote", help="Leave the project's timelines in its remote storage (S3 or a directory).")
                ] = False,
+               yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (scripts).")] = False,
                output: OutputOpt = Format.table) -> None:
-    """Stop a project's endpoints and daemons and delete all its data, in remote storage too."""
+    """Stop a project's endpoints and daemons and delete all its data, in remote storage too (asks first on a
+    terminal; --yes for scripts)."""
+    import sys  # noqa: PLC0415
+
     from neonctl.engine.lifecycle import delete_project  # noqa: PLC0415 - stops endpoints and daemons
 
     p = load_project(name)
+    if not yes and sys.stdin.isatty():
+        answer = input(f"Delete project {name!r} with {len(p.config.branches)} branch(es) and all its data? "
+                       "Type its name to confirm: ")
+        if answer.strip() != name:
+            raise InvalidInput("not confirmed: nothing was deleted")
     remote = delete_project(p, keep_remote=keep_remote)
     row = {"name": name, "deleted": True}
     if remote is not None:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from neonctl.engine.credentials import daemon_token
+from neonctl.engine.process import hold_daemon_lock
 from neonctl.errors import Conflict, NeonctlError, NotFound
 
 
@@ -55,6 +56,7 @@ def serve(app: web.Application, host: str, port: int,
     """Run the app and background tasks until SIGTERM/SIGINT, then stop tasks and exit cleanly."""
 
     app["api_token"] = daemon_token()
+    hold_daemon_lock()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -9,6 +9,7 @@ harmless and a crashed daemon is reported as such.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -19,6 +20,27 @@ from pathlib import Path
 
 from neonctl.engine.client import request
 from neonctl.errors import DaemonError
+
+
+def hold_daemon_lock() -> None:
+    """In a daemon: take the lock neonctl named (NEONCTL_DAEMON_LOCK) for the process's life, pid inside.
+    A second daemon for the same slot exits here instead of fighting over the port."""
+    path = os.environ.get("NEONCTL_DAEMON_LOCK")
+    if not path:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"fatal: another daemon holds {path}", flush=True)
+        raise SystemExit(1) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.set_inheritable(fd, False)
+    _HELD.append(fd)  # kept open (and locked) until the process exits
+
+
+_HELD: list[int] = []
 
 
 def pid_alive(pid: int) -> bool:
@@ -80,16 +102,45 @@ class BackgroundProcess:
     def log_file(self) -> Path:
         return self.workdir / f"{self.name}.log"
 
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the daemon for its whole life, with its pid inside: found even without a pid file."""
+        return self.workdir / f"{self.name}.lock"
+
     def pid(self) -> int | None:
-        """The live pid, or None; removes a stale pid file."""
+        """The live pid, or None. The pid file is a hint: a daemon whose pid file was lost or garbled is found
+        through its lock; a stale pid file is removed."""
         try:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
-            return None
-        if pid_alive(pid) and self.module in pid_cmdline(pid):
+            pid = None
+        if pid is not None and pid_alive(pid) and self.module in pid_cmdline(pid):
             return pid
+        holder = self._lock_holder()
+        if holder is not None:
+            self.pid_file.write_text(f"{holder}\n")  # repair the hint
+            return holder
         self.pid_file.unlink(missing_ok=True)
         return None
+
+    def _lock_holder(self) -> int | None:
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: a daemon lives
+                try:
+                    pid = int(os.pread(fd, 32, 0).decode().strip())
+                except ValueError:
+                    return None
+                return pid if pid_alive(pid) and self.module in pid_cmdline(pid) else None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def state(self) -> str:
         pid = self.pid()
@@ -103,6 +154,7 @@ class BackgroundProcess:
             return existing
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env["NEONCTL_DAEMON_LOCK"] = str(self.lock_file)
         if self.token_file is not None:
             env["NEONCTL_API_TOKEN_FILE"] = str(self.token_file)
         with open(self.log_file, "ab") as log:
@@ -111,6 +163,7 @@ class BackgroundProcess:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, env=env,
             )
+        env.pop("NEONCTL_DAEMON_LOCK", None)
         self.pid_file.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
