@@ -124,10 +124,18 @@ def test_kill9_at_each_layer_step_leaves_consistent_state(lp, cli, point):
     cli("start", "-p", "layers")
     _wait_ingested(lp)
     layers_dir = lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers"
-    index = {d["name"] for d in _index(lp)["layers"]}
-    files = {f.name for f in layers_dir.iterdir() if not f.name.endswith(".tmp")} - {"index_part.json"}
-    assert files == index, "files and index must agree after restart"
-    assert {d["name"] for d in _layers(lp)} == index
+
+    def agree():
+        # the layer builder keeps running: a new layer file is in place a moment before the index names it
+        # (by design), so agreement is awaited; a file the crash left behind would never agree
+        index = {d["name"] for d in _index(lp)["layers"]}
+        files = {f.name for f in layers_dir.iterdir() if not f.name.endswith(".tmp")} - {"index_part.json"}
+        return (files, index) if files == index and {d["name"] for d in _layers(lp)} == index else None
+
+    deadline = time.time() + 20
+    while agree() is None:
+        assert time.time() < deadline, "files, index and catalog must agree after restart"
+        time.sleep(0.2)
     # and the data is all there: rebuild the compute from storage
     cli("endpoint", "stop", "main", "-p", "layers")
     cli("endpoint", "start", "main", "-p", "layers")
