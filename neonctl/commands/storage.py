@@ -13,11 +13,26 @@ from neonctl.output import Format, emit, info
 
 
 def start(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
-    """Start the storage broker, safekeepers and pageserver (harmless if running)."""
+    """Start the storage broker, safekeepers, pageserver and proxy (harmless if running), then reconcile the
+    daemons' timelines with the project's branches (leftovers of an interrupted operation are deleted)."""
+    from neonctl.engine.branches import reconcile  # noqa: PLC0415
     from neonctl.engine.storage import start_storage  # noqa: PLC0415
+    from neonctl.errors import DaemonError  # noqa: PLC0415
 
     p = load_project(project)
-    emit(start_storage(p, progress=info), output)
+    started = start_storage(p, progress=info)
+    try:
+        res = reconcile(p)
+    except DaemonError as e:  # a daemon that did not come up: the next start reconciles
+        info(f"WARNING: timelines not reconciled: {e}")
+    else:
+        for tid in res["orphans_deleted"]:
+            info(f"deleted timeline {tid}: no branch names it (an interrupted branch operation left it)")
+        for tid, why in res["orphans_failed"].items():
+            info(f"WARNING: could not delete orphan timeline {tid}: {why}")
+        for daemon, tids in res["missing"].items():
+            info(f"WARNING: {daemon} lacks the timelines of branches: {', '.join(tids)}")
+    emit(started, output)
 
 
 def stop(

@@ -20,6 +20,7 @@ parent (as in Neon), so `reset N --parent` undoes the restore.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -141,6 +142,8 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
             point = TimePoint(source.name, resolve_point(project, point)[1])
         progress(f"branching {_describe(point)} for {name!r} ...")
         new_tid, new_lsn = create_timeline(project, source, point)
+        project.config.pending_timelines[new_tid] = time.time()  # the intent: not an orphan while we work
+        project.save()
         st = read_state(project, name)
         was_running = st is not None and endpoint_status(st) == "running"
         tts = [t.name for t, _ in time_travel_endpoints(project, name)]
@@ -155,6 +158,9 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
     except BaseException:
         with project.lock():
             drop_timeline(project, new_tid)
+            project.reload()
+            project.config.pending_timelines.pop(new_tid, None)
+            project.save()
         raise
     # 3. swap under the lock, unless someone changed N meanwhile
     with project.lock():
@@ -162,6 +168,8 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
         n = project.config.branches.get(name)
         if n is None or n.timeline_id != old_tid or (preserve_under and preserve_under in project.config.branches):
             drop_timeline(project, new_tid)
+            project.config.pending_timelines.pop(new_tid, None)
+            project.save()
             raise Conflict(f"branch {name!r} changed while it was being reset; nothing was done", hint="try again")
         preserved = None
         if keep_old:
@@ -172,6 +180,7 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
                 if c.parent == name:
                     c.parent = preserve_under
         n.timeline_id, n.parent, n.parent_lsn = new_tid, source.name if source.name != name else preserve_under, new_lsn
+        project.config.pending_timelines.pop(new_tid, None)
         project.save()
         if not keep_old:
             try:

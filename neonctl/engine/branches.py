@@ -15,10 +15,10 @@ from neonctl.engine import client
 from neonctl.engine.compute.endpoint import list_endpoints, read_state, endpoint_status
 from neonctl.engine.compute.time_travel import time_travel_endpoints
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.project import Branch, Project, check_name
+from neonctl.engine.project import PENDING_GRACE, Branch, Project, check_name
 from neonctl.engine.storage import require_running
 from neonctl.engine.timepoint import TimePoint, to_pg_us
-from neonctl.errors import AlreadyExists, Conflict, InvalidInput
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound
 
 
 def _sk_flush(project: Project, timeline_id: str) -> int:
@@ -91,10 +91,18 @@ def create_timeline(project: Project, parent: Branch, point: TimePoint) -> tuple
 
 
 def drop_timeline(project: Project, timeline_id: str) -> None:
-    """Delete a timeline from every safekeeper and the pageserver (it must have no child timelines)."""
+    """Delete a timeline from every safekeeper and the pageserver (it must have no child timelines).
+    Idempotent: a daemon that no longer has it (an earlier attempt got that far) counts as done."""
     for i, addr in project.safekeeper_addrs().items():
-        client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{timeline_id}")
-    client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{timeline_id}")
+        _delete_if_present(f"sk{i}", addr, timeline_id)
+    _delete_if_present("pageserver", project.pageserver_addr, timeline_id)
+
+
+def _delete_if_present(name: str, addr: str, timeline_id: str) -> None:
+    try:
+        client.call(name, addr, "DELETE", f"/v1/timeline/{timeline_id}")
+    except NotFound:
+        pass
 
 
 def _root_created(project: Project) -> float:
@@ -126,12 +134,41 @@ def delete_branch(project: Project, name: str, force: bool = False) -> Branch:
         stop_endpoint(project, name, immediate=True)
     with project.lock():
         project.reload()
-        for i, addr in project.safekeeper_addrs().items():
-            client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{b.timeline_id}")
-        client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{b.timeline_id}")
-        del project.config.branches[name]
+        drop_timeline(project, b.timeline_id)  # idempotent: an interrupted delete is finished by a retry
+        project.config.branches.pop(name, None)
         project.save()
     return b
+
+
+def reconcile(project: Project, now: float | None = None) -> dict:
+    """Make the daemons hold exactly the project's timelines, as Neon's pageserver reconciles with its control
+    plane on attach: a timeline no branch names (a branch create or reset killed midway) is deleted, unless an
+    operation still under way recorded it (pending, younger than PENDING_GRACE); a branch whose timeline a
+    daemon lacks is reported. Runs at `neonctl start`, under the project lock."""
+    now = time.time() if now is None else now
+    with project.lock():
+        project.reload()
+        named = {b.timeline_id for b in project.config.branches.values()}
+        pending = {t for t, at in project.config.pending_timelines.items() if now - at < PENDING_GRACE}
+        held: dict[str, set[str]] = {}
+        daemons = [("pageserver", project.pageserver_addr)] + [(f"sk{i}", a) for i, a in
+                                                                project.safekeeper_addrs().items()]
+        for name, addr in daemons:
+            held[name] = set(client.call(name, addr, "GET", "/v1/status", timeout=10).get("timelines", {}))
+        orphans, failed = [], {}
+        for tid in sorted(set().union(*held.values()) - named - pending):
+            try:
+                drop_timeline(project, tid)
+                orphans.append(tid)
+            except NeonctlError as e:  # e.g. an orphan with an orphan child: the next start gets it
+                failed[tid] = str(e)
+        stale = [t for t in project.config.pending_timelines if t not in pending]
+        for t in stale:
+            del project.config.pending_timelines[t]
+        if stale:
+            project.save()
+        missing = {name: sorted(named - tl) for name, tl in held.items() if named - tl}
+        return {"orphans_deleted": orphans, "orphans_failed": failed, "missing": missing}
 
 
 def rename_branch(project: Project, old: str, new: str) -> Branch:

@@ -33,6 +33,7 @@ SAFEKEEPER_BASE_PORT = 5454
 BROKER_BASE_PORT = 50051
 PROXY_BASE_PORT = 4432  # Neon's proxy port
 PROXY_HTTP_BASE_PORT = 4444
+PENDING_GRACE = 600.0  # seconds after which a pending timeline is a crashed operation's leftover
 DEFAULT_SUSPEND_TIMEOUT = 300  # seconds without a client before the proxy suspends a compute (Neon's default)
 
 
@@ -66,6 +67,10 @@ class ProjectConfig:
     default_branch: str = DEFAULT_BRANCH
     branches: dict[str, Branch] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    # timeline id -> start time of an operation that made it and has not yet named it in `branches`
+    # (branch reset/restore between creating the new timeline and swapping it in): `start`'s reconciliation
+    # leaves these alone while recent, and deletes them as crash leftovers after PENDING_GRACE seconds
+    pending_timelines: dict[str, float] = field(default_factory=dict)
     proxy_port: int | None = None  # None in projects made before the proxy: assigned at the next `start`
     proxy_http_port: int | None = None
     suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT

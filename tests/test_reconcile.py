@@ -1,0 +1,66 @@
+"""Interrupted branch operations are finished or undone: idempotent deletes, and `start` reconciles the daemons'
+timelines with the project's branches (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from neonctl.engine import client
+from neonctl.engine.branches import reconcile
+
+
+def _held(p) -> set[str]:
+    out = set(client.call("pageserver", p.pageserver_addr, "GET", "/v1/status")["timelines"])
+    for i, a in p.safekeeper_addrs().items():
+        out |= set(client.call(f"sk{i}", a, "GET", "/v1/status")["timelines"])
+    return out
+
+
+def _orphan(p) -> str:
+    """What a branch create killed between the daemons and project.json leaves: a timeline nobody names."""
+    main = p.branch("main")
+    tid = uuid.uuid4().hex
+    info = client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{tid}/branch",
+                       {"ancestor_timeline_id": main.timeline_id, "wait_for_lsn": 0})
+    for i, addr in p.safekeeper_addrs().items():
+        client.call(f"sk{i}", addr, "POST", "/v1/timeline", {"timeline_id": tid, "system_id": info["system_id"],
+                                                              "pg_version": info["pg_version"],
+                                                              "start_lsn": info["start_lsn"]})
+    return tid
+
+
+def test_start_deletes_orphans_and_spares_pending_operations(pg18, cli):
+    orphan = _orphan(pg18)
+    pending = _orphan(pg18)
+    pg18.reload()
+    pg18.config.pending_timelines[pending] = time.time()  # a reset under way recorded it
+    pg18.save()
+    try:
+        assert {orphan, pending} <= _held(pg18)
+        rc, _, err = cli("start", "-p", pg18.name)
+        assert f"deleted timeline {orphan}" in err
+        held = _held(pg18)
+        assert orphan not in held and pending in held
+        # once the grace is over, the pending one is a crashed operation's leftover
+        res = reconcile(pg18, now=time.time() + 3600)
+        assert res["orphans_deleted"] == [pending] and pending not in _held(pg18)
+        pg18.reload()
+        assert pending not in pg18.config.pending_timelines
+        names = {b.timeline_id for b in pg18.config.branches.values()}
+        assert _held(pg18) == names  # exactly the branches, nothing missing
+    finally:
+        pg18.reload()
+        pg18.config.pending_timelines.pop(pending, None)
+        pg18.save()
+
+
+def test_interrupted_delete_is_finished_by_a_retry(pg18, cli):
+    cli("branch", "create", "--name", "halfgone", "-p", pg18.name)
+    tid = pg18.branch("halfgone").timeline_id
+    for i, addr in pg18.safekeeper_addrs().items():  # the delete got this far before it was killed
+        client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{tid}")
+    cli("branch", "delete", "halfgone", "-p", pg18.name)
+    rows = json.loads(cli("branch", "list", "-o", "json", "-p", pg18.name)[1])
+    assert "halfgone" not in {r["name"] for r in rows} and tid not in _held(pg18)
