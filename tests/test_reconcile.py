@@ -64,3 +64,23 @@ def test_interrupted_delete_is_finished_by_a_retry(pg18, cli):
     cli("branch", "delete", "halfgone", "-p", pg18.name)
     rows = json.loads(cli("branch", "list", "-o", "json", "-p", pg18.name)[1])
     assert "halfgone" not in {r["name"] for r in rows} and tid not in _held(pg18)
+
+
+def test_start_after_a_killed_start_stops_the_untracked_postgres(pg18, cli):
+    """A start killed after Postgres came up but before it recorded the compute leaves a Postgres no state
+    file names; the next start stops it instead of running a second compute for the branch."""
+    from neonctl.engine.compute.endpoint import _state_path, postgres_pid, read_state
+    from neonctl.engine.process import pid_alive
+
+    cli("branch", "create", "--name", "untracked", "-p", pg18.name)
+    try:
+        cli("endpoint", "start", "untracked", "-p", pg18.name)
+        st = read_state(pg18, "untracked")
+        first = postgres_pid(st.pgdata)
+        _state_path(pg18, "untracked").unlink()  # as if the CLI died before saving it
+        cli("endpoint", "start", "untracked", "-p", pg18.name)
+        second = postgres_pid(read_state(pg18, "untracked").pgdata)
+        assert second and second != first and not pid_alive(first)
+    finally:
+        cli("endpoint", "stop", "untracked", "-p", pg18.name, ok=False)
+        cli("branch", "delete", "untracked", "--force", "-p", pg18.name)

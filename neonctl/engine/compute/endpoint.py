@@ -25,7 +25,7 @@ from neonctl.engine.compute import pgbouncer
 from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.process import log_tail, pid_alive
+from neonctl.engine.process import log_tail, pid_alive, pid_cmdline
 from neonctl.engine.project import Project, list_projects
 from neonctl.engine.roles import apply_roles
 from neonctl.engine.safekeeper.election_driver import attach, elect
@@ -214,6 +214,7 @@ def new_compute_dir(project: Project, name: str) -> Iterator[Path]:
     """
     epdir = project.compute_root() / "endpoints" / name.replace("/", "_")
     if epdir.exists():
+        stop_untracked_postgres(project, epdir / "pgdata")
         shutil.rmtree(epdir)
     epdir.mkdir(parents=True)
     os.chmod(epdir, 0o700)  # the compute's socket lives here: only its user (and root) may connect
@@ -225,6 +226,25 @@ def new_compute_dir(project: Project, name: str) -> Iterator[Path]:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(epdir, ignore_errors=True)
         raise
+
+
+def stop_untracked_postgres(project: Project, pgdata: Path) -> int | None:
+    """A Postgres still running in a directory no state file records (a start killed after `pg_ctl start`,
+    before it saved the state) is stopped, never left beside a second compute for the same branch. Only a
+    process whose command line names this data directory is touched."""
+    pid = postgres_pid(pgdata)
+    if pid is None or str(pgdata) not in pid_cmdline(pid):
+        return None
+    runtime = project.runtime()
+    try:
+        runtime.run([runtime.bin("pg_ctl"), "stop", "-w", "-t", "30", "-m", "immediate", "-D", str(pgdata)],
+                    timeout=60)
+    except PostgresError:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.02)
+    return pid
 
 
 def save_state(project: Project, st: EndpointState) -> None:
