@@ -30,6 +30,7 @@ import psycopg
 from neonctl.engine import client, ports
 from neonctl.engine.compute.endpoint import (
     compute_config,
+    list_endpoints,
     postgres_pid,
     read_state,
     start_endpoint,
@@ -41,6 +42,7 @@ from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.process import log_tail
 from neonctl.engine.lifecycle import create_project, delete_project
 from neonctl.engine.project import Project
+from neonctl.engine.roles import get_role
 from neonctl.engine.storage import start_storage, stop_storage
 from neonctl.errors import Conflict, DaemonError, PostgresError
 
@@ -71,9 +73,25 @@ def mb(n: float | None) -> float | None:
 # -- Postgres clients ------------------------------------------------------------------------------
 
 
+# port -> the `postgres` role's password of the neonctl compute listening there (computes want SCRAM over
+# TCP); vanilla peers use trust and ignore it
+PASSWORDS: dict[int, str] = {}
+
+
+def _password(port: int) -> str | None:
+    """The password for a neonctl compute on `port` (any project of the bench home), None for a vanilla peer."""
+    if port not in PASSWORDS:
+        from neonctl.engine.project import list_projects  # noqa: PLC0415
+
+        for proj in list_projects():
+            for st, _ in list_endpoints(proj):
+                PASSWORDS[st.port] = get_role(proj, "postgres").password
+    return PASSWORDS.get(port)
+
+
 def sql(port: int, query: str, params=None, db: str = "postgres") -> list[tuple]:
     with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={db}", autocommit=True,
-                         connect_timeout=10) as conn:
+                         connect_timeout=10, password=_password(port)) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
 
@@ -81,7 +99,7 @@ def sql(port: int, query: str, params=None, db: str = "postgres") -> list[tuple]
 def timed_sql(port: int, query: str, db: str = "postgres") -> float:
     """Seconds one statement takes on an already open connection (connection set-up not counted)."""
     with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={db}", autocommit=True,
-                         connect_timeout=10) as conn:
+                         connect_timeout=10, password=_password(port)) as conn:
         t = time.perf_counter()
         conn.execute(query)
         return time.perf_counter() - t
@@ -93,7 +111,10 @@ def client_env() -> dict[str, str]:
 
 def pgbench(rt: PgRuntime, port: int, args: list[str], timeout: float, db: str = "postgres") -> str:
     argv = [rt.bin("pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", *args, db]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=client_env(), timeout=timeout, check=False)
+    env = client_env()
+    if _password(port):
+        env["PGPASSWORD"] = _password(port)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"pgbench {' '.join(args)} failed (exit {proc.returncode}): "
                            f"{' | '.join((proc.stderr or proc.stdout).strip().splitlines()[-5:])}")
@@ -346,6 +367,7 @@ def endpoint_start(p: Project, branch: str, fsync: bool = False) -> dict:
             continue
         t1 = time.perf_counter()
         break
+    PASSWORDS[st.port] = get_role(p, "postgres").password
     out: dict = {"total_s": t1 - t0, "port": st.port, "pgdata": st.pgdata, "start_lsn": st.start_lsn}
     if "materialise" in marks and "pg_ctl" in marks:
         out.update(elect_s=marks["materialise"] - t0, materialise_s=marks["pg_ctl"] - marks["materialise"],

@@ -23,17 +23,21 @@ from _common import BenchEnv, bench_parser, log, median, run_benchmark  # noqa: 
 
 from neonctl.engine.branches import branch_rows, create_branch  # noqa: E402
 from neonctl.engine.compute.endpoint import read_state, start_endpoint, stop_endpoint  # noqa: E402
+from neonctl.engine.connection import connection_info  # noqa: E402
 from neonctl.engine.timepoint import TimePoint  # noqa: E402
 
 NEONCTL = [sys.executable, "-m", "neonctl"]
 # As on a user's machine, Python caches compiled modules; some CI images set PYTHONDONTWRITEBYTECODE, which
 # would make every call compile the package again (and measure that instead). Each command runs once unmeasured.
-CLI_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+def _cli_env() -> dict[str, str]:
+    """The environment as it is now (BenchEnv has set NEONCTL_HOME by then), bytecode caching on."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def _wall(cmd: list[str]) -> float:
+    env = _cli_env()
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=CLI_ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
@@ -75,7 +79,7 @@ def body(env: BenchEnv) -> None:
     measure("branch create", lambda i: [*NEONCTL, "branch", "create", "--name", f"cli{i}".replace("-", "w"), *proj],
             lambda i: create_branch(p, f"eng{i}", TimePoint(None)))
     measure("connection-string", lambda i: [*NEONCTL, "connection-string", "main", *proj],
-            lambda i: read_state(p, "main").connection_string)
+            lambda i: connection_info(p, "main"))
 
     def fresh(i: int, side: str) -> None:  # each start begins from a stopped endpoint on its own branch
         name = f"{'cli' if side == 'cli' else 'eng'}{i}"

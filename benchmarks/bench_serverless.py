@@ -29,7 +29,6 @@ from _common import BenchEnv, bench_parser, log, run_benchmark  # noqa: E402
 from neonctl.engine import pgwire  # noqa: E402
 from neonctl.engine.compute.endpoint import start_endpoint  # noqa: E402
 from neonctl.engine.connection import direct_uri, proxy_uri, serverless_config  # noqa: E402
-from neonctl.engine.proxy import protocol  # noqa: E402
 from neonctl.engine.proxy.scram import ScramClient  # noqa: E402
 from neonctl.engine.roles import get_role  # noqa: E402
 
