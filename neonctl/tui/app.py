@@ -1,103 +1,114 @@
-"""`neonctl tui`: branches, daemons and each branch's layer map, refreshed in the background.
+"""`neonctl tui`: the layer-map explorer.
 
-Polling is an exclusive thread worker that re-arms itself after each round, so
-slow daemons never stack requests; the UI changes only when a snapshot message
-arrives.
+The app owns the data: a poller (an exclusive thread worker that re-arms itself with a timer
+after each round, so slow refreshes never stack) takes a `StorageSnapshot` of the project's stored
+metadata and builds its DuckDB views, then posts them; every screen reads `app.snapshot` /
+`app.db` and is told when they change. Screens are modes: the map (default), the SQL console and
+the charts. `create_app` is the factory `run` and the tests share; `replay_app` shows a recorded
+snapshot without a project (the snapshot tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from textual import on, work
-from textual.app import App, ComposeResult
-from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.app import App
+from textual.binding import Binding
 
-from neonctl.engine.branches import branch_rows
-from neonctl.engine.inspect import layer_rows
-from neonctl.engine.project import Project
-from neonctl.engine.storage import storage_status
-from neonctl.tui.layer_map_render import render
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    branches: list
-    daemons: list
-    layers: list
-    error: str | None = None
+from neonctl.engine.explorer.metadata import MetadataLoader, StorageSnapshot
+from neonctl.engine.explorer.views import MetadataDB
+from neonctl.tui.messages import SnapshotReady
+from neonctl.tui.screens.charts import ChartsScreen
+from neonctl.tui.screens.console import ConsoleScreen
+from neonctl.tui.screens.help import HelpScreen
+from neonctl.tui.screens.map import MapScreen
 
 
-class SnapshotReady(Message):
-    def __init__(self, snapshot: Snapshot) -> None:
-        super().__init__()
-        self.snapshot = snapshot
-
-
-class NeonctlApp(App):
+class ExplorerApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "neonctl"
-    BINDINGS = [("q", "quit", "Quit"), ("r", "refresh", "Refresh")]
+    MODES = {"map": MapScreen, "console": ConsoleScreen, "charts": ChartsScreen}
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Keys"),
+        Binding("f2", "switch_mode('map')", "Map", priority=True),
+        Binding("f3", "switch_mode('console')", "SQL", priority=True),
+        Binding("f4", "switch_mode('charts')", "Charts", priority=True),
+        Binding("c", "switch_mode('console')", "SQL", show=False),
+        Binding("g", "switch_mode('charts')", "Charts", show=False),
+        Binding("r", "refresh_now", "Refresh"),
+    ]
 
-    def __init__(self, project: Project, interval: float = 2.0):
+    def __init__(self, loader: Callable[[], StorageSnapshot], project_name: str, branch: str | None = None,
+                 interval: float | None = 2.0) -> None:
         super().__init__()
-        self.project = project
+        self.loader = loader
+        self.project_name = project_name
+        self.branch = branch
         self.interval = interval
-        self.selected = project.config.default_branch
-        self.layer_map_text = ""
-        self.sub_title = f"project {project.name}"
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        with Horizontal():
-            with Vertical(id="left"):
-                yield DataTable(id="branches", cursor_type="row")
-                yield DataTable(id="daemons")
-            yield Static(id="layermap")
-        yield Footer()
+        self.snapshot: StorageSnapshot | None = None
+        self.db: MetadataDB | None = None
+        self.error: str | None = None
+        self.refreshes = 0
+        self.data_screens: list = []  # screens that show the data register here when mounted
 
     def on_mount(self) -> None:
-        self.query_one("#branches", DataTable).add_columns("branch", "head", "endpoint")
-        self.query_one("#daemons", DataTable).add_columns("daemon", "state", "pid")
+        self.sub_title = f"{self.project_name} · {self.branch or '…'}"
+        self.switch_mode("map")
         self.poll()
 
-    def action_refresh(self) -> None:
+    # -- refresh ---------------------------------------------------------------------------------
+
+    def action_refresh_now(self) -> None:
         self.poll()
 
     @work(thread=True, exclusive=True, group="poll")
     def poll(self) -> None:
         try:
-            snap = Snapshot(branch_rows(self.project), storage_status(self.project),
-                            layer_rows(self.project, self.selected))
-        except Exception as e:  # noqa: BLE001 - shown in the UI, polling goes on
-            snap = Snapshot([], [], [], error=str(e))
-        self.post_message(SnapshotReady(snap))
+            snap = self.loader()
+            self.post_message(SnapshotReady(snap, MetadataDB(snap)))
+        except Exception as e:  # noqa: BLE001 - shown in the message panel; polling goes on
+            self.post_message(SnapshotReady(None, None, f"{e.__class__.__name__}: {e}"))
 
     @on(SnapshotReady)
-    def show(self, msg: SnapshotReady) -> None:
-        s = msg.snapshot
-        bt = self.query_one("#branches", DataTable)
-        bt.clear()
-        for b in s.branches:
-            bt.add_row(b["tree"], b["head_lsn"] or "", b["endpoint"] or "", key=b["name"])
-        dt = self.query_one("#daemons", DataTable)
-        dt.clear()
-        for d in s.daemons:
-            dt.add_row(d["name"], d["state"], str(d["pid"] or ""))
-        text = "\n".join(render(s.layers, width=64, height=18))
-        if s.error:
-            text = f"[red]{s.error}[/red]\n" + text
-        self.layer_map_text = f"[b]layer map of {self.selected}[/b]\n{text}"
-        self.query_one("#layermap", Static).update(self.layer_map_text)
-        self.set_timer(self.interval, self.poll)
+    def apply_snapshot(self, msg: SnapshotReady) -> None:
+        self.error = msg.error
+        if msg.snapshot is not None:
+            self.snapshot, self.db = msg.snapshot, msg.db
+            names = [t["branch"] for t in msg.snapshot.timelines]
+            if self.branch not in names:
+                self.branch = msg.snapshot.default_branch if msg.snapshot.default_branch in names else (
+                    names[0] if names else msg.snapshot.default_branch)
+                self.sub_title = f"{self.project_name} · {self.branch}"
+        self.refreshes += 1
+        for screen in self.data_screens:
+            if isinstance(screen, MapScreen) or screen is self.screen:
+                screen.data_changed()
+        if self.interval:
+            self.set_timer(self.interval, self.poll)
 
-    @on(DataTable.RowSelected, "#branches")
-    def select_branch(self, event: DataTable.RowSelected) -> None:
-        self.selected = str(event.row_key.value)
-        self.poll()
+    # -- help ------------------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        seen, rows = set(), []
+        for _, b in self.screen.active_bindings.items():
+            key = b.binding.key_display or self.get_key_display(b.binding)
+            if (key, b.binding.description) not in seen and b.binding.description:
+                seen.add((key, b.binding.description))
+                rows.append((key, b.binding.description))
+        self.push_screen(HelpScreen(rows))
 
 
-def run(project: Project) -> None:
-    NeonctlApp(project).run()
+def create_app(project, branch: str | None = None, interval: float | None = 2.0) -> ExplorerApp:
+    loader = MetadataLoader(project)
+    return ExplorerApp(loader.load, project.name, branch or project.config.default_branch, interval)
+
+
+def replay_app(snapshot: StorageSnapshot, branch: str | None = None) -> ExplorerApp:
+    """The explorer over a fixed snapshot (recorded or generated): no refresh, no project needed."""
+    return ExplorerApp(lambda: snapshot, snapshot.project, branch or snapshot.default_branch, interval=None)
+
+
+def run(project, branch: str | None = None) -> None:
+    create_app(project, branch).run()
