@@ -56,6 +56,29 @@ def layers_checkpoint(branch: BranchOpt = "main",
     emit(_engine().checkpoint(load_project(project), branch, compact), output)
 
 
+@layers_app.command("query")
+def layers_query(sql: Annotated[str | None, typer.Argument(
+                     help="SQL over the views layers, branch_layers, timelines, relations, commits, wal, gc, "
+                          "daemons, read_amplification (docs/explorer.md).")] = None,
+                 file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the SQL from this file.",
+                                                           dir_okay=False)] = None,
+                 project: ProjectOpt = None,
+                 output: Annotated[str, typer.Option("--output", "-o", help="table, json or csv.")] = "table") -> None:
+    """DuckDB SQL over the project's storage metadata (works with the daemons stopped)."""
+    from neonctl.engine.explorer.query import FORMATS, query_project, render  # noqa: PLC0415 - DuckDB on use
+
+    if output not in FORMATS:
+        raise InvalidInput(f"invalid output format {output!r}: one of {', '.join(FORMATS)}")
+    if (sql is None) == (file is None):
+        raise InvalidInput("give the SQL as an argument or with -f FILE (one of them)")
+    if file is not None:
+        try:
+            sql = file.read_text()
+        except OSError as e:
+            raise InvalidInput(f"cannot read {file}: {e.strerror}") from None
+    print(render(*query_project(load_project(project), sql), output))
+
+
 @wal_app.command("dump")
 def wal_dump(branch: BranchOpt = "main",
              start: Annotated[str | None, typer.Option("--from", help="Start LSN (default: branch start).")] = None,
