@@ -92,7 +92,7 @@ class ExplorerApp(App):
 
     def action_help(self) -> None:
         seen, rows = set(), []
-        for _, b in self.screen.active_bindings.items():
+        for b in self.screen.active_bindings.values():
             key = b.binding.key_display or self.get_key_display(b.binding)
             if (key, b.binding.description) not in seen and b.binding.description:
                 seen.add((key, b.binding.description))

@@ -9,6 +9,7 @@ of WAL. Deterministic for a given seed.
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 from neonctl.engine.explorer.keys import relation_key_range
 from neonctl.engine.explorer.metadata import StorageSnapshot, layer_row
@@ -51,7 +52,7 @@ def generated_snapshot(n_layers: int = 10_000, relations: int = 300, seed: int =
         # one compaction round: L1s partition the key space over [lsn, lsn + span)
         parts = sorted(rnd.sample(bounds, min(len(bounds) - 1, rnd.randint(20, 120))))
         edges = [_MIN_KEY, *parts, _MAX_KEY]
-        for ks, ke in zip(edges, edges[1:]):
+        for ks, ke in pairwise(edges):
             add("main", root, "delta", 1, ks, ke, lsn, lsn + span)
         lsn += span
         rounds += 1

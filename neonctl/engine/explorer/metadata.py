@@ -82,7 +82,7 @@ def layer_row(branch: str, timeline_id: str, d: dict) -> dict:
 
 def read_commits(path: Path) -> list[tuple[int, int]]:
     """(commit end LSN, Postgres microseconds) pairs of a commits.bin; a torn last entry is ignored."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     try:
         data = path.read_bytes()
@@ -115,8 +115,8 @@ class MetadataLoader:
         self._gc: tuple[tuple, list[dict], dict] | None = None
 
     def load(self, now: float | None = None) -> StorageSnapshot:
-        from neonctl.engine.pageserver.config import PageserverConfig  # noqa: PLC0415
-        from neonctl.engine.storage import storage_status  # noqa: PLC0415
+        from neonctl.engine.pageserver.config import PageserverConfig
+        from neonctl.engine.storage import storage_status
 
         p = self.project
         p.reload()
@@ -184,8 +184,8 @@ class MetadataLoader:
     # -- from running processes ------------------------------------------------------------------
 
     def _relation_rows(self, heads: dict[str, int], notes: list[str]) -> list[dict]:
-        from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
-        from neonctl.errors import NeonctlError  # noqa: PLC0415
+        from neonctl.engine.compute.endpoint import running_endpoint
+        from neonctl.errors import NeonctlError
 
         rows: list[dict] = []
         missing = []
@@ -210,8 +210,8 @@ class MetadataLoader:
         return rows
 
     def _gc_rows(self, by_tl: dict[str, str], snap: StorageSnapshot) -> list[dict]:
-        from neonctl.engine import client  # noqa: PLC0415
-        from neonctl.errors import NeonctlError  # noqa: PLC0415
+        from neonctl.engine import client
+        from neonctl.errors import NeonctlError
 
         key = tuple(sorted((t["timeline_id"], t["head"]) for t in snap.timelines))
         if self._gc is not None and self._gc[0] == key:
@@ -246,7 +246,7 @@ class MetadataLoader:
 
 def relations_of(dsn: str, branch: str) -> list[dict]:
     """Every relation with storage in every database of a running compute, with its key range."""
-    import psycopg  # noqa: PLC0415
+    import psycopg
 
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         dbs = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")]

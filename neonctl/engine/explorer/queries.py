@@ -46,7 +46,7 @@ def relations_for(db: MetadataDB, branch: str) -> list[dict]:
 
 def commit_time_at(db: MetadataDB, branch: str, lsn: int) -> str | None:
     """Time of the last commit at or before the LSN in the branch's history (ancestors included)."""
-    cols, rows = db.query(
+    _, rows = db.query(
         "SELECT max(c.commit_time) FROM commits c JOIN lineage g ON c.branch = g.ancestor AND g.branch = ?"
         " WHERE c.lsn <= ? AND c.lsn <= g.below", [branch, lsn])
     v = rows[0][0] if rows else None

@@ -23,7 +23,7 @@ FORMATS = ("table", "json", "csv")
 
 def query_project(project: Project, sql: str) -> tuple[list[str], list[tuple]]:
     if not sql.strip():
-        from neonctl.errors import InvalidInput  # noqa: PLC0415
+        from neonctl.errors import InvalidInput
 
         raise InvalidInput("no SQL given", hint="neonctl layers query \"SELECT * FROM layers\" (or -f FILE)")
     words = set(re.findall(r"[a-z_]+", sql.lower()))
@@ -60,6 +60,6 @@ def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
         return "(no result)"
     cells = [["" if v is None else str(_plain(v)) for v in r] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     out = [line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)]
     return "\n".join(out) + ("" if cells else "\n(no rows)")

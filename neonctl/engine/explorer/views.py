@@ -156,7 +156,7 @@ CREATE VIEW read_amplification AS
 
 
 def _column(rows: list[dict], name: str, typ: str, view: str):
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     if view == "commits" and name == "commit_time":
         return np.array([r["time"] for r in rows], dtype="float64")
@@ -176,7 +176,7 @@ class MetadataDB:
     """The views of one snapshot in an in-memory DuckDB database."""
 
     def __init__(self, snapshot: StorageSnapshot):
-        import duckdb  # noqa: PLC0415
+        import duckdb
 
         self.snapshot = snapshot
         self.con = duckdb.connect(":memory:")
@@ -196,7 +196,7 @@ class MetadataDB:
 
     def query(self, sql: str, params: list | dict | None = None) -> tuple[list[str], list[tuple]]:
         """Run one statement; returns (column names, rows). Bad SQL raises InvalidInput (one line)."""
-        import duckdb  # noqa: PLC0415
+        import duckdb
 
         cur = self.con.cursor()
         try:

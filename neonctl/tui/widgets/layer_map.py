@@ -20,7 +20,14 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from neonctl.engine.lsn import format_lsn
-from neonctl.tui.map_layout import Layout, Marker, Window, default_selection, layout, neighbor
+from neonctl.tui.map_layout import (
+    Layout,
+    Marker,
+    Window,
+    default_selection,
+    layout,
+    neighbor,
+)
 
 GUTTER = 22
 GLYPH = {0: "░", 1: "▒"}
@@ -62,6 +69,7 @@ class LayerMap(Widget, can_focus=True):
         self.map_layers, self.markers = layers, markers
         if window is not None:
             self.map_window = window
+        self.border_subtitle = "" if self.map_window == Window() else f"zoom: {self.map_window.label} · esc backs out"
         self.relayout()
         names = [d["name"] for d in self.lay.layers]
         self.set_selected(names.index(keep) if keep in names else default_selection(self.lay))
@@ -79,10 +87,9 @@ class LayerMap(Widget, can_focus=True):
         return self.lay.layers[self.selected]
 
     def set_selected(self, index: int | None) -> None:
-        changed = index != self.selected
         self.selected = index
         self.refresh()
-        if index is not None and (changed or True):
+        if index is not None:  # also when unchanged: new data may change the layer's details
             self.post_message(self.Selected(self.lay.layers[index]))
 
     def select_name(self, name: str) -> bool:
@@ -150,9 +157,8 @@ class LayerMap(Widget, can_focus=True):
         return Strip(segs)
 
     def _axis_line(self, lay: Layout, width: int) -> Strip:
-        zoom = "" if self.map_window == Window() else f"  zoom: {self.map_window.label}"
         text = (f"keys → ({lay.boundaries} boundaries)  LSN ↑ {format_lsn(lay.lsn_lo)}..{format_lsn(lay.lsn_hi)}"
-                f"  ░ L0 ▒ L1 ━ image{zoom}")
+                f"  ░ L0 ▒ L1 ━ image")
         return Strip([Segment(text[:width].ljust(width), self._style("layer-map--axis"))])
 
     @staticmethod
