@@ -37,10 +37,10 @@ from neonctl.engine.compute.endpoint import (
     stop_endpoint,
 )
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime, shared_dir
+from neonctl.engine.lifecycle import create_project, delete_project
 from neonctl.engine.lsn import parse_lsn
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.process import log_tail
-from neonctl.engine.lifecycle import create_project, delete_project
 from neonctl.engine.project import Project
 from neonctl.engine.roles import get_role
 from neonctl.engine.storage import start_storage, stop_storage
@@ -449,7 +449,7 @@ class BenchEnv:
         n = len(p.config.safekeepers)
         got = ports.allocate(base, taken, 2 + n)
         p.config.pageserver_port, p.config.broker_port = got[0], got[1]
-        for sk, port in zip(p.config.safekeepers, got[2:]):
+        for sk, port in zip(p.config.safekeepers, got[2:], strict=False):
             sk["port"] = port
         p.save()
 

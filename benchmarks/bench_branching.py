@@ -85,7 +85,7 @@ def restore_phases(progress: list[tuple[float, str]], total: float) -> dict[str,
     order = ["branching", "stopping", "restarting", "materialise", "pg_ctl"]
     seen = [k for k in order if k in firsts]
     out["before_branching_s"] = round(firsts.get(seen[0], total), 3) if seen else round(total, 3)
-    for k, nxt in zip(seen, [*seen[1:], None]):
+    for k, nxt in zip(seen, [*seen[1:], None], strict=False):
         out[f"{k}_s"] = round((firsts[nxt] if nxt else total) - firsts[k], 3)
     return out
 
@@ -176,7 +176,8 @@ class Branching:
             for i in range(self.a.reps):
                 noop.append(round(run_cli(["--version"])[1], 3))  # the CLI's Python start-up alone
                 wait_pageserver(p, "main")
-                _, s, _ = run_cli(["branch", "create", "--name", f"cli{i}", "--parent", "main", "-p", p.name, "-o", "json"])
+                args = ["branch", "create", "--name", f"cli{i}", "--parent", "main", "-p", p.name, "-o", "json"]
+                _, s, _ = run_cli(args)
                 cli.append(round(s, 3))
                 wait_pageserver(p, "main")
                 t = time.perf_counter()
@@ -185,15 +186,27 @@ class Branching:
                 for strategy, runs in (("", wal_log), (" STRATEGY FILE_COPY", file_copy)):
                     runs.append(round(timed_sql(v.port, f"CREATE DATABASE copy_{i} TEMPLATE {src}{strategy}"), 3))
                     sql(v.port, f"DROP DATABASE copy_{i}")
-                log(f"(a) {which} {i + 1}/{self.a.reps}: neonctl CLI {cli[-1]:.2f}s, API {api[-1]:.3f}s; vanilla "
-                    f"CREATE DATABASE TEMPLATE {wal_log[-1]:.2f}s (WAL_LOG), {file_copy[-1]:.2f}s (FILE_COPY)")
+                log(
+                    f"(a) {which} {i + 1}/{self.a.reps}: neonctl CLI {cli[-1]:.2f}s, API {api[-1]:.3f}s; vanilla "
+                    f"CREATE DATABASE TEMPLATE {wal_log[-1]:.2f}s (WAL_LOG), {file_copy[-1]:.2f}s (FILE_COPY)"
+                )
             out[which] = {
-                "scale": self.scale(which), "db_bytes": self.res["loads"][f"neonctl {which}"]["db_bytes"],
+                "scale": self.scale(which),
+                "db_bytes": self.res["loads"][f"neonctl {which}"]["db_bytes"],
                 "load1": loadavg()[0],
-                "neonctl_cli_s": cli, "neonctl_api_s": api, "neonctl_version_s": noop, "vanilla_wal_log_s": wal_log,
+                "neonctl_cli_s": cli,
+                "neonctl_api_s": api,
+                "neonctl_version_s": noop,
+                "vanilla_wal_log_s": wal_log,
                 "vanilla_file_copy_s": file_copy,
-                "median": {"neonctl_cli": median(cli), "neonctl_api": median(api), "neonctl_version": median(noop),
-                           "vanilla_wal_log": median(wal_log), "vanilla_file_copy": median(file_copy)}}
+                "median": {
+                    "neonctl_cli": median(cli),
+                    "neonctl_api": median(api),
+                    "neonctl_version": median(noop),
+                    "vanilla_wal_log": median(wal_log),
+                    "vanilla_file_copy": median(file_copy),
+                },
+            }
         self.res["creation"] = out
 
     # ---- (b) storage of N branches with a small change each
@@ -226,16 +239,25 @@ class Branching:
             name = f"s{i}"
             create_branch(p, name, TimePoint("main"))
             st = endpoint_start(p, name)
-            sql(st["port"], "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN %s AND %s",
-                (i * 100 + 1, i * 100 + 100))
+            sql(
+                st["port"],
+                "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN %s AND %s",
+                (i * 100 + 1, i * 100 + 100),
+            )
             endpoint_stop(p, name, self.probs)
             cycle.append(round(time.perf_counter() - t, 2))
             log(f"(b) neonctl branch {i + 1}/{n}: create + start + UPDATE 100 rows + stop {cycle[-1]:.1f}s")
         neon_s = time.perf_counter() - t_all
         for i in range(n):  # everything ingested and frozen into layer files before measuring
             wait_pageserver(p, f"s{i}")
-            client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{timeline_of(p, f's{i}')}/checkpoint",
-                        {}, timeout=120)
+            client.call(
+                "pageserver",
+                p.pageserver_addr,
+                "POST",
+                f"/v1/timeline/{timeline_of(p, f's{i}')}/checkpoint",
+                {},
+                timeout=120,
+            )
         client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{main_tl}/checkpoint", {}, timeout=120)
         after = neon_du()
         after_apparent = neon_du(apparent=True)
@@ -247,8 +269,11 @@ class Branching:
         one = tl_sizes.get("s0", {})
         branch_dirs = sum(sum(x.values()) for x in tl_sizes.values())
         parent_growth = parent_du() - before_parent
-        parts = {"branch timeline dirs": branch_dirs, "parent timeline dir": parent_growth,
-                 "rest (layer catalog, ...)": sum(growth.values()) - branch_dirs - parent_growth}
+        parts = {
+            "branch timeline dirs": branch_dirs,
+            "parent timeline dir": parent_growth,
+            "rest (layer catalog, ...)": sum(growth.values()) - branch_dirs - parent_growth,
+        }
 
         sql(v.port, "CHECKPOINT")
         vb = du_bytes(v.pgdata)
@@ -259,8 +284,12 @@ class Branching:
         for i in range(n):
             t = time.perf_counter()
             sql(v.port, f"CREATE DATABASE c{i} TEMPLATE {src}")
-            sql(v.port, "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN %s AND %s",
-                (i * 100 + 1, i * 100 + 100), db=f"c{i}")
+            sql(
+                v.port,
+                "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN %s AND %s",
+                (i * 100 + 1, i * 100 + 100),
+                db=f"c{i}",
+            )
             vcycle.append(round(time.perf_counter() - t, 2))
         van_s = time.perf_counter() - t_all
         log(f"(b) vanilla: {n} template copies + UPDATE in {van_s:.1f}s")
@@ -271,15 +300,30 @@ class Branching:
         total = sum(growth.values())
         vgrowth = va - vb
         self.res["storage"] = {
-            "parent": which, "scale": self.scale(which), "branches": n,
+            "parent": which,
+            "scale": self.scale(which),
+            "branches": n,
             "db_bytes": self.res["loads"][f"neonctl {which}"]["db_bytes"],
-            "neonctl": {"growth_bytes": growth, "total_growth_bytes": total, "per_branch_bytes": total // n,
-                        "apparent_growth_bytes": {k: after_apparent[k] - before_apparent[k] for k in after},
-                        "one_branch_timeline_dirs_bytes": one, "before_bytes": before, "parts_bytes": parts, "seconds": round(neon_s, 1),
-                        "cycle_median_s": median(cycle)},
-            "vanilla": {"growth_bytes": vgrowth, "base_growth_bytes": va_base - vb_base,
-                        "pg_wal_growth_bytes": va_wal - vb_wal, "per_copy_bytes": vgrowth // n,
-                        "before_bytes": vb, "seconds": round(van_s, 1), "cycle_median_s": median(vcycle)},
+            "neonctl": {
+                "growth_bytes": growth,
+                "total_growth_bytes": total,
+                "per_branch_bytes": total // n,
+                "apparent_growth_bytes": {k: after_apparent[k] - before_apparent[k] for k in after},
+                "one_branch_timeline_dirs_bytes": one,
+                "before_bytes": before,
+                "parts_bytes": parts,
+                "seconds": round(neon_s, 1),
+                "cycle_median_s": median(cycle),
+            },
+            "vanilla": {
+                "growth_bytes": vgrowth,
+                "base_growth_bytes": va_base - vb_base,
+                "pg_wal_growth_bytes": va_wal - vb_wal,
+                "per_copy_bytes": vgrowth // n,
+                "before_bytes": vb,
+                "seconds": round(van_s, 1),
+                "cycle_median_s": median(vcycle),
+            },
             "ratio_vanilla_over_neonctl": round(vgrowth / max(total, 1), 2),
             "ratio_vanilla_base_over_neonctl": round((va_base - vb_base) / max(total, 1), 2),
         }
@@ -323,28 +367,43 @@ class Branching:
         create_branch(p, "pitr_at_t", TimePoint("main", None, datetime.fromisoformat(ts)))
         create_s = time.perf_counter() - t
         bst = endpoint_start(p, "pitr_at_t")
-        out["neonctl_branch_at_t"] = {"create_s": round(create_s, 3), "start_s": bst["total_s"],
-                                      "total_s": round(create_s + bst["total_s"], 3), "load1": la,
-                                      "marks": self.marks(bst["port"]),
-                                      **{k: bst.get(k) for k in ("materialise_s", "redo_s", "wal_replayed_bytes")}}
+        out["neonctl_branch_at_t"] = {
+            "create_s": round(create_s, 3),
+            "start_s": bst["total_s"],
+            "total_s": round(create_s + bst["total_s"], 3),
+            "load1": la,
+            "marks": self.marks(bst["port"]),
+            **{k: bst.get(k) for k in ("materialise_s", "redo_s", "wal_replayed_bytes")},
+        }
         endpoint_stop(p, "pitr_at_t", self.probs)
-        log(f"(c) neonctl branch at T + endpoint start: {create_s:.2f}s + {bst['total_s']:.2f}s, "
-            f"marks {out['neonctl_branch_at_t']['marks']!r}")
+        log(
+            f"(c) neonctl branch at T + endpoint start: {create_s:.2f}s + {bst['total_s']:.2f}s, "
+            f"marks {out['neonctl_branch_at_t']['marks']!r}"
+        )
         wait_pageserver(p, "main")
         la = loadavg()[0]
-        res, s, progress = run_cli(["branch", "restore", "main", f"^self@{ts}", "-p", p.name, "-o", "json"],
-                                   timeout=3600)
+        res, s, progress = run_cli(
+            ["branch", "restore", "main", f"^self@{ts}", "-p", p.name, "-o", "json"], timeout=3600
+        )
         after = read_state(p, "main")
         logtext = (Path(after.pgdata).parent / "postgres.log").read_text(errors="replace")
-        out["neonctl_restore"] = {"total_s": round(s, 3), "load1": la, "marks": self.marks(after.port),
-                                  "same_port": after.port == st["port"], "progress": progress,
-                                  "phases": restore_phases(progress, s), **redo_info(logtext)}
+        out["neonctl_restore"] = {
+            "total_s": round(s, 3),
+            "load1": la,
+            "marks": self.marks(after.port),
+            "same_port": after.port == st["port"],
+            "progress": progress,
+            "phases": restore_phases(progress, s),
+            **redo_info(logtext),
+        }
         try:
             out["neonctl_restore"]["cli_output"] = json.loads(res)
         except ValueError:
             pass
-        log(f"(c) neonctl branch restore main ^self@T (CLI, endpoint running): {s:.2f}s, "
-            f"marks {out['neonctl_restore']['marks']!r}")
+        log(
+            f"(c) neonctl branch restore main ^self@T (CLI, endpoint running): {s:.2f}s, "
+            f"marks {out['neonctl_restore']['marks']!r}"
+        )
         endpoint_stop(p, "main", self.probs)
 
         # vanilla: archive, base backup before the workload, same workload, restore to T
@@ -352,15 +411,33 @@ class Branching:
         arch = v.dir / "archive"
         arch.mkdir()
         self.rt.chown(arch)
-        v.configure(p, fsync=True, extra=f"archive_mode = on\narchive_command = 'test ! -f {arch}/%f && cp %p {arch}/%f'")
+        v.configure(
+            p, fsync=True, extra=f"archive_mode = on\narchive_command = 'test ! -f {arch}/%f && cp %p {arch}/%f'"
+        )
         v.start()
         log(f"vanilla pitr: pgbench -i -s {self.scale(which)} ...")
         pgbench(self.rt, v.port, ["-i", "-q", "-s", str(self.scale(which))], timeout=7200)
         sql(v.port, "CHECKPOINT")
         base = v.dir / "base"
         t = time.perf_counter()
-        self.rt.run([self.rt.bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(v.port), "-U", "postgres",
-                     "-D", str(base), "-X", "stream", "-c", "fast"], timeout=3600)
+        self.rt.run(
+            [
+                self.rt.bin("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(v.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(base),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+            timeout=3600,
+        )
         out["vanilla_basebackup_s"] = round(time.perf_counter() - t, 1)
         out["vanilla_basebackup_bytes"] = du_bytes(base, apparent=True)
         head0 = int(sql(v.port, "SELECT pg_current_wal_insert_lsn() - '0/0'")[0][0])
@@ -385,9 +462,11 @@ class Branching:
         t1 = time.perf_counter()
         r.port = v.port
         conf = (r.pgdata / "postgresql.conf").read_text()
-        conf += (f"\n# --- bench: point-in-time recovery ---\nport = {r.port}\nunix_socket_directories = '{r.dir}'\n"
-                 f"archive_mode = off\nhot_standby = off\nrestore_command = 'cp {arch}/%f %p'\n"
-                 f"recovery_target_time = '{vts}'\nrecovery_target_action = 'promote'\n")
+        conf += (
+            f"\n# --- bench: point-in-time recovery ---\nport = {r.port}\nunix_socket_directories = '{r.dir}'\n"
+            f"archive_mode = off\nhot_standby = off\nrestore_command = 'cp {arch}/%f %p'\n"
+            f"recovery_target_time = '{vts}'\nrecovery_target_action = 'promote'\n"
+        )
         (r.pgdata / "postgresql.conf").write_text(conf)
         (r.pgdata / "recovery.signal").write_text("")
         self.rt.chown(r.pgdata, recursive=True)
@@ -402,18 +481,30 @@ class Branching:
             time.sleep(0.05)
         t2 = time.perf_counter()
         logtext = r.logfile.read_text(errors="replace")
-        out["vanilla_restore"] = {"copy_s": round(t1 - t0, 3), "recover_s": round(t2 - t1, 3),
-                                  "total_s": round(t2 - t0, 3), "load1": la, "marks": self.marks(r.port),
-                                  **redo_info(logtext)}
-        log(f"(c) vanilla base backup copy {t1 - t0:.2f}s + recovery to T {t2 - t1:.2f}s, "
-            f"marks {out['vanilla_restore']['marks']!r}")
+        out["vanilla_restore"] = {
+            "copy_s": round(t1 - t0, 3),
+            "recover_s": round(t2 - t1, 3),
+            "total_s": round(t2 - t0, 3),
+            "load1": la,
+            "marks": self.marks(r.port),
+            **redo_info(logtext),
+        }
+        log(
+            f"(c) vanilla base backup copy {t1 - t0:.2f}s + recovery to T {t2 - t1:.2f}s, "
+            f"marks {out['vanilla_restore']['marks']!r}"
+        )
         r.stop()
         n_r, n_b, v_r = out["neonctl_restore"], out["neonctl_branch_at_t"], out["vanilla_restore"]
-        out["correct"] = {"neonctl_restore": n_r["marks"] == "before", "neonctl_branch_at_t": n_b["marks"] == "before",
-                          "vanilla": v_r["marks"] == "before"}
-        out["ratios"] = {"restore/vanilla_total": round(n_r["total_s"] / v_r["total_s"], 2),
-                         "branch_at_t/vanilla_total": round(n_b["total_s"] / v_r["total_s"], 2),
-                         "branch_at_t/vanilla_recover_only": round(n_b["total_s"] / v_r["recover_s"], 2)}
+        out["correct"] = {
+            "neonctl_restore": n_r["marks"] == "before",
+            "neonctl_branch_at_t": n_b["marks"] == "before",
+            "vanilla": v_r["marks"] == "before",
+        }
+        out["ratios"] = {
+            "restore/vanilla_total": round(n_r["total_s"] / v_r["total_s"], 2),
+            "branch_at_t/vanilla_total": round(n_b["total_s"] / v_r["total_s"], 2),
+            "branch_at_t/vanilla_recover_only": round(n_b["total_s"] / v_r["recover_s"], 2),
+        }
         self.res["pitr"] = out
 
     def run(self) -> None:
@@ -434,54 +525,83 @@ def render(res: dict) -> list[str]:
     loads = res.get("loads", {})
     if loads:
         out.append("")
-        out.append("loads: " + "; ".join(
-            f"{k} -s {v['scale']}: {mb(v['db_bytes'])} MB in {v['load_s']:.0f}s"
-            + (f" (load1 {v['load1']}), pageserver caught up +{v['pageserver_catch_up_s']:.0f}s, image {v['image']} "
-               f"+{v['image_s']:.0f}s" if k.startswith("neonctl") else "")
-            + (f"  [OVER {LOAD_LIMIT_S}s]" if v.get("over_limit") else "")
-            for k, v in loads.items()))
+        out.append(
+            "loads: "
+            + "; ".join(
+                f"{k} -s {v['scale']}: {mb(v['db_bytes'])} MB in {v['load_s']:.0f}s"
+                + (
+                    f" (load1 {v['load1']}), pageserver caught up +{v['pageserver_catch_up_s']:.0f}s, "
+                    f"image {v['image']} "
+                    f"+{v['image_s']:.0f}s"
+                    if k.startswith("neonctl")
+                    else ""
+                )
+                + (f"  [OVER {LOAD_LIMIT_S}s]" if v.get("over_limit") else "")
+                for k, v in loads.items()
+            )
+        )
     c = res.get("creation")
     if c:
         out.append("")
         out.append(f"(a) branch creation, median of {len(next(iter(c.values()))['neonctl_cli_s'])} (runs)")
-        out.append(f"{'parent':<18}{'neonctl CLI':>12}{'engine API':>12}{'CREATE DATABASE TEMPLATE':>26}"
-                   f"{'FILE_COPY':>11}   ratios WAL_LOG/CLI, WAL_LOG/API, FILE_COPY/API")
+        out.append(
+            f"{'parent':<18}{'neonctl CLI':>12}{'engine API':>12}{'CREATE DATABASE TEMPLATE':>26}"
+            f"{'FILE_COPY':>11}   ratios WAL_LOG/CLI, WAL_LOG/API, FILE_COPY/API"
+        )
         for which, r in c.items():
             m = r["median"]
-            out.append(f"{which + ' ' + str(mb(r['db_bytes'])) + ' MB':<18}{m['neonctl_cli']:>11.3f}s"
-                       f"{m['neonctl_api']:>11.3f}s{m['vanilla_wal_log']:>25.3f}s{m['vanilla_file_copy']:>10.3f}s   "
-                       f"{m['vanilla_wal_log'] / m['neonctl_cli']:.2f}x, {m['vanilla_wal_log'] / m['neonctl_api']:.1f}x, "
-                       f"{m['vanilla_file_copy'] / m['neonctl_api']:.1f}x")
+            out.append(
+                f"{which + ' ' + str(mb(r['db_bytes'])) + ' MB':<18}{m['neonctl_cli']:>11.3f}s"
+                f"{m['neonctl_api']:>11.3f}s{m['vanilla_wal_log']:>25.3f}s{m['vanilla_file_copy']:>10.3f}s   "
+                f"{m['vanilla_wal_log'] / m['neonctl_cli']:.2f}x, {m['vanilla_wal_log'] / m['neonctl_api']:.1f}x, "
+                f"{m['vanilla_file_copy'] / m['neonctl_api']:.1f}x"
+            )
             out.append(f"{'':<18}  `neonctl --version` alone (CLI start-up): {m['neonctl_version']:.3f}s")
-            out.append(f"{'':<18}  runs: CLI {' '.join(f'{x:.2f}' for x in r['neonctl_cli_s'])} | API "
-                       f"{' '.join(f'{x:.3f}' for x in r['neonctl_api_s'])} | WAL_LOG "
-                       f"{' '.join(f'{x:.2f}' for x in r['vanilla_wal_log_s'])} | FILE_COPY "
-                       f"{' '.join(f'{x:.2f}' for x in r['vanilla_file_copy_s'])}  (load1 {r['load1']})")
+            out.append(
+                f"{'':<18}  runs: CLI {' '.join(f'{x:.2f}' for x in r['neonctl_cli_s'])} | API "
+                f"{' '.join(f'{x:.3f}' for x in r['neonctl_api_s'])} | WAL_LOG "
+                f"{' '.join(f'{x:.2f}' for x in r['vanilla_wal_log_s'])} | FILE_COPY "
+                f"{' '.join(f'{x:.2f}' for x in r['vanilla_file_copy_s'])}  (load1 {r['load1']})"
+            )
     s = res.get("storage")
     if s:
         n, v = s["neonctl"], s["vanilla"]
         out.append("")
-        out.append(f"(b) storage: {s['branches']} branches/copies of the {s['parent']} parent ({mb(s['db_bytes'])} MB), "
-                   f"UPDATE of 100 rows each (du, allocated)")
+        out.append(
+            f"(b) storage: {s['branches']} branches/copies of the {s['parent']} parent ({mb(s['db_bytes'])} MB), "
+            f"UPDATE of 100 rows each (du, allocated)"
+        )
         out.append(f"{'':<34}{'total growth':>14}{'per branch':>12}   split")
-        out.append(f"{'neonctl pageserver + safekeepers':<34}{mb(n['total_growth_bytes']):>11} MB{mb(n['per_branch_bytes']):>9} MB"
-                   "   " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["growth_bytes"].items())
-                   + " (apparent size: " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["apparent_growth_bytes"].items())
-                   + "); " + ", ".join(f"{k} {mb(b)} MB" for k, b in n["parts_bytes"].items()))
-        out.append(f"{'vanilla base/ (the databases)':<34}{mb(v['base_growth_bytes']):>11} MB"
-                   f"{mb(v['base_growth_bytes'] // s['branches']):>9} MB   whole data dir {mb(v['growth_bytes'])} MB "
-                   f"(pg_wal {mb(v['pg_wal_growth_bytes'])} MB: recycled WAL, moves either way)")
-        out.append(f"ratio vanilla base/ / neonctl {s['ratio_vanilla_base_over_neonctl']}x (whole data dir: "
-                   f"{s['ratio_vanilla_over_neonctl']}x); one branch's timeline dirs: "
-                   + ", ".join(f"{k} {mb(b)} MB" for k, b in n["one_branch_timeline_dirs_bytes"].items())
-                   + f"; time per branch (create+start+UPDATE+stop) {n['cycle_median_s']}s vs per copy "
-                   f"(CREATE DATABASE+UPDATE) {v['cycle_median_s']}s")
+        out.append(
+            f"{'neonctl pageserver + safekeepers':<34}{mb(n['total_growth_bytes']):>11} MB"
+            f"{mb(n['per_branch_bytes']):>9} MB"
+            "   "
+            + ", ".join(f"{k} {mb(b)} MB" for k, b in n["growth_bytes"].items())
+            + " (apparent size: "
+            + ", ".join(f"{k} {mb(b)} MB" for k, b in n["apparent_growth_bytes"].items())
+            + "); "
+            + ", ".join(f"{k} {mb(b)} MB" for k, b in n["parts_bytes"].items())
+        )
+        out.append(
+            f"{'vanilla base/ (the databases)':<34}{mb(v['base_growth_bytes']):>11} MB"
+            f"{mb(v['base_growth_bytes'] // s['branches']):>9} MB   whole data dir {mb(v['growth_bytes'])} MB "
+            f"(pg_wal {mb(v['pg_wal_growth_bytes'])} MB: recycled WAL, moves either way)"
+        )
+        out.append(
+            f"ratio vanilla base/ / neonctl {s['ratio_vanilla_base_over_neonctl']}x (whole data dir: "
+            f"{s['ratio_vanilla_over_neonctl']}x); one branch's timeline dirs: "
+            + ", ".join(f"{k} {mb(b)} MB" for k, b in n["one_branch_timeline_dirs_bytes"].items())
+            + f"; time per branch (create+start+UPDATE+stop) {n['cycle_median_s']}s vs per copy "
+            f"(CREATE DATABASE+UPDATE) {v['cycle_median_s']}s"
+        )
     pt = res.get("pitr")
     if pt:
         out.append("")
-        out.append(f"(c) point-in-time restore of the {pt['parent']} parent (-s {pt['scale']}), pgbench -c 2 -t "
-                   f"{pt['txns_per_client_per_phase']} before and after T (WAL: neonctl "
-                   f"{mb(pt['neonctl_workload_wal_bytes'])} MB, vanilla {mb(pt['vanilla_workload_wal_bytes'])} MB)")
+        out.append(
+            f"(c) point-in-time restore of the {pt['parent']} parent (-s {pt['scale']}), pgbench -c 2 -t "
+            f"{pt['txns_per_client_per_phase']} before and after T (WAL: neonctl "
+            f"{mb(pt['neonctl_workload_wal_bytes'])} MB, vanilla {mb(pt['vanilla_workload_wal_bytes'])} MB)"
+        )
         out.append(f"{'':<52}{'total':>8}  {'WAL replayed':>13}  {'correct':>7}  {'load1':>5}  detail")
         r, b, v = pt["neonctl_restore"], pt["neonctl_branch_at_t"], pt["vanilla_restore"]
 
@@ -490,21 +610,29 @@ def render(res: dict) -> list[str]:
             return f"{x / 2**20:.1f} MB" if x is not None else "?"
 
         ok = pt["correct"]
-        out.append(f"{'neonctl branch restore main ^self@T (CLI)':<52}{r['total_s']:>7.2f}s  {walmb(r):>13}  "
-                   f"{ok['neonctl_restore']!s:>7}  {r['load1']:>5}  redo {r.get('redo_s')}s")
+        out.append(
+            f"{'neonctl branch restore main ^self@T (CLI)':<52}{r['total_s']:>7.2f}s  {walmb(r):>13}  "
+            f"{ok['neonctl_restore']!s:>7}  {r['load1']:>5}  redo {r.get('redo_s')}s"
+        )
         ph = r.get("phases", {})
         out.append(f"{'':<52}  restore phases: " + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in ph.items()))
-        out.append(f"{'neonctl create_branch @T + endpoint start (API)':<52}{b['total_s']:>7.2f}s  {walmb(b):>13}  "
-                   f"{ok['neonctl_branch_at_t']!s:>7}  {b['load1']:>5}  create {b['create_s']}s, start {b['start_s']}s "
-                   f"(materialise {b.get('materialise_s')}s, redo {b.get('redo_s')}s)")
-        out.append(f"{'vanilla cp base backup + recovery_target_time':<52}{v['total_s']:>7.2f}s  {walmb(v):>13}  "
-                   f"{ok['vanilla']!s:>7}  {v['load1']:>5}  copy {v['copy_s']}s, recovery {v['recover_s']}s "
-                   f"(redo {v.get('redo_s')}s); base backup {mb(pt['vanilla_basebackup_bytes'])} MB took "
-                   f"{pt['vanilla_basebackup_s']}s (before, untimed)")
+        out.append(
+            f"{'neonctl create_branch @T + endpoint start (API)':<52}{b['total_s']:>7.2f}s  {walmb(b):>13}  "
+            f"{ok['neonctl_branch_at_t']!s:>7}  {b['load1']:>5}  create {b['create_s']}s, start {b['start_s']}s "
+            f"(materialise {b.get('materialise_s')}s, redo {b.get('redo_s')}s)"
+        )
+        out.append(
+            f"{'vanilla cp base backup + recovery_target_time':<52}{v['total_s']:>7.2f}s  {walmb(v):>13}  "
+            f"{ok['vanilla']!s:>7}  {v['load1']:>5}  copy {v['copy_s']}s, recovery {v['recover_s']}s "
+            f"(redo {v.get('redo_s')}s); base backup {mb(pt['vanilla_basebackup_bytes'])} MB took "
+            f"{pt['vanilla_basebackup_s']}s (before, untimed)"
+        )
         ra = pt["ratios"]
-        out.append(f"ratios: restore/vanilla {ra['restore/vanilla_total']}x, branch@T+start/vanilla "
-                   f"{ra['branch_at_t/vanilla_total']}x, branch@T+start/vanilla recovery only "
-                   f"{ra['branch_at_t/vanilla_recover_only']}x")
+        out.append(
+            f"ratios: restore/vanilla {ra['restore/vanilla_total']}x, branch@T+start/vanilla "
+            f"{ra['branch_at_t/vanilla_total']}x, branch@T+start/vanilla recovery only "
+            f"{ra['branch_at_t/vanilla_recover_only']}x"
+        )
     return out
 
 

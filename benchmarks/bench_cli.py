@@ -68,7 +68,7 @@ def body(env: BenchEnv) -> None:
             if engine_fn is not None:
                 if before:
                     before(i, "engine")
-                eng.append(_timed(lambda: engine_fn(i)))
+                eng.append(_timed(lambda i=i: engine_fn(i)))
         rows[name] = {"cli_s": median(cli), "engine_s": median(eng) if eng else None, "cli_runs": cli}
         log(f"{name}: cli {rows[name]['cli_s']} s, engine {rows[name]['engine_s']} s")
 

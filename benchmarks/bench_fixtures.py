@@ -123,7 +123,7 @@ def render(res: dict) -> list[str]:
     out = ["", "per-test overhead (fresh database + connect + query + teardown), median seconds", "",
            f"{'template':<16} {'neonctl':>9} {'pytest-postgresql':>18} {'CREATE DATABASE':>16}"]
     for label, r in res.get("sizes", {}).items():
-        def med(k):
+        def med(k, r=r):
             return f"{statistics.median(r[k]):.3f}" if r.get(k) else "n/a"
         out.append(f"{label + ' ' + str(r['database_mb']) + ' MB':<16} {med('neonctl'):>9} "
                    f"{med('pytest_postgresql'):>18} {med('create_database_template'):>16}")

@@ -36,8 +36,8 @@ from _common import (
 )
 
 from neonctl.engine.compute.controldata import read_control_data
-from neonctl.engine.pageserver.image_create import create_image
-from neonctl.engine.pageserver.image_restore import restore_image
+from neonctl.engine.pageserver.images.create import create_image
+from neonctl.engine.pageserver.images.restore import restore_image
 
 
 class Timer:
@@ -93,15 +93,25 @@ def body(env: BenchEnv) -> None:
         if rep:  # the first round warms the page cache and loads the JIT-compiled kernels
             for name, t in (("create_image", c), ("restore_image", r), ("create_files", f)):
                 runs[name].append(t.row())
-        log(f"round {rep}/{a.reps}{' (untimed)' if not rep else ''}: create {c.wall:.3f}s wall {c.user + c.sys:.3f}s cpu,"
-            f" restore {r.wall:.3f}s wall {r.user + r.sys:.3f}s cpu, {files} empty files {f.wall:.3f}s")
+        log(
+            f"round {rep}/{a.reps}{' (untimed)' if not rep else ''}: "
+            f"create {c.wall:.3f}s wall {c.user + c.sys:.3f}s cpu,"
+            f" restore {r.wall:.3f}s wall {r.user + r.sys:.3f}s cpu, {files} empty files {f.wall:.3f}s"
+        )
         for d in (layers, restored, empty):
             shutil.rmtree(d)
     env.result["image_io"] = {
-        "scale": a.scale, "reps": a.reps, "pgdata_bytes": du_bytes(van.pgdata, apparent=True, exclude="pg_wal"),
-        "raw_bytes": info.raw_bytes, "image_bytes": info.file_size, "layers": len(info.layers), "files": files,
+        "scale": a.scale,
+        "reps": a.reps,
+        "pgdata_bytes": du_bytes(van.pgdata, apparent=True, exclude="pg_wal"),
+        "raw_bytes": info.raw_bytes,
+        "image_bytes": info.file_size,
+        "layers": len(info.layers),
+        "files": files,
         "runs": runs,
-        "median": {name: {k: round(statistics.median(x[k] for x in rs), 3) for k in rs[0]} for name, rs in runs.items()},
+        "median": {
+            name: {k: round(statistics.median(x[k] for x in rs), 3) for k in rs[0]} for name, rs in runs.items()
+        },
     }
 
 
@@ -110,12 +120,18 @@ def render(res: dict) -> list[str]:
     if not r:
         return []
     raw = r["raw_bytes"] / 2**20
-    out = ["", f"image I/O, pgbench -s {r['scale']}: data directory {mb(r['pgdata_bytes'])} MB without pg_wal, "
-               f"{raw:.1f} MB of values -> {mb(r['image_bytes'])} MB in {r['layers']} layer file(s); "
-               f"median of {r['reps']}",
-           f"{'':<34}{'wall s':>8}{'cpu s':>8}{'user s':>8}{'sys s':>8}{'MB/s wall':>11}{'MB/s cpu':>10}"]
-    for name, label in (("create_image", "create_image"), ("restore_image", "restore_image"),
-                        ("create_files", f"  creating its {r['files']} files alone")):
+    out = [
+        "",
+        f"image I/O, pgbench -s {r['scale']}: data directory {mb(r['pgdata_bytes'])} MB without pg_wal, "
+        f"{raw:.1f} MB of values -> {mb(r['image_bytes'])} MB in {r['layers']} layer file(s); "
+        f"median of {r['reps']}",
+        f"{'':<34}{'wall s':>8}{'cpu s':>8}{'user s':>8}{'sys s':>8}{'MB/s wall':>11}{'MB/s cpu':>10}",
+    ]
+    for name, label in (
+        ("create_image", "create_image"),
+        ("restore_image", "restore_image"),
+        ("create_files", f"  creating its {r['files']} files alone"),
+    ):
         m = r["median"][name]
         rates = f"{raw / m['wall_s']:>11.0f}{raw / m['cpu_s']:>10.0f}" if name != "create_files" else ""
         out.append(f"{label:<34}{m['wall_s']:>8.3f}{m['cpu_s']:>8.3f}{m['user_s']:>8.3f}{m['sys_s']:>8.3f}{rates}")

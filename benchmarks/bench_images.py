@@ -121,16 +121,30 @@ def body(env: BenchEnv) -> None:
     b_med = median([r["total_s"] for r in with_image])
     v_med = median([r["total_s"] for r in vruns])
     env.result["images"] = {
-        "scale": a.scale, "reps": a.reps, "db_bytes": db, "vanilla_db_bytes": vdb, "wal_since_initdb_bytes": head - initdb_lsn,
+        "scale": a.scale,
+        "reps": a.reps,
+        "db_bytes": db,
+        "vanilla_db_bytes": vdb,
+        "wal_since_initdb_bytes": head - initdb_lsn,
         "no_image": {"median_s": a_med, "runs": no_image},
-        "image": {"create_s": round(img_s, 2), "load1": la, "lsn": img["lsn"], "redo_lsn": img["redo_lsn"],
-                  "layers": len(img["layers"]), "file_size": img["file_size"], "du_bytes": image_files,
-                  "pgdata_without_wal_bytes": pgdata_nowal},
+        "image": {
+            "create_s": round(img_s, 2),
+            "load1": la,
+            "lsn": img["lsn"],
+            "redo_lsn": img["redo_lsn"],
+            "layers": len(img["layers"]),
+            "file_size": img["file_size"],
+            "du_bytes": image_files,
+            "pgdata_without_wal_bytes": pgdata_nowal,
+        },
         "with_image": {"median_s": b_med, "runs": with_image},
         "vanilla": {"median_s": v_med, "runs": vruns, "pgdata_bytes": vpgdata, "pg_wal_bytes": vwal},
-        "ratios": {"no_image/with_image": round(a_med / b_med, 2), "no_image/vanilla": round(a_med / v_med, 1),
-                   "with_image/vanilla": round(b_med / v_med, 1),
-                   "image_size/pgdata_without_wal": round(img["file_size"] / max(pgdata_nowal, 1), 2)},
+        "ratios": {
+            "no_image/with_image": round(a_med / b_med, 2),
+            "no_image/vanilla": round(a_med / v_med, 1),
+            "with_image/vanilla": round(b_med / v_med, 1),
+            "image_size/pgdata_without_wal": round(img["file_size"] / max(pgdata_nowal, 1), 2),
+        },
     }
 
 
@@ -140,10 +154,15 @@ def render(res: dict) -> list[str]:
     if r:
         im, n, w, v = r["image"], r["no_image"], r["with_image"], r["vanilla"]
         out.append("")
-        out.append(f"compute start, pgbench -i -s {r['scale']} database ({mb(r['db_bytes'])} MB; vanilla "
-                   f"{mb(r['vanilla_db_bytes'])} MB), WAL since initdb {mb(r['wal_since_initdb_bytes'])} MB; median of {r['reps']}")
-        out.append(f"{'':<36}{'median':>8}{'min':>8}  {'runs':<22}{'WAL replayed':>13}{'redo':>8}{'materialise':>12}"
-                   f"{'data dir':>10}{'load1':>7}")
+        out.append(
+            f"compute start, pgbench -i -s {r['scale']} database ({mb(r['db_bytes'])} MB; vanilla "
+            f"{mb(r['vanilla_db_bytes'])} MB), WAL since initdb {mb(r['wal_since_initdb_bytes'])} MB; "
+            f"median of {r['reps']}"
+        )
+        out.append(
+            f"{'':<36}{'median':>8}{'min':>8}  {'runs':<22}{'WAL replayed':>13}{'redo':>8}{'materialise':>12}"
+            f"{'data dir':>10}{'load1':>7}"
+        )
 
         def row(label: str, d: dict) -> str:
             med = sorted(d["runs"], key=lambda x: x["total_s"])[len(d["runs"]) // 2]
@@ -151,9 +170,11 @@ def render(res: dict) -> list[str]:
             wal = med.get("wal_replayed_bytes")
             walmb = f"{wal / 2**20:.2f}" if wal is not None else "?"
             best = min(x["total_s"] for x in d["runs"])
-            return (f"{label:<36}{d['median_s']:>7.2f}s{best:>7.2f}s  {runs:<22}{walmb:>10} MB"
-                    f"{med.get('redo_s', 0):>7.2f}s{(med.get('materialise_s') or 0):>11.2f}s"
-                    f"{mb(med.get('pgdata_bytes')) or '':>7} MB{med['load1']:>7.2f}")
+            return (
+                f"{label:<36}{d['median_s']:>7.2f}s{best:>7.2f}s  {runs:<22}{walmb:>10} MB"
+                f"{med.get('redo_s', 0):>7.2f}s{(med.get('materialise_s') or 0):>11.2f}s"
+                f"{mb(med.get('pgdata_bytes')) or '':>7} MB{med['load1']:>7.2f}"
+            )
 
         out.append(row("(a) endpoint start, no image", n))
         out.append(row("(b) endpoint start, fresh image", w))
@@ -161,17 +182,23 @@ def render(res: dict) -> list[str]:
         vr["runs"] = [dict(x, pgdata_bytes=v["pgdata_bytes"]) for x in v["runs"]]
         out.append(row("vanilla pg_ctl start -w (clean)", vr))
         out.append("")
-        out.append(f"image: created in {im['create_s']:.1f}s (load1 {im['load1']}), {im['layers']} layer file(s), "
-                   f"{mb(im['file_size'])} MB ({mb(im['du_bytes'])} MB on disk) vs data dir without pg_wal "
-                   f"{mb(im['pgdata_without_wal_bytes'])} MB: x{r['ratios']['image_size/pgdata_without_wal']}; "
-                   f"vanilla data dir {mb(v['pgdata_bytes'])} MB ({mb(v['pg_wal_bytes'])} MB pg_wal)")
+        out.append(
+            f"image: created in {im['create_s']:.1f}s (load1 {im['load1']}), {im['layers']} layer file(s), "
+            f"{mb(im['file_size'])} MB ({mb(im['du_bytes'])} MB on disk) vs data dir without pg_wal "
+            f"{mb(im['pgdata_without_wal_bytes'])} MB: x{r['ratios']['image_size/pgdata_without_wal']}; "
+            f"vanilla data dir {mb(v['pgdata_bytes'])} MB ({mb(v['pg_wal_bytes'])} MB pg_wal)"
+        )
         ra = r["ratios"]
-        out.append(f"ratios: (a)/(b) {ra['no_image/with_image']}x, (a)/vanilla {ra['no_image/vanilla']}x, "
-                   f"(b)/vanilla {ra['with_image/vanilla']}x")
+        out.append(
+            f"ratios: (a)/(b) {ra['no_image/with_image']}x, (a)/vanilla {ra['no_image/vanilla']}x, "
+            f"(b)/vanilla {ra['with_image/vanilla']}x"
+        )
         m = sorted(w["runs"], key=lambda x: x["total_s"])[len(w["runs"]) // 2]
-        out.append(f"(b) median run: elect {m.get('elect_s')}s, materialise {m.get('materialise_s')}s, pg_ctl start + "
-                   f"verify + attach {m.get('pg_ctl_verify_attach_s')}s (end-of-recovery checkpoint "
-                   f"{m.get('end_of_recovery_checkpoint_s')}s)")
+        out.append(
+            f"(b) median run: elect {m.get('elect_s')}s, materialise {m.get('materialise_s')}s, pg_ctl start + "
+            f"verify + attach {m.get('pg_ctl_verify_attach_s')}s (end-of-recovery checkpoint "
+            f"{m.get('end_of_recovery_checkpoint_s')}s)"
+        )
     return out
 
 

@@ -22,7 +22,15 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BenchEnv, bench_parser, client_env, log, median, parse_pgbench, run_benchmark  # noqa: E402
+from _common import (  # noqa: E402
+    BenchEnv,
+    bench_parser,
+    client_env,
+    log,
+    median,
+    parse_pgbench,
+    run_benchmark,
+)
 
 from neonctl.engine.branches import create_branch  # noqa: E402
 from neonctl.engine.compute.endpoint import list_endpoints, read_state, start_endpoint  # noqa: E402

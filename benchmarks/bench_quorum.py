@@ -166,11 +166,21 @@ def body(env: BenchEnv) -> None:
     env.result["wal"] = {
         "bulk_mb": a.bulk_mb,
         "quorum_bulk": {"wal_mb": round(wal / MB, 1), "seconds": round(secs, 2), "mb_s": round(quorum_rate, 1)},
-        "quorum_bulk_one_down": {"wal_mb": round(wal2 / MB, 1), "seconds": round(secs2, 2),
-                                 "mb_s": round(wal2 / MB / secs2, 1)},
-        "vanilla_bulk": {"wal_mb": round(vwal / MB, 1), "seconds": round(vsecs, 2), "mb_s": round(vwal / MB / vsecs, 1)},
-        "catch_up": {"behind_mb": round(behind / MB, 1), "seconds": round(catchup_s, 2),
-                     "mb_s": round(behind / MB / catchup_s, 1)},
+        "quorum_bulk_one_down": {
+            "wal_mb": round(wal2 / MB, 1),
+            "seconds": round(secs2, 2),
+            "mb_s": round(wal2 / MB / secs2, 1),
+        },
+        "vanilla_bulk": {
+            "wal_mb": round(vwal / MB, 1),
+            "seconds": round(vsecs, 2),
+            "mb_s": round(vwal / MB / vsecs, 1),
+        },
+        "catch_up": {
+            "behind_mb": round(behind / MB, 1),
+            "seconds": round(catchup_s, 2),
+            "mb_s": round(behind / MB / catchup_s, 1),
+        },
     }
 
 
@@ -185,12 +195,16 @@ def table(res: dict) -> list[str]:
         w = res["wal"]
         out.append("")
         out.append(f"safekeeper WAL throughput (one INSERT of ~{w['bulk_mb']} MB of rows, until its COMMIT returned):")
-        out.append(f"  3 safekeepers, quorum 2        {w['quorum_bulk']['mb_s']:>7.1f} MB/s  "
-                   f"({w['quorum_bulk']['wal_mb']} MB WAL in {w['quorum_bulk']['seconds']} s)")
+        out.append(
+            f"  3 safekeepers, quorum 2        {w['quorum_bulk']['mb_s']:>7.1f} MB/s  "
+            f"({w['quorum_bulk']['wal_mb']} MB WAL in {w['quorum_bulk']['seconds']} s)"
+        )
         out.append(f"  same, one safekeeper down      {w['quorum_bulk_one_down']['mb_s']:>7.1f} MB/s")
         out.append(f"  vanilla fsync=on (no standby)  {w['vanilla_bulk']['mb_s']:>7.1f} MB/s")
-        out.append(f"  peer recovery (catch-up)       {w['catch_up']['mb_s']:>7.1f} MB/s  "
-                   f"({w['catch_up']['behind_mb']} MB in {w['catch_up']['seconds']} s, including the daemon start)")
+        out.append(
+            f"  peer recovery (catch-up)       {w['catch_up']['mb_s']:>7.1f} MB/s  "
+            f"({w['catch_up']['behind_mb']} MB in {w['catch_up']['seconds']} s, including the daemon start)"
+        )
     return out
 
 

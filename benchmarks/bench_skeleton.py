@@ -251,28 +251,40 @@ def table(res: dict) -> list[str]:
             rs = [r for m in t["runs"][label].values() for r in m]
             sk = sum(r.get("sk1_cpu_s", 0) for r in rs) / max(1, sum(r["transactions"] or 0 for r in rs)) * 1e6
             ps = sum(r.get("pageserver_cpu_s", 0) for r in rs) / max(1, sum(r["transactions"] or 0 for r in rs)) * 1e6
-            out.append(f"{label}: storage daemon CPU per transaction (with child processes): safekeeper {sk:.0f} us, pageserver {ps:.0f} us")
-        out.append("neonctl endpoint starts during the TPS part: "
-                   + " ".join(f"{x:.1f}" for x in t["neonctl_endpoint_start_s"]) + " s (materialise + replay; the WAL to replay grows during the run)")
+            out.append(f"{label}: storage daemon CPU per transaction (with child processes): "
+                       f"safekeeper {sk:.0f} us, pageserver {ps:.0f} us")
+        out.append(
+            "neonctl endpoint starts during the TPS part: "
+            + " ".join(f"{x:.1f}" for x in t["neonctl_endpoint_start_s"])
+            + " s (materialise + replay; the WAL to replay grows during the run)"
+        )
     if "start" in res:
         s = res["start"]
         n, v = s["neonctl"], s["vanilla"]
         out.append("")
-        out.append(f"start time, pgbench -i -s {s['scale']} database (neonctl {n['db_mb']} MB, vanilla {v['db_mb']} MB), "
-                   f"median of {s['reps']}")
+        out.append(
+            f"start time, pgbench -i -s {s['scale']} database (neonctl {n['db_mb']} MB, vanilla {v['db_mb']} MB), "
+            f"median of {s['reps']}"
+        )
         out.append(f"{'':<30}{'median':>8}  runs")
-        out.append(f"{'neonctl endpoint start':<30}{n['median_s']:>7.2f}s  "
-                   + ", ".join(f"{r['total_s']:.2f} (redo {secs(r.get('redo_s'))})" for r in n["runs"]))
-        out.append(f"{'vanilla pg_ctl start -w':<30}{v['median_s']:>7.2f}s  " + " ".join(f"{x:.2f}" for x in v["runs_s"]))
+        out.append(
+            f"{'neonctl endpoint start':<30}{n['median_s']:>7.2f}s  "
+            + ", ".join(f"{r['total_s']:.2f} (redo {secs(r.get('redo_s'))})" for r in n["runs"])
+        )
+        out.append(
+            f"{'vanilla pg_ctl start -w':<30}{v['median_s']:>7.2f}s  " + " ".join(f"{x:.2f}" for x in v["runs_s"])
+        )
         out.append(f"{'ratio neonctl/vanilla':<30}{s['ratio']:>7.1f}x")
         med = sorted(n["runs"], key=lambda r: r["total_s"])[len(n["runs"]) // 2]
-        out.append(f"neonctl median run: materialise {secs(med.get('materialise_s'))}, pg_ctl start + verify + "
-                   f"attach {secs(med.get('pg_ctl_verify_attach_s'))} (redo {secs(med.get('redo_s'))}, end-of-recovery "
-                   f"checkpoint {secs(med.get('end_of_recovery_checkpoint_s'))}), elect "
-                   f"{secs(med.get('elect_s'))}; "
-                   f"data dir {med['pgdata_mb']} MB ({med['pgdata_without_wal_mb']} MB without pg_wal) "
-                   f"vs vanilla {v['pgdata_mb']} MB ({v['pgdata_without_wal_mb']} MB); "
-                   f"one `neonctl endpoint start` CLI process: {n['cli_one_run_s']:.2f}s")
+        out.append(
+            f"neonctl median run: materialise {secs(med.get('materialise_s'))}, pg_ctl start + verify + "
+            f"attach {secs(med.get('pg_ctl_verify_attach_s'))} (redo {secs(med.get('redo_s'))}, end-of-recovery "
+            f"checkpoint {secs(med.get('end_of_recovery_checkpoint_s'))}), elect "
+            f"{secs(med.get('elect_s'))}; "
+            f"data dir {med['pgdata_mb']} MB ({med['pgdata_without_wal_mb']} MB without pg_wal) "
+            f"vs vanilla {v['pgdata_mb']} MB ({v['pgdata_without_wal_mb']} MB); "
+            f"one `neonctl endpoint start` CLI process: {n['cli_one_run_s']:.2f}s"
+        )
     return out
 
 

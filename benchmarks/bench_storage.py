@@ -30,9 +30,9 @@ from pathlib import Path
 
 from neonctl.engine.compute.runtime import resolve_runtime, shared_dir
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.layer_catalog import LayerCatalog
-from neonctl.engine.pageserver.layers import LayerStore
-from neonctl.engine.pageserver.timeline import Timeline, TimelineMetadata
+from neonctl.engine.pageserver.timeline.layer_catalog import LayerCatalog
+from neonctl.engine.pageserver.timeline.layer_manager import LayerStore
+from neonctl.engine.pageserver.timeline.timeline import Timeline, TimelineMetadata
 from neonctl.engine.ports import allocate
 from neonctl.engine.wal.reader import WalStreamDecoder
 from neonctl.engine.wal.record_scan import scan_wal

@@ -36,7 +36,7 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     headers = [c.replace("_", " ").title() for c in columns]
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=False)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 

@@ -199,7 +199,7 @@ def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTem
                     _run_schema(conn, item, config.invocation_params.dir)
                 lsn = int(conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()[0])
             stop_endpoint(neon_project, name)
-        except Exception as e:  # the run errors once, with the file and the error; no half-made template stays
+        except Exception as e:  # noqa: BLE001 - the run errors once, with the file and the error; no half-made template stays
             message = f"--neonctl-schema {item}: {type(e).__name__}: {str(e).strip()}"
             (shared / "template.json").write_text(json.dumps({"error": message}))
             try:

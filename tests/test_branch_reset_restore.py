@@ -117,7 +117,9 @@ def test_bad_input_is_one_error_line_and_changes_nothing(rr, cli):
     assert "past the head" in _err(cli, "branch", "restore", "rr_dev", "^self@FF/0", *p)
     assert "already exists" in _err(cli, "branch", "restore", "rr_dev", "^parent", "--preserve-under-name", "main", *p)
     assert "already exists" in _err(cli, "branch", "reset", "rr_dev", "--parent", "--preserve-under-name", "main", *p)
-    assert "invalid branch name" in _err(cli, "branch", "reset", "rr_dev", "--parent", "--preserve-under-name", "a/b", *p)
+    assert "invalid branch name" in _err(
+        cli, "branch", "reset", "rr_dev", "--parent", "--preserve-under-name", "a/b", *p
+    )
     assert "give the source once" in _err(cli, "branch", "restore", "rr_dev", *p)
     assert (rr.dir / "project.json").read_text() == before
     # a branch whose history has children is only reset if its old state is kept for them

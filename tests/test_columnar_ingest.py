@@ -15,12 +15,29 @@ from hypothesis import strategies as st
 
 from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.delta_layer import DeltaEntries, DeltaLayerReader, DeltaLayerWriter, write_delta_layer
-from neonctl.engine.pageserver.disk_btree import BTreeBuilder, BTreeReader, NODE_SIZE, build_sorted, read_all_leaves
-from neonctl.engine.pageserver.inmemory_layer import sorted_entries
-from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, rel_block_key, rel_size_key
+from neonctl.engine.pageserver.key import (
+    MAX_KEY,
+    MIN_KEY,
+    Key,
+    rel_block_key,
+    rel_size_key,
+)
 from neonctl.engine.pageserver.key_columns import key_order
-from neonctl.engine.pageserver.layers import LayerStore
+from neonctl.engine.pageserver.storage_layer.delta_layer import (
+    DeltaEntries,
+    DeltaLayerReader,
+    DeltaLayerWriter,
+    write_delta_layer,
+)
+from neonctl.engine.pageserver.storage_layer.disk_btree import (
+    NODE_SIZE,
+    BTreeBuilder,
+    BTreeReader,
+    build_sorted,
+    read_all_leaves,
+)
+from neonctl.engine.pageserver.storage_layer.inmemory_layer import sorted_entries
+from neonctl.engine.pageserver.timeline.layer_manager import LayerStore
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import WalStreamDecoder
 from neonctl.engine.wal.record_scan import scan_wal
@@ -121,7 +138,7 @@ def test_open_layer_reads_match_frozen(wal_sample, tmp_path):
     store.put_batch(scan_wal(data, wal_sample.start_lsn, wal_sample.seg_size))
     keys = sorted({k for k, _ in ref})[:: max(1, len(ref) // 40)]
     before = {k: store.get_values(k, wal_sample.end_lsn) for k in keys}
-    assert {k.to_bytes() for k in store.open.keys()} == {k.to_bytes() for k, _ in ref}
+    assert {k.to_bytes() for k in store.open.keys()} == {k.to_bytes() for k, _ in ref}  # noqa: SIM118 - a layer
     store.freeze()
     assert {k: store.get_values(k, wal_sample.end_lsn) for k in keys} == before
     store.close()

@@ -261,7 +261,7 @@ def states(draw):
         pg_version=draw(st.integers(14, 18)),
         wal_seg_size=2 ** draw(st.integers(20, 30)),
         term=draw(st.integers(terms[-1] if terms else 0, 2**63)),
-        term_history=[TermSwitch(t, s) for t, s in zip(terms, starts)],
+        term_history=[TermSwitch(t, s) for t, s in zip(terms, starts, strict=False)],
         timeline_start_lsn=draw(lsns),
         flush_lsn=draw(lsns),
         commit_lsn=draw(lsns),

@@ -12,11 +12,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neonctl.engine.pageserver.delta_layer import DeltaLayerInfo, DeltaLayerReader, DeltaLayerWriter
-from neonctl.engine.pageserver.image_layer import ImageLayerWriter
-from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, KeyRange, rel_block_key, rel_size_key
-from neonctl.engine.pageserver.layer_file import BLOCK_SIZE
-from neonctl.engine.pageserver.layer_name import DeltaLayerName
+from neonctl.engine.pageserver.key import (
+    MAX_KEY,
+    MIN_KEY,
+    Key,
+    KeyRange,
+    rel_block_key,
+    rel_size_key,
+)
+from neonctl.engine.pageserver.storage_layer.delta_layer import (
+    DeltaLayerInfo,
+    DeltaLayerReader,
+    DeltaLayerWriter,
+)
+from neonctl.engine.pageserver.storage_layer.image_layer import ImageLayerWriter
+from neonctl.engine.pageserver.storage_layer.layer_file import BLOCK_SIZE
+from neonctl.engine.pageserver.storage_layer.layer_name import DeltaLayerName
 from neonctl.errors import CorruptData
 
 TL = "0123456789abcdef0123456789abcdef"
@@ -183,7 +194,7 @@ def layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Entry]]:
 def read_everything(path: Path) -> list[tuple[Key, int, bool, bytes]]:
     with DeltaLayerReader(path) as reader:
         got = list(reader.iter_all())
-        for key in reader.keys():
+        for key in reader.keys():  # noqa: SIM118 - a layer reader
             reader.get_values(key, 2**64)
         return got
 

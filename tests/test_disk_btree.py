@@ -12,7 +12,12 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from neonctl.engine.pageserver.disk_btree import MAX_VALUE, NODE_SIZE, BTreeBuilder, BTreeReader
+from neonctl.engine.pageserver.storage_layer.disk_btree import (
+    MAX_VALUE,
+    NODE_SIZE,
+    BTreeBuilder,
+    BTreeReader,
+)
 from neonctl.errors import CorruptData
 
 

@@ -39,7 +39,9 @@ def test_completions_are_generated_and_current():
         out = subprocess.run([sys.executable, "-c", "from neonctl.cli import app; app(prog_name='neonctl')"],
                              env=env, capture_output=True, text=True).stdout
         committed = (ROOT / "completions" / f"neonctl.{shell}").read_text()
-        assert out == committed, f"completions/neonctl.{shell} is stale: regenerate with _NEONCTL_COMPLETE=source_{shell} neonctl"
+        assert out == committed, (
+            f"completions/neonctl.{shell} is stale: regenerate with _NEONCTL_COMPLETE=source_{shell} neonctl"
+        )
 
 
 def test_ci_runs_the_readme_test_command_in_a_fresh_venv():

@@ -21,8 +21,17 @@ from neonctl.engine.safekeeper.acceptor import (
     WalWrite,
 )
 from neonctl.engine.safekeeper.control_file import TimelineState, decode, encode
-from neonctl.engine.safekeeper.proposer import Election, ElectionResult, commit_lsn, quorum
-from neonctl.engine.safekeeper.term_history import CommonPoint, ProtocolViolation, TermHistory
+from neonctl.engine.safekeeper.proposer import (
+    Election,
+    ElectionResult,
+    commit_lsn,
+    quorum,
+)
+from neonctl.engine.safekeeper.term_history import (
+    CommonPoint,
+    ProtocolViolation,
+    TermHistory,
+)
 from neonctl.errors import Conflict
 
 START = 0x100

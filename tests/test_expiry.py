@@ -41,10 +41,14 @@ def test_set_expiration_and_bad_input(pg18, cli):
         assert _branches(cli, pg18)["exp-set"]["expires_at"] == "2999-01-01T00:00:00Z"
         cli("branch", "set-expiration", "exp-set", "--never", *p)
         assert _branches(cli, pg18)["exp-set"]["expires_at"] is None
-        for args, msg in [(["--expires-at", "2001-01-01T00:00:00Z"], "in the past"),
-                          (["--expires-at", "yesterday"], "RFC 3339"), (["--expires-at", "2999-01-01T00:00:00"], "time zone"),
-                          (["--ttl", "0s"], "positive duration"), (["--ttl", "soon"], "positive duration"),
-                          (["--ttl", "1h", "--expires-at", "2999-01-01T00:00:00Z"], "not both")]:
+        for args, msg in [
+            (["--expires-at", "2001-01-01T00:00:00Z"], "in the past"),
+            (["--expires-at", "yesterday"], "RFC 3339"),
+            (["--expires-at", "2999-01-01T00:00:00"], "time zone"),
+            (["--ttl", "0s"], "positive duration"),
+            (["--ttl", "soon"], "positive duration"),
+            (["--ttl", "1h", "--expires-at", "2999-01-01T00:00:00Z"], "not both"),
+        ]:
             rc, _, err = cli("branch", "create", "--name", "exp-bad", *args, *p, ok=False)
             assert rc != 0 and msg in err and err.count("\n") == 1, (args, err)
         assert "exp-bad" not in _branches(cli, pg18)

@@ -8,8 +8,8 @@ from conftest import connect
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import client
-from neonctl.engine.lsn import format_lsn
 from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import load_project
 
 TINY_WINDOW = {"gc_horizon": 0, "pitr_interval": 2.0, "gc_period": 0, "checkpoint_distance": 256 * 1024,
@@ -72,7 +72,13 @@ def test_gc_trims_history_but_keeps_branch_points(gp, cli):
     rc, out, _ = cli("gc", "-o", "json", *p)
     res = next(r for r in json.loads(out) if r["branch"] == "main")
     # initdb's image and the WAL/deltas below the first image are gone; image 1 stays for the branch point
-    assert res["images_removed"] and res["wal_segments_removed"] and res["deltas_removed"], (res["wal_kept_from"], res["retained_points"], img1["redo_lsn"], img1["lsn"], sorted(p.name for p in (gp.dir / "pageserver" / "timelines" / tl / "wal").iterdir()))
+    assert res["images_removed"] and res["wal_segments_removed"] and res["deltas_removed"], (
+        res["wal_kept_from"],
+        res["retained_points"],
+        img1["redo_lsn"],
+        img1["lsn"],
+        sorted(p.name for p in (gp.dir / "pageserver" / "timelines" / tl / "wal").iterdir()),
+    )
     assert not any(str(img1["layers"][0]) == n for n in res["images_removed"])
     assert format_lsn(early_lsn) in res["retained_points"]
     assert len(sorted((gp.dir / "pageserver" / "timelines" / tl / "wal").iterdir())) <= len(segs_before)
@@ -87,8 +93,9 @@ def test_gc_trims_history_but_keeps_branch_points(gp, cli):
     with connect(gp) as conn:
         assert conn.execute("SELECT count(*) FROM g").fetchone()[0] == final_rows
     # a new branch below the cutoff is refused, naming the oldest point kept
-    rc, _, err = cli("branch", "create", "--name", "tooold", "--parent", f"main@{format_lsn(early_lsn + 200000)}",
-                     *p, ok=False)
+    rc, _, err = cli(
+        "branch", "create", "--name", "tooold", "--parent", f"main@{format_lsn(early_lsn + 200000)}", *p, ok=False
+    )
     assert rc != 0 and "below the GC cutoff" in err and "oldest point kept" in err
     assert "tooold" not in json.loads((gp.dir / "project.json").read_text())["branches"]
     # the cutoff only moves forward: a second GC keeps at least the same cutoff

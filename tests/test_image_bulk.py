@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from test_redo_worker import Scratch, runtime_for, sql
 
 from neonctl.engine.compute.controldata import read_control_data
-from neonctl.engine.pageserver import image_create
-from neonctl.engine.pageserver.image_create import (
+from neonctl.engine.pageserver.images import create as image_create
+from neonctl.engine.pageserver.images.create import (
     _aux_tar,
     _partitions,
     _read_pages,
@@ -38,19 +38,13 @@ from neonctl.engine.pageserver.image_create import (
     _Run,
     _scan,
 )
-from neonctl.engine.pageserver.image_layer import (
-    ImageLayerReader,
-    ImageLayerWriter,
-    ImageValues,
-    write_image_layer,
-)
-from neonctl.engine.pageserver.image_restore import restore_image
-from neonctl.engine.pageserver.image_set import (
+from neonctl.engine.pageserver.images.image_set import (
     AUX_FILES_KEY,
     BLCKSZ,
     FORMAT,
     IMAGE_META_KEY,
 )
+from neonctl.engine.pageserver.images.restore import restore_image
 from neonctl.engine.pageserver.key import (
     KEY_SIZE,
     MAX_KEY,
@@ -65,7 +59,13 @@ from neonctl.engine.pageserver.key import (
     slru_seg_size_key,
 )
 from neonctl.engine.pageserver.key_columns import key_fields, key_runs
-from neonctl.engine.pageserver.layer_name import ImageLayerName
+from neonctl.engine.pageserver.storage_layer.image_layer import (
+    ImageLayerReader,
+    ImageLayerWriter,
+    ImageValues,
+    write_image_layer,
+)
+from neonctl.engine.pageserver.storage_layer.layer_name import ImageLayerName
 from neonctl.errors import CorruptData, InvalidInput
 
 TL = "0123456789abcdef0123456789abcdef"

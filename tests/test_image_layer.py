@@ -12,11 +12,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neonctl.engine.pageserver.delta_layer import DeltaLayerWriter
-from neonctl.engine.pageserver.image_layer import ImageLayerInfo, ImageLayerReader, ImageLayerWriter
-from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, KeyRange, rel_block_key, rel_key_range
-from neonctl.engine.pageserver.layer_file import BLOCK_SIZE
-from neonctl.engine.pageserver.layer_name import ImageLayerName
+from neonctl.engine.pageserver.key import (
+    MAX_KEY,
+    MIN_KEY,
+    Key,
+    KeyRange,
+    rel_block_key,
+    rel_key_range,
+)
+from neonctl.engine.pageserver.storage_layer.delta_layer import DeltaLayerWriter
+from neonctl.engine.pageserver.storage_layer.image_layer import (
+    ImageLayerInfo,
+    ImageLayerReader,
+    ImageLayerWriter,
+)
+from neonctl.engine.pageserver.storage_layer.layer_file import BLOCK_SIZE
+from neonctl.engine.pageserver.storage_layer.layer_name import ImageLayerName
 from neonctl.errors import CorruptData
 
 TL = "fedcba9876543210fedcba9876543210"
@@ -105,7 +116,7 @@ def test_many_keys_multi_level_index(tmp_path: Path) -> None:
         for k in random.Random(1).sample(keys, 200):
             assert reader.get(k) == k.to_bytes()
             assert reader.get(Key(*k[:5], k.field6 + 1)) is None
-        assert sum(1 for _ in reader.keys()) == len(keys)
+        assert sum(1 for _ in reader.keys()) == len(keys)  # noqa: SIM118 - a layer reader
 
 
 def test_writer_rejects_bad_input(tmp_path: Path) -> None:

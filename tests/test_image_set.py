@@ -22,11 +22,14 @@ from test_redo_worker import PRIMARY_OPTIONS, Scratch, get_history, sql
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, segment_file_name
-from neonctl.engine.pageserver.image_create import create_image
-from neonctl.engine.pageserver.image_layer import ImageLayerReader
-from neonctl.engine.pageserver.image_materialize import prepare_for_recovery
-from neonctl.engine.pageserver.image_restore import image_info_from_layers, read_image_meta, restore_image
-from neonctl.engine.pageserver.image_set import AUX_FILES_KEY, IMAGE_META_KEY
+from neonctl.engine.pageserver.images.create import create_image
+from neonctl.engine.pageserver.images.image_set import AUX_FILES_KEY, IMAGE_META_KEY
+from neonctl.engine.pageserver.images.materialize import prepare_for_recovery
+from neonctl.engine.pageserver.images.restore import (
+    image_info_from_layers,
+    read_image_meta,
+    restore_image,
+)
 from neonctl.engine.pageserver.key import (
     MAX_KEY,
     MIN_KEY,
@@ -36,6 +39,7 @@ from neonctl.engine.pageserver.key import (
     relmap_key,
     slru_seg_size_key,
 )
+from neonctl.engine.pageserver.storage_layer.image_layer import ImageLayerReader
 from neonctl.engine.wal.reader import find_end_of_wal
 from neonctl.errors import CorruptData, InvalidInput
 
@@ -119,10 +123,7 @@ def _expected_skip(rel: str, kind: str, unlogged: set[str]) -> bool:
     if rel in ("postmaster.opts", "postmaster.pid") or parts[-1] == "pg_internal.init":
         return True
     base = rel.split(".")[0]
-    for u in unlogged:  # every fork but _init of an unlogged relation
-        if base in (u, u + "_fsm", u + "_vm"):
-            return True
-    return False
+    return any(base in (u, u + "_fsm", u + "_vm") for u in unlogged)
 
 
 def test_round_trip_is_byte_exact_except_deliberate_skips(cluster, image):
@@ -155,7 +156,8 @@ def test_round_trip_is_byte_exact_except_deliberate_skips(cluster, image):
             lsn, n = lsn + k, n - k
         return bytes(out)
 
-    end = find_end_of_wal(read_wal, image.checkpoint_lsn, (image.checkpoint_lsn // WAL_SEGMENT_SIZE + 1) * WAL_SEGMENT_SIZE)
+    seg_end = (image.checkpoint_lsn // WAL_SEGMENT_SIZE + 1) * WAL_SEGMENT_SIZE
+    end = find_end_of_wal(read_wal, image.checkpoint_lsn, seg_end)
     assert end > image.checkpoint_lsn
     prepare_for_recovery(target, read_wal, end, image.checkpoint_lsn, image.redo_lsn, "pg_rewind", "round trip")
     port = cluster.scratch.start(target)
@@ -174,7 +176,7 @@ def test_key_layout(cluster, image):
     info = image
     assert len(info.layers) >= 3
     assert info.key_ranges[0].start == MIN_KEY and info.key_ranges[-1].end == MAX_KEY
-    for a, b in zip(info.key_ranges, info.key_ranges[1:]):
+    for a, b in zip(info.key_ranges, info.key_ranges[1:], strict=False):
         assert a.end == b.start
     values: dict = {}
     for path in info.paths:
@@ -214,8 +216,9 @@ def test_key_layout(cluster, image):
     assert names["PG_VERSION"].isfile() and names["postgresql.conf"].isfile()
     assert names["pg_wal/archive_status"].isdir() and names["pg_replslot"].isdir()
     assert names[f"base/{db}/PG_VERSION"].isfile()
-    assert not any(n.startswith(("base/", "global/")) and n.split("/")[-1][0].isdigit() and m.isfile()
-                   for n, m in names.items())
+    assert not any(
+        n.startswith(("base/", "global/")) and n.split("/")[-1][0].isdigit() and m.isfile() for n, m in names.items()
+    )
     assert "global/pg_control" not in names and "postmaster.opts" not in names
     assert b'"cluster_state": "shut down"' in values[IMAGE_META_KEY]
 
@@ -223,7 +226,12 @@ def test_key_layout(cluster, image):
 def test_image_info_from_layers_and_meta(image):
     again = image_info_from_layers(reversed(image.paths))
     assert (again.lsn, again.checkpoint_lsn, again.redo_lsn, again.cluster_state, again.timeline_id) == (
-        image.lsn, image.checkpoint_lsn, image.redo_lsn, image.cluster_state, TL)
+        image.lsn,
+        image.checkpoint_lsn,
+        image.redo_lsn,
+        image.cluster_state,
+        TL,
+    )
     assert again.names == image.names
     moved = image.relocated("/elsewhere")
     assert moved.paths == [Path("/elsewhere", n) for n in image.names] and moved.lsn == image.lsn

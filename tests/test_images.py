@@ -21,13 +21,15 @@ def test_image_shortens_replay_and_changes_no_answer(pg18, cli):
     with connect(pg18) as conn:
         conn.execute("DROP TABLE IF EXISTS img")
         conn.execute("CREATE TABLE img (id int, pad text)")
-        for i in range(3):
+        for _i in range(3):
             conn.execute("INSERT INTO img SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g")
             points.append((_lsn(conn), conn.execute("SELECT count(*) FROM img").fetchone()[0]))
         conn.execute("CHECKPOINT")
         conn.execute("INSERT INTO img VALUES (-1, 'after checkpoint')")
         points.append((_lsn(conn), conn.execute("SELECT count(*) FROM img").fetchone()[0]))
-    flush = max(client.call("sk", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"] for a in pg18.safekeeper_addrs().values())
+    flush = max(
+        client.call("sk", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"] for a in pg18.safekeeper_addrs().values()
+    )
     deadline = time.time() + 30
     while client.call("pageserver", pg18.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < flush:
         assert time.time() < deadline
@@ -64,10 +66,11 @@ def test_next_image_starts_from_the_kept_redo_directory(pg18, cli):
 
     def image_after(rows: int) -> dict:
         with connect(pg18) as conn:
-            conn.execute("INSERT INTO kept SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
-                         (rows - 4999, rows))
+            conn.execute(
+                "INSERT INTO kept SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g", (rows - 4999, rows)
+            )
             conn.execute("CHECKPOINT")
-            conn.execute("INSERT INTO kept VALUES (-%s, 'after')" % rows)
+            conn.execute(f"INSERT INTO kept VALUES (-{rows}, 'after')")
             lsn = _lsn(conn)
         deadline = time.time() + 30
         while client.call("pageserver", ps, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < lsn:

@@ -7,7 +7,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from neonctl.engine.pageserver.key import MAX_KEY, MIN_KEY, Key, KeyRange, rel_key_range
-from neonctl.engine.pageserver.layer_name import DeltaLayerName, ImageLayerName, parse_layer_name
+from neonctl.engine.pageserver.storage_layer.layer_name import (
+    DeltaLayerName,
+    ImageLayerName,
+    parse_layer_name,
+)
 from neonctl.errors import InvalidInput
 
 keys = st.builds(Key.from_int, st.integers(0, 2**144 - 1))

@@ -35,7 +35,9 @@ def _tl(p):
 def _wait_ingested(p):
     flush = _sk_flush(p, _tl(p))
     deadline = time.time() + 30
-    while (client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}")["layer_lsn"] or 0) < flush - 200:
+    while (
+        client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}")["layer_lsn"] or 0
+    ) < flush - 200:
         assert time.time() < deadline
         time.sleep(0.1)
 
@@ -62,7 +64,7 @@ def _workload(p, n, table="lt"):
 
 
 def test_freeze_compact_and_catalog_agree(lp, cli):
-    lsn = _workload(lp, 20)
+    _workload(lp, 20)
     _wait_ingested(lp)
     deadline = time.time() + 30
     while not any(d["level"] == 1 for d in _layers(lp)):
@@ -75,8 +77,11 @@ def test_freeze_compact_and_catalog_agree(lp, cli):
     for _ in range(50):
         a = {d["name"] for d in _layers(lp)}
         idx = {d["name"] for d in _index(lp)["layers"]}
-        files = {f.name for f in (lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers").iterdir()
-                 if not f.name.endswith(".tmp")}  # a freeze or image in progress right now
+        files = {
+            f.name
+            for f in (lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers").iterdir()
+            if not f.name.endswith(".tmp")
+        }  # a freeze or image in progress right now
         if a == idx == files - {"index_part.json"} and a == {d["name"] for d in _layers(lp)}:
             break
         time.sleep(0.2)
@@ -90,8 +95,9 @@ def test_freeze_compact_and_catalog_agree(lp, cli):
 def test_compaction_changes_no_answer(lp):
     with connect(lp) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS lt (id serial PRIMARY KEY, v text)")
-        db, rel = conn.execute("SELECT (SELECT oid FROM pg_database WHERE datname = current_database()),"
-                               " pg_relation_filenode('lt')").fetchone()
+        db, rel = conn.execute(
+            "SELECT (SELECT oid FROM pg_database WHERE datname = current_database()), pg_relation_filenode('lt')"
+        ).fetchone()
     lsn = _workload(lp, 4)
     _wait_ingested(lp)
     from neonctl.engine.pageserver.key import rel_block_key
@@ -100,8 +106,13 @@ def test_compaction_changes_no_answer(lp):
     before = {str(k): _versions(lp, k, lsn) for k in keys}
     assert any(v[0] for v in before.values())
     l0_before = {d["name"] for d in _layers(lp) if d["level"] == 0}
-    client.call("pageserver", lp.pageserver_addr, "POST", f"/v1/timeline/{_tl(lp)}/checkpoint",
-                {"compact": True, "wait_for_lsn": _sk_flush(lp, _tl(lp))})
+    client.call(
+        "pageserver",
+        lp.pageserver_addr,
+        "POST",
+        f"/v1/timeline/{_tl(lp)}/checkpoint",
+        {"compact": True, "wait_for_lsn": _sk_flush(lp, _tl(lp))},
+    )
     assert not l0_before & {d["name"] for d in _layers(lp)}, "the L0s were compacted away"
     after = {str(k): _versions(lp, k, lsn) for k in keys}
     assert after == before
@@ -114,7 +125,7 @@ def test_kill9_at_each_layer_step_leaves_consistent_state(lp, cli, point):
     os.environ["NEONCTL_FAILPOINTS"] = point
     try:
         cli("start", "-p", "layers", ok=False)  # it may already die re-ingesting at start-up
-        lsn = _workload(lp, 10, table=f"crash_{point.replace('-', '_')}")
+        _workload(lp, 10, table=f"crash_{point.replace('-', '_')}")
         deadline = time.time() + 30
         while ps.pid() is not None:  # the failpoint SIGKILLs the pageserver at that step
             assert time.time() < deadline, f"failpoint {point} was never reached"

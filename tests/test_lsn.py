@@ -1,6 +1,11 @@
 import pytest
 
-from neonctl.engine.lsn import format_lsn, parse_lsn, parse_segment_file_name, segment_file_name
+from neonctl.engine.lsn import (
+    format_lsn,
+    parse_lsn,
+    parse_segment_file_name,
+    segment_file_name,
+)
 from neonctl.errors import InvalidInput
 
 

@@ -74,7 +74,9 @@ def history(pg18, cli):
             points.append((int(lsn), n))
     tl = pg18.branch("main").timeline_id
     deadline = time.time() + 20
-    while client.call("pageserver", pg18.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < points[-1][0]:
+    while (
+        client.call("pageserver", pg18.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < points[-1][0]
+    ):
         assert time.time() < deadline
         time.sleep(0.1)
     yield points
@@ -125,7 +127,7 @@ def test_materialized_wal_stops_exactly_at_target(pg18, history, scratch_dir):
     seg = 16 << 20
     last = sorted((s.pgdata / "pg_wal").glob("0000*"))[-1]
     assert int(last.name[16:], 16) == lsn // seg % 256
-    tail = last.read_bytes()[lsn % seg:]
+    tail = last.read_bytes()[lsn % seg :]
     assert tail == bytes(len(tail)), "WAL after the target must be zeroed, or Postgres replays past it"
     shutil.rmtree(s.dir)
 

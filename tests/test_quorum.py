@@ -20,9 +20,14 @@ from conftest import BlockedCommit, Writer, assert_all_present, connect
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import client, ports
-from neonctl.engine.compute.endpoint import postgres_pid, read_state, start_endpoint, stop_endpoint
-from neonctl.engine.lsn import segment_file_name
+from neonctl.engine.compute.endpoint import (
+    postgres_pid,
+    read_state,
+    start_endpoint,
+    stop_endpoint,
+)
 from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.lsn import segment_file_name
 from neonctl.engine.project import load_project
 from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
 from neonctl.engine.safekeeper.control_file import load
@@ -39,7 +44,7 @@ def q3():
     c = project.config
     free = ports.allocate(20000 + (os.getpid() * 13) % 12000, set(), 5)  # below the ephemeral range
     c.pageserver_port, c.broker_port = free[:2]
-    for sk_cfg, port in zip(c.safekeepers, free[2:]):
+    for sk_cfg, port in zip(c.safekeepers, free[2:], strict=False):
         sk_cfg["port"] = port
     project.save()
     assert cli_main(["start", "-p", "quorum", "-o", "json"]) == 0
@@ -374,7 +379,8 @@ def test_broker_down_everyone_goes_on(q3, cli):
             assert conn.execute("SELECT count(*) FROM nobroker").fetchone()[0] == 1000
     finally:
         cli("start", "-p", q3.name)
-    status = lambda: client.call("broker", q3.broker_addr, "GET", "/v1/status")
+    def status():
+        return client.call("broker", q3.broker_addr, "GET", "/v1/status")
     wait_until(lambda: status()["timelines"] >= 1, 10, "the safekeepers to publish to the restarted broker")
     v0 = status()["version"]
     wait_until(lambda: status()["version"] >= v0 + 3, 10, "publishing to go on")

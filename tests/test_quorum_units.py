@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from neonctl.engine.pageserver.walreceiver import LAGGING_WAL_TIMEOUT, MAX_LSN_WAL_LAG, choose, pick_safekeeper
+from neonctl.engine.pageserver.timeline.walreceiver import (
+    LAGGING_WAL_TIMEOUT,
+    MAX_LSN_WAL_LAG,
+    choose,
+    pick_safekeeper,
+)
 from neonctl.engine.safekeeper.acceptor import ProposerElected, VoteRequest
 from neonctl.engine.safekeeper.control_file import TimelineState, load
 from neonctl.engine.safekeeper.peer_recovery import best_donor, join_term
 from neonctl.engine.safekeeper.term_history import ProtocolViolation
-from neonctl.engine.safekeeper.timeline import CONTROL_FILE, BrokenTimeline, SkTimeline, open_timeline
+from neonctl.engine.safekeeper.timeline import (
+    CONTROL_FILE,
+    BrokenTimeline,
+    SkTimeline,
+    open_timeline,
+)
 
 pytest_plugins = ["walgen"]
 

@@ -59,7 +59,7 @@ def block_tuples(decs) -> list[tuple]:
 def batch_blocks(batch) -> list[tuple]:
     cols = (batch.blk_rec, batch.blk_id, batch.blk_spc, batch.blk_db, batch.blk_rel, batch.blk_fork, batch.blk_no,
             batch.blk_flags)
-    return list(zip(*(c.tolist() for c in cols)))
+    return list(zip(*(c.tolist() for c in cols), strict=False))
 
 
 def assert_same(batch, raws, decs) -> None:

@@ -33,20 +33,19 @@ from neonctl.engine.lsn import (
     parse_lsn,
     segment_file_name,
 )
-from neonctl.engine.pageserver.image_create import create_image
-from neonctl.engine.pageserver.image_materialize import (
+from neonctl.engine.pageserver.images.create import create_image
+from neonctl.engine.pageserver.images.image_set import ImageInfo
+from neonctl.engine.pageserver.images.materialize import (
     materialize_from_image,
     prepare_for_recovery,
 )
-from neonctl.engine.pageserver.image_set import ImageInfo
-from neonctl.engine.pageserver.redo_worker import (
+from neonctl.engine.pageserver.images.redo_worker import (
     SHUT_DOWN_IN_RECOVERY,
     RedoResult,
-    build_image,
     free_port,
     replay_to,
 )
-from neonctl.engine.pageserver.timeline import Timeline
+from neonctl.engine.pageserver.timeline.timeline import Timeline
 from neonctl.engine.process import pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
 
@@ -95,9 +94,21 @@ class Scratch:
         for _ in range(5):
             port = free_port()
             try:
-                self.rt.run([self.rt.bin("pg_ctl"), "start", "-w", "-t", "60", "-D", str(pgdata),
-                             "-l", str(pgdata.parent / "log"),
-                             "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {pgdata.parent} -c fsync=off {options}"])
+                self.rt.run(
+                    [
+                        self.rt.bin("pg_ctl"),
+                        "start",
+                        "-w",
+                        "-t",
+                        "60",
+                        "-D",
+                        str(pgdata),
+                        "-l",
+                        str(pgdata.parent / "log"),
+                        "-o",
+                        f"-p {port} -c listen_addresses=127.0.0.1 -k {pgdata.parent} -c fsync=off {options}",
+                    ]
+                )
             except PostgresError:
                 if "could not create any TCP/IP sockets" in self.log(pgdata):
                     continue
@@ -137,8 +148,9 @@ def postmaster_pid(pgdata: Path) -> int | None:
 
 
 def sql(port: int, query: str, db: str = "postgres", options: str = ""):
-    with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname=db, autocommit=True,
-                         connect_timeout=10, options=options) as conn:
+    with psycopg.connect(
+        host="127.0.0.1", port=port, user="postgres", dbname=db, autocommit=True, connect_timeout=10, options=options
+    ) as conn:
         cur = conn.execute(query)
         return cur.fetchall() if cur.description else None
 
@@ -150,7 +162,7 @@ def ingest_pg_wal(tl: Timeline, pgdata: Path) -> int:
     data = bytearray()
     while (p := pgdata / "pg_wal" / segment_file_name(segno)).exists():
         seg = p.read_bytes()
-        data += seg[start % WAL_SEGMENT_SIZE:] if segno == start // WAL_SEGMENT_SIZE else seg
+        data += seg[start % WAL_SEGMENT_SIZE :] if segno == start // WAL_SEGMENT_SIZE else seg
         segno += 1
     return tl.ingest(start, bytes(data))
 
@@ -215,7 +227,10 @@ def _build_history(name: str) -> History:
         sql(port, "CREATE TABLE t (id int, pad text); CREATE INDEX t_id ON t (id)")
         raw = []
         for i in range(8):
-            sql(port, f"INSERT INTO t SELECT g, repeat('{i}', 100) FROM generate_series({i * 1000}, {i * 1000 + 1999}) g")
+            sql(
+                port,
+                f"INSERT INTO t SELECT g, repeat('{i}', 100) FROM generate_series({i * 1000}, {i * 1000 + 1999}) g",
+            )
             if i % 3 == 1:
                 sql(port, f"DELETE FROM t WHERE id % 7 = {i}")
                 sql(port, f"UPDATE t SET pad = 'u{i}' WHERE id % 11 = 0")
@@ -271,8 +286,9 @@ def _start_and_check(h: History, pgdata: Path, point: Point) -> str:
     try:
         verify_replayed(str(pgdata.parent), port, point.lsn, pgdata.parent / "log")
         assert tuple(sql(port, CONTENT)[0]) == (point.count, point.digest)
-        idx = sql(port, "SELECT count(*) FROM t WHERE id >= 0",
-                  options="-c enable_seqscan=off -c enable_bitmapscan=off")[0][0]
+        idx = sql(
+            port, "SELECT count(*) FROM t WHERE id >= 0", options="-c enable_seqscan=off -c enable_bitmapscan=off"
+        )[0][0]
         assert idx == point.count, "index and heap disagree"
         assert sql(port, "SELECT timeline_id FROM pg_control_checkpoint()")[0][0] == 1
         log = Scratch.log(pgdata)
@@ -290,8 +306,10 @@ def test_redo_worker_leaves_directory_shut_down_in_recovery(history, image):
     lsn = h.points[3].lsn
     assert res.lsn == lsn
     assert image.control["Database cluster state"] == SHUT_DOWN_IN_RECOVERY
-    assert (parse_lsn(image.control["Latest checkpoint location"]),
-            parse_lsn(image.control["Latest checkpoint's REDO location"])) == (res.checkpoint_lsn, res.redo_lsn)
+    assert (
+        parse_lsn(image.control["Latest checkpoint location"]),
+        parse_lsn(image.control["Latest checkpoint's REDO location"]),
+    ) == (res.checkpoint_lsn, res.redo_lsn)
     # C is the CHECKPOINT issued after step 2 (before I): not initdb's, not an end-of-recovery one
     assert h.tl.meta.base_checkpoint_lsn < res.redo_lsn <= res.checkpoint_lsn < h.points[2].lsn < lsn
     assert parse_lsn(image.control["Minimum recovery ending location"]) == lsn
@@ -310,7 +328,7 @@ def test_materialize_from_image_at_its_own_lsn(history, image):
     # fewer WAL bytes to replay than from initdb
     assert wal_bytes == point.lsn - res.redo_lsn < point.lsn - h.tl.meta.base_redo_lsn
     tail = (target / "pg_wal" / segment_file_name(point.lsn // WAL_SEGMENT_SIZE)).read_bytes()
-    assert tail[point.lsn % WAL_SEGMENT_SIZE:].count(0) == WAL_SEGMENT_SIZE - point.lsn % WAL_SEGMENT_SIZE
+    assert tail[point.lsn % WAL_SEGMENT_SIZE :].count(0) == WAL_SEGMENT_SIZE - point.lsn % WAL_SEGMENT_SIZE
     text = (target / "backup_label").read_text()
     assert ("BACKUP FROM: standby" if label is None else "BACKUP METHOD: pg_rewind") in text
     log = _start_and_check(h, target, point)
@@ -337,12 +355,18 @@ def test_target_before_image_lsn_is_refused(history, image):
 
 
 def test_image_of_image(history, image):
-    """build_image from an older image instead of initdb, replaying across a shutdown checkpoint."""
+    """An image made from an older image instead of initdb, replaying across a shutdown checkpoint."""
     h, res = history, image.res
     j = h.points[6]
     work = h.scratch.root / "second-work"
-    info2 = build_image(h.tl, j.lsn, h.rt, work, h.scratch.root / "second-layers", base=image.info, timeout=60)
-    assert not work.exists()
+    work.mkdir(parents=True)
+    os.chmod(work, 0o755)  # the Postgres user replays in it when the tests run as root
+    pgdata = work / "pgdata"
+    materialize_from_image(image.info, h.tl.read_wal, j.lsn, pgdata)
+    res2 = replay_to(h.rt, pgdata, j.lsn, timeout=60, log_file=work / "redo.log")
+    info2 = create_image(
+        pgdata, h.scratch.root / "second-layers", h.tl.timeline_id, j.lsn, res2.checkpoint_lsn, res2.redo_lsn
+    )
     # C2 is the shutdown checkpoint of the restart after step 5: a standby replayed it without PANIC
     assert res.checkpoint_lsn < info2.redo_lsn == info2.checkpoint_lsn < j.lsn
     assert info2.lsn == j.lsn and info2.cluster_state == SHUT_DOWN_IN_RECOVERY
@@ -371,10 +395,12 @@ def test_redo_worker_without_a_checkpoint_keeps_the_old_redo_point(history):
     shutil.rmtree(target.parent)
 
     # the redo worker's directory again, given WAL only up to points[1]: asking for more times out
-    prepare_for_recovery(img.workdir, h.tl.read_wal, h.points[1].lsn, res.checkpoint_lsn, res.redo_lsn,
-                         "standby", "timeout")
-    with pytest.raises(Timeout, match=f"did not reach {format_lsn(point.lsn)}.*replayed only to"
-                                      f" {format_lsn(h.points[1].lsn)}"):
+    prepare_for_recovery(
+        img.workdir, h.tl.read_wal, h.points[1].lsn, res.checkpoint_lsn, res.redo_lsn, "standby", "timeout"
+    )
+    with pytest.raises(
+        Timeout, match=f"did not reach {format_lsn(point.lsn)}.*replayed only to {format_lsn(h.points[1].lsn)}"
+    ):
         replay_to(h.rt, img.workdir, point.lsn, timeout=1.5)
     assert postmaster_pid(img.workdir) is None
     shutil.rmtree(img.workdir.parent)

@@ -17,12 +17,17 @@ from conftest import connect
 from neonctl.cli import main as cli_main
 from neonctl.engine import client
 from neonctl.engine.branches import _sk_flush
-from neonctl.engine.lsn import segment_file_name
-from neonctl.engine.pageserver.remote_restore import restore_timelines
-from neonctl.engine.pageserver.remote_storage import LocalFsStorage, S3Storage, parse_url
-from neonctl.engine.pageserver.remote_sync import RemoteSync, remote_timelines
-from neonctl.engine.pageserver.timeline import CommitLog, Timeline
 from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.lsn import segment_file_name
+from neonctl.engine.pageserver.commit_log import CommitLog
+from neonctl.engine.pageserver.remote.download import restore_timelines
+from neonctl.engine.pageserver.remote.storage import (
+    LocalFsStorage,
+    S3Storage,
+    parse_url,
+)
+from neonctl.engine.pageserver.remote.upload import RemoteSync, remote_timelines
+from neonctl.engine.pageserver.timeline.timeline import Timeline
 from neonctl.engine.project import load_project
 from neonctl.errors import CorruptData, InvalidInput, RemoteStorageError
 

@@ -47,7 +47,9 @@ def test_endpoint_at_lsn_is_read_only_and_exact(pg18, cli, history):
     # the safekeepers still follow the branch's own compute, which still commits (no synchronous standby here)
     tl = pg18.branch("main").timeline_id
     for i, addr in pg18.safekeeper_addrs().items():
-        assert client.call(f"sk{i}", addr, "GET", f"/v1/timeline/{tl}")["compute"]["port"] == read_state(pg18, "main").port
+        assert (
+            client.call(f"sk{i}", addr, "GET", f"/v1/timeline/{tl}")["compute"]["port"] == read_state(pg18, "main").port
+        )
     with connect(pg18) as conn:
         conn.execute("INSERT INTO tt VALUES (-5, -5)")
         conn.execute("DELETE FROM tt WHERE id = -5")
@@ -85,7 +87,9 @@ def test_time_travel_bad_input(pg18, cli, history):
     p = ["-p", pg18.name]
     assert "past the head" in _err(cli, "endpoint", "start", "main", "--lsn", "FF/0", *p)
     assert "in the future" in _err(cli, "connection-string", "main@2999-01-01T00:00:00Z", *p)
-    assert "not both" in _err(cli, "endpoint", "start", "main", "--lsn", "0/1", "--timestamp", history[0][1].isoformat(), *p)
+    assert "not both" in _err(
+        cli, "endpoint", "start", "main", "--lsn", "0/1", "--timestamp", history[0][1].isoformat(), *p
+    )
     assert "given twice" in _err(cli, "endpoint", "start", "main@0/1", "--lsn", "0/1", *p)
     assert "does not exist" in _err(cli, "connection-string", "nope@0/1", *p)
     assert "before the project's history" in _err(cli, "cs", "main@2001-01-01T00:00:00Z", *p)

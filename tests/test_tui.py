@@ -18,7 +18,9 @@ from neonctl.tui.map_layout import (
     neighbor,
 )
 
-K = lambda c: c * 36
+
+def K(c):
+    return c * 36
 LAYERS = [
     {"name": "img", "kind": "image", "level": -1, "key_start": MIN_KEY, "key_end": MAX_KEY, "lsn_start": 100,
      "lsn_end": 101},
@@ -35,7 +37,8 @@ def test_layout_places_layers_by_key_rank_and_lsn():
     lay = layout(LAYERS, width=40, height=20)
     assert lay.grid.shape == (20, 40) and lay.lsn_lo == 100 and lay.lsn_hi == 300
     names = [d["name"] for d in lay.layers]
-    at = lambda x, y: names[lay.at(x, y)]
+    def at(x, y):
+        return names[lay.at(x, y)]
     assert at(0, 19) == "img" and at(39, 19) == "img"  # the image is the bottom row, all keys
     assert at(0, 15) == "l1a" and at(39, 15) == "l1b"  # the L1s split the keys at the middle boundary
     assert at(20, 0) == "l0" and lay.at(0, 0) is None  # the L0 on top covers the middle keys only
@@ -54,7 +57,8 @@ def test_window_and_markers():
 def test_neighbor_moves_between_layers():
     lay = layout(LAYERS, 40, 20)
     idx = {d["name"]: i for i, d in enumerate(lay.layers)}
-    name = lambda i: lay.layers[i]["name"]
+    def name(i):
+        return lay.layers[i]["name"]
     assert name(default_selection(lay)) == "l1a"  # the newest layer at the left edge
     assert name(neighbor(lay, idx["l1a"], "right")) == "l0"  # next key boundary, closest in LSN
     assert name(neighbor(lay, idx["l0"], "right")) == "l1b"
@@ -68,7 +72,9 @@ def test_commands_do_not_import_textual_or_duckdb():
     code = ("import neonctl.cli, neonctl.commands.tui, neonctl.commands.inspect, sys;"
             "sys.exit(1 if {'textual', 'duckdb'} & set(sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-    code = "import neonctl.engine.explorer.views, neonctl.engine.explorer.query, sys; sys.exit('textual' in sys.modules)"
+    code = (
+        "import neonctl.engine.explorer.views, neonctl.engine.explorer.query, sys; sys.exit('textual' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -113,14 +119,31 @@ def test_app_select_zoom_query_switch(explored):
             await pilot.press("right")
             second = m.selected_layer["name"]
             assert second != first
-            await _until(pilot, lambda: getattr(details, "details", None) and details.details["name"] == second,
-                         "the details of the selected layer")
-            assert set(details.details) >= {"kind", "level", "lsn_range", "file_size", "num_values", "compression",
-                                            "relations", "time_start", "time_end", "start_rel"}
+            await _until(
+                pilot,
+                lambda: getattr(details, "details", None) and details.details["name"] == second,
+                "the details of the selected layer",
+            )
+            assert set(details.details) >= {
+                "kind",
+                "level",
+                "lsn_range",
+                "file_size",
+                "num_values",
+                "compression",
+                "relations",
+                "time_start",
+                "time_end",
+                "start_rel",
+            }
             # a click on a cell selects the layer drawn there
             lay = m.lay
-            y, x = next((y, x) for y in range(lay.height) for x in range(lay.width)
-                        if lay.at(x, y) is not None and lay.layers[lay.at(x, y)]["name"] != second)
+            y, x = next(
+                (y, x)
+                for y in range(lay.height)
+                for x in range(lay.width)
+                if lay.at(x, y) is not None and lay.layers[lay.at(x, y)]["name"] != second
+            )
             await pilot.click(LayerMap, offset=(x + 1, y + 1))  # +1: the border
             assert m.selected_layer["name"] == lay.layers[lay.at(x, y)]["name"]
             # zoom into a relation picked by name: only layers overlapping its keys remain; escape backs out
@@ -128,8 +151,9 @@ def test_app_select_zoom_query_switch(explored):
             await pilot.press(*"explorer_orders", "enter")
             await _until(pilot, lambda: m.map_window.label == "explorer_orders", "the zoom")
             rel = app.db.rows("SELECT * FROM relations WHERE name = 'explorer_orders'")[0]
-            assert m.lay.layers and all(d["key_start"] < rel["key_end"] and rel["key_start"] < d["key_end"]
-                                        for d in m.lay.layers)
+            assert m.lay.layers and all(
+                d["key_start"] < rel["key_end"] and rel["key_start"] < d["key_end"] for d in m.lay.layers
+            )
             assert len(m.lay.layers) <= len(m.map_layers) and m.lay.lsn_hi > m.lay.lsn_lo
             await pilot.press("escape")
             assert m.map_window.label == "whole key space" and len(m.lay.layers) == len(m.map_layers)

@@ -35,7 +35,7 @@ def pairs(sample):
     recs = decoded(sample)
     dump = sample.waldump
     assert [r.lsn for r in recs] == [d.lsn for d in dump]
-    return list(zip(recs, dump))
+    return list(zip(recs, dump, strict=False))
 
 
 def test_records_and_blocks_match_pg_waldump(wal_sample):
@@ -46,7 +46,7 @@ def test_records_and_blocks_match_pg_waldump(wal_sample):
         if name is not None:
             assert d.desc.split(" ")[0] == name, d
         assert len(r.blocks) == len(d.blocks), d
-        for b, db in zip(r.blocks, d.blocks):
+        for b, db in zip(r.blocks, d.blocks, strict=False):
             assert (b.block_id, b.spc, b.db, b.rel, b.fork, b.blkno) == (
                 db.block_id, db.spc, db.db, db.rel, db.fork, db.blkno), d
             assert b.has_image == db.fpi, d
@@ -235,7 +235,8 @@ def test_block_header_forms():
     r = decode_record(_raw(body))
     assert (r.origin, r.toplevel_xid, r.main_data) == (7, 99, b"main")
     a, b = r.blocks
-    assert (a.block_id, a.rel, a.blkno, a.fork, a.will_init, a.data, a.image) == (0, 16384, 12, "main", True, b"abc", None)
+    assert (a.block_id, a.rel, a.blkno, a.fork, a.will_init, a.data) == (0, 16384, 12, "main", True, b"abc")
+    assert a.image is None
     assert (b.block_id, b.rel, b.blkno, b.fork, b.will_init, b.data) == (2, 16384, 13, "vm", False, b"xy")
     assert r.rmgr == "Heap" and r.identify() == "INSERT"
 
@@ -245,22 +246,30 @@ def test_uncompressed_image_with_hole():
     struct.pack_into("<HHHH", page, 12, 100, 8000, 8192, 0x2004)
     page[8000:] = b"t" * 192
     stored = bytes(page[:100] + page[8000:])
-    body = (bytes([0, 0x10]) + struct.pack("<H", 0) + struct.pack("<HHB", len(stored), 100, 0x01 | 0x02)
-            + struct.pack("<IIII", 1663, 5, 1, 0) + stored)
+    body = (
+        bytes([0, 0x10])
+        + struct.pack("<H", 0)
+        + struct.pack("<HHB", len(stored), 100, 0x01 | 0x02)
+        + struct.pack("<IIII", 1663, 5, 1, 0)
+        + stored
+    )
     r = decode_record(_raw(body, rmid=0, info=0xB0))
     (b,) = r.blocks
     assert r.is_fpi and b.inits_page and b.image == bytes(page) and b.hole_length == 7900 and r.fpi_len == len(stored)
 
 
-@pytest.mark.parametrize("body, msg", [
-    (bytes([40]), "invalid block_id"),
-    (bytes([0, 0x20]) + struct.pack("<H", 0) + struct.pack("<IIII", 1, 2, 3, 4), "no data"),
-    (bytes([0, 0x00]) + struct.pack("<H", 5) + struct.pack("<IIII", 1, 2, 3, 4), "HAS_DATA not set"),
-    (bytes([0, 0x80]) + struct.pack("<H", 0) + struct.pack("<I", 4), "SAME_REL"),
-    (bytes([1, 0]) + struct.pack("<H", 0) + struct.pack("<IIII", 1, 2, 3, 4) + bytes([0, 0]), "out-of-order"),
-    (bytes([255, 10]) + b"abc", "payload"),
-    (bytes([0, 0x10]) + struct.pack("<HHHB", 0, 100, 0, 0x01) + struct.pack("<IIII", 1, 2, 3, 4), "hole"),
-])
+@pytest.mark.parametrize(
+    "body, msg",
+    [
+        (bytes([40]), "invalid block_id"),
+        (bytes([0, 0x20]) + struct.pack("<H", 0) + struct.pack("<IIII", 1, 2, 3, 4), "no data"),
+        (bytes([0, 0x00]) + struct.pack("<H", 5) + struct.pack("<IIII", 1, 2, 3, 4), "HAS_DATA not set"),
+        (bytes([0, 0x80]) + struct.pack("<H", 0) + struct.pack("<I", 4), "SAME_REL"),
+        (bytes([1, 0]) + struct.pack("<H", 0) + struct.pack("<IIII", 1, 2, 3, 4) + bytes([0, 0]), "out-of-order"),
+        (bytes([255, 10]) + b"abc", "payload"),
+        (bytes([0, 0x10]) + struct.pack("<HHHB", 0, 100, 0, 0x01) + struct.pack("<IIII", 1, 2, 3, 4), "hole"),
+    ],
+)
 def test_malformed_records(body, msg):
     with pytest.raises(WalDecodeError, match=msg):
         decode_record(_raw(body))

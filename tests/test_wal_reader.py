@@ -47,7 +47,7 @@ def test_records_match_pg_waldump(wal_sample):
     recs = all_records(wal_sample)
     dump = wal_sample.waldump
     assert [r.lsn for r in recs] == [d.lsn for d in dump]
-    for r, d, nxt in zip(recs, dump, dump[1:] + [None]):
+    for r, d, nxt in zip(recs, dump, dump[1:] + [None], strict=False):
         assert (r.tot_len, r.prev, r.xid, RMGR_NAMES[r.rmid]) == (d.tot_len, d.prev, d.xid, d.rmgr), d
         assert len(r.data) == d.tot_len
         if nxt is not None:
@@ -187,11 +187,14 @@ def test_find_end_of_wal_torn_tails(wal_sample):
         # a segment file that stops (truncated mid-record)
         assert find_end_of_wal(_reader(wal_sample, cut=inside), start, 1 << 62, seg) == recs[recs.index(r) - 1].end_lsn
         # zeros from the middle of the record on (a preallocated segment)
-        assert find_end_of_wal(_reader(wal_sample, zero_from=inside), start, 1 << 62, seg) == recs[recs.index(r) - 1].end_lsn
+        prev_end = recs[recs.index(r) - 1].end_lsn
+        assert find_end_of_wal(_reader(wal_sample, zero_from=inside), start, 1 << 62, seg) == prev_end
         # zeros right after a record
         assert find_end_of_wal(_reader(wal_sample, zero_from=r.lsn), start, 1 << 62, seg) == _end_before(recs, r.lsn)
         # a bit flip inside the record: its CRC fails
-        assert find_end_of_wal(_reader(wal_sample, flip=r.lsn + r.tot_len - 1), start, 1 << 62, seg) == _end_before(recs, r.lsn)
+        assert find_end_of_wal(_reader(wal_sample, flip=r.lsn + r.tot_len - 1), start, 1 << 62, seg) == _end_before(
+            recs, r.lsn
+        )
         # upper bound in the middle of the record
         assert find_end_of_wal(wal_sample.read, start, inside, seg) == _end_before(recs, inside)
 
@@ -314,11 +317,11 @@ def test_records_across_segments_small_segments(WalWriter):
     dec = WalStreamDecoder(3 * seg, seg)
     got = []
     for i in range(0, len(data), 65_537):
-        dec.feed(data[i:i + 65_537])
+        dec.feed(data[i : i + 65_537])
         got += dec.drain()
     assert [r.lsn for r in got] == w.lsns
     assert [r.end_lsn for r in got] == w.ends
-    assert find_end_of_wal(lambda lsn, n: data[lsn - 3 * seg:lsn - 3 * seg + n], 3 * seg, 1 << 40, seg) == w.ends[-1]
+    assert find_end_of_wal(lambda lsn, n: data[lsn - 3 * seg : lsn - 3 * seg + n], 3 * seg, 1 << 40, seg) == w.ends[-1]
 
 
 def test_start_must_be_aligned():

@@ -11,7 +11,13 @@ import typer
 from neonctl.commands.common import OutputOpt, ProjectOpt
 from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.project import load_project
-from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_ref, parse_timestamp, to_pg_us
+from neonctl.engine.timepoint import (
+    TimePoint,
+    from_pg_us,
+    parse_ref,
+    parse_timestamp,
+    to_pg_us,
+)
 from neonctl.errors import InvalidInput
 from neonctl.output import Format, emit, info
 
@@ -31,12 +37,28 @@ def _row(project, name: str) -> dict:
 @app.command("create")
 def create(
     name: Annotated[str, typer.Option("--name", help="Name of the new branch.")],
-    parent: Annotated[str | None, typer.Option("--parent", help="Parent: BRANCH, BRANCH@LSN, BRANCH@TIMESTAMP, or an LSN/timestamp of the default branch.")] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(
+            "--parent", help="Parent: BRANCH, BRANCH@LSN, BRANCH@TIMESTAMP, or an LSN/timestamp of the default branch."
+        ),
+    ] = None,
     lsn: Annotated[str | None, typer.Option("--lsn", help="Branch point LSN (records ending at or before it).")] = None,
-    timestamp: Annotated[str | None, typer.Option("--timestamp", help="Branch point time (transactions committed at or before it).")] = None,
+    timestamp: Annotated[
+        str | None, typer.Option("--timestamp", help="Branch point time (transactions committed at or before it).")
+    ] = None,
     endpoint: Annotated[bool, typer.Option("--endpoint", help="Start a compute on the new branch right away.")] = False,
-    if_not_exists: Annotated[bool, typer.Option("--if-not-exists", help="Return the existing branch instead of failing.")] = False,
-    suspend_timeout: Annotated[int | None, typer.Option("--suspend-timeout", help="Seconds without a client before the proxy suspends its compute (0 = never; default: the project's, 300).")] = None,
+    if_not_exists: Annotated[
+        bool, typer.Option("--if-not-exists", help="Return the existing branch instead of failing.")
+    ] = False,
+    suspend_timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--suspend-timeout",
+            help="Seconds without a client before the proxy suspends its compute "
+            "(0 = never; default: the project's, 300).",
+        ),
+    ] = None,
     expires_at: ExpiresAtOpt = None,
     ttl: TtlOpt = None,
     project: ProjectOpt = None,
@@ -52,13 +74,15 @@ def create(
         raise InvalidInput("give --lsn or --timestamp, not both")
     if (lsn is not None or timestamp is not None) and (ref.lsn is not None or ref.timestamp is not None):
         raise InvalidInput("the branch point is given twice (in --parent and in --lsn/--timestamp)")
-    point = TimePoint(ref.branch, parse_lsn(lsn) if lsn else ref.lsn,
-                      parse_timestamp(timestamp) if timestamp else ref.timestamp)
+    point = TimePoint(
+        ref.branch, parse_lsn(lsn) if lsn else ref.lsn, parse_timestamp(timestamp) if timestamp else ref.timestamp
+    )
     from neonctl.engine.expiry import parse_expiry  # noqa: PLC0415
 
     expiry = parse_expiry(expires_at, ttl)
-    b, created = engine.create_branch(p, name, point, if_not_exists=if_not_exists, suspend_timeout=suspend_timeout,
-                                      expires_at=expiry)
+    b, created = engine.create_branch(
+        p, name, point, if_not_exists=if_not_exists, suspend_timeout=suspend_timeout, expires_at=expiry
+    )
     if not created:
         info(f"branch {name!r} already exists; returning it")
     row = _row(p, name)
@@ -80,20 +104,30 @@ def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> No
 
 
 @app.command("get")
-def get_cmd(name: Annotated[str, typer.Argument()], project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+def get_cmd(
+    name: Annotated[str, typer.Argument()], project: ProjectOpt = None, output: OutputOpt = Format.table
+) -> None:
     """Show one branch (with its expiry, and why an expired branch is still here)."""
     from neonctl.engine.expiry import waiting_reason  # noqa: PLC0415
 
     p = load_project(project)
     row = {**_row(p, name), "expiry_status": waiting_reason(p, p.branch(name))}
-    emit(row, output, ["name", "id", "parent", "parent_lsn", "head_lsn", "default", "endpoint", "expires_at",
-                       "expiry_status"])
+    emit(
+        row,
+        output,
+        ["name", "id", "parent", "parent_lsn", "head_lsn", "default", "endpoint", "expires_at", "expiry_status"],
+    )
 
 
 @app.command("set-expiration")
-def set_expiration_cmd(name: Annotated[str, typer.Argument()], expires_at: ExpiresAtOpt = None, ttl: TtlOpt = None,
-                       never: Annotated[bool, typer.Option("--never", help="Remove the expiry.")] = False,
-                       project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+def set_expiration_cmd(
+    name: Annotated[str, typer.Argument()],
+    expires_at: ExpiresAtOpt = None,
+    ttl: TtlOpt = None,
+    never: Annotated[bool, typer.Option("--never", help="Remove the expiry.")] = False,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
     """Set or clear when a branch is deleted (expired branches go while the project's daemons run)."""
     from neonctl.engine.expiry import parse_expiry, set_expiration  # noqa: PLC0415
 
@@ -105,9 +139,12 @@ def set_expiration_cmd(name: Annotated[str, typer.Argument()], expires_at: Expir
 
 
 @app.command("delete")
-def delete_cmd(name: Annotated[str, typer.Argument()],
-               force: Annotated[bool, typer.Option("--force", help="Stop a running endpoint first.")] = False,
-               project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+def delete_cmd(
+    name: Annotated[str, typer.Argument()],
+    force: Annotated[bool, typer.Option("--force", help="Stop a running endpoint first.")] = False,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
     """Delete a branch (refused for the default branch, branches with children, or a running endpoint)."""
     from neonctl.engine import branches as engine  # noqa: PLC0415
 
@@ -116,8 +153,12 @@ def delete_cmd(name: Annotated[str, typer.Argument()],
 
 
 @app.command("rename")
-def rename_cmd(old: Annotated[str, typer.Argument()], new: Annotated[str, typer.Argument()],
-               project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+def rename_cmd(
+    old: Annotated[str, typer.Argument()],
+    new: Annotated[str, typer.Argument()],
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
     """Rename a branch."""
     from neonctl.engine import branches as engine  # noqa: PLC0415
 
@@ -127,8 +168,9 @@ def rename_cmd(old: Annotated[str, typer.Argument()], new: Annotated[str, typer.
 
 
 @app.command("set-default")
-def set_default_cmd(name: Annotated[str, typer.Argument()], project: ProjectOpt = None,
-                    output: OutputOpt = Format.table) -> None:
+def set_default_cmd(
+    name: Annotated[str, typer.Argument()], project: ProjectOpt = None, output: OutputOpt = Format.table
+) -> None:
     """Make a branch the default parent for new branches."""
     from neonctl.engine import branches as engine  # noqa: PLC0415
 
@@ -138,8 +180,11 @@ def set_default_cmd(name: Annotated[str, typer.Argument()], project: ProjectOpt 
 
 
 @app.command("changes")
-def changes_cmd(name: Annotated[str, typer.Argument(help="Branch name.")], project: ProjectOpt = None,
-                output: OutputOpt = Format.table) -> None:
+def changes_cmd(
+    name: Annotated[str, typer.Argument(help="Branch name.")],
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
     """Which relations changed on a branch since its branch point, and how many pages (from the layer index)."""
     from neonctl.engine.inspect import branch_changes  # noqa: PLC0415
 
@@ -154,7 +199,9 @@ def changes_cmd(name: Annotated[str, typer.Argument(help="Branch name.")], proje
 def lsn_cmd(
     branch: Annotated[str, typer.Argument(help="Branch name.")] = "main",
     timestamp: Annotated[str | None, typer.Option("--timestamp", help="Find the LSN for this time.")] = None,
-    lsn: Annotated[str | None, typer.Option("--lsn", help="Find the commit time of the last commit at or before this LSN.")] = None,
+    lsn: Annotated[
+        str | None, typer.Option("--lsn", help="Find the commit time of the last commit at or before this LSN.")
+    ] = None,
     project: ProjectOpt = None,
     output: OutputOpt = Format.table,
 ) -> None:
@@ -167,8 +214,12 @@ def lsn_cmd(
         raise InvalidInput("give exactly one of --timestamp or --lsn")
     if timestamp is not None:
         ts = parse_timestamp(timestamp)
-        res = client.call("pageserver", p.pageserver_addr, "GET",
-                          f"/v1/timeline/{b.timeline_id}/lsn_by_timestamp?timestamp_us={to_pg_us(ts)}")
+        res = client.call(
+            "pageserver",
+            p.pageserver_addr,
+            "GET",
+            f"/v1/timeline/{b.timeline_id}/lsn_by_timestamp?timestamp_us={to_pg_us(ts)}",
+        )
         emit({"branch": branch, "timestamp": ts.isoformat(), "lsn": format_lsn(res["lsn"])}, output)
         return
     want = parse_lsn(lsn)
@@ -176,21 +227,33 @@ def lsn_cmd(
     before = [c for c in commits if c[0] <= want]
     if not before:
         raise InvalidInput(f"no commit at or before {lsn} on branch {branch!r}")
-    emit({"branch": branch, "lsn": lsn, "commit_lsn": format_lsn(before[-1][0]),
-          "commit_time": from_pg_us(before[-1][1]).isoformat()}, output)
+    emit(
+        {
+            "branch": branch,
+            "lsn": lsn,
+            "commit_lsn": format_lsn(before[-1][0]),
+            "commit_time": from_pg_us(before[-1][1]).isoformat(),
+        },
+        output,
+    )
 
 
 # -- reset / restore / schema-diff (engine: branch_ops.py, schema_diff.py) ------------------------------------
 
 SWAP_COLUMNS = ["name", "id", "parent", "parent_lsn", "endpoint", "restored_from"]
-PreserveOpt = Annotated[str | None, typer.Option(
-    "--preserve-under-name", help="Keep the branch's current state as a branch with this name.")]
+PreserveOpt = Annotated[
+    str | None,
+    typer.Option("--preserve-under-name", help="Keep the branch's current state as a branch with this name."),
+]
 
 
 def _swap_sections(p, res, first: str, second: str, output: Format) -> dict:
     """Rows of the swapped branch and the branch holding its old state; curated columns in tables."""
-    row = {**_row(p, res.branch.name), "restored_from": res.source,
-           "last_reset_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    row = {
+        **_row(p, res.branch.name),
+        "restored_from": res.source,
+        "last_reset_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if res.endpoint is not None:
         from neonctl.engine.connection import proxy_uri  # noqa: PLC0415
 
@@ -206,7 +269,9 @@ def _swap_sections(p, res, first: str, second: str, output: Format) -> dict:
 @app.command("reset")
 def reset_cmd(
     name: Annotated[str, typer.Argument(help="Branch to reset (it keeps its name and endpoint port).")],
-    parent: Annotated[bool, typer.Option("--parent", help="Reset to the parent's latest state (the only source).")] = False,
+    parent: Annotated[
+        bool, typer.Option("--parent", help="Reset to the parent's latest state (the only source).")
+    ] = False,
     preserve_under_name: PreserveOpt = None,
     project: ProjectOpt = None,
     output: OutputOpt = Format.table,
@@ -215,8 +280,10 @@ def reset_cmd(
     from neonctl.engine import branch_ops  # noqa: PLC0415
 
     if not parent:
-        raise InvalidInput("only resetting to the parent is supported: pass --parent",
-                           hint=f"for a point in time use `neonctl branch restore {name} ^self@LSN|TIMESTAMP`")
+        raise InvalidInput(
+            "only resetting to the parent is supported: pass --parent",
+            hint=f"for a point in time use `neonctl branch restore {name} ^self@LSN|TIMESTAMP`",
+        )
     p = load_project(project)
     res = branch_ops.reset_branch(p, name, preserve_under_name, progress=info)
     emit(_swap_sections(p, res, "branch", "preserved_branch", output), output)
@@ -225,11 +292,14 @@ def reset_cmd(
 @app.command("restore")
 def restore_cmd(
     name: Annotated[str, typer.Argument(help="Branch to restore (it keeps its name and endpoint port).")],
-    source: Annotated[str | None, typer.Argument(
-        help="^self@LSN|TIMESTAMP, ^parent[@LSN|TIMESTAMP] or BRANCH[@LSN|TIMESTAMP].")] = None,
+    source: Annotated[
+        str | None, typer.Argument(help="^self@LSN|TIMESTAMP, ^parent[@LSN|TIMESTAMP] or BRANCH[@LSN|TIMESTAMP].")
+    ] = None,
     source_opt: Annotated[str | None, typer.Option("--source", help="The source, as an option.")] = None,
-    preserve_under_name: Annotated[str | None, typer.Option(
-        "--preserve-under-name", help="Name of the backup branch (default: NAME_old_<head time>).")] = None,
+    preserve_under_name: Annotated[
+        str | None,
+        typer.Option("--preserve-under-name", help="Name of the backup branch (default: NAME_old_<head time>)."),
+    ] = None,
     project: ProjectOpt = None,
     output: OutputOpt = Format.table,
 ) -> None:
@@ -237,17 +307,22 @@ def restore_cmd(
     from neonctl.engine import branch_ops  # noqa: PLC0415
 
     if (source is None) == (source_opt is None):
-        raise InvalidInput("give the source once: `branch restore NAME SOURCE` or `--source SOURCE`",
-                           hint="SOURCE is ^self@LSN|TIMESTAMP, ^parent[@...] or BRANCH[@...]")
+        raise InvalidInput(
+            "give the source once: `branch restore NAME SOURCE` or `--source SOURCE`",
+            hint="SOURCE is ^self@LSN|TIMESTAMP, ^parent[@...] or BRANCH[@...]",
+        )
     p = load_project(project)
     res = branch_ops.restore_branch(p, name, source or source_opt, preserve_under_name, progress=info)
     emit(_swap_sections(p, res, "restored_branch", "backup_branch", output), output)
 
 
 def schema_diff_cmd(
-    base: Annotated[str | None, typer.Argument(help="Base: BRANCH[@LSN|@TIMESTAMP] (default: the default branch).")] = None,
-    compare: Annotated[str | None, typer.Argument(
-        help="Compare: BRANCH[@LSN|@TIMESTAMP], ^parent[@...] (default) or ^self@...")] = None,
+    base: Annotated[
+        str | None, typer.Argument(help="Base: BRANCH[@LSN|@TIMESTAMP] (default: the default branch).")
+    ] = None,
+    compare: Annotated[
+        str | None, typer.Argument(help="Compare: BRANCH[@LSN|@TIMESTAMP], ^parent[@...] (default) or ^self@...")
+    ] = None,
     db: Annotated[str | None, typer.Option("--db", "--database", help="Only this database (default: all).")] = None,
     color: Annotated[bool, typer.Option("--color/--no-color", help="Colour the diff.")] = False,
     exit_code: Annotated[bool, typer.Option("--exit-code", help="Exit 1 when the schemas differ (for CI).")] = False,
@@ -261,8 +336,7 @@ def schema_diff_cmd(
     if output == Format.table:
         sys.stdout.write(colorize(res.text) if color else res.text)
     else:
-        emit({"base": res.base, "compare": res.compare, "identical": res.identical, "databases": res.databases},
-             output)
+        emit({"base": res.base, "compare": res.compare, "identical": res.identical, "databases": res.databases}, output)
     if exit_code and not res.identical:
         raise typer.Exit(1)
 

@@ -11,9 +11,12 @@ from neonctl.engine.project import load_project
 from neonctl.output import Format, emit
 
 
-def gc(branch: Annotated[str | None, typer.Option("--branch", "-b", help="Only this branch.")] = None,
-       dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
-       project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+def gc(
+    branch: Annotated[str | None, typer.Option("--branch", "-b", help="Only this branch.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
     """Remove images, deltas and WAL no branch point, time-travel endpoint or the PITR window needs."""
     from neonctl.engine.retention import run_gc  # noqa: PLC0415
 
@@ -22,5 +25,18 @@ def gc(branch: Annotated[str | None, typer.Option("--branch", "-b", help="Only t
         for r in rows:
             for k in ("images_removed", "deltas_removed", "wal_segments_removed"):
                 r[k] = len(r[k])
-    emit(rows, output, ["branch", "cutoff", "space_cutoff", "time_cutoff", "images_removed", "deltas_removed",
-                        "wal_segments_removed", "bytes_freed", "dry_run"])
+    emit(
+        rows,
+        output,
+        [
+            "branch",
+            "cutoff",
+            "space_cutoff",
+            "time_cutoff",
+            "images_removed",
+            "deltas_removed",
+            "wal_segments_removed",
+            "bytes_freed",
+            "dry_run",
+        ],
+    )

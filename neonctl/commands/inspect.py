@@ -92,16 +92,21 @@ def wal_dump(branch: BranchOpt = "main",
 
 
 @page_app.command("get")
-def page_get(rel: Annotated[str, typer.Argument(help="SPC/DB/RELFILENODE, or a table name (needs a running endpoint).")],
-             block: Annotated[int, typer.Argument(help="Block number.")],
-             branch: BranchOpt = "main",
-             lsn: Annotated[str | None, typer.Option("--lsn", help="Read as of this LSN (default: head).")] = None,
-             fork: Annotated[str, typer.Option("--fork", help="main, fsm, vm or init.")] = "main",
-             dump: Annotated[Path | None, typer.Option(
-                 "--dump", help="Write the 8 KiB page to this file.", dir_okay=False)] = None,
-             versions_only: Annotated[bool, typer.Option(
-                 "--versions-only", help="Only list the stored versions; do not reconstruct the page.")] = False,
-             project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
+def page_get(
+    rel: Annotated[str, typer.Argument(help="SPC/DB/RELFILENODE, or a table name (needs a running endpoint).")],
+    block: Annotated[int, typer.Argument(help="Block number.")],
+    branch: BranchOpt = "main",
+    lsn: Annotated[str | None, typer.Option("--lsn", help="Read as of this LSN (default: head).")] = None,
+    fork: Annotated[str, typer.Option("--fork", help="main, fsm, vm or init.")] = "main",
+    dump: Annotated[
+        Path | None, typer.Option("--dump", help="Write the 8 KiB page to this file.", dir_okay=False)
+    ] = None,
+    versions_only: Annotated[
+        bool, typer.Option("--versions-only", help="Only list the stored versions; do not reconstruct the page.")
+    ] = False,
+    project: ProjectOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
     """Show one page at an LSN: its header and the versions the pageserver holds (newest first).
 
     The page is what Postgres reads there: an image layer's copy, or replayed by Postgres (the
@@ -125,8 +130,11 @@ def page_get(rel: Annotated[str, typer.Argument(help="SPC/DB/RELFILENODE, or a t
         print(f"key {res['key']}  complete: {'yes' if res['complete'] else 'no (needs older history)'}")
         if page is not None:
             if page["exists"]:
-                how = (f"replayed by Postgres ({page['versions_replayed']} stored versions)"
-                       if page["source"] == "postgres redo" else "from an image layer")
+                how = (
+                    f"replayed by Postgres ({page['versions_replayed']} stored versions)"
+                    if page["source"] == "postgres redo"
+                    else "from an image layer"
+                )
                 print(f"page at {page['lsn']} {how}:")
                 print("  " + "  ".join(f"{k} {v}" for k, v in page["header"].items()))
             else:

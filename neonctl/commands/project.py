@@ -16,7 +16,7 @@ app = typer.Typer(help="Manage projects (one Postgres cluster's storage and bran
 
 
 def project_row(p) -> dict:
-    from neonctl.engine.pageserver.remote_config import remote_storage_url  # noqa: PLC0415
+    from neonctl.engine.remote_settings import remote_storage_url  # noqa: PLC0415
 
     c = p.config
     return {"name": c.name, "id": c.id, "pg_version": c.pg_version, "default_branch": c.default_branch,
@@ -28,12 +28,15 @@ def project_row(p) -> dict:
 
 def init(
     name: Annotated[str, typer.Option("--name", help="Project name.")] = "default",
-    pg_bin: Annotated[str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory (>= 15); default: embedded PG 18.")] = None,
+    pg_bin: Annotated[
+        str | None, typer.Option("--pg-bin", help="PostgreSQL bin directory (>= 15); default: embedded PG 18.")
+    ] = None,
     safekeepers: Annotated[int, typer.Option("--safekeepers", help="Number of safekeepers.")] = 1,
     output: OutputOpt = Format.table,
 ) -> None:
     """Create a project: initdb once, import it into the pageserver as branch `main`."""
     from neonctl.engine.lifecycle import create_project  # noqa: PLC0415 - the pageserver's import path is heavy
+
     p = create_project(name, pg_bin=pg_bin, safekeepers=safekeepers, progress=info)
     info(f"created project {name!r}; next: `neonctl start`, then `neonctl endpoint start main`")
     emit(project_row(p), output, ["name", "pg_version", "default_branch", "safekeepers", "pageserver_port", "path"])
@@ -54,25 +57,56 @@ def get_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> Non
     """Show one project, with its branches."""
     p = load_project(project)
     row = project_row(p)
-    row["branch_list"] = [{"name": b.name, "timeline_id": b.timeline_id, "parent": b.parent,
-                           "parent_lsn": format_lsn(b.parent_lsn) if b.parent_lsn else None}
-                          for b in p.config.branches.values()]
+    row["branch_list"] = [
+        {
+            "name": b.name,
+            "timeline_id": b.timeline_id,
+            "parent": b.parent,
+            "parent_lsn": format_lsn(b.parent_lsn) if b.parent_lsn else None,
+        }
+        for b in p.config.branches.values()
+    ]
     emit(row, output, ["name", "id", "pg_version", "default_branch", "branches", "path"])
 
 
 @app.command("set")
 def set_cmd(
     project: ProjectOpt = None,
-    safekeepers: Annotated[int | None, typer.Option("--safekeepers", help="Number of safekeepers (1 is fine for a laptop; 3 tolerates one failure).")] = None,
-    remote_storage: Annotated[str | None, typer.Option("--remote-storage", help="Where the pageserver offloads timelines: local:PATH or s3://BUCKET/PREFIX.")] = None,
-    s3_endpoint_url: Annotated[str | None, typer.Option("--s3-endpoint-url", help="S3 endpoint (MinIO, a test server); default: AWS.")] = None,
+    safekeepers: Annotated[
+        int | None,
+        typer.Option("--safekeepers", help="Number of safekeepers (1 is fine for a laptop; 3 tolerates one failure)."),
+    ] = None,
+    remote_storage: Annotated[
+        str | None,
+        typer.Option(
+            "--remote-storage", help="Where the pageserver offloads timelines: local:PATH or s3://BUCKET/PREFIX."
+        ),
+    ] = None,
+    s3_endpoint_url: Annotated[
+        str | None, typer.Option("--s3-endpoint-url", help="S3 endpoint (MinIO, a test server); default: AWS.")
+    ] = None,
     s3_region: Annotated[str | None, typer.Option("--s3-region", help="S3 region (default us-east-1).")] = None,
-    s3_credentials_file: Annotated[str | None, typer.Option("--s3-credentials-file", help="AWS-style INI file (section default: aws_access_key_id, aws_secret_access_key), mode 0600.")] = None,
-    suspend_timeout: Annotated[int | None, typer.Option("--suspend-timeout", help="Default seconds without a client before the proxy suspends a compute (0 = never). Any time.")] = None,
+    s3_credentials_file: Annotated[
+        str | None,
+        typer.Option(
+            "--s3-credentials-file",
+            help="AWS-style INI file (section default: aws_access_key_id, aws_secret_access_key), mode 0600.",
+        ),
+    ] = None,
+    suspend_timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--suspend-timeout",
+            help="Default seconds without a client before the proxy suspends a compute (0 = never). Any time.",
+        ),
+    ] = None,
     output: OutputOpt = Format.table,
 ) -> None:
     """Change a project's settings (the daemons must be stopped for --safekeepers and --remote-storage)."""
-    from neonctl.engine.pageserver.remote_config import prepare_remote_storage, set_remote_storage  # noqa: PLC0415
+    from neonctl.engine.remote_settings import (  # noqa: PLC0415
+        prepare_remote_storage,
+        set_remote_storage,
+    )
     from neonctl.engine.safekeeper.membership import set_safekeeper_count  # noqa: PLC0415
 
     p = load_project(project)
@@ -90,17 +124,21 @@ def set_cmd(
     if suspend_timeout is not None:
         p.set_suspend_timeout(suspend_timeout)
     p.reload()
-    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "suspend_timeout",
-                                  "path"])
+    emit(
+        project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "suspend_timeout", "path"]
+    )
 
 
 @app.command("delete")
-def delete_cmd(name: Annotated[str, typer.Argument(help="Project to delete.")],
-               keep_remote: Annotated[bool, typer.Option(
-                   "--keep-remote", help="Leave the project's timelines in its remote storage (S3 or a directory).")
-               ] = False,
-               yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (scripts).")] = False,
-               output: OutputOpt = Format.table) -> None:
+def delete_cmd(
+    name: Annotated[str, typer.Argument(help="Project to delete.")],
+    keep_remote: Annotated[
+        bool,
+        typer.Option("--keep-remote", help="Leave the project's timelines in its remote storage (S3 or a directory)."),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (scripts).")] = False,
+    output: OutputOpt = Format.table,
+) -> None:
     """Stop a project's endpoints and daemons and delete all its data, in remote storage too (asks first on a
     terminal; --yes for scripts)."""
     import sys  # noqa: PLC0415
@@ -109,8 +147,10 @@ def delete_cmd(name: Annotated[str, typer.Argument(help="Project to delete.")],
 
     p = load_project(name)
     if not yes and sys.stdin.isatty():
-        answer = input(f"Delete project {name!r} with {len(p.config.branches)} branch(es) and all its data? "
-                       "Type its name to confirm: ")
+        answer = input(
+            f"Delete project {name!r} with {len(p.config.branches)} branch(es) and all its data? "
+            "Type its name to confirm: "
+        )
         if answer.strip() != name:
             raise InvalidInput("not confirmed: nothing was deleted")
     remote = delete_project(p, keep_remote=keep_remote)

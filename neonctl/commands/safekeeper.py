@@ -52,7 +52,9 @@ def start_cmd(sk: SkArg, project: ProjectOpt = None, output: OutputOpt = Format.
 def stop_cmd(
     sk: SkArg,
     project: ProjectOpt = None,
-    immediate: Annotated[bool, typer.Option("--immediate", help="SIGKILL (kill -9) instead of a clean shutdown.")] = False,
+    immediate: Annotated[
+        bool, typer.Option("--immediate", help="SIGKILL (kill -9) instead of a clean shutdown.")
+    ] = False,
     output: OutputOpt = Format.table,
 ) -> None:
     """Stop one safekeeper. With a quorum of the others running, commits go on."""

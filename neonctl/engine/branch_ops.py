@@ -66,24 +66,32 @@ def parse_source(project: Project, target: Branch, text: str, allow_own_head: bo
     if at_sign:
         other, lsn, ts = parse_point(at)
         if other is not None or not at:
-            raise InvalidInput(f"invalid point {at!r} in {text!r}: expected an LSN like 0/16B3748 or an ISO-8601 timestamp")
+            raise InvalidInput(
+                f"invalid point {at!r} in {text!r}: expected an LSN like 0/16B3748 or an ISO-8601 timestamp"
+            )
     if name == target.name and lsn is None and ts is None and not allow_own_head:
-        raise InvalidInput(f"restoring {target.name!r} to its own head changes nothing",
-                           hint=f"give a point: {base}@LSN or {base}@TIMESTAMP")
+        raise InvalidInput(
+            f"restoring {target.name!r} to its own head changes nothing",
+            hint=f"give a point: {base}@LSN or {base}@TIMESTAMP",
+        )
     return TimePoint(name, lsn, ts)
 
 
-def reset_branch(project: Project, name: str, preserve_under: str | None = None, progress=lambda msg: None) -> SwapResult:
+def reset_branch(
+    project: Project, name: str, preserve_under: str | None = None, progress=lambda msg: None
+) -> SwapResult:
     """`branch reset N --parent`: N becomes its parent's latest state."""
     b = project.branch(name)
     if b.parent is None:
         raise InvalidInput(f"branch {name!r} is a root branch: it has no parent to reset from")
-    return _swap(project, name, TimePoint(b.parent), preserve_under, keep_old=preserve_under is not None,
-                 progress=progress)
+    return _swap(
+        project, name, TimePoint(b.parent), preserve_under, keep_old=preserve_under is not None, progress=progress
+    )
 
 
-def restore_branch(project: Project, name: str, source: str, preserve_under: str | None = None,
-                   progress=lambda msg: None) -> SwapResult:
+def restore_branch(
+    project: Project, name: str, source: str, preserve_under: str | None = None, progress=lambda msg: None
+) -> SwapResult:
     """`branch restore N SOURCE`: N's content becomes the source point's; N's old state is kept as a backup."""
     b = project.branch(name)
     point = parse_source(project, b, source)
@@ -103,8 +111,10 @@ def default_backup_name(project: Project, b: Branch) -> str:
         pass
     base = f"{b.name}_old_{when.strftime('%Y%m%dT%H%M%SZ')}"
     if not NAME_RE.match(base):
-        raise InvalidInput(f"branch name {b.name!r} is too long for an automatic backup name",
-                           hint="name the backup with --preserve-under-name")
+        raise InvalidInput(
+            f"branch name {b.name!r} is too long for an automatic backup name",
+            hint="name the backup with --preserve-under-name",
+        )
     name, n = base, 1
     while name in project.config.branches:
         n += 1
@@ -120,8 +130,9 @@ def _describe(point: TimePoint) -> str:
     return f"{point.branch} (head)"
 
 
-def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | None, keep_old: bool,
-          progress) -> SwapResult:
+def _swap(
+    project: Project, name: str, point: TimePoint, preserve_under: str | None, keep_old: bool, progress
+) -> SwapResult:
     # 1. validate, then create the new timeline: the first change, and nothing else changes if it fails
     with project.lock():
         project.reload()
@@ -129,12 +140,15 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
         if preserve_under is not None:
             check_name("branch", preserve_under)
             if preserve_under in project.config.branches:
-                raise AlreadyExists(f"branch {preserve_under!r} already exists",
-                                    hint="choose another name for --preserve-under-name")
+                raise AlreadyExists(
+                    f"branch {preserve_under!r} already exists", hint="choose another name for --preserve-under-name"
+                )
         children = sorted(c.name for c in project.config.branches.values() if c.parent == name)
         if children and not keep_old:
-            raise Conflict(f"branch {name!r} has child branches ({', '.join(children)}) that depend on its"
-                           " current history", hint="pass --preserve-under-name to keep it as a branch they move to")
+            raise Conflict(
+                f"branch {name!r} has child branches ({', '.join(children)}) that depend on its current history",
+                hint="pass --preserve-under-name to keep it as a branch they move to",
+            )
         source = project.branch(point.branch)
         require_running(project)
         old_tid, old_parent, old_parent_lsn, old_created = n.timeline_id, n.parent, n.parent_lsn, n.created_at
@@ -173,8 +187,13 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
             raise Conflict(f"branch {name!r} changed while it was being reset; nothing was done", hint="try again")
         preserved = None
         if keep_old:
-            preserved = Branch(name=preserve_under, timeline_id=old_tid, parent=old_parent, parent_lsn=old_parent_lsn,
-                               created_at=old_created)
+            preserved = Branch(
+                name=preserve_under,
+                timeline_id=old_tid,
+                parent=old_parent,
+                parent_lsn=old_parent_lsn,
+                created_at=old_created,
+            )
             project.config.branches[preserve_under] = preserved
             for c in project.config.branches.values():
                 if c.parent == name:
@@ -194,6 +213,9 @@ def _swap(project: Project, name: str, point: TimePoint, preserve_under: str | N
         try:
             ep = start_endpoint(project, name, port=st.port, fsync=st.fsync, progress=progress)
         except (Conflict, PostgresError) as e:  # e.g. the port was taken in the moment it was free
-            raise PostgresError(f"branch {name!r} now holds {_describe(point)}, but its endpoint did not restart"
-                                f" on port {st.port}: {e.message}", hint=f"neonctl endpoint start {name}") from e
+            raise PostgresError(
+                f"branch {name!r} now holds {_describe(point)}, but its endpoint did not restart"
+                f" on port {st.port}: {e.message}",
+                hint=f"neonctl endpoint start {name}",
+            ) from e
     return SwapResult(branch=n, preserved=preserved, source=_describe(point), endpoint=ep)

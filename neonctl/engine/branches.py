@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 
 from neonctl.engine import client
-from neonctl.engine.compute.endpoint import list_endpoints, read_state, endpoint_status
+from neonctl.engine.compute.endpoint import endpoint_status, list_endpoints, read_state
 from neonctl.engine.compute.time_travel import time_travel_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.project import PENDING_GRACE, Branch, Project, check_name

@@ -12,7 +12,11 @@ from urllib.parse import quote
 
 from neonctl.engine.compute.endpoint import running_endpoint
 from neonctl.engine.compute.pgbouncer import pgbouncer_binary
-from neonctl.engine.compute.time_travel import endpoint_name, resolve_point, start_time_travel
+from neonctl.engine.compute.time_travel import (
+    endpoint_name,
+    resolve_point,
+    start_time_travel,
+)
 from neonctl.engine.project import Project
 from neonctl.engine.roles import DEFAULT_ROLE, get_role
 from neonctl.engine.timepoint import TimePoint, parse_ref
@@ -38,11 +42,20 @@ def proxy_uri(project: Project, endpoint: str | None = None, role: str = DEFAULT
 def direct_uri(project: Project, port: int, role: str = DEFAULT_ROLE, database: str = "postgres") -> str:
     """A compute's own port, bypassing the proxy (no wake-up, no pooling): SCRAM with the role's password."""
     r = get_role(project, role)
-    return f"postgresql://{quote(r.name, safe='')}:{quote(r.password, safe='')}@127.0.0.1:{port}/{quote(database, safe='')}"
+    user, password, db = quote(r.name, safe=""), quote(r.password, safe=""), quote(database, safe="")
+    return f"postgresql://{user}:{password}@127.0.0.1:{port}/{db}"
 
 
-def connection_info(project: Project, ref: str, *, pooled: bool = False, direct: bool = False,
-                    role: str = DEFAULT_ROLE, database: str = "postgres", progress=lambda msg: None) -> dict:
+def connection_info(
+    project: Project,
+    ref: str,
+    *,
+    pooled: bool = False,
+    direct: bool = False,
+    role: str = DEFAULT_ROLE,
+    database: str = "postgres",
+    progress=lambda msg: None,
+) -> dict:
     """What `neonctl connection-string REF` prints: the proxy URI (nothing starts before a client connects),
     or with `direct` the compute's own port (a point in time then starts its read-only compute here)."""
     if pooled and direct:
@@ -57,12 +70,20 @@ def connection_info(project: Project, ref: str, *, pooled: bool = False, direct:
         if at:
             st, started = start_time_travel(project, point, reuse=True, progress=progress)
             if started:
-                progress(f"started read-only time-travel endpoint {st.name} on port {st.port}"
-                         f" (stop it with `neonctl endpoint stop {st.name}`)")
+                progress(
+                    f"started read-only time-travel endpoint {st.name} on port {st.port}"
+                    f" (stop it with `neonctl endpoint stop {st.name}`)"
+                )
         else:
             st = running_endpoint(project, point.branch)
-        return {"branch": st.branch, "endpoint": st.name, "read_only": st.at_lsn is not None, "pooled": False,
-                "direct": True, "connection_string": direct_uri(project, st.port, role, database)}
+        return {
+            "branch": st.branch,
+            "endpoint": st.name,
+            "read_only": st.at_lsn is not None,
+            "pooled": False,
+            "direct": True,
+            "connection_string": direct_uri(project, st.port, role, database),
+        }
     if pooled:
         pgbouncer_binary()  # fail now, with the package to install, not at the first connection
     name = point.branch
@@ -71,8 +92,14 @@ def connection_info(project: Project, ref: str, *, pooled: bool = False, direct:
         name = endpoint_name(b.name, lsn)
     if project.config.proxy_port is None or project.daemon("proxy").pid() is None:
         progress("the proxy is not running: `neonctl start` starts it (connections wake the compute)")
-    return {"branch": point.branch, "endpoint": name, "read_only": at, "pooled": pooled, "direct": False,
-            "connection_string": proxy_uri(project, name, role, database, pooled)}
+    return {
+        "branch": point.branch,
+        "endpoint": name,
+        "read_only": at,
+        "pooled": pooled,
+        "direct": False,
+        "connection_string": proxy_uri(project, name, role, database, pooled),
+    }
 
 
 def serverless_config(project: Project) -> dict:
@@ -81,8 +108,13 @@ def serverless_config(project: Project) -> dict:
     if project.config.proxy_port is None:
         project.assign_proxy_ports()
     http = project.proxy_http_addr
-    return {"fetchEndpoint": f"http://{http}/sql", "wsProxy": f"{http}/v2", "useSecureWebSocket": False,
-            "pipelineConnect": False, "forceDisablePgSSL": True}
+    return {
+        "fetchEndpoint": f"http://{http}/sql",
+        "wsProxy": f"{http}/v2",
+        "useSecureWebSocket": False,
+        "pipelineConnect": False,
+        "forceDisablePgSSL": True,
+    }
 
 
 def serverless_snippet(config: dict) -> str:

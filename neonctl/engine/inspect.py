@@ -12,7 +12,7 @@ import struct
 from neonctl.engine import client
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.key import rel_block_key
-from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
+from neonctl.engine.pageserver.timeline.timeline import Timeline, timeline_dir
 from neonctl.engine.project import Project
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder

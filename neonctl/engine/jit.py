@@ -2,7 +2,8 @@
 
 Kernels are compiled once per machine and cached next to their module
 (``cache=True``) and release the GIL (``nogil=True``), so the pageserver's
-layer builder runs beside its WAL receiver on the other core. Layer blobs, B-tree nodes and WAL records each carry a CRC-32C. Checking or
+layer builder runs beside its WAL receiver on the other core. Layer blobs,
+B-tree nodes and WAL records each carry a CRC-32C. Checking or
 computing one per value from Python costs a call and a slice per value - more
 than the rest of ingest together for ~90-byte WAL records - so the bulk paths
 compute them in numba loops with this slice-by-8 table. Single checksums
@@ -69,14 +70,17 @@ def _crc_instruction(name: str, width: int):
     @intrinsic
     def crc32(typingctx, state, word):
         def codegen(context, builder, signature, args):
-            fnty = ir.FunctionType(ir.IntType(32 if width < 64 else 64), [ir.IntType(32 if width < 64 else 64),
-                                                                          ir.IntType(width)])
+            fnty = ir.FunctionType(
+                ir.IntType(32 if width < 64 else 64), [ir.IntType(32 if width < 64 else 64), ir.IntType(width)]
+            )
             fn = cgutils.get_or_insert_function(builder.module, fnty, name)
             s = builder.trunc(args[0], ir.IntType(32)) if width < 64 else args[0]
             w = builder.trunc(args[1], ir.IntType(width))
             r = builder.call(fn, [s, w])
             return builder.zext(r, ir.IntType(64)) if width < 64 else r
+
         return types.int64(types.int64, types.int64), codegen
+
     return crc32
 
 
@@ -100,9 +104,16 @@ def _crc32c_table(tab, a, i, end, s):
     """Advance the (uninverted) CRC-32C state s over a[i:end], eight bytes per step."""
     while end - i >= 8:
         w = s ^ u32_le(a, i)
-        s = (tab[7, w & 255] ^ tab[6, (w >> 8) & 255] ^ tab[5, (w >> 16) & 255] ^ tab[4, w >> 24]
-             ^ tab[3, byte_at(a, i + 4)] ^ tab[2, byte_at(a, i + 5)] ^ tab[1, byte_at(a, i + 6)]
-             ^ tab[0, byte_at(a, i + 7)])
+        s = (
+            tab[7, w & 255]
+            ^ tab[6, (w >> 8) & 255]
+            ^ tab[5, (w >> 16) & 255]
+            ^ tab[4, w >> 24]
+            ^ tab[3, byte_at(a, i + 4)]
+            ^ tab[2, byte_at(a, i + 5)]
+            ^ tab[1, byte_at(a, i + 6)]
+            ^ tab[0, byte_at(a, i + 7)]
+        )
         i += 8
     while i < end:
         s = tab[0, (s ^ byte_at(a, i)) & 255] ^ (s >> 8)

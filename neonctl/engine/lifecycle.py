@@ -18,17 +18,34 @@ from dataclasses import asdict
 from pathlib import Path
 
 from neonctl.engine import ports
-from neonctl.engine.compute.endpoint import endpoint_status, read_state, start_endpoint, stop_all_endpoints
+from neonctl.engine.compute.endpoint import (
+    endpoint_status,
+    read_state,
+    start_endpoint,
+    stop_all_endpoints,
+)
 from neonctl.engine.compute.runtime import resolve_runtime
-from neonctl.engine.home import compute_root, projects_dir, tighten_home
-from neonctl.engine.pageserver.remote_config import delete_remote_data
-from neonctl.engine.pageserver.timeline import Timeline, timeline_dir
 from neonctl.engine.connection import proxy_uri
 from neonctl.engine.credentials import ensure_token
-from neonctl.engine.roles import load_roles
+from neonctl.engine.home import compute_root, projects_dir, tighten_home
+from neonctl.engine.pageserver.timeline.timeline import Timeline, timeline_dir
 from neonctl.engine.project import (
-    BROKER_BASE_PORT, DEFAULT_BRANCH, PAGESERVER_BASE_PORT, SAFEKEEPER_BASE_PORT, Branch, Project, ProjectConfig,
-    allocate_proxy_ports, check_name, current_marker, list_projects, load_project, taken_ports)
+    BROKER_BASE_PORT,
+    DEFAULT_BRANCH,
+    PAGESERVER_BASE_PORT,
+    SAFEKEEPER_BASE_PORT,
+    Branch,
+    Project,
+    ProjectConfig,
+    allocate_proxy_ports,
+    check_name,
+    current_marker,
+    list_projects,
+    load_project,
+    taken_ports,
+)
+from neonctl.engine.remote_settings import delete_remote_data
+from neonctl.engine.roles import load_roles
 from neonctl.engine.safekeeper.control_file import TimelineState
 from neonctl.engine.safekeeper.timeline import SkTimeline
 from neonctl.engine.storage import start_storage, stop_storage
@@ -41,11 +58,13 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
         raise InvalidInput("--safekeepers must be between 1 and 7")
     pdir = projects_dir() / name
     if (pdir / "project.json").exists():
-        raise AlreadyExists(f"project {name!r} already exists", hint="choose another --name or `neonctl project delete`")
+        raise AlreadyExists(
+            f"project {name!r} already exists", hint="choose another --name or `neonctl project delete`"
+        )
     runtime = resolve_runtime(pg_bin)  # fails before anything is created
     taken = taken_ports()
-    ps_port, = ports.allocate(PAGESERVER_BASE_PORT, taken)
-    broker_port, = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
+    (ps_port,) = ports.allocate(PAGESERVER_BASE_PORT, taken)
+    (broker_port,) = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
     sk_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken | {ps_port, broker_port}, safekeepers)
     proxy_port, proxy_http_port = allocate_proxy_ports(taken | {ps_port, broker_port, *sk_ports})
     if pdir.exists():
@@ -59,23 +78,48 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
             pgdata = Path(tmp) / "pgdata"
             pgdata.mkdir(mode=0o700)
             runtime.chown(pgdata)
-            runtime.run([runtime.bin("initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
-                         "-E", "UTF8", "--locale=C", "-N"])
+            runtime.run(
+                [
+                    runtime.bin("initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "-N",
+                ]
+            )
             progress("importing the initdb image into the pageserver ...")
-            tl = Timeline.import_initdb(timeline_dir(pdir / "pageserver", timeline_id), timeline_id, pgdata,
-                                        runtime.bin_dir, runtime.version)
+            tl = Timeline.import_initdb(
+                timeline_dir(pdir / "pageserver", timeline_id), timeline_id, pgdata, runtime.bin_dir, runtime.version
+            )
         sk_cfg = []
         for i, port in enumerate(sk_ports, start=1):
             sk_cfg.append({"id": i, "port": port})
-            state = TimelineState(timeline_id=timeline_id, system_id=tl.meta.system_id,
-                                  pg_version=runtime.version, timeline_start_lsn=tl.last_record_lsn,
-                                  flush_lsn=tl.last_record_lsn, commit_lsn=tl.last_record_lsn)
+            state = TimelineState(
+                timeline_id=timeline_id,
+                system_id=tl.meta.system_id,
+                pg_version=runtime.version,
+                timeline_start_lsn=tl.last_record_lsn,
+                flush_lsn=tl.last_record_lsn,
+                commit_lsn=tl.last_record_lsn,
+            )
             SkTimeline.create(pdir / "safekeepers" / f"sk{i}" / "timelines" / timeline_id, state)
         config = ProjectConfig(
-            name=name, id=uuid.uuid4().hex, pg_bin=str(pg_bin) if pg_bin else None, pg_version=runtime.version,
-            system_id=tl.meta.system_id, pageserver_port=ps_port, broker_port=broker_port, safekeepers=sk_cfg,
+            name=name,
+            id=uuid.uuid4().hex,
+            pg_bin=str(pg_bin) if pg_bin else None,
+            pg_version=runtime.version,
+            system_id=tl.meta.system_id,
+            pageserver_port=ps_port,
+            broker_port=broker_port,
+            safekeepers=sk_cfg,
             branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
-            proxy_port=proxy_port, proxy_http_port=proxy_http_port,
+            proxy_port=proxy_port,
+            proxy_http_port=proxy_http_port,
         )
         ensure_token(pdir)  # the daemons' API credential, before anything can start them
         tmp_json = pdir / "project.json.tmp"
@@ -133,11 +177,19 @@ def quickstart(progress=print) -> dict:
     if st is None or endpoint_status(st) != "running":
         st = start_endpoint(project, DEFAULT_BRANCH, progress=progress)
     with psycopg.connect(st.admin_dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS quickstart (id serial PRIMARY KEY, note text,"
-                     " at timestamptz DEFAULT now())")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS quickstart (id serial PRIMARY KEY, note text, at timestamptz DEFAULT now())"
+        )
         conn.execute("INSERT INTO quickstart (note) VALUES ('hello from neonctl')")
         (rows,) = conn.execute("SELECT count(*) FROM quickstart").fetchone()
         (version,) = conn.execute("SHOW server_version").fetchone()
         (lsn,) = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
-    return {"project": project.name, "branch": DEFAULT_BRANCH, "postgres": version, "rows_in_quickstart_table": rows,
-            "wal_lsn": lsn, "start_lsn": st.start_lsn, "connection_string": proxy_uri(project)}
+    return {
+        "project": project.name,
+        "branch": DEFAULT_BRANCH,
+        "postgres": version,
+        "rows_in_quickstart_table": rows,
+        "wal_lsn": lsn,
+        "start_lsn": st.start_lsn,
+        "connection_string": proxy_uri(project),
+    }

@@ -11,9 +11,11 @@ import struct
 import time
 from dataclasses import dataclass
 
+from neonctl.engine.timepoint import PG_EPOCH_UNIX
+
 PROTOCOL_V3 = 196608
 # Postgres timestamps count microseconds from 2000-01-01.
-PG_EPOCH_OFFSET_US = 946_684_800 * 1_000_000
+PG_EPOCH_OFFSET_US = PG_EPOCH_UNIX * 1_000_000
 
 
 def pg_now() -> int:

@@ -76,7 +76,7 @@ class ProjectConfig:
     suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT
 
     @classmethod
-    def from_json(cls, d: dict) -> "ProjectConfig":
+    def from_json(cls, d: dict) -> ProjectConfig:
         d = dict(d)
         d["branches"] = {k: Branch(**v) for k, v in d.get("branches", {}).items()}
         return cls(**d)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from neonctl.engine.lsn import parse_lsn
 from neonctl.errors import InvalidInput
 
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)  # Postgres timestamps count microseconds from here
+PG_EPOCH_UNIX = 946_684_800  # the same instant in Unix seconds
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,12 @@ def to_pg_us(ts: datetime) -> int:
 
 
 def from_pg_us(us: int) -> datetime:
-    from datetime import timedelta  # noqa: PLC0415
-
     return PG_EPOCH + timedelta(microseconds=us)
+
+
+def unix_to_pg_us(unix_seconds: float) -> int:
+    """Wall-clock seconds (time.time()) as a Postgres TimestampTz."""
+    return int((unix_seconds - PG_EPOCH_UNIX) * 1_000_000)
 
 
 def is_lsn(text: str) -> bool:
@@ -48,7 +52,9 @@ def parse_timestamp(text: str) -> datetime:
     try:
         ts = datetime.fromisoformat(text.strip().replace("z", "Z"))
     except ValueError:
-        raise InvalidInput(f"invalid timestamp {text!r}: expected ISO-8601 with a zone, e.g. 2026-11-23T10:00:00Z") from None
+        raise InvalidInput(
+            f"invalid timestamp {text!r}: expected ISO-8601 with a zone, e.g. 2026-11-23T10:00:00Z"
+        ) from None
     if ts.tzinfo is None:
         raise InvalidInput(f"timestamp {text!r} has no time zone: add Z or +HH:MM")
     if ts > datetime.now(timezone.utc):
@@ -77,7 +83,9 @@ def parse_ref(text: str) -> TimePoint:
             raise InvalidInput(f"invalid reference {text!r}: expected BRANCH@LSN or BRANCH@TIMESTAMP")
         name, lsn, ts = parse_point(point)
         if name is not None:
-            raise InvalidInput(f"invalid point {point!r} in {text!r}: expected an LSN like 0/16B3748 or an ISO-8601 timestamp")
+            raise InvalidInput(
+                f"invalid point {point!r} in {text!r}: expected an LSN like 0/16B3748 or an ISO-8601 timestamp"
+            )
         return TimePoint(branch, lsn, ts)
     name, lsn, ts = parse_point(text)
     return TimePoint(name, lsn, ts)

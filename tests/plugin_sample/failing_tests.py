@@ -3,4 +3,4 @@
 
 def test_fails_after_writing(neon_conn):
     neon_conn.execute("INSERT INTO accounts VALUES (99, 'state at failure', 0)")
-    assert False, "deliberate failure"
+    raise AssertionError("deliberate failure")

@@ -17,12 +17,13 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from neonctl.engine import client, ports
 from neonctl.engine.compute import pgbouncer
 from neonctl.engine.compute.admin_query import query_row
+from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.process import log_tail, pid_alive, pid_cmdline
@@ -31,35 +32,6 @@ from neonctl.engine.roles import apply_roles
 from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
 from neonctl.errors import Conflict, CorruptData, InvalidInput, NotFound, PostgresError
-
-
-@dataclass
-class EndpointState:
-    branch: str
-    timeline_id: str
-    port: int
-    pgdata: str
-    start_lsn: int
-    started_at: float
-    pg_version: int
-    fsync: bool = False
-    at_lsn: int | None = None  # a read-only time-travel endpoint frozen at this LSN (compute/time_travel.py)
-    suspend_timeout: int | None = None  # seconds without a client before the proxy suspends it (None: default)
-
-    @property
-    def socket_dir(self) -> str:
-        """The compute's own directory, 0700: its Unix socket, trusted, for neonctl and the proxy only."""
-        return str(Path(self.pgdata).parent)
-
-    @property
-    def admin_dsn(self) -> str:
-        """neonctl's superuser connection over the Unix socket (TCP clients need a password: see roles.py)."""
-        return f"postgresql://postgres@/postgres?host={self.socket_dir}&port={self.port}"
-
-    @property
-    def name(self) -> str:
-        """Endpoint identity: the branch for its read-write compute, `branch@LSN` for a time-travel one."""
-        return self.branch if self.at_lsn is None else f"{self.branch}@{format_lsn(self.at_lsn)}"
 
 
 def endpoints_dir(project: Project) -> Path:

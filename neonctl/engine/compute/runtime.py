@@ -132,17 +132,24 @@ def probe_version(bin_dir: Path) -> tuple[int, str]:
 
 def ensure_pg_user() -> str:
     """Create (once) the unprivileged system user that runs Postgres when we are root."""
-    try:
-        pwd.getpwnam(PG_USER)
-    except KeyError:
-        proc = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-             "--shell", "/usr/sbin/nologin", PG_USER],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0 and "already exists" not in proc.stderr:
-            raise PostgresError(f"cannot create system user {PG_USER}: {proc.stderr.strip()}")
+    if _user_exists(PG_USER):
+        return PG_USER
+    proc = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+         "--shell", "/usr/sbin/nologin", PG_USER],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0 and "already exists" not in proc.stderr:
+        raise PostgresError(f"cannot create system user {PG_USER}: {proc.stderr.strip()}")
     return PG_USER
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def traversable_by_others(path: Path) -> bool:
@@ -184,7 +191,7 @@ def readable_copy(bin_dir: Path) -> Path:
         shutil.copytree(root, tmp / pkg.name / root.name, symlinks=True)
         for libs in pkg.parent.glob(f"{pkg.name}*.libs"):
             shutil.copytree(libs, tmp / libs.name, symlinks=True)
-        for r, dirs, _files in os.walk(tmp):
+        for r, _dirs, _files in os.walk(tmp):
             os.chmod(r, 0o755)
         (tmp / ".complete").write_text(str(root))
         shutil.rmtree(dest, ignore_errors=True)

@@ -11,12 +11,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.project import Project
 
-if TYPE_CHECKING:
-    from neonctl.engine.compute.endpoint import EndpointState
 
 def _dir(project: Project) -> Path:
     d = project.dir / "endpoints" / "suspended"

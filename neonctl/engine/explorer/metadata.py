@@ -28,8 +28,8 @@ from neonctl.engine.explorer.keys import decode_key, relation_key_range
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, parse_lsn, parse_segment_file_name
 from neonctl.engine.pageserver.workdir import timeline_dir
 from neonctl.engine.project import Project
+from neonctl.engine.timepoint import PG_EPOCH_UNIX
 
-PG_EPOCH_UNIX = 946_684_800  # 2000-01-01 in Unix seconds: Postgres timestamps count from there
 _COMMIT_REC = 16  # (<Q end LSN, <q pg microseconds)
 
 
@@ -93,7 +93,7 @@ def read_commits(path: Path) -> list[tuple[int, int]]:
 
 
 def pitr_cutoff(commits: list[tuple[int, int]], start_lsn: int, head: int, pitr_interval: float, now: float) -> int:
-    """The newest LSN older than the PITR window (as `pageserver/gc.py` computes it)."""
+    """The newest LSN older than the PITR window (as `pageserver/timeline/gc.py` computes it)."""
     horizon_us = int((now - pitr_interval - PG_EPOCH_UNIX) * 1_000_000)
     lsn = start_lsn
     for end_lsn, xact_time in commits:

@@ -49,7 +49,9 @@ def _plain(v):
 def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
     """The result for stdout: an aligned table with the columns as named, JSON rows, or CSV."""
     if fmt == "json":
-        return json.dumps([{c: _plain(v) for c, v in zip(columns, r)} for r in rows], indent=2, default=str)
+        return json.dumps(
+            [{c: _plain(v) for c, v in zip(columns, r, strict=False)} for r in rows], indent=2, default=str
+        )
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -60,6 +62,9 @@ def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
         return "(no result)"
     cells = [["" if v is None else str(_plain(v)) for v in r] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+
+    def line(vals):
+        return "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=False)).rstrip()
+
     out = [line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)]
     return "\n".join(out) + ("" if cells else "\n(no rows)")

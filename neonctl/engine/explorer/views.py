@@ -211,7 +211,7 @@ class MetadataDB:
 
     def rows(self, sql: str, params: list | dict | None = None) -> list[dict]:
         cols, rows = self.query(sql, params)
-        return [dict(zip(cols, r)) for r in rows]
+        return [dict(zip(cols, r, strict=False)) for r in rows]
 
     def close(self) -> None:
         self.con.close()

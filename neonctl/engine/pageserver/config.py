@@ -30,7 +30,7 @@ class PageserverConfig:
     remote_storage: dict | None = None
 
     @classmethod
-    def load(cls, workdir: Path) -> "PageserverConfig":
+    def load(cls, workdir: Path) -> PageserverConfig:
         path = workdir / "pageserver.json"
         if not path.exists():
             return cls()

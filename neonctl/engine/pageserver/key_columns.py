@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from neonctl.engine.jit import jit
-
 from neonctl.engine.pageserver.key import KEY_SIZE
 
 INDEX_KEY_SIZE = KEY_SIZE + 8

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import os
+import re
 import shutil
 import struct
 import time
@@ -33,18 +33,30 @@ from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logg
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.gc import gc_cutoff, gc_timeline
-from neonctl.engine.timepoint import from_pg_us
-from neonctl.engine.pageserver.getpage import page_at
+from neonctl.engine.pageserver.images.getpage import page_at
+from neonctl.engine.pageserver.images.redo_cache import RedoDirCache
 from neonctl.engine.pageserver.key import Key
-from neonctl.engine.pageserver.layer_catalog import LayerCatalog
-from neonctl.engine.pageserver.redo_cache import RedoDirCache
-from neonctl.engine.pageserver.remote_restore import restore_timelines
-from neonctl.engine.pageserver.remote_storage import open_remote_storage
-from neonctl.engine.pageserver.remote_sync import RemoteSync
-from neonctl.engine.pageserver.timeline import Timeline, list_timelines, open_timeline, timeline_dir
-from neonctl.engine.pageserver.walreceiver import receive
-from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound, Timeout
+from neonctl.engine.pageserver.remote.download import restore_timelines
+from neonctl.engine.pageserver.remote.storage import open_remote_storage
+from neonctl.engine.pageserver.remote.upload import RemoteSync
+from neonctl.engine.pageserver.timeline.gc import gc_cutoff, gc_timeline
+from neonctl.engine.pageserver.timeline.layer_catalog import LayerCatalog
+from neonctl.engine.pageserver.timeline.timeline import (
+    Timeline,
+    list_timelines,
+    open_timeline,
+    timeline_dir,
+)
+from neonctl.engine.pageserver.timeline.walreceiver import receive
+from neonctl.engine.timepoint import from_pg_us
+from neonctl.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    NeonctlError,
+    NotFound,
+    Timeout,
+)
 
 ENDPOINT_DIR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 log = logging.getLogger("pageserver")
@@ -335,7 +347,7 @@ class Pageserver:
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.config.gc_period)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             for tl in list(self.timelines.values()):
                 try:
@@ -469,7 +481,7 @@ class Pageserver:
                     self.broker_view[tid] = per_sk
                     if tid in self.timelines or tid in list_timelines(self.workdir):
                         self.ensure_receiver(self.get(tid))
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 await asyncio.sleep(0.5)
 
     def shutdown(self) -> None:

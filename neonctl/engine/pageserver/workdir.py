@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+INDEX = "index_part.json"  # a timeline's layer index, in its layers/ directory and on the remote, as in Neon
+
 
 def timeline_dir(workdir: Path, timeline_id: str) -> Path:
     return workdir / "timelines" / timeline_id

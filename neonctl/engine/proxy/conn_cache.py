@@ -69,5 +69,5 @@ class ConnCache:
             self.expire()
             try:
                 await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

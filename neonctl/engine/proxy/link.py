@@ -89,7 +89,7 @@ class Link(asyncio.Protocol):
 
     # -- relay -------------------------------------------------------------------------------------
 
-    def splice(self, peer: "Link") -> None:
+    def splice(self, peer: Link) -> None:
         """From now on every byte from this socket goes to `peer` (what already arrived first)."""
         self.peer = peer
         if self.buf:

@@ -75,7 +75,7 @@ class Session:
         except protocol.ProtocolViolation as e:
             self.client.write(protocol.error_response(e.sqlstate, e.message))
             self.client.close()
-        except (ConnectionError, asyncio.TimeoutError, TimeoutError):
+        except (ConnectionError, TimeoutError):
             self.client.close()
         except Exception:  # noqa: BLE001 - one session's bug must not take the proxy down; it is logged
             log.exception("session failed")
@@ -108,7 +108,7 @@ class Session:
             w.write(protocol.cancel_request(target.pid, target.secret))
             await w.drain()
             w.close()
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             log.warning("cancel request could not reach %s: %s", target.host, e)
 
     async def _run(self) -> None:
@@ -176,7 +176,7 @@ class Session:
         try:
             _t, server = await asyncio.wait_for(
                 loop.create_unix_connection(Link, f"{addr.host}/.s.PGSQL.{addr.port}"), 10)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise Refused("08006", f"cannot connect to the compute of {addr.endpoint}: {e}") from None
         forward = {k: v for k, v in params.items() if k not in ("user", "database", "options")}
         forward.update(user=user, database=database)
@@ -199,7 +199,8 @@ class Session:
                     return
                 if kind == b"K":
                     pid, secret = protocol.parse_backend_key_data(body)
-                    key = self.sessions.issue_key(CancelTarget(addr.host, addr.port, pid, secret))  # PgBouncer for pooled
+                    # (for a pooled session the cancel goes to PgBouncer, which forwards it)
+                    key = self.sessions.issue_key(CancelTarget(addr.host, addr.port, pid, secret))
                     out.append(protocol.backend_key_data(*key))
                     continue
                 out.append(pgwire.message(kind, body))

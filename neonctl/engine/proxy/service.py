@@ -6,7 +6,8 @@
       GET /v2, /v1        the Postgres protocol over WebSocket, for its Pool and Client (websocket.py)
 
 Each accepted connection becomes a `relay.Session` (authenticate, route, wake, relay); background tasks
-suspend idle computes (`suspend.py`) and delete expired branches (`engine/expiry.py`). The proxy holds no state that matters across restarts: computes
+suspend idle computes (`suspend.py`) and delete expired branches (`engine/expiry.py`). The proxy holds no
+state that matters across restarts: computes
 keep running while it is down, and new connections work again once it is back.
 """
 
@@ -82,8 +83,13 @@ class Proxy:
         return link
 
     async def status(self, request: web.Request) -> web.Response:
-        return json_body({"sessions": dict(self.sessions.active), "total": self.sessions.total(),
-                          "sql_cache": {"hits": self.cache.hits, "misses": self.cache.misses}})
+        return json_body(
+            {
+                "sessions": dict(self.sessions.active),
+                "total": self.sessions.total(),
+                "sql_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+            }
+        )
 
     async def ws(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() != "websocket":
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.exception("expiry pass failed")
             try:
                 await asyncio.wait_for(stop.wait(), args.expiry_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     serve(proxy.app(), http_host, int(http_port), [listen, suspender, expirer, proxy.cache.run_expiry])

@@ -16,7 +16,10 @@ import time
 
 from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.compute.endpoint import list_endpoints, stop_endpoint
-from neonctl.engine.compute.scale_to_zero import effective_suspend_timeout, mark_suspended
+from neonctl.engine.compute.scale_to_zero import (
+    effective_suspend_timeout,
+    mark_suspended,
+)
 from neonctl.engine.project import Project
 from neonctl.engine.proxy.sessions import Sessions
 from neonctl.errors import NeonctlError
@@ -78,5 +81,5 @@ async def run_suspender(project: Project, sessions: Sessions, stop: asyncio.Even
             log.exception("suspend pass failed")
         try:
             await asyncio.wait_for(stop.wait(), interval)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

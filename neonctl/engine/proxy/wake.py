@@ -12,10 +12,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from neonctl.engine.compute.endpoint import EndpointState, endpoint_status, read_state, start_endpoint
+from neonctl.engine.compute import pgbouncer
+from neonctl.engine.compute.endpoint import (
+    EndpointState,
+    endpoint_status,
+    read_state,
+    start_endpoint,
+)
 from neonctl.engine.compute.time_travel import find_running, start_time_travel
 from neonctl.engine.project import Project
-from neonctl.engine.compute import pgbouncer
 from neonctl.engine.timepoint import TimePoint, parse_ref
 
 log = logging.getLogger("proxy.wake")

@@ -42,10 +42,14 @@ from typing import Any
 
 import crc32c
 
-from neonctl.engine.lsn import WAL_SEGMENT_SIZE
-from neonctl.engine.safekeeper.term_history import ProtocolViolation, TermHistory, TermSwitch
-from neonctl.errors import CorruptData, InvalidInput, NotFound
 from neonctl.engine.durability import fsync_dir
+from neonctl.engine.lsn import WAL_SEGMENT_SIZE
+from neonctl.engine.safekeeper.term_history import (
+    ProtocolViolation,
+    TermHistory,
+    TermSwitch,
+)
+from neonctl.errors import CorruptData, InvalidInput, NotFound
 
 CONTROL_FILE_NAME = "safekeeper.control"
 MAGIC = b"NCSK"

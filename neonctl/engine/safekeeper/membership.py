@@ -25,7 +25,11 @@ from neonctl.engine import ports
 from neonctl.engine.compute.endpoint import list_endpoints
 from neonctl.engine.project import SAFEKEEPER_BASE_PORT, Project, taken_ports
 from neonctl.engine.safekeeper.control_file import load, save
-from neonctl.engine.safekeeper.timeline import CONTROL_FILE, BrokenTimeline, open_timeline
+from neonctl.engine.safekeeper.timeline import (
+    CONTROL_FILE,
+    BrokenTimeline,
+    open_timeline,
+)
 from neonctl.errors import Conflict, CorruptData, InvalidInput
 
 

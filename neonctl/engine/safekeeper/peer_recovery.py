@@ -34,7 +34,11 @@ import aiohttp
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.safekeeper.acceptor import ProposerElected
 from neonctl.engine.safekeeper.control_file import TimelineState
-from neonctl.engine.safekeeper.term_history import TermHistory, TermSwitch, find_highest_common_point
+from neonctl.engine.safekeeper.term_history import (
+    TermHistory,
+    TermSwitch,
+    find_highest_common_point,
+)
 from neonctl.engine.safekeeper.timeline import CONTROL_FILE, BrokenTimeline, SkTimeline
 from neonctl.engine.wal.reader import WalDecodeError
 from neonctl.errors import Conflict, DaemonError

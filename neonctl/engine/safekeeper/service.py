@@ -46,7 +46,12 @@ from neonctl.engine.safekeeper.proposer import commit_lsn as quorum_commit_lsn
 from neonctl.engine.safekeeper.proposer import quorum
 from neonctl.engine.safekeeper.receiver import run_receiver
 from neonctl.engine.safekeeper.term_history import TermSwitch
-from neonctl.engine.safekeeper.timeline import CONTROL_FILE, BrokenTimeline, SkTimeline, open_timeline
+from neonctl.engine.safekeeper.timeline import (
+    CONTROL_FILE,
+    BrokenTimeline,
+    SkTimeline,
+    open_timeline,
+)
 from neonctl.errors import AlreadyExists, Conflict, CorruptData, InvalidInput, NotFound
 
 log = logging.getLogger("safekeeper")
@@ -336,10 +341,10 @@ class Safekeeper:
 
     async def poll_peers(self) -> None:
         """The broker is silent: ask the peers directly (the broker's view is kept otherwise)."""
-        for tid, tl in list(self.timelines.items()):
+        for tid, _tl in list(self.timelines.items()):
             infos = await asyncio.gather(*(peer_recovery.fetch_info(self.http, a, tid) for a in self.peers.values()))
             view = self.peer_view.setdefault(tid, {})
-            for sk_id, info in zip(self.peers, infos):
+            for sk_id, info in zip(self.peers, infos, strict=False):
                 if info is not None:
                     view[str(sk_id)] = info
 
@@ -354,7 +359,7 @@ class Safekeeper:
             try:
                 if self.peers and time.monotonic() - self.broker_ok_at > BROKER_SILENCE:
                     await self.poll_peers()
-                for tid, tl in list(self.timelines.items()):
+                for _tid, tl in list(self.timelines.items()):
                     if isinstance(tl, BrokenTimeline) or not self.peers:
                         continue
                     self.update_commit(tl)
@@ -489,7 +494,7 @@ class Safekeeper:
             await self.http.close()
 
     def shutdown(self) -> None:
-        for tid, (task, ev) in list(self.receivers.items()):
+        for _tid, (task, ev) in list(self.receivers.items()):
             ev.set()
             task.cancel()
         for tl in self.timelines.values():

@@ -173,7 +173,7 @@ def find_highest_common_point(
                 f"{name} term history ends with {_show(history[-1])}, above its flush LSN {format_lsn(flush)}"
             )
     last_common: int | None = None
-    for i, (a, b) in enumerate(zip(mine_h, theirs_h)):
+    for i, (a, b) in enumerate(zip(mine_h, theirs_h, strict=False)):
         if a.term != b.term:
             break
         if a.start_lsn != b.start_lsn:

@@ -9,17 +9,26 @@ record was decoded. The decompressors follow PostgreSQL's formats byte for byte.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from neonctl.engine.wal.reader import WalDecodeError
 
-if TYPE_CHECKING:
-    from neonctl.engine.wal.decoder import BlockRef
+
+class BlockImage(Protocol):
+    """What restoring needs of a record's block reference (``decoder.BlockRef``) or a stored value."""
+
+    bimg: bytes | None
+    hole_offset: int
+    hole_length: int
+
+    @property
+    def compression(self) -> str | None: ...
+
 
 BLCKSZ = 8192
 
 
-def restore_image(blk: BlockRef) -> bytes:
+def restore_image(blk: BlockImage) -> bytes:
     """The full page of a block image: decompressed, with its hole put back."""
     raw = blk.bimg
     if raw is None:

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from neonctl.engine.timepoint import PG_EPOCH
 from neonctl.engine.wal.decoder import (
     LATEST_PG_VERSION,
     RM_DBASE_ID,
@@ -53,8 +54,6 @@ XACT_XINFO_HAS_GID = 1 << 7
 XACT_XINFO_HAS_DROPPED_STATS = 1 << 8
 # xl_smgr_truncate.flags (storage_xlog.h): which forks a truncation applies to
 SMGR_TRUNCATE_HEAP, SMGR_TRUNCATE_VM, SMGR_TRUNCATE_FSM = 0x1, 0x2, 0x4
-
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 _U32 = struct.Struct("<I")
 _RLOC = struct.Struct("<III")

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neonctl.engine.pageserver.image_layer import ImageValues, write_image_layer
-from neonctl.engine.pageserver.image_set import (
+from neonctl.engine.pageserver.images.image_set import (
     AUX_FILES_KEY,
     BLCKSZ,
     DEFAULTTABLESPACE_OID,
@@ -51,7 +50,11 @@ from neonctl.engine.pageserver.key import (
     slru_seg_size_key,
 )
 from neonctl.engine.pageserver.key_columns import key_runs
-from neonctl.engine.pageserver.layer_name import ImageLayerName
+from neonctl.engine.pageserver.storage_layer.image_layer import (
+    ImageValues,
+    write_image_layer,
+)
+from neonctl.engine.pageserver.storage_layer.layer_name import ImageLayerName
 from neonctl.engine.scratch import scratch
 from neonctl.errors import InvalidInput
 

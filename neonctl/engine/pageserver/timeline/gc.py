@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.image_set import ImageInfo
-from neonctl.engine.pageserver.timepoint_pg import to_pg_us
+from neonctl.engine.pageserver.images.image_set import ImageInfo
+from neonctl.engine.timepoint import unix_to_pg_us
 
 log = logging.getLogger("pageserver.gc")
 
@@ -48,7 +48,7 @@ class GcResult:
 
 def time_cutoff(tl, pitr_interval: float, now: float) -> int:
     """The newest LSN older than the PITR window: the last commit before the first one inside it."""
-    horizon_us = to_pg_us(now - pitr_interval)
+    horizon_us = unix_to_pg_us(now - pitr_interval)
     lsn = tl.meta.start_lsn
     for end_lsn, xact_time in tl.commit_history():
         if xact_time > horizon_us:

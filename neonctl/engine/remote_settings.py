@@ -16,8 +16,16 @@ prefix never delete each other's.
 from __future__ import annotations
 
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.remote_storage import default_config, describe, open_remote_storage, parse_url
-from neonctl.engine.pageserver.remote_sync import delete_remote_timeline, remote_timelines
+from neonctl.engine.pageserver.remote.storage import (
+    default_config,
+    describe,
+    open_remote_storage,
+    parse_url,
+)
+from neonctl.engine.pageserver.remote.upload import (
+    delete_remote_timeline,
+    remote_timelines,
+)
 from neonctl.engine.pageserver.workdir import list_timelines
 from neonctl.engine.project import Project
 from neonctl.errors import Conflict, RemoteStorageError

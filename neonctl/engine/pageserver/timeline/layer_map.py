@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from neonctl.engine.pageserver.key import Key, KeyRange
-from neonctl.engine.pageserver.layer_name import DeltaLayerName, ImageLayerName, parse_layer_name
-
-INDEX = "index_part.json"
+from neonctl.engine.pageserver.storage_layer.layer_name import (
+    DeltaLayerName,
+    ImageLayerName,
+    parse_layer_name,
+)
+from neonctl.engine.pageserver.workdir import INDEX
 
 
 @dataclass
@@ -37,7 +40,7 @@ class LayerDesc:
         return KeyRange(Key.parse(self.key_start), Key.parse(self.key_end))
 
     @classmethod
-    def from_name(cls, name: str, level: int, file_size: int, num_values: int) -> "LayerDesc":
+    def from_name(cls, name: str, level: int, file_size: int, num_values: int) -> LayerDesc:
         n = parse_layer_name(name)
         if isinstance(n, DeltaLayerName):
             return cls(name, "delta", level, str(n.key_range.start), str(n.key_range.end), n.lsn_start, n.lsn_end,
@@ -120,7 +123,8 @@ class LayerMap:
         return out
 
     def l0(self) -> list[LayerDesc]:
-        return sorted((d for d in self.layers.values() if d.kind == "delta" and d.level == 0), key=lambda d: d.lsn_start)
+        l0 = (d for d in self.layers.values() if d.kind == "delta" and d.level == 0)
+        return sorted(l0, key=lambda d: d.lsn_start)
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -28,25 +28,27 @@ import re
 import shutil
 from pathlib import Path
 
+from neonctl.engine.durability import fsync_dir
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE
-from neonctl.engine.pageserver.delta_layer import DeltaLayerReader
-from neonctl.engine.pageserver.image_layer import ImageLayerReader
+from neonctl.engine.pageserver.commit_log import CommitLog, commits_of
 from neonctl.engine.pageserver.key import KEY_SIZE
-from neonctl.engine.pageserver.layer_file import IMAGE_MAGIC, LayerFileReader
-from neonctl.engine.pageserver.layer_map import INDEX
-from neonctl.engine.pageserver.timeline import CommitLog, commits_of
-from neonctl.engine.wal.record_scan import scan_wal
-from neonctl.engine.wal.segments import SegmentedWal
-from neonctl.engine.pageserver.remote_storage import RemoteStorage
-from neonctl.engine.pageserver.remote_sync import (
+from neonctl.engine.pageserver.remote.storage import RemoteStorage
+from neonctl.engine.pageserver.remote.upload import (
     INDEX_KEY,
     METADATA_KEY,
     remote_timelines,
     timeline_prefix,
 )
-from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
+from neonctl.engine.pageserver.storage_layer.delta_layer import DeltaLayerReader
+from neonctl.engine.pageserver.storage_layer.image_layer import ImageLayerReader
+from neonctl.engine.pageserver.storage_layer.layer_file import (
+    IMAGE_MAGIC,
+    LayerFileReader,
+)
+from neonctl.engine.pageserver.workdir import INDEX, list_timelines, timeline_dir
+from neonctl.engine.wal.record_scan import scan_wal
+from neonctl.engine.wal.segments import SegmentedWal
 from neonctl.errors import CorruptData
-from neonctl.engine.durability import fsync_dir
 
 log = logging.getLogger("pageserver.remote_restore")
 
@@ -156,7 +158,7 @@ def rebuild_commit_log(tmp: Path, meta: dict, seg_size: int) -> None:
     segments = wal.segments()
     commits = CommitLog(tmp / "commits.bin")
     if segments:
-        pos, end, prev = max(segments[0] * seg_size, int(meta.get("start_lsn") or 0)), int(meta["last_record_lsn"]), None
+        pos, end, prev = max(segments[0] * seg_size, int(meta.get("start_lsn") or 0)), int(meta["last_record_lsn"]), None  # noqa: E501
         while pos < end:
             batch = scan_wal(wal.read(pos, min(16 << 20, end - pos)), pos, seg_size, prev_lsn=prev)
             if not len(batch):

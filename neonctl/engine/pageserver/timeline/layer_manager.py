@@ -23,14 +23,23 @@ import numpy as np
 
 from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.delta_layer import DeltaLayerReader, joined_sources, write_delta_layer
 from neonctl.engine.pageserver.failpoints import failpoint
-from neonctl.engine.pageserver.image_layer import ImageLayerReader
-from neonctl.engine.pageserver.inmemory_layer import InMemoryLayer, concat_entries, sorted_entries
+from neonctl.engine.pageserver.images.image_set import ImageInfo
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
-from neonctl.engine.pageserver.layer_name import DeltaLayerName
-from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
-from neonctl.engine.pageserver.wal_ingest import WalIngest
+from neonctl.engine.pageserver.storage_layer.delta_layer import (
+    DeltaLayerReader,
+    joined_sources,
+    write_delta_layer,
+)
+from neonctl.engine.pageserver.storage_layer.image_layer import ImageLayerReader
+from neonctl.engine.pageserver.storage_layer.inmemory_layer import (
+    InMemoryLayer,
+    concat_entries,
+    sorted_entries,
+)
+from neonctl.engine.pageserver.storage_layer.layer_name import DeltaLayerName
+from neonctl.engine.pageserver.timeline.layer_map import LayerDesc, LayerMap
+from neonctl.engine.pageserver.timeline.wal_ingest import WalIngest
 from neonctl.engine.wal.record_scan import RecordBatch
 
 log = logging.getLogger("pageserver.layers")
@@ -136,8 +145,6 @@ class LayerStore:
 
     def add_images(self, info) -> None:
         """Register an image (its layer files are already on disk) in the index, atomically."""
-        from neonctl.engine.pageserver.timeline import image_descs  # noqa: PLC0415
-
         with self.lock:
             self.map.extra.setdefault("images", []).append(info.to_dict())
             self.map.replace(image_descs(info), [])
@@ -212,10 +219,10 @@ class LayerStore:
         "what changed since the branch point" - answered from indexes alone.
         """
         with self.lock:
-            keys: set = {k for k in self.open.keys() if k.is_rel_block()}
+            keys: set = {k for k in self.open.keys() if k.is_rel_block()}  # noqa: SIM118 - an in-memory layer, not a dict
             for d in self.map.layers.values():
                 if d.kind == "delta":
-                    keys.update(k for k in self.reader(d.name).keys() if k.is_rel_block())
+                    keys.update(k for k in self.reader(d.name).keys() if k.is_rel_block())  # noqa: SIM118
         out: dict[tuple[int, int, int, int], int] = {}
         for k in keys:
             tag = k.rel_tag()
@@ -246,3 +253,8 @@ def _partitions(ikeys: np.ndarray, sizes: np.ndarray, target: int) -> list[tuple
             return out
         out.append((lo, int(starts[j])))
         lo = int(starts[j])
+
+
+def image_descs(info: ImageInfo) -> list[LayerDesc]:
+    """The index entries of an image's layer files."""
+    return [LayerDesc.from_name(f.name, -1, f.file_size, f.num_values) for f in info.layers]

@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
-from neonctl.engine.pageserver.layer_map import INDEX
-from neonctl.engine.pageserver.remote_storage import RemoteStorage
+from neonctl.engine.pageserver.remote.storage import RemoteStorage
+from neonctl.engine.pageserver.workdir import INDEX
 
 log = logging.getLogger("pageserver.remote_sync")
 

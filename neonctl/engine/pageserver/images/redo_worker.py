@@ -61,25 +61,18 @@ Limits:
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.compute.runtime import PgRuntime
 from neonctl.engine.lsn import format_lsn, parse_lsn
-from neonctl.engine.pageserver.image_create import DEFAULT_PARTITION_SIZE, create_image
-from neonctl.engine.pageserver.image_materialize import materialize_from_image
-from neonctl.engine.pageserver.image_set import ImageInfo
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
-
-if TYPE_CHECKING:
-    from neonctl.engine.pageserver.timeline import Timeline
 
 # pg_controldata label -> GUC. A hot standby refuses to run with less than the primary had.
 _HOT_STANDBY_MINIMA = {
@@ -289,30 +282,4 @@ def _wait_for_replay(proc: subprocess.Popen, port: int, lsn: int, deadline: floa
         time.sleep(0.02 if last is None else 0.05)
 
 
-def build_image(timeline: Timeline, lsn: int, runtime: PgRuntime, work_dir: Path, out_dir: Path, *,
-                base: ImageInfo | None = None, timeout: float = 300.0,
-                partition_size: int = DEFAULT_PARTITION_SIZE) -> ImageInfo:
-    """Image layers of ``timeline`` at ``lsn`` (a record end), written to ``out_dir``.
-
-    Materialises at ``lsn`` from ``base`` (an older image of this timeline's history at or before
-    ``lsn``) or else with ``timeline.materialize`` (whatever base it picks), replays it with :func:`replay_to` in ``work_dir`` (absent or
-    empty; reachable by the Postgres user, i.e. under /var/lib/neonctl when run as root) and
-    images the result. ``work_dir`` is deleted afterwards, also on failure.
-    """
-    work_dir = Path(work_dir)
-    pgdata = work_dir / "pgdata"
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(work_dir, 0o755)
-        if base is not None:
-            materialize_from_image(base, timeline.read_wal, lsn, pgdata)
-        else:
-            timeline.materialize(lsn, pgdata)
-        res = replay_to(runtime, pgdata, lsn, timeout=timeout, log_file=work_dir / "redo.log")
-        return create_image(pgdata, out_dir, timeline.timeline_id, lsn, res.checkpoint_lsn, res.redo_lsn,
-                            partition_size=partition_size)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-
-
-__all__ = ["SHUT_DOWN_IN_RECOVERY", "RedoResult", "build_image", "free_port", "replay_to"]
+__all__ = ["SHUT_DOWN_IN_RECOVERY", "RedoResult", "free_port", "replay_to"]

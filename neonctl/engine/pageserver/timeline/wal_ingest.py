@@ -19,13 +19,17 @@ from __future__ import annotations
 import numpy as np
 
 from neonctl.engine.jit import jit
-
 from neonctl.engine.pageserver import value
-from neonctl.engine.pageserver.delta_layer import DeltaEntries
 from neonctl.engine.pageserver.key import SIZE_MARKER
 from neonctl.engine.pageserver.key_columns import group_by_relation, rel_block_rows
+from neonctl.engine.pageserver.storage_layer.delta_layer import DeltaEntries
 from neonctl.engine.wal.decoder import decode_record
-from neonctl.engine.wal.record_scan import BLK_APPLY_IMAGE, BLK_HAS_IMAGE, BLK_WILL_INIT, RecordBatch
+from neonctl.engine.wal.record_scan import (
+    BLK_APPLY_IMAGE,
+    BLK_HAS_IMAGE,
+    BLK_WILL_INIT,
+    RecordBatch,
+)
 from neonctl.engine.wal.rmgr_records import SmgrTruncate, parse_smgr
 
 MAIN_FORK, FSM_FORK, VM_FORK = 0, 1, 2

@@ -1,7 +1,8 @@
 """A pageserver timeline: the storage truth for one branch.
 
 A timeline is (ancestor timeline, ancestor LSN) plus its own WAL. The root
-timeline starts from an imported initdb image (image layers at ``initdb_lsn``) whose shutdown checkpoint ends at ``initdb_lsn``; everything after is
+timeline starts from an imported initdb image (image layers at ``initdb_lsn``)
+whose shutdown checkpoint ends at ``initdb_lsn``; everything after is
 WAL ingested from the safekeepers, kept in segment files under the timeline's
 id. ``last_record_lsn`` only ever points at the end of a complete, CRC-valid
 record: that is the LSN a compute can be materialised at.
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import threading
 import time
@@ -31,86 +31,46 @@ from neonctl.engine.lsn import (
     format_lsn,
     segment_file_name,
 )
-from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.image_create import create_image
-from neonctl.engine.pageserver.image_materialize import materialize_from_image, prepare_for_recovery
-from neonctl.engine.pageserver.image_set import ImageInfo
-from neonctl.engine.pageserver.layer_map import LayerDesc, LayerMap
-from neonctl.engine.pageserver.layers import LayerStore
-from neonctl.engine.pageserver.redo_cache import RedoDirCache
-from neonctl.engine.pageserver.redo_worker import replay_to
-from neonctl.engine.scratch import scratch
-from neonctl.engine.wal.decoder import (
-    XLOG_XACT_COMMIT,
-    XLOG_XACT_COMMIT_PREPARED,
-    XLOG_XACT_OPMASK,
+from neonctl.engine.pageserver.commit_log import (
+    CommitLog,
+    commits_of,
+    last_checkpoint_of,
 )
+from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.images.create import create_image
+from neonctl.engine.pageserver.images.image_set import ImageInfo
+from neonctl.engine.pageserver.images.materialize import (
+    materialize_from_image,
+    prepare_for_recovery,
+)
+from neonctl.engine.pageserver.images.redo_cache import RedoDirCache
+from neonctl.engine.pageserver.images.redo_worker import replay_to
+from neonctl.engine.pageserver.timeline.layer_manager import LayerStore, image_descs
+from neonctl.engine.pageserver.timeline.layer_map import LayerMap
+from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
+from neonctl.engine.scratch import scratch
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.wal.segments import SegmentedWal
-from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
 from neonctl.errors import CorruptData, InvalidInput, NotFound, PostgresError
 
 # Files of a data directory that never belong in a stored image.
-_EXCLUDED = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old",
-             "tablespace_map", "recovery.signal", "standby.signal"}
+_EXCLUDED = {
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "recovery.signal",
+    "standby.signal",
+}
 
 log = logging.getLogger("pageserver.timeline")
 
 
-RM_XLOG_ID, RM_XACT_ID = 0, 1
 HANDOFF_LIMIT = 64 << 20  # bytes of scanned WAL the receiver may queue for the layer builder
 HANDOFF_JOIN = 256 << 10  # the builder joins queued batches up to this much: joining saves per-call costs of
 #                           small messages but copies, so a big batch is built on its own
-XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE = 0x00, 0x10
-
-
-def commits_of(batch: RecordBatch) -> np.ndarray:
-    """(commit end LSN, xact_time) rows of the batch's commit records; xact_time opens their main data."""
-    op = batch.info & XLOG_XACT_OPMASK
-    idx = np.flatnonzero((batch.rmid == RM_XACT_ID) & ((op == XLOG_XACT_COMMIT) | (op == XLOG_XACT_COMMIT_PREPARED))
-                         & (batch.main_len >= 8))
-    times = batch.data[batch.main_off[idx, None] + np.arange(8)].view("<i8").ravel()  # one gather of 8 bytes each
-    return np.stack([batch.end[idx].astype(np.int64), times], axis=1)
-
-
-def last_checkpoint_of(batch: RecordBatch) -> int | None:
-    """Start LSN of the batch's last checkpoint record (shutdown or online), if any."""
-    kind = batch.info & 0xF0
-    idx = np.flatnonzero((batch.rmid == RM_XLOG_ID)
-                         & ((kind == XLOG_CHECKPOINT_SHUTDOWN) | (kind == XLOG_CHECKPOINT_ONLINE)))
-    return int(batch.lsn[idx[-1]]) if len(idx) else None
-
-
-class CommitLog:
-    """Append-only (commit end LSN, commit timestamp) pairs from commit records: time -> LSN lookups."""
-
-    _REC = struct.Struct("<Qq")
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None  # kept open: ingest appends a commit or two per message
-
-    def append(self, commits: list[tuple[int, int]] | np.ndarray) -> None:
-        """Append pairs (a list, or an (n, 2) int64 array as ingest makes them)."""
-        if len(commits):
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(self._fd, np.asarray(commits, dtype="<i8").reshape(-1, 2).tobytes())
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def entries(self, upto_lsn: int | None = None) -> list[tuple[int, int]]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        n = len(data) // self._REC.size  # a torn last entry (crash mid-append) is ignored
-        out = [self._REC.unpack_from(data, i * self._REC.size) for i in range(n)]
-        return [e for e in out if upto_lsn is None or e[0] <= upto_lsn]
 
 
 @dataclass
@@ -141,7 +101,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 class Timeline:
-    def __init__(self, directory: Path, resolver: Callable[[str], "Timeline"] | None = None):
+    def __init__(self, directory: Path, resolver: Callable[[str], Timeline] | None = None):
         self.dir = directory
         self.resolver = resolver
         self.layers: LayerStore | None = None  # attached only inside the pageserver process
@@ -164,8 +124,9 @@ class Timeline:
 
     def attach_layers(self, config: PageserverConfig, on_change=None) -> None:
         """Open the layer store; `build_layers` then turns WAL past its last frozen layer into layers."""
-        self.layers = LayerStore(self.dir / "layers", self.timeline_id, self.meta.pg_version, self.meta.start_lsn,
-                                 config, on_change)
+        self.layers = LayerStore(
+            self.dir / "layers", self.timeline_id, self.meta.pg_version, self.meta.start_lsn, config, on_change
+        )
         self.layer_lsn = self.layers.disk_consistent_lsn  # a record end: where the next scan starts
         self._layer_prev: int | None = None  # start of the record before layer_lsn, for the prev-link check
         self._layer_wal = SegmentedWal(self.dir / "wal", self.meta.wal_seg_size)  # own fds: another thread
@@ -196,8 +157,9 @@ class Timeline:
             if nxt is not None and nxt > start:
                 want = min(want, nxt - start)
         while batch is None:
-            scanned = scan_wal(self._read_layer_wal(start, want), start, self.meta.wal_seg_size,
-                               prev_lsn=self._layer_prev)
+            scanned = scan_wal(
+                self._read_layer_wal(start, want), start, self.meta.wal_seg_size, prev_lsn=self._layer_prev
+            )
             if scanned.error is not None:
                 raise scanned.error
             if len(scanned) or start + want >= limit:
@@ -205,8 +167,10 @@ class Timeline:
             else:
                 want = min(limit - start, want * 2)  # one record longer than the budget
         if not len(batch):  # below last_record_lsn there are whole records: the stored WAL lost them
-            raise CorruptData(f"timeline {self.timeline_id}: no WAL records at {format_lsn(start)} in the stored"
-                              f" segments, though WAL was ingested up to {format_lsn(limit)}")
+            raise CorruptData(
+                f"timeline {self.timeline_id}: no WAL records at {format_lsn(start)} in the stored"
+                f" segments, though WAL was ingested up to {format_lsn(limit)}"
+            )
         self.layers.put_batch(batch)
         self._layer_prev = int(batch.lsn[-1])
         self.layer_lsn = batch.end_lsn
@@ -214,7 +178,7 @@ class Timeline:
         return batch.end_lsn - start
 
     def _take_handoff(self, start: int, want: int) -> RecordBatch | None:
-        """The receiver's batches that continue exactly at start, joined into one (small ones only, see HANDOFF_JOIN)."""
+        """The receiver's batches that continue exactly at start, joined into one (small ones only: HANDOFF_JOIN)."""
         out: list[RecordBatch] = []
         with self._handoff_lock:
             q = self._handoff
@@ -254,7 +218,7 @@ class Timeline:
             n = min(own, pos + length) - pos
             view[:n] = self.ancestor.read_wal(pos, n)
         if own < pos + length:
-            self._layer_wal.read_into(own, view[own - pos:])
+            self._layer_wal.read_into(own, view[own - pos :])
         view.release()
         return out
 
@@ -292,7 +256,7 @@ class Timeline:
         self._waiters.append(fut)
         try:
             await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     @property
@@ -304,7 +268,7 @@ class Timeline:
         return self.meta.last_record_lsn
 
     @property
-    def ancestor(self) -> "Timeline | None":
+    def ancestor(self) -> Timeline | None:
         if self.meta.ancestor_timeline and self._ancestor is None:
             if self.resolver is not None:
                 self._ancestor = self.resolver(self.meta.ancestor_timeline)
@@ -392,8 +356,7 @@ class Timeline:
     # -- import ---------------------------------------------------------------
 
     @classmethod
-    def import_initdb(cls, directory: Path, timeline_id: str, pgdata: Path, bin_dir: Path,
-                      pg_version: int) -> "Timeline":
+    def import_initdb(cls, directory: Path, timeline_id: str, pgdata: Path, bin_dir: Path, pg_version: int) -> Timeline:
         """Make a root timeline from a cleanly shut down data directory (initdb's output)."""
         cd = read_control_data(bin_dir, pgdata)
         if cd.state != "shut down":
@@ -414,29 +377,49 @@ class Timeline:
         info = create_image(pgdata, directory / "layers", timeline_id, end, cd.checkpoint_lsn, cd.redo_lsn)
         register_images(directory / "layers", [info])
         meta = TimelineMetadata(
-            timeline_id=timeline_id, pg_version=pg_version, system_id=cd.system_id,
-            ancestor_timeline=None, ancestor_lsn=0, initdb_lsn=end,
-            base_checkpoint_lsn=cd.checkpoint_lsn, base_redo_lsn=cd.redo_lsn, last_record_lsn=end,
-            start_lsn=end, base_timeline=timeline_id, created_at=time.time(),
+            timeline_id=timeline_id,
+            pg_version=pg_version,
+            system_id=cd.system_id,
+            ancestor_timeline=None,
+            ancestor_lsn=0,
+            initdb_lsn=end,
+            base_checkpoint_lsn=cd.checkpoint_lsn,
+            base_redo_lsn=cd.redo_lsn,
+            last_record_lsn=end,
+            start_lsn=end,
+            base_timeline=timeline_id,
+            created_at=time.time(),
         )
         _write_json_atomic(directory / "metadata.json", asdict(meta))
         return cls(directory)
 
     @classmethod
-    def create_branch(cls, directory: Path, timeline_id: str, ancestor: "Timeline", lsn: int) -> "Timeline":
+    def create_branch(cls, directory: Path, timeline_id: str, ancestor: Timeline, lsn: int) -> Timeline:
         """A child timeline at `lsn` (a record end on the ancestor): metadata and one WAL segment prefix."""
         a = ancestor.meta
         if not (a.start_lsn <= lsn <= a.last_record_lsn):
-            raise InvalidInput(f"branch point {format_lsn(lsn)} is outside the parent's WAL"
-                               f" {format_lsn(a.start_lsn)}..{format_lsn(a.last_record_lsn)}")
+            raise InvalidInput(
+                f"branch point {format_lsn(lsn)} is outside the parent's WAL"
+                f" {format_lsn(a.start_lsn)}..{format_lsn(a.last_record_lsn)}"
+            )
         directory.mkdir(parents=True)
         try:
             (directory / "wal").mkdir()  # empty: WAL below the branch point is read from the parent
             meta = TimelineMetadata(
-                timeline_id=timeline_id, pg_version=a.pg_version, system_id=a.system_id,
-                ancestor_timeline=a.timeline_id, ancestor_lsn=lsn, initdb_lsn=a.initdb_lsn,
-                base_checkpoint_lsn=a.base_checkpoint_lsn, base_redo_lsn=a.base_redo_lsn, last_record_lsn=lsn,
-                wal_seg_size=a.wal_seg_size, start_lsn=lsn, base_timeline=a.base_timeline, created_at=time.time())
+                timeline_id=timeline_id,
+                pg_version=a.pg_version,
+                system_id=a.system_id,
+                ancestor_timeline=a.timeline_id,
+                ancestor_lsn=lsn,
+                initdb_lsn=a.initdb_lsn,
+                base_checkpoint_lsn=a.base_checkpoint_lsn,
+                base_redo_lsn=a.base_redo_lsn,
+                last_record_lsn=lsn,
+                wal_seg_size=a.wal_seg_size,
+                start_lsn=lsn,
+                base_timeline=a.base_timeline,
+                created_at=time.time(),
+            )
             _write_json_atomic(directory / "metadata.json", asdict(meta))
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
@@ -455,7 +438,8 @@ class Timeline:
         if start_lsn != self.meta.last_record_lsn:
             raise InvalidInput(
                 f"WAL for {self.timeline_id} must continue at {format_lsn(self.meta.last_record_lsn)},"
-                f" got {format_lsn(start_lsn)}")
+                f" got {format_lsn(start_lsn)}"
+            )
         # a torn or overwritten tail (batch.error) is dropped: keep what was valid, fetch again later
         batch = scan_wal(data, start_lsn, self.meta.wal_seg_size)
         end = batch.end_lsn
@@ -503,7 +487,8 @@ class Timeline:
         if not (self.meta.start_lsn <= lsn <= self.meta.last_record_lsn):
             raise InvalidInput(
                 f"LSN {format_lsn(lsn)} is outside {format_lsn(self.meta.start_lsn)}.."
-                f"{format_lsn(self.meta.last_record_lsn)} for timeline {self.timeline_id}")
+                f"{format_lsn(self.meta.last_record_lsn)} for timeline {self.timeline_id}"
+            )
         if target.exists() and any(target.iterdir()):
             raise InvalidInput(f"target directory {target} is not empty")
         image = self.image_for(lsn)
@@ -515,11 +500,16 @@ class Timeline:
                     target.rmdir()
                 os.rename(recycle, target)
                 os.chmod(target, 0o700)
-                return materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size,
-                                              recycle=True)
+                return materialize_from_image(
+                    image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size, recycle=True
+                )
             except Exception as e:  # noqa: BLE001 - logged, then the plain way
-                log.warning("timeline %s: materialising into the recycled %s failed (%s); starting afresh",
-                            self.timeline_id, recycle, e)
+                log.warning(
+                    "timeline %s: materialising into the recycled %s failed (%s); starting afresh",
+                    self.timeline_id,
+                    recycle,
+                    e,
+                )
                 shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o700)
@@ -557,8 +547,10 @@ class Timeline:
         """
         newest = self.image_for(self.meta.last_record_lsn)
         pages = sum(layer.num_values for layer in newest.layers) * 8192
-        return (self.meta.last_record_lsn - newest.redo_lsn >= max(wal_threshold, pages)
-                and self.meta.last_checkpoint_lsn > newest.checkpoint_lsn)
+        return (
+            self.meta.last_record_lsn - newest.redo_lsn >= max(wal_threshold, pages)
+            and self.meta.last_checkpoint_lsn > newest.checkpoint_lsn
+        )
 
     def create_image_at(self, lsn: int, runtime, scratch: Path, kept: RedoDirCache | None = None) -> ImageInfo | None:
         """Make an image at lsn with the redo worker; None when it would not shorten replay.
@@ -572,9 +564,16 @@ class Timeline:
         try:
             pgdata = work / "pgdata"
             if kept is not None and kept.take(base.timeline_id, base.lsn, pgdata):
-                prepare_for_recovery(pgdata, self.read_wal, lsn, base.checkpoint_lsn, base.redo_lsn, "standby",
-                                     f"neonctl redo {base.timeline_id}@{format_lsn(base.lsn)} -> {format_lsn(lsn)}",
-                                     self.meta.wal_seg_size)
+                prepare_for_recovery(
+                    pgdata,
+                    self.read_wal,
+                    lsn,
+                    base.checkpoint_lsn,
+                    base.redo_lsn,
+                    "standby",
+                    f"neonctl redo {base.timeline_id}@{format_lsn(base.lsn)} -> {format_lsn(lsn)}",
+                    self.meta.wal_seg_size,
+                )
             else:
                 self.materialize(lsn, pgdata)
             res = replay_to(runtime, pgdata, lsn, log_file=work / "redo.log")
@@ -590,10 +589,6 @@ class Timeline:
         else:
             register_images(self.dir / "layers", [info])
         return info
-
-
-def image_descs(info: ImageInfo) -> list[LayerDesc]:
-    return [LayerDesc.from_name(f.name, -1, f.file_size, f.num_values) for f in info.layers]
 
 
 def register_images(layers_dir: Path, infos: list[ImageInfo]) -> None:

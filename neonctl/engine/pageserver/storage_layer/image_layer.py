@@ -25,9 +25,9 @@ from types import TracebackType
 
 import numpy as np
 
-from neonctl.engine.pageserver.blob_zstd import compress_smaller
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
-from neonctl.engine.pageserver.layer_file import (
+from neonctl.engine.pageserver.storage_layer.blob_zstd import compress_smaller
+from neonctl.engine.pageserver.storage_layer.layer_file import (
     BLOCK_SIZE,
     IMAGE_MAGIC,
     LayerFileReader,
@@ -37,7 +37,7 @@ from neonctl.engine.pageserver.layer_file import (
     normalize_timeline_id,
     write_layer_file,
 )
-from neonctl.engine.pageserver.layer_name import ImageLayerName
+from neonctl.engine.pageserver.storage_layer.layer_name import ImageLayerName
 from neonctl.errors import CorruptData
 
 

@@ -26,7 +26,7 @@ import time
 
 import aiohttp
 
-from neonctl.engine.pageserver.timeline import Timeline
+from neonctl.engine.pageserver.timeline.timeline import Timeline
 
 log = logging.getLogger("pageserver.walreceiver")
 

@@ -33,8 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
-from neonctl.engine.pageserver.image_restore import image_info_from_layers, restore_image
-from neonctl.engine.pageserver.image_set import ImageInfo
+from neonctl.engine.pageserver.images.image_set import ImageInfo
+from neonctl.engine.pageserver.images.restore import (
+    image_info_from_layers,
+    restore_image,
+)
 from neonctl.errors import InvalidInput
 
 ReadWal = Callable[[int, int], bytes]
@@ -72,32 +75,49 @@ def backup_label(checkpoint_lsn: int, redo_lsn: int, method: str, label: str,
         backup_method, backup_from = "streamed", "standby"
     else:
         raise ValueError(f"unknown backup_label method {method!r}")
-    return (f"START WAL LOCATION: {format_lsn(redo_lsn)} (file {segment_file_name(redo_lsn // seg_size, seg_size=seg_size)})\n"
-            f"CHECKPOINT LOCATION: {format_lsn(checkpoint_lsn)}\n"
-            f"BACKUP METHOD: {backup_method}\n"
-            f"BACKUP FROM: {backup_from}\n"
-            "START TIME: 2000-01-01 00:00:00 UTC\n"
-            f"LABEL: {label}\n"
-            "START TIMELINE: 1\n")
+    return (
+        f"START WAL LOCATION: {format_lsn(redo_lsn)} "
+        f"(file {segment_file_name(redo_lsn // seg_size, seg_size=seg_size)})\n"
+        f"CHECKPOINT LOCATION: {format_lsn(checkpoint_lsn)}\n"
+        f"BACKUP METHOD: {backup_method}\n"
+        f"BACKUP FROM: {backup_from}\n"
+        "START TIME: 2000-01-01 00:00:00 UTC\n"
+        f"LABEL: {label}\n"
+        "START TIMELINE: 1\n"
+    )
 
 
-def prepare_for_recovery(target: Path, read_wal: ReadWal, lsn: int, checkpoint_lsn: int, redo_lsn: int,
-                         method: str, label: str, seg_size: int = WAL_SEGMENT_SIZE) -> int:
+def prepare_for_recovery(
+    target: Path,
+    read_wal: ReadWal,
+    lsn: int,
+    checkpoint_lsn: int,
+    redo_lsn: int,
+    method: str,
+    label: str,
+    seg_size: int = WAL_SEGMENT_SIZE,
+) -> int:
     """WAL, slots, auto.conf and backup_label of a restored directory; returns the WAL bytes from R to X.
 
     No check of X against the image's LSN here - ``materialize_from_image`` does that.
     """
     wal_bytes = write_wal(target / "pg_wal", read_wal, redo_lsn, lsn, seg_size)
-    for name in ("backup_label", "backup_label.old", "tablespace_map", "standby.signal", "recovery.signal",
-                 "postmaster.pid", "postmaster.opts"):
+    for name in (
+        "backup_label",
+        "backup_label.old",
+        "tablespace_map",
+        "standby.signal",
+        "recovery.signal",
+        "postmaster.pid",
+        "postmaster.opts",
+    ):
         (target / name).unlink(missing_ok=True)
     slots = target / "pg_replslot"
     if slots.exists():
         shutil.rmtree(slots)
     slots.mkdir(mode=0o700)
     os.chmod(slots, 0o700)
-    _write(target / "postgresql.auto.conf",
-           "# Written by neonctl: the compute is configured afresh at every start.\n")
+    _write(target / "postgresql.auto.conf", "# Written by neonctl: the compute is configured afresh at every start.\n")
     _write(target / "backup_label", backup_label(checkpoint_lsn, redo_lsn, method, label, seg_size))
     return wal_bytes
 
@@ -111,10 +131,18 @@ def _write(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def materialize_from_image(image: ImageInfo | Sequence[str | os.PathLike[str]], read_wal: ReadWal, lsn: int,
-                           target: str | os.PathLike[str], *, checkpoint_lsn: int | None = None,
-                           redo_lsn: int | None = None, label_method: str | None = None,
-                           seg_size: int = WAL_SEGMENT_SIZE, recycle: bool = False) -> int:
+def materialize_from_image(
+    image: ImageInfo | Sequence[str | os.PathLike[str]],
+    read_wal: ReadWal,
+    lsn: int,
+    target: str | os.PathLike[str],
+    *,
+    checkpoint_lsn: int | None = None,
+    redo_lsn: int | None = None,
+    label_method: str | None = None,
+    seg_size: int = WAL_SEGMENT_SIZE,
+    recycle: bool = False,
+) -> int:
     """Build a data directory at ``lsn`` from an image plus WAL; returns the bytes of WAL to replay.
 
     ``image`` is an ``ImageInfo`` or the paths of its layer files (then C/R come from the image's
@@ -128,11 +156,15 @@ def materialize_from_image(image: ImageInfo | Sequence[str | os.PathLike[str]], 
     checkpoint_lsn = info.checkpoint_lsn if checkpoint_lsn is None else checkpoint_lsn
     redo_lsn = info.redo_lsn if redo_lsn is None else redo_lsn
     if lsn < info.lsn:
-        raise InvalidInput(f"cannot materialise at {format_lsn(lsn)} from an image at {format_lsn(info.lsn)}:"
-                           " its pages may already hold later changes", hint="use an older image or initdb's")
+        raise InvalidInput(
+            f"cannot materialise at {format_lsn(lsn)} from an image at {format_lsn(info.lsn)}:"
+            " its pages may already hold later changes",
+            hint="use an older image or initdb's",
+        )
     if not redo_lsn <= checkpoint_lsn <= lsn:
-        raise InvalidInput(f"checkpoint {format_lsn(checkpoint_lsn)} / redo {format_lsn(redo_lsn)} do not precede"
-                           f" {format_lsn(lsn)}")
+        raise InvalidInput(
+            f"checkpoint {format_lsn(checkpoint_lsn)} / redo {format_lsn(redo_lsn)} do not precede {format_lsn(lsn)}"
+        )
     if label_method is None:
         label_method = "standby" if info.cluster_state == "shut down in recovery" else "pg_rewind"
     if label_method == "standby" and info.cluster_state != "shut down in recovery":
@@ -140,11 +172,20 @@ def materialize_from_image(image: ImageInfo | Sequence[str | os.PathLike[str]], 
     target = Path(target)
     meta = restore_image(info.paths, target, recycle=recycle)
     if (meta["checkpoint_lsn"], meta["redo_lsn"]) != (checkpoint_lsn, redo_lsn):
-        raise InvalidInput(f"the image's pg_control names checkpoint {format_lsn(meta['checkpoint_lsn'])}, not"
-                           f" {format_lsn(checkpoint_lsn)}")
-    return prepare_for_recovery(target, read_wal, lsn, checkpoint_lsn, redo_lsn, label_method,
-                                f"neonctl image {info.timeline_id}@{format_lsn(info.lsn)} -> {format_lsn(lsn)}",
-                                seg_size)
+        raise InvalidInput(
+            f"the image's pg_control names checkpoint {format_lsn(meta['checkpoint_lsn'])}, not"
+            f" {format_lsn(checkpoint_lsn)}"
+        )
+    return prepare_for_recovery(
+        target,
+        read_wal,
+        lsn,
+        checkpoint_lsn,
+        redo_lsn,
+        label_method,
+        f"neonctl image {info.timeline_id}@{format_lsn(info.lsn)} -> {format_lsn(lsn)}",
+        seg_size,
+    )
 
 
 __all__ = ["backup_label", "materialize_from_image", "prepare_for_recovery", "write_wal"]

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neonctl.engine.pageserver.image_layer import ImageLayerReader, ImageValues
-from neonctl.engine.pageserver.image_set import (
+from neonctl.engine.pageserver.images.image_set import (
     AUX_FILES_KEY,
     BLCKSZ,
     DEFAULTTABLESPACE_OID,
@@ -49,6 +48,10 @@ from neonctl.engine.pageserver.key import (
     SlruKind,
 )
 from neonctl.engine.pageserver.key_columns import key_fields
+from neonctl.engine.pageserver.storage_layer.image_layer import (
+    ImageLayerReader,
+    ImageValues,
+)
 from neonctl.errors import CorruptData, InvalidInput
 
 _U32 = struct.Struct("<I")
@@ -301,7 +304,7 @@ def _restore_layer(r: ImageLayerReader, out: _FileWriter, relseg: int) -> None:
     for i in sorted([*run_starts.tolist(), *np.flatnonzero(~pages).tolist()]):
         k = int(kind[i])
         key = values.key(i)
-        if k == _REL_PAGE or k == _SLRU_PAGE:
+        if k in (_REL_PAGE, _SLRU_PAGE):
             end = run_end[i]
             relpath = (rel_path(*key.rel_tag(), key.field6 // relseg) if k == _REL_PAGE
                        else _slru_path(key.field2, key.field4))

@@ -33,13 +33,32 @@ import crc32c
 import numpy as np
 import zstandard
 
-from neonctl.engine.jit import CRC_TABLE, byte_at, copy_and_crc, copy_ranges, crc32c_range, crc32c_update, jit
-from neonctl.engine.pageserver.blob_zstd import ZSTD_LEVEL, Packed, decompress_into, frame_sizes
-from neonctl.engine.pageserver.disk_btree import NODE_SIZE, BTreeBuilder, BTreeReader, build_sorted, read_all_leaves
+from neonctl.engine.durability import fsync_dir
+from neonctl.engine.jit import (
+    CRC_TABLE,
+    byte_at,
+    copy_and_crc,
+    copy_ranges,
+    crc32c_range,
+    crc32c_update,
+    jit,
+)
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
+from neonctl.engine.pageserver.storage_layer.blob_zstd import (
+    ZSTD_LEVEL,
+    Packed,
+    decompress_into,
+    frame_sizes,
+)
+from neonctl.engine.pageserver.storage_layer.disk_btree import (
+    NODE_SIZE,
+    BTreeBuilder,
+    BTreeReader,
+    build_sorted,
+    read_all_leaves,
+)
 from neonctl.engine.scratch import scratch
 from neonctl.errors import CorruptData
-from neonctl.engine.durability import fsync_dir
 
 BLOCK_SIZE = 8192
 assert NODE_SIZE == BLOCK_SIZE

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from neonctl.engine.pageserver.layer_map import LayerDesc
+from neonctl.engine.pageserver.timeline.layer_map import LayerDesc
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
@@ -66,7 +66,7 @@ class LayerCatalog:
             cur = self.con.cursor()
             res = cur.execute(sql, params)
             cols = [c[0] for c in res.description]
-            return [dict(zip(cols, r)) for r in res.fetchall()]
+            return [dict(zip(cols, r, strict=False)) for r in res.fetchall()]
 
     def list(self, timeline_id: str | None = None) -> list[dict]:
         if timeline_id:

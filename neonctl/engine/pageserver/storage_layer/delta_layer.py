@@ -23,9 +23,8 @@ from types import TracebackType
 import numpy as np
 
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.scratch import scratch
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
-from neonctl.engine.pageserver.layer_file import (
+from neonctl.engine.pageserver.storage_layer.layer_file import (
     BLOCK_SIZE,
     DELTA_MAGIC,
     LayerFileReader,
@@ -35,7 +34,8 @@ from neonctl.engine.pageserver.layer_file import (
     normalize_timeline_id,
     write_layer_file,
 )
-from neonctl.engine.pageserver.layer_name import DeltaLayerName
+from neonctl.engine.pageserver.storage_layer.layer_name import DeltaLayerName
+from neonctl.engine.scratch import scratch
 from neonctl.errors import CorruptData
 
 DELTA_KEY_LEN = KEY_SIZE + 8

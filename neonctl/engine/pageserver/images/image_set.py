@@ -51,7 +51,13 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from neonctl.engine.pageserver.key import SINGLETON_PREFIX, Key, KeyRange, SlruKind, checkpoint_key
+from neonctl.engine.pageserver.key import (
+    SINGLETON_PREFIX,
+    Key,
+    KeyRange,
+    SlruKind,
+    checkpoint_key,
+)
 
 AUX_FILES_KEY = Key(SINGLETON_PREFIX, 0, 0, 0, 0, 2)
 IMAGE_META_KEY = checkpoint_key()

@@ -24,9 +24,9 @@ from pathlib import Path
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver import value
-from neonctl.engine.pageserver.image_create import RELSEG_SIZE
-from neonctl.engine.pageserver.image_restore import rel_path
-from neonctl.engine.pageserver.image_set import BLCKSZ
+from neonctl.engine.pageserver.images.create import RELSEG_SIZE
+from neonctl.engine.pageserver.images.image_set import BLCKSZ
+from neonctl.engine.pageserver.images.restore import rel_path
 from neonctl.engine.pageserver.key import Key
 from neonctl.errors import Conflict, InvalidInput, PostgresError
 

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from neonctl.engine.pageserver.delta_layer import DeltaEntries, DeltaLayerInfo, write_delta_layer
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
-from neonctl.engine.pageserver.layer_name import DeltaLayerName
 from neonctl.engine.pageserver.key_columns import dedupe_sorted, key_order
+from neonctl.engine.pageserver.storage_layer.delta_layer import (
+    DeltaEntries,
+    DeltaLayerInfo,
+    write_delta_layer,
+)
+from neonctl.engine.pageserver.storage_layer.layer_name import DeltaLayerName
 
 
 def concat_entries(chunks: list[DeltaEntries]) -> DeltaEntries:
