@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psycopg
 
-from neonctl.engine import client, ports
+from neonctl.engine import ports
 from neonctl.engine.compute.endpoint import (
     compute_config,
     list_endpoints,
@@ -39,10 +39,12 @@ from neonctl.engine.compute.endpoint import (
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime, shared_dir
 from neonctl.engine.lifecycle import create_project, delete_project
 from neonctl.engine.lsn import parse_lsn
+from neonctl.engine.pageserver.client import PageserverClient  # noqa: E402
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.process import log_tail
 from neonctl.engine.project import Project
 from neonctl.engine.roles import get_role
+from neonctl.engine.safekeeper.client import SafekeeperClient  # noqa: E402
 from neonctl.engine.storage import start_storage, stop_storage
 from neonctl.errors import Conflict, DaemonError, PostgresError
 
@@ -310,7 +312,7 @@ def timeline_of(p: Project, branch: str) -> str:
 
 
 def sk_flush(p: Project, tl: str) -> int:
-    return max(client.call(f"sk{i}", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"]
+    return max(SafekeeperClient(i, a).timeline(tl)["flush_lsn"]
                for i, a in p.safekeeper_addrs().items())
 
 
@@ -321,7 +323,7 @@ def wait_pageserver(p: Project, branch: str, timeout: float = 900, layers: bool 
     flush = sk_flush(p, tl)
     t = time.monotonic()
     while True:
-        info = client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{tl}")
+        info = PageserverClient(p.pageserver_addr).timeline(tl)
         done = info["received_lsn"] >= flush and info["last_record_lsn"] > 0
         if done and layers and info.get("layer_lsn") is not None:
             done = info["layer_lsn"] >= info["last_record_lsn"]
@@ -385,8 +387,7 @@ def endpoint_stop(p: Project, branch: str, problems: list[str]) -> None:
 
 def create_image(p: Project, branch: str, timeout: float = 1800) -> tuple[dict, float]:
     t = time.perf_counter()
-    info = client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{timeline_of(p, branch)}/image", {},
-                       timeout=timeout)
+    info = PageserverClient.of(p).create_image(timeline_of(p, branch), timeout=timeout)
     return info, time.perf_counter() - t
 
 

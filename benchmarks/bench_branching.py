@@ -62,9 +62,9 @@ from _common import (
     wait_pageserver,
 )
 
-from neonctl.engine import client
 from neonctl.engine.branches import create_branch
 from neonctl.engine.compute.endpoint import read_state
+from neonctl.engine.pageserver.client import PageserverClient  # noqa: E402
 from neonctl.engine.timepoint import TimePoint
 from neonctl.errors import Conflict
 
@@ -228,7 +228,7 @@ class Branching:
             return du_bytes(*(d / "timelines" / main_tl for d in dirs.values()))
 
         wait_pageserver(p, "main")
-        client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{main_tl}/checkpoint", {}, timeout=120)
+        PageserverClient(p.pageserver_addr).checkpoint(main_tl, timeout=90)
         before = neon_du()
         before_apparent = neon_du(apparent=True)
         before_parent = parent_du()
@@ -250,15 +250,8 @@ class Branching:
         neon_s = time.perf_counter() - t_all
         for i in range(n):  # everything ingested and frozen into layer files before measuring
             wait_pageserver(p, f"s{i}")
-            client.call(
-                "pageserver",
-                p.pageserver_addr,
-                "POST",
-                f"/v1/timeline/{timeline_of(p, f's{i}')}/checkpoint",
-                {},
-                timeout=120,
-            )
-        client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{main_tl}/checkpoint", {}, timeout=120)
+            PageserverClient.of(p).checkpoint(timeline_of(p, f"s{i}"), timeout=90)
+        PageserverClient(p.pageserver_addr).checkpoint(main_tl, timeout=90)
         after = neon_du()
         after_apparent = neon_du(apparent=True)
         growth = {k: after[k] - before[k] for k in after}

@@ -28,7 +28,6 @@ from _common import (
     BenchEnv,
     bench_parser,
     du_bytes,
-    free_port,
     log,
     mb,
     pgbench,
@@ -38,6 +37,7 @@ from _common import (
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.pageserver.images.create import create_image
 from neonctl.engine.pageserver.images.restore import restore_image
+from neonctl.engine.ports import ephemeral_port  # noqa: E402
 
 
 class Timer:
@@ -71,7 +71,7 @@ def create_empty(tree: Path, target: Path) -> int:
 def body(env: BenchEnv) -> None:
     a = env.args
     van = env.vanilla("image-io")
-    van.port = free_port()
+    van.port = ephemeral_port()
     (van.pgdata / "postgresql.conf").write_text(
         van.base_conf + f"\nport = {van.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{van.dir}'\n")
     van.start()

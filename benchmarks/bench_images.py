@@ -44,7 +44,7 @@ from _common import (
     wait_pageserver,
 )
 
-from neonctl.engine import client
+from neonctl.engine.pageserver.client import PageserverClient  # noqa: E402
 
 
 def starts(env: BenchEnv, p, label: str, reps: int, probs: list[str]) -> list[dict]:
@@ -77,7 +77,7 @@ def body(env: BenchEnv) -> None:
     db = db_bytes(st["port"])
     head = int(sql(st["port"], "SELECT pg_current_wal_insert_lsn() - '0/0'")[0][0])
     endpoint_stop(p, "main", probs)
-    initdb_lsn = client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{tl}")["initdb_lsn"]
+    initdb_lsn = PageserverClient(p.pageserver_addr).timeline(tl)["initdb_lsn"]
     log(f"  database {mb(db)} MB, {mb(head - initdb_lsn)} MB WAL since initdb; pageserver caught up after "
         f"{wait_pageserver(p, 'main'):.1f}s")
 

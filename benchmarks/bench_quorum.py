@@ -44,9 +44,9 @@ from _common import (
     wait_sync_standby,
 )
 
-from neonctl.engine import client
 from neonctl.engine.project import Project
 from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
+from neonctl.engine.safekeeper.client import SafekeeperClient  # noqa: E402
 
 MB = 1 << 20
 TARGET = 0.6
@@ -54,7 +54,7 @@ TARGET = 0.6
 
 def flush_lsns(p: Project, skip: tuple[int, ...] = ()) -> dict[int, int]:
     tl = timeline_of(p, "main")
-    return {i: client.call(f"sk{i}", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"]
+    return {i: SafekeeperClient(i, a).timeline(tl)["flush_lsn"]
             for i, a in p.safekeeper_addrs().items() if i not in skip}
 
 
@@ -148,9 +148,9 @@ def body(env: BenchEnv) -> None:
     start_safekeeper(q3, 3)
     tl = timeline_of(q3, "main")
     addr = q3.safekeeper_addrs()[3]
-    first = client.call("sk3", addr, "GET", f"/v1/timeline/{tl}")["flush_lsn"]
+    first = SafekeeperClient(3, addr).timeline(tl)["flush_lsn"]
     behind = target - first
-    while client.call("sk3", addr, "GET", f"/v1/timeline/{tl}")["flush_lsn"] < target:
+    while SafekeeperClient(3, addr).timeline(tl)["flush_lsn"] < target:
         if time.perf_counter() - t > 300:
             raise RuntimeError("sk3 did not catch up within 300s")
         time.sleep(0.02)

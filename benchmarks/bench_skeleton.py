@@ -30,7 +30,6 @@ from _common import (
     du_bytes,
     endpoint_start,
     endpoint_stop,
-    free_port,
     load_pgbench,
     log,
     mb,
@@ -45,6 +44,7 @@ from _common import (
     wait_sync_standby,
 )
 
+from neonctl.engine.ports import ephemeral_port  # noqa: E402
 from neonctl.engine.project import Project
 
 
@@ -194,7 +194,7 @@ def start_time(env: BenchEnv) -> None:
 
     # one run through the CLI, for the process start-up cost the engine API does not pay
     wait_quiet(p)
-    _, cli_s, _ = run_cli(["endpoint", "start", "main", "-p", p.name, "-o", "json", "--port", str(free_port())],
+    _, cli_s, _ = run_cli(["endpoint", "start", "main", "-p", p.name, "-o", "json", "--port", str(ephemeral_port())],
                           timeout=300)
     cli_s = round(cli_s, 3)
     log(f"  `neonctl endpoint start` (CLI process) {cli_s:.2f}s")

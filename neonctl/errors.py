@@ -1,13 +1,26 @@
 """One error base for neonctl; the CLI prints ``message`` (and ``hint``) as one line and exits non-zero.
 
-Engine code raises these; anything else reaching the top is a bug and shows a traceback.
+Engine code raises these; anything else reaching the top is a bug and shows a traceback. Each subclass
+registers its ``kind`` (its class name) when it is defined, wherever that is: a daemon answers an error with
+that kind, and the client raises the same class again (``error_class``).
 """
 
 from __future__ import annotations
 
+_KINDS: dict[str, type[NeonctlError]] = {}
+
 
 class NeonctlError(Exception):
     exit_code = 1
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if _KINDS.setdefault(cls.__name__, cls) is not cls:
+            raise TypeError(f"two NeonctlError subclasses are named {cls.__name__}: error kinds must be unique")
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -58,3 +71,12 @@ class RemoteStorageError(NeonctlError):
 
 class Unauthorized(NeonctlError):
     """A daemon refused a request without the project's API credential."""
+
+
+def error_class(kind: str | None) -> type[NeonctlError] | None:
+    """The registered class of an error kind, or None for a kind this process does not know."""
+    return _KINDS.get(kind or "")
+
+
+_KINDS[NeonctlError.__name__] = NeonctlError
+

@@ -7,9 +7,9 @@ import pytest
 from conftest import connect, insert_lsn, new_table, running_main
 
 from neonctl.cli import main
-from neonctl.engine import client
 from neonctl.engine.compute.endpoint import read_state
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 
 
 def _ids(project, branch):
@@ -105,7 +105,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(rr, cli):
     p = ["-p", rr.name]
     before = (rr.dir / "project.json").read_text()
     st = read_state(rr, "main")
-    timelines = set(client.call("pageserver", rr.pageserver_addr, "GET", "/v1/status")["timelines"])
+    timelines = set(PageserverClient(rr.pageserver_addr).status()["timelines"])
     assert "root branch" in _err(cli, "branch", "reset", "main", "--parent", *p)
     assert "root branch" in _err(cli, "branch", "restore", "main", "^parent", *p)
     assert "--parent" in _err(cli, "branch", "reset", "rr_dev", *p)
@@ -129,6 +129,6 @@ def test_bad_input_is_one_error_line_and_changes_nothing(rr, cli):
     assert (rr.dir / "project.json").read_text() == before
     cli("branch", "delete", "rr_child", *p)
     # no timeline was created or deleted, and main's endpoint was never touched
-    now = set(client.call("pageserver", rr.pageserver_addr, "GET", "/v1/status")["timelines"])
+    now = set(PageserverClient(rr.pageserver_addr).status()["timelines"])
     assert now == timelines
     assert read_state(rr, "main") == st

@@ -11,13 +11,8 @@ import pytest
 
 from neonctl import errors
 from neonctl.engine import client
+from neonctl.engine.ports import ephemeral_port
 from neonctl.engine.process import http_ok
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_self_connection_counts_as_nothing_listening():
@@ -26,7 +21,7 @@ def test_a_self_connection_counts_as_nothing_listening():
     Before the fix, a daemon poll read its own request back ("GET /v1/status HTTP/1.1") as the status line
     and crashed `neonctl start` with BadStatusLine.
     """
-    port = _free_port()
+    port = ephemeral_port()
     conn = client._LoopbackConnection("127.0.0.1", port, timeout=2, source_address=("127.0.0.1", port))
     with pytest.raises(ConnectionRefusedError, match="connected to itself"):
         conn.connect()
@@ -55,7 +50,7 @@ def test_garbage_answer_is_unreachable_not_a_crash():
     finally:
         t.join()
         srv.close()
-    assert not http_ok(f"http://127.0.0.1:{_free_port()}/v1/status", timeout=1)
+    assert not http_ok(f"http://127.0.0.1:{ephemeral_port()}/v1/status", timeout=1)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -93,3 +88,55 @@ def test_json_calls_and_daemon_errors_round_trip():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+class LayerFenced(errors.Conflict):
+    """An error kind defined outside neonctl.errors: it must still cross HTTP as itself."""
+
+
+def test_error_kinds_defined_anywhere_cross_http_as_the_same_class():
+    import asyncio
+
+    from aiohttp import web
+
+    from neonctl.engine.daemon import error_middleware
+
+    async def fail(request):
+        kind = request.query["kind"]
+        if kind == "fenced":
+            raise LayerFenced("the layer is fenced", hint="retry later")
+        raise errors.NotFound("no such timeline")
+
+    ready, stop = threading.Event(), threading.Event()
+    port = ephemeral_port()
+
+    def serve():
+        async def main():
+            app = web.Application(middlewares=[error_middleware])
+            app.router.add_get("/v1/fail", fail)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    try:
+        with pytest.raises(LayerFenced) as e:
+            client.call("pageserver", f"127.0.0.1:{port}", "GET", "/v1/fail?kind=fenced")
+        assert (e.value.message, e.value.hint, e.value.kind) == ("the layer is fenced", "retry later", "LayerFenced")
+        with pytest.raises(errors.NotFound, match="no such timeline"):
+            client.call("pageserver", f"127.0.0.1:{port}", "GET", "/v1/fail?kind=nf")
+    finally:
+        stop.set()
+        t.join(10)
+    assert errors.error_class("LayerFenced") is LayerFenced
+    assert errors.error_class("NoSuchKind") is None
+    with pytest.raises(TypeError, match="must be unique"):
+        type("LayerFenced", (errors.NeonctlError,), {})

@@ -7,9 +7,9 @@ import pytest
 from conftest import connect
 
 from neonctl.cli import main as cli_main
-from neonctl.engine import client
 from neonctl.engine.lifecycle import delete_project
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import load_project
 
 TINY_WINDOW = {"gc_horizon": 0, "pitr_interval": 2.0, "gc_period": 0, "checkpoint_distance": 256 * 1024,
@@ -34,10 +34,10 @@ def _image(p, tl):
     with connect(p) as conn:  # everything the compute has flushed (its CHECKPOINT included)
         flush = int(conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()[0])
     deadline = time.time() + 30
-    while client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < flush - 128:
+    while PageserverClient(p.pageserver_addr).timeline(tl)["last_record_lsn"] < flush - 128:
         assert time.time() < deadline
         time.sleep(0.1)
-    return client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{tl}/image", {}, timeout=300)
+    return PageserverClient(p.pageserver_addr).create_image(tl, timeout=300)
 
 
 def test_gc_trims_history_but_keeps_branch_points(gp, cli):

@@ -7,8 +7,8 @@ import time
 
 from conftest import connect
 
-from neonctl.engine import client
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 
 
 def _lsn(conn) -> int:
@@ -25,7 +25,7 @@ def _items(conn, page: bytes | None = None) -> list[tuple]:
 def _wait_ingested(p, lsn: int) -> None:
     tl = p.branch("main").timeline_id
     deadline = time.time() + 30
-    while client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < lsn:
+    while PageserverClient(p.pageserver_addr).timeline(tl)["last_record_lsn"] < lsn:
         assert time.time() < deadline
         time.sleep(0.05)
 
@@ -67,8 +67,7 @@ def test_page_get_returns_the_page_at_each_lsn(pg18, cli, tmp_path):
         before = _items(conn)
         head = _lsn(conn)
     _wait_ingested(pg18, head)
-    img = client.call("pageserver", pg18.pageserver_addr, "POST",  # at the head: nothing after it yet
-                      f"/v1/timeline/{pg18.branch('main').timeline_id}/image", {}, timeout=300)
+    img = PageserverClient.of(pg18).create_image(pg18.branch("main").timeline_id, timeout=300)  # at the head
     _, out, _ = cli("page", "get", "gp", "0", "--dump", tmp_path / "img.page", "-o", "json", *p)
     res = json.loads(out)
     assert res["page"]["source"] == "image layer", (hex(img["lsn"]), res["page"], res["versions"][:2])

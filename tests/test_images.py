@@ -5,8 +5,9 @@ import time
 
 from conftest import connect
 
-from neonctl.engine import client
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
+from neonctl.engine.safekeeper.client import SafekeeperClient
 
 
 def _lsn(conn) -> int:
@@ -28,13 +29,13 @@ def test_image_shortens_replay_and_changes_no_answer(pg18, cli):
         conn.execute("INSERT INTO img VALUES (-1, 'after checkpoint')")
         points.append((_lsn(conn), conn.execute("SELECT count(*) FROM img").fetchone()[0]))
     flush = max(
-        client.call("sk", a, "GET", f"/v1/timeline/{tl}")["flush_lsn"] for a in pg18.safekeeper_addrs().values()
+        SafekeeperClient(0, a).timeline(tl)["flush_lsn"] for a in pg18.safekeeper_addrs().values()
     )
     deadline = time.time() + 30
-    while client.call("pageserver", pg18.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < flush:
+    while PageserverClient(pg18.pageserver_addr).timeline(tl)["last_record_lsn"] < flush:
         assert time.time() < deadline
         time.sleep(0.1)
-    img = client.call("pageserver", pg18.pageserver_addr, "POST", f"/v1/timeline/{tl}/image", {}, timeout=300)
+    img = PageserverClient(pg18.pageserver_addr).create_image(tl, timeout=300)
     assert img["lsn"] >= points[-1][0] and img["redo_lsn"] > points[0][0]
     # a second image right away gains nothing and is refused with the reason
     rc, _, _ = cli("layers", "list", *p)
@@ -73,10 +74,10 @@ def test_next_image_starts_from_the_kept_redo_directory(pg18, cli):
             conn.execute(f"INSERT INTO kept VALUES (-{rows}, 'after')")
             lsn = _lsn(conn)
         deadline = time.time() + 30
-        while client.call("pageserver", ps, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < lsn:
+        while PageserverClient(ps).timeline(tl)["last_record_lsn"] < lsn:
             assert time.time() < deadline
             time.sleep(0.1)
-        return client.call("pageserver", ps, "POST", f"/v1/timeline/{tl}/image", {}, timeout=300)
+        return PageserverClient(ps).create_image(tl, timeout=300)
 
     cli("endpoint", "start", "main", *p)
     with connect(pg18) as conn:
@@ -87,7 +88,7 @@ def test_next_image_starts_from_the_kept_redo_directory(pg18, cli):
     third = image_after(15000)
     assert second["redo_started_from"] == third["redo_started_from"] == "kept directory"
     assert third["lsn"] > second["lsn"] > first["lsn"]
-    assert client.call("pageserver", ps, "GET", "/v1/status")["redo_kept"]["hits"] >= 2
+    assert PageserverClient(ps).status()["redo_kept"]["hits"] >= 2
     with connect(pg18) as conn:
         expected = conn.execute("SELECT count(*), sum(id), string_agg(v, '' ORDER BY id) FROM kept").fetchone()
     cli("endpoint", "stop", "main", *p)

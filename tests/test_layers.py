@@ -8,10 +8,10 @@ import pytest
 from conftest import connect
 
 from neonctl.cli import main as cli_main
-from neonctl.engine import client
-from neonctl.engine.branches import _sk_flush
 from neonctl.engine.lifecycle import delete_project
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import load_project
+from neonctl.engine.safekeeper.client import flush_lsn as _sk_flush
 
 SMALL = {"checkpoint_distance": 128 * 1024, "checkpoint_timeout": 3600, "compaction_threshold": 3,
          "compaction_target_size": 512 * 1024}
@@ -36,14 +36,14 @@ def _wait_ingested(p):
     flush = _sk_flush(p, _tl(p))
     deadline = time.time() + 30
     while (
-        client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}")["layer_lsn"] or 0
+        PageserverClient(p.pageserver_addr).timeline(_tl(p))["layer_lsn"] or 0
     ) < flush - 200:
         assert time.time() < deadline
         time.sleep(0.1)
 
 
 def _layers(p):
-    return client.call("pageserver", p.pageserver_addr, "GET", f"/v1/layers?timeline={_tl(p)}")["layers"]
+    return PageserverClient(p.pageserver_addr).layers(_tl(p))
 
 
 def _index(p):
@@ -51,7 +51,7 @@ def _index(p):
 
 
 def _versions(p, key, lsn):
-    r = client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}/page?key={key}&lsn={lsn}")
+    r = PageserverClient.of(p).page(_tl(p), str(key), lsn=lsn, image=False)
     return [(v["lsn"], v["kind"], v["will_init"], v["length"]) for v in r["versions"]], r["complete"]
 
 
@@ -106,13 +106,7 @@ def test_compaction_changes_no_answer(lp):
     before = {str(k): _versions(lp, k, lsn) for k in keys}
     assert any(v[0] for v in before.values())
     l0_before = {d["name"] for d in _layers(lp) if d["level"] == 0}
-    client.call(
-        "pageserver",
-        lp.pageserver_addr,
-        "POST",
-        f"/v1/timeline/{_tl(lp)}/checkpoint",
-        {"compact": True, "wait_for_lsn": _sk_flush(lp, _tl(lp))},
-    )
+    PageserverClient.of(lp).checkpoint(_tl(lp), compact=True, wait_for_lsn=_sk_flush(lp, _tl(lp)))
     assert not l0_before & {d["name"] for d in _layers(lp)}, "the L0s were compacted away"
     after = {str(k): _versions(lp, k, lsn) for k in keys}
     assert after == before
@@ -162,7 +156,7 @@ def test_corrupt_layer_is_detected_with_its_name(lp, damage):
 
     _workload(lp, 2, table=f"corrupt_{damage.replace('-', '_')}")
     _wait_ingested(lp)
-    client.call("pageserver", lp.pageserver_addr, "POST", f"/v1/timeline/{_tl(lp)}/checkpoint", {"compact": False})
+    PageserverClient(lp.pageserver_addr).checkpoint(_tl(lp))
     layer = max((d for d in _layers(lp) if d["kind"] == "delta"), key=lambda d: d["lsn_end"])
     path = lp.dir / "pageserver" / "timelines" / _tl(lp) / "layers" / layer["name"]
     lp.daemon("pageserver").stop()  # readers cache open files: damage it while nobody reads

@@ -15,6 +15,8 @@ import pytest
 
 from neonctl.engine import client
 from neonctl.engine.credentials import token_path
+from neonctl.engine.pageserver.client import PageserverClient
+from neonctl.engine.safekeeper.client import SafekeeperClient
 
 
 def _raw(address: str, method: str, path: str, body: dict | None = None, token: str | None = None):
@@ -46,9 +48,9 @@ def test_every_daemon_refuses_requests_without_the_credential(pg18):
             assert r.status == 401, (addr, method, path, r.status)
             assert json.loads(r.body)["kind"] == "Unauthorized"
     # nothing changed: the branch's timeline is still on every daemon, and the project works
-    assert tl in client.call("pageserver", pg18.pageserver_addr, "GET", "/v1/status")["timelines"]
+    assert tl in PageserverClient(pg18.pageserver_addr).status()["timelines"]
     for i, addr in pg18.safekeeper_addrs().items():
-        assert client.call(f"sk{i}", addr, "GET", f"/v1/timeline/{tl}")["timeline_id"] == tl
+        assert SafekeeperClient(i, addr).timeline(tl)["timeline_id"] == tl
 
 
 def test_basebackup_takes_no_path_from_the_request(pg18):

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from conftest import connect
 
-from neonctl.engine import client
 from neonctl.engine.compute.endpoint import compute_config, read_state, verify_replayed
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.ports import allocate
 from neonctl.errors import PostgresError
 
@@ -21,9 +21,7 @@ from neonctl.errors import PostgresError
 def _materialize(project, lsn, endpoint: str) -> int:
     """The pageserver derives the directory from the endpoint name: compute root/endpoints/NAME/pgdata."""
     tl = project.branch("main").timeline_id
-    res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tl}/basebackup",
-                      {"endpoint": endpoint, "lsn": lsn, "timeout": 30})
-    return res["lsn"]
+    return PageserverClient.of(project).basebackup(tl, endpoint, lsn=lsn, timeout=30)["lsn"]
 
 
 class Scratch:
@@ -75,7 +73,7 @@ def history(pg18, cli):
     tl = pg18.branch("main").timeline_id
     deadline = time.time() + 20
     while (
-        client.call("pageserver", pg18.pageserver_addr, "GET", f"/v1/timeline/{tl}")["last_record_lsn"] < points[-1][0]
+        PageserverClient(pg18.pageserver_addr).timeline(tl)["last_record_lsn"] < points[-1][0]
     ):
         assert time.time() < deadline
         time.sleep(0.1)

@@ -20,6 +20,7 @@ from conftest import BlockedCommit, Writer, assert_all_present, connect
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import client, ports
+from neonctl.engine.broker.client import BrokerClient
 from neonctl.engine.compute.endpoint import (
     postgres_pid,
     read_state,
@@ -28,8 +29,10 @@ from neonctl.engine.compute.endpoint import (
 )
 from neonctl.engine.lifecycle import delete_project
 from neonctl.engine.lsn import segment_file_name
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import load_project
 from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
+from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.control_file import load
 from neonctl.engine.safekeeper.election_driver import elect
 from neonctl.errors import Conflict, NeonctlError
@@ -58,11 +61,11 @@ def tid(project) -> str:
 
 
 def sk(project, sk_id: int) -> dict:
-    return client.call(f"sk{sk_id}", project.safekeeper_addrs()[sk_id], "GET", f"/v1/timeline/{tid(project)}")
+    return SafekeeperClient(sk_id, project.safekeeper_addrs()[sk_id]).timeline(tid(project))
 
 
 def pageserver_lsn(project) -> int:
-    return client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{tid(project)}")["last_record_lsn"]
+    return PageserverClient(project.pageserver_addr).timeline(tid(project))["last_record_lsn"]
 
 
 def wait_until(pred, timeout: float, what: str):
@@ -303,7 +306,7 @@ def test_a_branch_elects_its_own_terms(q3, cli):
     dev = q3.branch("dev").timeline_id
 
     def dev_info(i):
-        return client.call(f"sk{i}", q3.safekeeper_addrs()[i], "GET", f"/v1/timeline/{dev}")
+        return SafekeeperClient(i, q3.safekeeper_addrs()[i]).timeline(dev)
 
     wait_until(lambda: all(dev_info(i)["term"] == 1 and dev_info(i)["streaming"] for i in (1, 2, 3)), 10,
                "the branch's first term on all three")
@@ -380,7 +383,7 @@ def test_broker_down_everyone_goes_on(q3, cli):
     finally:
         cli("start", "-p", q3.name)
     def status():
-        return client.call("broker", q3.broker_addr, "GET", "/v1/status")
+        return BrokerClient(q3.broker_addr).status()
     wait_until(lambda: status()["timelines"] >= 1, 10, "the safekeepers to publish to the restarted broker")
     v0 = status()["version"]
     wait_until(lambda: status()["version"] >= v0 + 3, 10, "publishing to go on")

@@ -7,14 +7,15 @@ import json
 import time
 import uuid
 
-from neonctl.engine import client
 from neonctl.engine.branches import reconcile
+from neonctl.engine.pageserver.client import PageserverClient
+from neonctl.engine.safekeeper.client import SafekeeperClient
 
 
 def _held(p) -> set[str]:
-    out = set(client.call("pageserver", p.pageserver_addr, "GET", "/v1/status")["timelines"])
+    out = set(PageserverClient(p.pageserver_addr).status()["timelines"])
     for i, a in p.safekeeper_addrs().items():
-        out |= set(client.call(f"sk{i}", a, "GET", "/v1/status")["timelines"])
+        out |= set(SafekeeperClient(i, a).status()["timelines"])
     return out
 
 
@@ -22,12 +23,9 @@ def _orphan(p) -> str:
     """What a branch create killed between the daemons and project.json leaves: a timeline nobody names."""
     main = p.branch("main")
     tid = uuid.uuid4().hex
-    info = client.call("pageserver", p.pageserver_addr, "POST", f"/v1/timeline/{tid}/branch",
-                       {"ancestor_timeline_id": main.timeline_id, "wait_for_lsn": 0})
-    for i, addr in p.safekeeper_addrs().items():
-        client.call(f"sk{i}", addr, "POST", "/v1/timeline", {"timeline_id": tid, "system_id": info["system_id"],
-                                                              "pg_version": info["pg_version"],
-                                                              "start_lsn": info["start_lsn"]})
+    info = PageserverClient.of(p).create_branch(tid, main.timeline_id, wait_for_lsn=0)
+    for sk in SafekeeperClient.all_of(p).values():
+        sk.create_timeline(tid, info["system_id"], info["pg_version"], info["start_lsn"])
     return tid
 
 
@@ -60,7 +58,7 @@ def test_interrupted_delete_is_finished_by_a_retry(pg18, cli):
     cli("branch", "create", "--name", "halfgone", "-p", pg18.name)
     tid = pg18.branch("halfgone").timeline_id
     for i, addr in pg18.safekeeper_addrs().items():  # the delete got this far before it was killed
-        client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{tid}")
+        SafekeeperClient(i, addr).delete_timeline(tid)
     cli("branch", "delete", "halfgone", "-p", pg18.name)
     rows = json.loads(cli("branch", "list", "-o", "json", "-p", pg18.name)[1])
     assert "halfgone" not in {r["name"] for r in rows} and tid not in _held(pg18)

@@ -42,10 +42,10 @@ from neonctl.engine.pageserver.images.materialize import (
 from neonctl.engine.pageserver.images.redo_worker import (
     SHUT_DOWN_IN_RECOVERY,
     RedoResult,
-    free_port,
     replay_to,
 )
 from neonctl.engine.pageserver.timeline.timeline import Timeline
+from neonctl.engine.ports import ephemeral_port
 from neonctl.engine.process import pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
 
@@ -92,7 +92,7 @@ class Scratch:
         """Start Postgres on pgdata (log next to it); returns the port."""
         self.rt.chown(pgdata.parent, recursive=True)
         for _ in range(5):
-            port = free_port()
+            port = ephemeral_port()
             try:
                 self.rt.run(
                     [

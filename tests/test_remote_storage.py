@@ -15,10 +15,9 @@ import pytest
 from conftest import connect
 
 from neonctl.cli import main as cli_main
-from neonctl.engine import client
-from neonctl.engine.branches import _sk_flush
 from neonctl.engine.lifecycle import delete_project
 from neonctl.engine.lsn import segment_file_name
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.pageserver.commit_log import CommitLog
 from neonctl.engine.pageserver.remote.download import restore_timelines
 from neonctl.engine.pageserver.remote.storage import (
@@ -28,7 +27,9 @@ from neonctl.engine.pageserver.remote.storage import (
 )
 from neonctl.engine.pageserver.remote.upload import RemoteSync, remote_timelines
 from neonctl.engine.pageserver.timeline.timeline import Timeline
+from neonctl.engine.ports import ephemeral_port
 from neonctl.engine.project import load_project
+from neonctl.engine.safekeeper.client import flush_lsn as _sk_flush
 from neonctl.errors import CorruptData, InvalidInput, RemoteStorageError
 
 SMALL = {"checkpoint_distance": 256 * 1024, "checkpoint_timeout": 3600, "compaction_threshold": 3,
@@ -37,12 +38,6 @@ SECRET = "s3cr3t-k3y-that-must-never-leak"
 
 
 # -- a real S3 (moto) on loopback ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:
@@ -55,7 +50,7 @@ class S3Server:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = _free_port()
+    port = ephemeral_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -185,7 +180,7 @@ def _tl(p) -> str:
 
 
 def _remote_lsn(p):
-    return client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{_tl(p)}")["remote_consistent_lsn"]
+    return PageserverClient(p.pageserver_addr).timeline(_tl(p))["remote_consistent_lsn"]
 
 
 def _wait_offloaded(p, timeout: float = 45) -> int:
@@ -402,7 +397,7 @@ def test_project_delete_removes_only_its_own_timelines_from_remote_storage(s3, c
     cfg_path = p.dir / "pageserver" / "pageserver.json"
     good = cfg_path.read_text()
     broken = json.loads(good)
-    broken["remote_storage"]["endpoint_url"] = f"http://127.0.0.1:{_free_port()}"
+    broken["remote_storage"]["endpoint_url"] = f"http://127.0.0.1:{ephemeral_port()}"
     cfg_path.write_text(json.dumps(broken))
     rc, _, err = cli("project", "delete", p.name, ok=False)
     assert rc != 0 and "cannot delete the project's timelines from" in _one_line(err)

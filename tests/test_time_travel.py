@@ -7,9 +7,9 @@ import psycopg
 import pytest
 from conftest import commit_history, connect, running_main
 
-from neonctl.engine import client
 from neonctl.engine.compute.endpoint import list_endpoints, read_state
 from neonctl.engine.lsn import format_lsn, parse_lsn
+from neonctl.engine.safekeeper.client import SafekeeperClient
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_endpoint_at_lsn_is_read_only_and_exact(pg18, cli, history):
     tl = pg18.branch("main").timeline_id
     for i, addr in pg18.safekeeper_addrs().items():
         assert (
-            client.call(f"sk{i}", addr, "GET", f"/v1/timeline/{tl}")["compute"]["port"] == read_state(pg18, "main").port
+            SafekeeperClient(i, addr).timeline(tl)["compute"]["port"] == read_state(pg18, "main").port
         )
     with connect(pg18) as conn:
         conn.execute("INSERT INTO tt VALUES (-5, -5)")

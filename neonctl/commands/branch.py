@@ -9,15 +9,7 @@ from typing import Annotated
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
-from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.project import load_project
-from neonctl.engine.timepoint import (
-    TimePoint,
-    from_pg_us,
-    parse_ref,
-    parse_timestamp,
-    to_pg_us,
-)
 from neonctl.errors import InvalidInput
 from neonctl.output import Format, emit, info
 
@@ -65,33 +57,11 @@ def create(
     output: OutputOpt = Format.table,
 ) -> None:
     """Create a branch. Copies no data: the branch reads its parent's history below the branch point."""
-    from neonctl.engine import branches as engine  # noqa: PLC0415
-    from neonctl.engine.compute.endpoint import start_endpoint  # noqa: PLC0415
+    from neonctl.engine.branch_ops import create_with_options  # noqa: PLC0415
 
-    p = load_project(project)
-    ref = parse_ref(parent) if parent else TimePoint(None)
-    if lsn is not None and timestamp is not None:
-        raise InvalidInput("give --lsn or --timestamp, not both")
-    if (lsn is not None or timestamp is not None) and (ref.lsn is not None or ref.timestamp is not None):
-        raise InvalidInput("the branch point is given twice (in --parent and in --lsn/--timestamp)")
-    point = TimePoint(
-        ref.branch, parse_lsn(lsn) if lsn else ref.lsn, parse_timestamp(timestamp) if timestamp else ref.timestamp
-    )
-    from neonctl.engine.expiry import parse_expiry  # noqa: PLC0415
-
-    expiry = parse_expiry(expires_at, ttl)
-    b, created = engine.create_branch(
-        p, name, point, if_not_exists=if_not_exists, suspend_timeout=suspend_timeout, expires_at=expiry
-    )
-    if not created:
-        info(f"branch {name!r} already exists; returning it")
-    row = _row(p, name)
-    if endpoint:
-        from neonctl.engine.connection import proxy_uri  # noqa: PLC0415
-
-        st = start_endpoint(p, name, progress=info)
-        row["endpoint"] = f"running :{st.port}"
-        row["connection_string"] = proxy_uri(p, name)
+    row = create_with_options(load_project(project), name, parent, lsn=lsn, timestamp=timestamp,
+                              if_not_exists=if_not_exists, suspend_timeout=suspend_timeout, expires_at=expires_at,
+                              ttl=ttl, endpoint=endpoint, progress=info)
     emit(row, output, COLUMNS + (["connection_string"] if endpoint else []))
 
 
@@ -206,36 +176,9 @@ def lsn_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Map a commit time to an LSN on a branch, or an LSN to the time of the last commit at or before it."""
-    from neonctl.engine import client  # noqa: PLC0415
+    from neonctl.engine.branches import lookup_lsn  # noqa: PLC0415
 
-    p = load_project(project)
-    b = p.branch(branch)
-    if (timestamp is None) == (lsn is None):
-        raise InvalidInput("give exactly one of --timestamp or --lsn")
-    if timestamp is not None:
-        ts = parse_timestamp(timestamp)
-        res = client.call(
-            "pageserver",
-            p.pageserver_addr,
-            "GET",
-            f"/v1/timeline/{b.timeline_id}/lsn_by_timestamp?timestamp_us={to_pg_us(ts)}",
-        )
-        emit({"branch": branch, "timestamp": ts.isoformat(), "lsn": format_lsn(res["lsn"])}, output)
-        return
-    want = parse_lsn(lsn)
-    commits = client.call("pageserver", p.pageserver_addr, "GET", f"/v1/timeline/{b.timeline_id}/commits")["commits"]
-    before = [c for c in commits if c[0] <= want]
-    if not before:
-        raise InvalidInput(f"no commit at or before {lsn} on branch {branch!r}")
-    emit(
-        {
-            "branch": branch,
-            "lsn": lsn,
-            "commit_lsn": format_lsn(before[-1][0]),
-            "commit_time": from_pg_us(before[-1][1]).isoformat(),
-        },
-        output,
-    )
+    emit(lookup_lsn(load_project(project), branch, timestamp=timestamp, lsn=lsn), output)
 
 
 # -- reset / restore / schema-diff (engine: branch_ops.py, schema_diff.py) ------------------------------------

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Annotated
 
 import typer
 
 from neonctl.commands.common import OutputOpt, ProjectOpt
-from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.project import default_branch_for, load_project
-from neonctl.engine.timepoint import TimePoint, parse_ref, parse_timestamp
 from neonctl.errors import InvalidInput
 from neonctl.output import Format, emit, info
 
@@ -43,37 +40,6 @@ SuspendOpt = Annotated[
 ]
 
 
-def endpoint_row(p, st, status: str = "running") -> dict:
-    from neonctl.engine.compute.scale_to_zero import effective_suspend_timeout  # noqa: PLC0415
-    from neonctl.engine.connection import direct_uri  # noqa: PLC0415
-
-    return {
-        "endpoint": st.name,
-        "branch": st.branch,
-        "port": st.port,
-        "status": status,
-        "mode": "read-write" if st.at_lsn is None else "read-only",
-        "start_lsn": format_lsn(st.start_lsn),
-        "suspend_timeout": effective_suspend_timeout(p, st),
-        "pg_version": st.pg_version,
-        "timeline_id": st.timeline_id,
-        "connection_string": direct_uri(p, st.port),
-        "pgdata": st.pgdata,
-        "suspended_at": None,
-    }
-
-
-def _point(ref: str, lsn: str | None = None, timestamp: str | None = None) -> TimePoint:
-    point = parse_ref(ref)
-    if lsn is not None and timestamp is not None:
-        raise InvalidInput("give --lsn or --timestamp, not both")
-    if (lsn is not None or timestamp is not None) and (point.lsn is not None or point.timestamp is not None):
-        raise InvalidInput(f"the point is given twice (in {ref!r} and in --lsn/--timestamp)")
-    return TimePoint(
-        point.branch, parse_lsn(lsn) if lsn else point.lsn, parse_timestamp(timestamp) if timestamp else point.timestamp
-    )
-
-
 @app.command("start")
 def start_cmd(
     branch: BranchArg = "main",
@@ -90,23 +56,11 @@ def start_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Materialise the branch from storage and start Postgres on it (read-only at a past point: --lsn/--timestamp)."""
-    from neonctl.engine.compute.endpoint import start_endpoint  # noqa: PLC0415
-    from neonctl.engine.compute.time_travel import start_time_travel  # noqa: PLC0415
+    from neonctl.engine import endpoint_ops  # noqa: PLC0415
 
-    p = load_project(project)
-    point = _point(branch, lsn, timestamp)
-    if point.lsn is None and point.timestamp is None:
-        st = start_endpoint(
-            p,
-            point.branch or p.config.default_branch,
-            port=port,
-            fsync=fsync,
-            progress=info,
-            suspend_timeout=suspend_timeout,
-        )
-    else:
-        st, _ = start_time_travel(p, point, port=port, progress=info)
-    emit(endpoint_row(p, st), output, COLUMNS)
+    row = endpoint_ops.start(load_project(project), branch, lsn=lsn, timestamp=timestamp, port=port, fsync=fsync,
+                             suspend_timeout=suspend_timeout, progress=info)
+    emit(row, output, COLUMNS)
 
 
 @app.command("stop")
@@ -117,46 +71,17 @@ def stop_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Stop Postgres and delete its data directory (storage keeps everything)."""
-    from neonctl.engine.compute.endpoint import read_state, stop_endpoint  # noqa: PLC0415
-    from neonctl.engine.compute.time_travel import endpoint_name, resolve_point  # noqa: PLC0415
+    from neonctl.engine import endpoint_ops  # noqa: PLC0415
 
-    p = load_project(project)
-    name = branch
-    if "@" in branch and read_state(p, branch) is None:  # a time or an unresolved LSN: find its record end
-        b, at = resolve_point(p, _point(branch))
-        name = endpoint_name(b.name, at)
-    st = stop_endpoint(p, name, immediate=immediate)
-    emit({"endpoint": st.name, "branch": st.branch, "port": st.port, "status": "stopped"}, output)
+    emit(endpoint_ops.stop(load_project(project), branch, immediate=immediate), output)
 
 
 @app.command("list")
 def list_cmd(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
     """List endpoints: running, crashed, or suspended by the proxy (the next connection wakes them)."""
-    from neonctl.engine.compute.endpoint import list_endpoints  # noqa: PLC0415
-    from neonctl.engine.compute.scale_to_zero import suspended_endpoints  # noqa: PLC0415
+    from neonctl.engine.endpoint_ops import endpoint_rows  # noqa: PLC0415
 
-    p = load_project(project)
-    rows = [endpoint_row(p, st, s) for st, s in list_endpoints(p)]
-    running = {r["endpoint"] for r in rows}
-    rows += [
-        {
-            "endpoint": s["endpoint"],
-            "branch": s["branch"],
-            "port": None,
-            "status": "suspended",
-            "mode": "read-write" if "@" not in s["endpoint"] else "read-only",
-            "start_lsn": None,
-            "suspend_timeout": s["suspend_timeout"],
-            "pg_version": None,
-            "timeline_id": None,
-            "connection_string": None,
-            "pgdata": None,
-            "suspended_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s["suspended_at"])),
-        }
-        for s in suspended_endpoints(p)
-        if s["endpoint"] not in running
-    ]
-    emit(rows, output, COLUMNS)
+    emit(endpoint_rows(load_project(project)), output, COLUMNS)
 
 
 def connection_string(

@@ -103,27 +103,11 @@ def set_cmd(
     output: OutputOpt = Format.table,
 ) -> None:
     """Change a project's settings (the daemons must be stopped for --safekeepers and --remote-storage)."""
-    from neonctl.engine.remote_settings import (  # noqa: PLC0415
-        prepare_remote_storage,
-        set_remote_storage,
-    )
-    from neonctl.engine.safekeeper.membership import set_safekeeper_count  # noqa: PLC0415
+    from neonctl.engine.lifecycle import configure_project  # noqa: PLC0415
 
-    p = load_project(project)
-    if remote_storage is None and any(v is not None for v in (s3_endpoint_url, s3_region, s3_credentials_file)):
-        raise InvalidInput("the --s3-* options go with --remote-storage s3://BUCKET/PREFIX")
-    if suspend_timeout is not None and suspend_timeout < 0:
-        raise InvalidInput("--suspend-timeout must be >= 0 seconds (0 = never suspend)")
-    remote = None
-    if remote_storage is not None:  # checked before anything changes
-        remote = prepare_remote_storage(p, remote_storage, s3_endpoint_url, s3_region, s3_credentials_file)
-    if safekeepers is not None:
-        set_safekeeper_count(p, safekeepers, progress=info)
-    if remote is not None:
-        set_remote_storage(p, remote)
-    if suspend_timeout is not None:
-        p.set_suspend_timeout(suspend_timeout)
-    p.reload()
+    p = configure_project(load_project(project), remote_storage=remote_storage, s3_endpoint_url=s3_endpoint_url,
+                          s3_region=s3_region, s3_credentials_file=s3_credentials_file, safekeepers=safekeepers,
+                          suspend_timeout=suspend_timeout, progress=info)
     emit(
         project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "suspend_timeout", "path"]
     )

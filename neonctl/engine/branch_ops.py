@@ -21,11 +21,11 @@ parent (as in Neon), so `reset N --parent` undoes the restore.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from neonctl.engine import client
-from neonctl.engine.branches import create_timeline, drop_timeline
+from neonctl.engine.branches import branch_rows, create_branch, create_timeline, drop_timeline
 from neonctl.engine.compute.endpoint import (
     EndpointState,
     endpoint_status,
@@ -34,11 +34,14 @@ from neonctl.engine.compute.endpoint import (
     stop_endpoint,
 )
 from neonctl.engine.compute.time_travel import resolve_point, time_travel_endpoints
+from neonctl.engine.connection import proxy_uri
+from neonctl.engine.expiry import parse_expiry
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import NAME_RE, Branch, Project, check_name
 from neonctl.engine.storage import require_running
-from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_point
-from neonctl.errors import AlreadyExists, Conflict, InvalidInput, PostgresError
+from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_point, parse_ref_with
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, PostgresError
 
 
 @dataclass
@@ -104,10 +107,10 @@ def default_backup_name(project: Project, b: Branch) -> str:
     format so that it is a valid branch name; `_2`, `_3`... if taken."""
     when = datetime.now(timezone.utc)
     try:
-        commits = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{b.timeline_id}/commits")
-        if commits["commits"]:
-            when = from_pg_us(commits["commits"][-1][1])
-    except Exception:  # noqa: BLE001 - the name is cosmetic; the swap itself reports a down pageserver
+        commits = PageserverClient.of(project).commits(b.timeline_id)
+        if commits:
+            when = from_pg_us(commits[-1][1])
+    except NeonctlError:  # the name is cosmetic (now, then); the swap itself reports a down pageserver
         pass
     base = f"{b.name}_old_{when.strftime('%Y%m%dT%H%M%SZ')}"
     if not NAME_RE.match(base):
@@ -219,3 +222,24 @@ def _swap(
                 hint=f"neonctl endpoint start {name}",
             ) from e
     return SwapResult(branch=n, preserved=preserved, source=_describe(point), endpoint=ep)
+
+
+def create_with_options(project: Project, name: str, parent: str | None, *, lsn: str | None = None,
+                        timestamp: str | None = None, if_not_exists: bool = False,
+                        suspend_timeout: int | None = None, expires_at: str | None = None, ttl: str | None = None,
+                        endpoint: bool = False, progress: Callable[[str], None] = lambda m: None) -> dict:
+    """`neonctl branch create`: the branch at `parent` (BRANCH[@LSN|@TIME]) or --lsn/--timestamp, with its
+    expiry, and (with `endpoint`) its compute started; returns its row, plus the proxy's connection string."""
+    point = parse_ref_with(parent, lsn, timestamp, what="the branch point")
+    expiry = parse_expiry(expires_at, ttl)
+    _b, created = create_branch(project, name, point, if_not_exists=if_not_exists,
+                                suspend_timeout=suspend_timeout, expires_at=expiry)
+    if not created:
+        progress(f"branch {name!r} already exists; returning it")
+    row = next(r for r in branch_rows(project) if r["name"] == name)
+    if endpoint:
+        st = start_endpoint(project, name, progress=progress)
+        row["endpoint"] = f"running :{st.port}"
+        row["connection_string"] = proxy_uri(project, name)
+    return row
+

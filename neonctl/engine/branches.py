@@ -11,19 +11,15 @@ import time
 import uuid
 from datetime import datetime
 
-from neonctl.engine import client
 from neonctl.engine.compute.endpoint import endpoint_status, list_endpoints, read_state
 from neonctl.engine.compute.time_travel import time_travel_endpoints
-from neonctl.engine.lsn import format_lsn
+from neonctl.engine.lsn import format_lsn, parse_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import PENDING_GRACE, Branch, Project, check_name
+from neonctl.engine.safekeeper.client import SafekeeperClient, flush_lsn
 from neonctl.engine.storage import require_running
-from neonctl.engine.timepoint import TimePoint, to_pg_us
+from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_timestamp, to_pg_us
 from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound
-
-
-def _sk_flush(project: Project, timeline_id: str) -> int:
-    return max(client.call(f"sk{i}", a, "GET", f"/v1/timeline/{timeline_id}")["flush_lsn"]
-               for i, a in project.safekeeper_addrs().items())
 
 
 def resolve_parent(project: Project, parent: str | None, lsn: int | None, ts: datetime | None) -> TimePoint:
@@ -68,24 +64,20 @@ def create_timeline(project: Project, parent: Branch, point: TimePoint) -> tuple
     if point.timestamp is not None and point.timestamp.timestamp() < _root_created(project):
         raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
     tid = uuid.uuid4().hex
-    body: dict = {"ancestor_timeline_id": parent.timeline_id, "wait_for_lsn": _sk_flush(project, parent.timeline_id)}
-    if point.lsn is not None:
-        body["lsn"] = point.lsn
-    if point.timestamp is not None:
-        body["timestamp_us"] = to_pg_us(point.timestamp)
-    info = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tid}/branch", body)
+    pageserver = PageserverClient.of(project)
+    info = pageserver.create_branch(
+        tid, parent.timeline_id, lsn=point.lsn, wait_for_lsn=flush_lsn(project, parent.timeline_id),
+        timestamp_us=to_pg_us(point.timestamp) if point.timestamp is not None else None)
     lsn = info["start_lsn"]
     created_sks = []
     try:
-        for i, addr in project.safekeeper_addrs().items():
-            client.call(f"sk{i}", addr, "POST", "/v1/timeline", {
-                "timeline_id": tid, "system_id": info["system_id"], "pg_version": info["pg_version"],
-                "start_lsn": lsn})
-            created_sks.append((i, addr))
+        for sk in SafekeeperClient.all_of(project).values():
+            sk.create_timeline(tid, info["system_id"], info["pg_version"], lsn)
+            created_sks.append(sk)
     except BaseException:
-        for i, addr in created_sks:
-            client.call(f"sk{i}", addr, "DELETE", f"/v1/timeline/{tid}")
-        client.call("pageserver", project.pageserver_addr, "DELETE", f"/v1/timeline/{tid}")
+        for sk in created_sks:
+            sk.delete_timeline(tid)
+        pageserver.delete_timeline(tid)
         raise
     return tid, lsn
 
@@ -93,16 +85,11 @@ def create_timeline(project: Project, parent: Branch, point: TimePoint) -> tuple
 def drop_timeline(project: Project, timeline_id: str) -> None:
     """Delete a timeline from every safekeeper and the pageserver (it must have no child timelines).
     Idempotent: a daemon that no longer has it (an earlier attempt got that far) counts as done."""
-    for i, addr in project.safekeeper_addrs().items():
-        _delete_if_present(f"sk{i}", addr, timeline_id)
-    _delete_if_present("pageserver", project.pageserver_addr, timeline_id)
-
-
-def _delete_if_present(name: str, addr: str, timeline_id: str) -> None:
-    try:
-        client.call(name, addr, "DELETE", f"/v1/timeline/{timeline_id}")
-    except NotFound:
-        pass
+    for daemon in [*SafekeeperClient.all_of(project).values(), PageserverClient.of(project)]:
+        try:
+            daemon.delete_timeline(timeline_id)
+        except NotFound:
+            pass
 
 
 def _root_created(project: Project) -> float:
@@ -151,10 +138,9 @@ def reconcile(project: Project, now: float | None = None) -> dict:
         named = {b.timeline_id for b in project.config.branches.values()}
         pending = {t for t, at in project.config.pending_timelines.items() if now - at < PENDING_GRACE}
         held: dict[str, set[str]] = {}
-        daemons = [("pageserver", project.pageserver_addr)] + [(f"sk{i}", a) for i, a in
-                                                                project.safekeeper_addrs().items()]
-        for name, addr in daemons:
-            held[name] = set(client.call(name, addr, "GET", "/v1/status", timeout=10).get("timelines", {}))
+        held["pageserver"] = set(PageserverClient.of(project).status(timeout=10).get("timelines", {}))
+        for sk in SafekeeperClient.all_of(project).values():
+            held[sk.name] = set(sk.status(timeout=10).get("timelines", {}))
         orphans, failed = [], {}
         for tid in sorted(set().union(*held.values()) - named - pending):
             try:
@@ -205,9 +191,9 @@ def branch_rows(project: Project) -> list[dict]:
     eps = {st.branch: (st, s) for st, s in list_endpoints(project) if st.at_lsn is None}
     heads = {}
     try:
-        st = client.call("pageserver", project.pageserver_addr, "GET", "/v1/status", timeout=5)
+        st = PageserverClient.of(project).status(timeout=5)
         heads = {k: v["last_record_lsn"] for k, v in st["timelines"].items()}
-    except Exception:  # noqa: BLE001 - listing works with the daemons stopped
+    except NeonctlError:  # listing works with the daemons stopped: no heads then
         pass
     by_parent: dict[str | None, list[Branch]] = {}
     for b in project.config.branches.values():
@@ -232,3 +218,21 @@ def branch_rows(project: Project) -> list[dict]:
 
     walk(None, 0)
     return rows
+
+
+def lookup_lsn(project: Project, branch: str, *, timestamp: str | None = None, lsn: str | None = None) -> dict:
+    """A commit time -> the LSN of the last commit at or before it; or an LSN -> that commit's LSN and time."""
+    b = project.branch(branch)
+    if (timestamp is None) == (lsn is None):
+        raise InvalidInput("give exactly one of --timestamp or --lsn")
+    pageserver = PageserverClient.of(project)
+    if timestamp is not None:
+        ts = parse_timestamp(timestamp)
+        return {"branch": branch, "timestamp": ts.isoformat(),
+                "lsn": format_lsn(pageserver.lsn_by_timestamp(b.timeline_id, to_pg_us(ts)))}
+    want = parse_lsn(lsn)
+    before = [c for c in pageserver.commits(b.timeline_id) if c[0] <= want]
+    if not before:
+        raise InvalidInput(f"no commit at or before {lsn} on branch {branch!r}")
+    return {"branch": branch, "lsn": lsn, "commit_lsn": format_lsn(before[-1][0]),
+            "commit_time": from_pg_us(before[-1][1]).isoformat()}

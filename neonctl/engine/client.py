@@ -69,6 +69,11 @@ def request(address: str, method: str, path: str, data: bytes | None = None,
         conn.close()
 
 
+def status(name: str, address: str, timeout: float = 30.0) -> dict:
+    """`GET /v1/status` of any neonctl daemon (each answers it; the typed clients cover the rest)."""
+    return call(name, address, "GET", "/v1/status", timeout=timeout)
+
+
 def call(name: str, address: str, method: str, path: str, body: dict | None = None,
          timeout: float = 30.0) -> dict:
     data = json.dumps(body).encode() if body is not None else None
@@ -83,7 +88,5 @@ def call(name: str, address: str, method: str, path: str, body: dict | None = No
         payload = json.loads(reply.body)
     except ValueError:
         raise errors.DaemonError(f"{name} answered HTTP {reply.status} to {method} {path}") from None
-    cls = getattr(errors, payload.get("kind", ""), errors.DaemonError)
-    if not (isinstance(cls, type) and issubclass(cls, errors.NeonctlError)):
-        cls = errors.DaemonError
+    cls = errors.error_class(payload.get("kind")) or errors.DaemonError
     raise cls(payload.get("error", f"HTTP {reply.status}"), payload.get("hint"))

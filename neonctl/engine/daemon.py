@@ -41,7 +41,7 @@ async def error_middleware(request: web.Request, handler):
         resp = await handler(request)
     except NeonctlError as e:
         status = 404 if isinstance(e, NotFound) else 409 if isinstance(e, Conflict) else 400
-        resp = web.json_response({"error": e.message, "kind": type(e).__name__, "hint": e.hint}, status=status)
+        resp = web.json_response({"error": e.message, "kind": e.kind, "hint": e.hint}, status=status)
     # Who answered: a daemon of another home on the same port must not pass for ours.
     resp.headers["X-Neonctl-Pid"] = str(os.getpid())
     return resp

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import struct
 
-from neonctl.engine import client
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.pageserver.key import rel_block_key
 from neonctl.engine.pageserver.timeline.timeline import Timeline, timeline_dir
 from neonctl.engine.project import Project
+from neonctl.engine.safekeeper.client import flush_lsn
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder
 from neonctl.errors import InvalidInput, NotFound
@@ -23,10 +24,10 @@ FORKS = {"main": 0, "fsm": 1, "vm": 2, "init": 3}
 
 def layer_rows(project: Project, branch: str | None) -> list[dict]:
     tid = project.branch(branch).timeline_id if branch else None
-    rows = client.call("pageserver", project.pageserver_addr, "GET", "/v1/layers" + (f"?timeline={tid}" if tid else ""))
+    rows = PageserverClient.of(project).layers(tid)
     names = {b.timeline_id: b.name for b in project.config.branches.values()}
     out = []
-    for r in rows["layers"]:
+    for r in rows:
         out.append({"branch": names.get(r["timeline_id"], r["timeline_id"]), **r,
                     "lsn_range": f"{format_lsn(r['lsn_start'])}..{format_lsn(r['lsn_end'])}"})
     return out
@@ -34,15 +35,12 @@ def layer_rows(project: Project, branch: str | None) -> list[dict]:
 
 def layer_stats(project: Project, branch: str) -> dict:
     tid = project.branch(branch).timeline_id
-    return client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{tid}/layer_stats")
+    return PageserverClient.of(project).layer_stats(tid)
 
 
 def checkpoint(project: Project, branch: str, compact: bool) -> dict:
-    from neonctl.engine.branches import _sk_flush  # noqa: PLC0415
-
     tid = project.branch(branch).timeline_id
-    return client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{tid}/checkpoint",
-                       {"compact": compact, "wait_for_lsn": _sk_flush(project, tid)})
+    return PageserverClient.of(project).checkpoint(tid, compact=compact, wait_for_lsn=flush_lsn(project, tid))
 
 
 def wal_records(project: Project, branch: str, start: int | None, end: int | None, limit: int = 10000) -> list[dict]:
@@ -118,8 +116,7 @@ def page_versions(project: Project, branch: str, rel: tuple[int, int, int], fork
         raise InvalidInput(f"invalid block number {blkno}")
     key = rel_block_key(rel[0], rel[1], rel[2], FORKS[fork], blkno)
     tid = project.branch(branch).timeline_id
-    q = f"/v1/timeline/{tid}/page?key={key}" + (f"&lsn={lsn}" if lsn is not None else "") + ("&page=1" if page else "")
-    res = client.call("pageserver", project.pageserver_addr, "GET", q, timeout=600)
+    res = PageserverClient.of(project).page(tid, str(key), lsn=lsn, image=page)
     for v in res["versions"]:
         v["lsn"] = format_lsn(v["lsn"])
         if v.get("page_lsn") is not None:
@@ -137,7 +134,7 @@ def page_versions(project: Project, branch: str, rel: tuple[int, int, int], fork
 def branch_changes(project: Project, branch: str) -> dict:
     """Relations (by name where a running endpoint can tell) and page counts changed on a branch."""
     tid = project.branch(branch).timeline_id
-    res = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{tid}/changed_pages", timeout=60)
+    res = PageserverClient.of(project).changed_pages(tid)
     names: dict[tuple[int, int], str] = {}
     try:
         names = _relation_names(project, branch)

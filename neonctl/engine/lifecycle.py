@@ -44,9 +44,10 @@ from neonctl.engine.project import (
     load_project,
     taken_ports,
 )
-from neonctl.engine.remote_settings import delete_remote_data
+from neonctl.engine.remote_settings import delete_remote_data, prepare_remote_storage, set_remote_storage
 from neonctl.engine.roles import load_roles
 from neonctl.engine.safekeeper.control_file import TimelineState
+from neonctl.engine.safekeeper.membership import set_safekeeper_count
 from neonctl.engine.safekeeper.timeline import SkTimeline
 from neonctl.engine.storage import start_storage, stop_storage
 from neonctl.errors import AlreadyExists, InvalidInput
@@ -160,6 +161,29 @@ def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
 
 
 QUICKSTART_PROJECT = "demo"
+
+
+def configure_project(project: Project, *, remote_storage: str | None = None, s3_endpoint_url: str | None = None,
+                      s3_region: str | None = None, s3_credentials_file: str | None = None,
+                      safekeepers: int | None = None, suspend_timeout: int | None = None,
+                      progress=print) -> Project:
+    """`neonctl project set`: every setting is checked before any changes, then applied in an order a
+    failure leaves consistent (membership first: it may refuse with the daemons running)."""
+    if remote_storage is None and any(v is not None for v in (s3_endpoint_url, s3_region, s3_credentials_file)):
+        raise InvalidInput("the --s3-* options go with --remote-storage s3://BUCKET/PREFIX")
+    if suspend_timeout is not None and suspend_timeout < 0:
+        raise InvalidInput("--suspend-timeout must be >= 0 seconds (0 = never suspend)")
+    remote = None
+    if remote_storage is not None:
+        remote = prepare_remote_storage(project, remote_storage, s3_endpoint_url, s3_region, s3_credentials_file)
+    if safekeepers is not None:
+        set_safekeeper_count(project, safekeepers, progress=progress)
+    if remote is not None:
+        set_remote_storage(project, remote)
+    if suspend_timeout is not None:
+        project.set_suspend_timeout(suspend_timeout)
+    project.reload()
+    return project
 
 
 def quickstart(progress=print) -> dict:

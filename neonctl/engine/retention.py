@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from neonctl.engine import client
 from neonctl.engine.compute.endpoint import list_endpoints
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import Project
 
 
@@ -12,10 +12,8 @@ def run_gc(project: Project, branch: str | None = None, dry_run: bool = False) -
     for st, _status in list_endpoints(project):
         if st.at_lsn is not None:  # a running time-travel endpoint must stay restartable
             leases.setdefault(st.timeline_id, []).append(st.at_lsn)
-    body = {"leases": leases, "dry_run": dry_run}
-    if branch:
-        body["timelines"] = [project.branch(branch).timeline_id]
-    res = client.call("pageserver", project.pageserver_addr, "POST", "/v1/gc", body, timeout=600)["results"]
+    timelines = [project.branch(branch).timeline_id] if branch else None
+    res = PageserverClient.of(project).gc(timelines, dry_run=dry_run, leases=leases)
     names = {b.timeline_id: b.name for b in project.config.branches.values()}
     for r in res:
         r["branch"] = names.get(r["timeline_id"], r["timeline_id"])

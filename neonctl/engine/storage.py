@@ -68,7 +68,7 @@ def storage_status(project: Project) -> list[dict]:
         row = {"name": d.name, "pid": pid, "address": addr, "state": state, "log": str(d.log_file)}
         if state == "running":
             try:
-                st = client.call(d.name, addr, "GET", "/v1/status", timeout=3)
+                st = client.status(d.name, addr, timeout=3)
             except DaemonError:
                 st = {}
             if d.name == "pageserver":

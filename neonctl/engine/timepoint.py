@@ -89,3 +89,16 @@ def parse_ref(text: str) -> TimePoint:
         return TimePoint(branch, lsn, ts)
     name, lsn, ts = parse_point(text)
     return TimePoint(name, lsn, ts)
+
+
+def parse_ref_with(ref: str | None, lsn: str | None = None, timestamp: str | None = None,
+                   what: str = "the point") -> TimePoint:
+    """`ref` (as parse_ref) with the CLI's --lsn/--timestamp options folded in; each point given once."""
+    point = parse_ref(ref) if ref else TimePoint(None)
+    if lsn is not None and timestamp is not None:
+        raise InvalidInput("give --lsn or --timestamp, not both")
+    if (lsn is not None or timestamp is not None) and (point.lsn is not None or point.timestamp is not None):
+        raise InvalidInput(f"{what} is given twice (in {ref!r} and in --lsn/--timestamp)")
+    return TimePoint(point.branch, parse_lsn(lsn) if lsn else point.lsn,
+                     parse_timestamp(timestamp) if timestamp else point.timestamp)
+

@@ -11,6 +11,7 @@ data directory: it was only ever a cache.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,18 +21,22 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from neonctl.engine import client, ports
+from neonctl.engine import ports
 from neonctl.engine.compute import pgbouncer
 from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.process import log_tail, pid_alive, pid_cmdline
 from neonctl.engine.project import Project, list_projects
 from neonctl.engine.roles import apply_roles
+from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
-from neonctl.errors import Conflict, CorruptData, InvalidInput, NotFound, PostgresError
+from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, NotFound, PostgresError
+
+log = logging.getLogger("neonctl.endpoint")
 
 
 def endpoints_dir(project: Project) -> Path:
@@ -134,9 +139,8 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             pgdata = epdir / "pgdata"
             progress(f"materialising {branch} at the end of its WAL ({format_lsn(flush)}) ...")
             recycled = recycled_pgdata(project)
-            res = client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
-                              {"endpoint": branch, "wait_for_lsn": flush, "timeout": 60,
-                               "recycle": recycled.is_dir()}, timeout=120)
+            res = PageserverClient.of(project).basebackup(b.timeline_id, branch, wait_for_lsn=flush,
+                                                          recycle=recycled.is_dir())
             lsn = res["lsn"]
             logfile = epdir / "postgres.log"
             port = launch_postgres(
@@ -302,11 +306,11 @@ def _discard(project: Project, st: EndpointState) -> None:
             time.sleep(0.01)
     except (OSError, ValueError):
         pass
-    for sk_id, addr in project.safekeeper_addrs().items() if st.at_lsn is None else ():  # time travel: no WAL
+    for sk in SafekeeperClient.all_of(project).values() if st.at_lsn is None else ():  # time travel: no WAL
         try:
-            client.call(f"sk{sk_id}", addr, "DELETE", f"/v1/timeline/{st.timeline_id}/compute")
-        except Exception:  # noqa: BLE001 - a stopped safekeeper re-learns on the next start
-            pass
+            sk.detach_compute(st.timeline_id)
+        except NeonctlError as e:  # a stopped safekeeper learns it from the next election
+            log.info("%s: could not detach the compute of %s: %s", sk.name, st.name, e)
     pgbouncer.stop(Path(st.pgdata).parent)
     _keep_for_recycling(project, st, pid)
     shutil.rmtree(Path(st.pgdata).parent, ignore_errors=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 
-from neonctl.engine import client
 from neonctl.engine.compute.endpoint import (
     EndpointState,
     claim_port,
@@ -33,7 +32,9 @@ from neonctl.engine.compute.endpoint import (
     save_state,
 )
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import Branch, Project
+from neonctl.engine.safekeeper.client import flush_lsn
 from neonctl.engine.storage import require_running
 from neonctl.engine.timepoint import TimePoint, to_pg_us
 from neonctl.errors import Conflict, InvalidInput, PostgresError, Timeout
@@ -53,17 +54,13 @@ def endpoint_name(branch: str, lsn: int) -> str:
     return f"{branch}@{format_lsn(lsn)}"
 
 
-def sk_flush_lsn(project: Project, timeline_id: str) -> int:
-    return max(client.call(f"sk{i}", a, "GET", f"/v1/timeline/{timeline_id}")["flush_lsn"]
-               for i, a in project.safekeeper_addrs().items())
-
-
 def caught_up_info(project: Project, b: Branch, timeout: float = 30.0) -> dict:
     """The pageserver's view of the branch once it holds all the WAL the safekeepers have."""
-    flush = sk_flush_lsn(project, b.timeline_id)
+    flush = flush_lsn(project, b.timeline_id)
+    pageserver = PageserverClient.of(project)
     deadline = time.monotonic() + timeout
     while True:
-        info = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{b.timeline_id}")
+        info = pageserver.timeline(b.timeline_id)
         if info["received_lsn"] >= flush or info["last_record_lsn"] >= flush:
             return info
         if time.monotonic() > deadline:
@@ -88,9 +85,7 @@ def resolve_point(project: Project, point: TimePoint) -> tuple[Branch, int]:
         first = min(x.created_at for x in project.config.branches.values())
         if point.timestamp.timestamp() < first:
             raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
-        res = client.call("pageserver", project.pageserver_addr, "GET",
-                          f"/v1/timeline/{b.timeline_id}/lsn_by_timestamp?timestamp_us={to_pg_us(point.timestamp)}")
-        return b, res["lsn"]
+        return b, PageserverClient.of(project).lsn_by_timestamp(b.timeline_id, to_pg_us(point.timestamp))
     if point.lsn is not None:
         if point.lsn > head:
             raise InvalidInput(f"LSN {format_lsn(point.lsn)} is past the head of branch {b.name!r}"
@@ -98,9 +93,7 @@ def resolve_point(project: Project, point: TimePoint) -> tuple[Branch, int]:
         if point.lsn < start:
             raise InvalidInput(f"LSN {format_lsn(point.lsn)} is before branch {b.name!r} begins ({format_lsn(start)})",
                                hint=f"use its parent {b.parent!r}" if b.parent else None)
-        res = client.call("pageserver", project.pageserver_addr, "GET",
-                          f"/v1/timeline/{b.timeline_id}/record_end?lsn={point.lsn}")
-        return b, res["lsn"]
+        return b, PageserverClient.of(project).record_end(b.timeline_id, point.lsn)
     return b, head
 
 
@@ -141,8 +134,7 @@ def start_time_travel(project: Project, point: TimePoint, port: int | None = Non
             pgdata = epdir / "pgdata"
             logfile = epdir / "postgres.log"
             progress(f"materialising {name} (read-only time travel) ...")
-            client.call("pageserver", project.pageserver_addr, "POST", f"/v1/timeline/{b.timeline_id}/basebackup",
-                        {"endpoint": name, "lsn": lsn, "timeout": 60}, timeout=120)
+            PageserverClient.of(project).basebackup(b.timeline_id, name, lsn=lsn)
             # Standby mode replays everything after the image's checkpoint on its own; a backup_label would
             # make every later shutdown checkpoint in the WAL fatal ("online backup was canceled").
             (pgdata / "backup_label").unlink(missing_ok=True)

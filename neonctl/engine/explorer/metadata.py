@@ -26,9 +26,11 @@ from pathlib import Path
 
 from neonctl.engine.explorer.keys import decode_key, relation_key_range
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, parse_lsn, parse_segment_file_name
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.pageserver.workdir import timeline_dir
 from neonctl.engine.project import Project
 from neonctl.engine.timepoint import PG_EPOCH_UNIX
+from neonctl.errors import NeonctlError
 
 _COMMIT_REC = 16  # (<Q end LSN, <q pg microseconds)
 
@@ -210,23 +212,19 @@ class MetadataLoader:
         return rows
 
     def _gc_rows(self, by_tl: dict[str, str], snap: StorageSnapshot) -> list[dict]:
-        from neonctl.engine import client
-        from neonctl.errors import NeonctlError
-
         key = tuple(sorted((t["timeline_id"], t["head"]) for t in snap.timelines))
         if self._gc is not None and self._gc[0] == key:
             rows, cutoffs = self._gc[1], self._gc[2]
         else:
             try:
-                res = client.call("pageserver", self.project.pageserver_addr, "POST", "/v1/gc",
-                                  {"timelines": [t["timeline_id"] for t in snap.timelines], "dry_run": True},
-                                  timeout=10)
+                results = PageserverClient.of(self.project).gc([t["timeline_id"] for t in snap.timelines],
+                                                               dry_run=True, timeout=10)
             except NeonctlError as e:
                 snap.notes.append(f"no GC plan: {e}")
                 return []
             sizes = {(r["timeline_id"], r["name"]): r["file_size"] for r in snap.layers}
             rows, cutoffs = [], {}
-            for r in res["results"]:
+            for r in results:
                 tid = r["timeline_id"]
                 cutoff = parse_lsn(r["cutoff"])
                 cutoffs[tid] = cutoff

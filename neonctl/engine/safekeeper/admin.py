@@ -7,9 +7,9 @@ other storage daemon.
 
 from __future__ import annotations
 
-from neonctl.engine import client
 from neonctl.engine.process import BackgroundProcess
 from neonctl.engine.project import Project
+from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.errors import DaemonError, InvalidInput
 
 
@@ -47,7 +47,7 @@ def safekeeper_rows(project: Project) -> list[dict]:
         st = None
         if pid is not None:
             try:
-                st = client.call(f"sk{sk_id}", addr, "GET", "/v1/status", timeout=3)
+                st = SafekeeperClient(sk_id, addr).status(timeout=3)
             except DaemonError:
                 st = None
         if st is None:
@@ -77,13 +77,13 @@ def repair_safekeeper(project: Project, sk_id: int) -> list[dict]:
     d = daemon(project, sk_id)
     if d.pid() is None:
         raise DaemonError(f"safekeeper {sk_id} is not running", hint=f"neonctl safekeeper start {sk_id}")
-    addr = project.safekeeper_addrs()[sk_id]
-    st = client.call(f"sk{sk_id}", addr, "GET", "/v1/status")
+    sk = SafekeeperClient(sk_id, project.safekeeper_addrs()[sk_id])
+    st = sk.status()
     names = branch_names(project)
     out = []
     for tid, tl in st["timelines"].items():
         if tl.get("corrupt"):
-            res = client.call(f"sk{sk_id}", addr, "POST", f"/v1/timeline/{tid}/repair", {}, timeout=120)
+            res = sk.repair(tid)
             out.append({"safekeeper": sk_id, "branch": names.get(tid), "timeline_id": tid, "repaired": True,
                         "was": tl["corrupt"], "term": res.get("term")})
     return out

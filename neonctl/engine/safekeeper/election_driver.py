@@ -32,10 +32,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from neonctl.engine import client
 from neonctl.engine.lsn import format_lsn
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import Project
 from neonctl.engine.safekeeper.acceptor import VoteResponse
+from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.proposer import Election, quorum
 from neonctl.engine.safekeeper.term_history import TermSwitch
 from neonctl.errors import Conflict, DaemonError, NeonctlError, Timeout
@@ -74,22 +75,17 @@ def _errors(failed: dict[int, NeonctlError]) -> str:
 def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = lambda m: None,
           term: int | None = None) -> ElectionOutcome:
     """Win an election for a new term on the timeline and bring a quorum to the new term's start."""
-    addrs = project.safekeeper_addrs()
-    n = len(addrs)
+    sks = SafekeeperClient.all_of(project)
+    n = len(sks)
     q = quorum(n)
-    path = f"/v1/timeline/{timeline_id}"
-
-    def call(sk: int, method: str, suffix: str = "", body: dict | None = None, timeout: float = 10.0):
-        return lambda: client.call(f"sk{sk}", addrs[sk], method, path + suffix, body, timeout=timeout)
-
     if term is None:
-        infos, failed = _parallel({sk: call(sk, "GET", timeout=5) for sk in addrs})
+        infos, failed = _parallel({sk: (lambda c=c: c.timeline(timeline_id, timeout=5)) for sk, c in sks.items()})
         if len(infos) < q:
             raise DaemonError(f"only {len(infos)} of {n} safekeepers are reachable, {q} needed to start a compute: "
                               f"{_errors(failed)}", hint="neonctl safekeeper list")
         term = max(i["term"] for i in infos.values()) + 1
     progress(f"electing term {term} on {n} safekeeper(s) (quorum {q}) ...")
-    votes, failed = _parallel({sk: call(sk, "POST", "/vote", {"term": term}) for sk in addrs})
+    votes, failed = _parallel({sk: (lambda c=c: c.vote(timeline_id, term, timeout=10)) for sk, c in sks.items()})
     election = Election(term, n)
     for sk, v in votes.items():
         election.add_vote(sk, VoteResponse(
@@ -107,17 +103,15 @@ def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = 
         raise DaemonError(f"election for term {term} failed: {given} of {q} votes needed; {_errors(failed)}",
                           hint="start more safekeepers: `neonctl safekeeper start N`")
     result = election.result()
-    donor_addr = addrs[result.donor]
+    donor_addr = sks[result.donor].address
     history = [[e.term, e.start_lsn] for e in result.term_history]
     progress(f"term {term} elected; donor sk{result.donor}, WAL continues at {format_lsn(result.start_lsn)}")
 
     def join(sk: int) -> dict:
         plan = result.per_acceptor_plan[sk]
-        info = client.call(f"sk{sk}", addrs[sk], "POST", path + "/elected",
-                           {"term": term, "start_streaming_at": plan.start_streaming_at, "term_history": history})
+        info = sks[sk].elected(timeline_id, term, plan.start_streaming_at, history)
         if info["flush_lsn"] < result.start_lsn:
-            info = client.call(f"sk{sk}", addrs[sk], "POST", path + "/recover",
-                               {"term": term, "donor": donor_addr, "up_to": result.start_lsn}, timeout=300)
+            info = sks[sk].recover(timeline_id, term, donor_addr, result.start_lsn)
         return info
 
     # The donor first: the others pull from it, and it serves WAL of term T only once it joined T.
@@ -131,7 +125,7 @@ def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = 
     if len(members) < q:
         raise DaemonError(f"term {term} elected but only {len(members)} safekeeper(s) reached its start "
                           f"{format_lsn(result.start_lsn)}, {q} needed: {_errors(join_failed)}")
-    _parallel({sk: call(sk, "POST", "/commit", {"term": term, "commit_lsn": result.start_lsn}) for sk in members})
+    _parallel({sk: (lambda sk=sk: sks[sk].commit(timeline_id, term, result.start_lsn, timeout=10)) for sk in members})
     wait_ingested(project, timeline_id, result.start_lsn)
     unreachable = {sk: e.message for sk, e in {**failed, **join_failed}.items()}
     return ElectionOutcome(timeline_id, term, result.start_lsn, result.donor,
@@ -144,9 +138,10 @@ def wait_ingested(project: Project, timeline_id: str, lsn: int, timeout: float =
     The safekeepers serve it only committed WAL, so this is also the moment the term's start is
     readable; a data directory asked for then is exactly at `lsn`.
     """
+    pageserver = PageserverClient.of(project)
     deadline = time.monotonic() + timeout
     while True:
-        info = client.call("pageserver", project.pageserver_addr, "GET", f"/v1/timeline/{timeline_id}")
+        info = pageserver.timeline(timeline_id)
         if info["last_record_lsn"] >= lsn:
             return
         if time.monotonic() > deadline:
@@ -161,11 +156,9 @@ def attach(project: Project, outcome: ElectionOutcome, socket_dir: str, port: in
     if lsn != outcome.start_lsn:
         raise Conflict(f"the compute was materialised at {format_lsn(lsn)}, not at the start of term "
                        f"{outcome.term} ({format_lsn(outcome.start_lsn)})")
-    addrs = project.safekeeper_addrs()
+    sks = SafekeeperClient.all_of(project)
     body = {"term": outcome.term, "host": socket_dir, "port": port, "user": "postgres", "start_lsn": lsn}
-    ok, failed = _parallel({sk: (lambda sk=sk: client.call(f"sk{sk}", addrs[sk], "POST",
-                                                           f"/v1/timeline/{outcome.timeline_id}/compute", body))
-                            for sk in addrs})
-    if len(ok) < quorum(len(addrs)):
+    ok, failed = _parallel({sk: (lambda c=c: c.attach_compute(outcome.timeline_id, body)) for sk, c in sks.items()})
+    if len(ok) < quorum(len(sks)):
         raise DaemonError(f"only {len(ok)} safekeeper(s) took the compute of term {outcome.term}: {_errors(failed)}")
     return sorted(ok)

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -71,6 +70,7 @@ from typing import NamedTuple
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.compute.runtime import PgRuntime
 from neonctl.engine.lsn import format_lsn, parse_lsn
+from neonctl.engine.ports import ephemeral_port
 from neonctl.engine.process import log_tail, pid_alive
 from neonctl.errors import InvalidInput, PostgresError, Timeout
 
@@ -92,13 +92,6 @@ class RedoResult(NamedTuple):
     checkpoint_lsn: int  # C: the last checkpoint record replayed (the restartpoint)
     redo_lsn: int  # R: its redo point
     lsn: int  # I: every page is at or before this LSN; the directory is usable for X >= I only
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _standby_options(runtime: PgRuntime, pgdata: Path, port: int) -> list[str]:
@@ -218,7 +211,7 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
     deadline = time.monotonic() + timeout
     proc = None
     for _attempt in range(5):
-        port = free_port()
+        port = ephemeral_port()
         with open(log_file, "ab") as log:
             if runtime.run_as is not None:
                 runtime.chown(log_file)
@@ -282,4 +275,4 @@ def _wait_for_replay(proc: subprocess.Popen, port: int, lsn: int, deadline: floa
         time.sleep(0.02 if last is None else 0.05)
 
 
-__all__ = ["SHUT_DOWN_IN_RECOVERY", "RedoResult", "free_port", "replay_to"]
+__all__ = ["SHUT_DOWN_IN_RECOVERY", "RedoResult", "replay_to"]
