@@ -1,14 +1,18 @@
 """Shared fixtures: a temporary neonctl home and session-scoped projects with running daemons.
 
-Daemons and Postgres are real processes on loopback; projects are shared per
-session so each test pays only for the endpoints it starts. Below them: the
-workloads several modules check against (a recorded history of commits, a
-writer logging acknowledged commits, a commit blocked without a quorum).
+`tests/unit` holds tests that start no Postgres and no daemon (enforced at collection: they cannot ask for
+the project fixtures); `tests/integration` the rest. Daemons and Postgres are real processes on loopback;
+projects are shared per session so each test pays only for the endpoints it starts. An integration test
+fails when a daemon logged an ERROR or a Traceback while it ran, unless it declares the ones it causes
+(`@pytest.mark.daemon_errors("regex", ...)`), as Neon's test runner does. Below the fixtures: the
+workloads several modules check against (a recorded history of commits, a writer logging acknowledged
+commits, a commit blocked without a quorum).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -26,6 +30,10 @@ from neonctl.engine.lifecycle import delete_project
 from neonctl.engine.project import load_project
 
 PG15_BIN = "/usr/lib/postgresql/15/bin"
+pytest_plugins = ["walgen"]  # real WAL samples, made once per session (tests/walgen.py)
+
+# Fixtures that start Postgres or daemons: a unit test asking for one is a collection error.
+INTEGRATION_FIXTURES = {"pg18", "pg15", "any_project", "wal_sample", "wal_pg18", "wal_pg15", "scratch_dir"}
 
 _HOME = tempfile.mkdtemp(prefix="neonctl-test-home-")
 os.environ["NEONCTL_HOME"] = _HOME
@@ -36,6 +44,50 @@ def pytest_sessionfinish(session, exitstatus):
         print("kept", _HOME)
         return
     shutil.rmtree(_HOME, ignore_errors=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "daemon_errors(*patterns): daemon log ERROR/Traceback lines this test causes")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "unit" in item.path.parts and INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            used = sorted(INTEGRATION_FIXTURES & set(item.fixturenames))
+            raise pytest.UsageError(f"{item.nodeid} is a unit test but uses {used}: move it to tests/integration")
+
+
+def _daemon_logs() -> list[Path]:
+    """The neonctl daemons' logs (pageserver, safekeepers, broker, proxy), not the computes' Postgres logs."""
+    home = Path(_HOME)
+    return [*home.glob("projects/*/pageserver/*.log"), *home.glob("projects/*/broker/*.log"),
+            *home.glob("projects/*/proxy/*.log"), *home.glob("projects/*/safekeepers/*/*.log")]
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_daemon_errors(request):
+    """Fail an integration test when a daemon logged an ERROR or a Traceback while it ran."""
+    if "integration" not in request.node.path.parts:
+        yield
+        return
+    sizes = {p: p.stat().st_size for p in _daemon_logs()}
+    yield
+    marker = request.node.get_closest_marker("daemon_errors")
+    allowed = [re.compile(x) for x in (marker.args if marker else ())]
+    bad = []
+    for log in _daemon_logs():
+        try:
+            with open(log, "rb") as f:
+                f.seek(sizes.get(log, 0))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if (" ERROR " in line or line.startswith("Traceback")) and not any(a.search(line) for a in allowed):
+                bad.append(f"{log.relative_to(_HOME)}: {line[:300]}")
+    if bad:
+        pytest.fail("daemon logs show unexpected errors during the test (declare expected ones with "
+                    "@pytest.mark.daemon_errors):\n" + "\n".join(bad[:20]), pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

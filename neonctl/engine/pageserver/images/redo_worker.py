@@ -33,7 +33,7 @@ signal file forces recovery, so the "clean base skips all redo" trap of crash re
 apply. A "shut down in recovery" base is an ordinary standby restart (consistent at its
 minRecoveryPoint).
 
-What such a directory is good for (tests/test_redo_worker.py, both versions): its pages are those
+What such a directory is good for (tests/integration/test_redo_worker.py, both versions): its pages are those
 of some state between R and I, so with WAL R..X for a record end X >= I (zeroed after X, nothing
 later) and a ``backup_label`` naming C/R, Postgres crash-recovers to exactly X ("redo starts at R",
 "invalid record length at X") with exactly the data committed at X, on Postgres timeline 1, also

@@ -2,9 +2,9 @@
 
 import os
 import signal
-import time
 
 from conftest import BlockedCommit, Writer, assert_all_present
+from waiting import wait_until
 
 from neonctl.engine.compute.endpoint import postgres_pid, read_state
 
@@ -12,7 +12,7 @@ from neonctl.engine.compute.endpoint import postgres_pid, read_state
 def test_kill9_compute_loses_no_acknowledged_insert(pg18, cli):
     cli("endpoint", "start", "main", "-p", pg18.name)
     w = Writer(pg18, "acked")
-    time.sleep(1.5)
+    wait_until(lambda: len(w.acked) > 100, 30, "the workload to commit rows")
     pid = postgres_pid(read_state(pg18, "main").pgdata)
     os.kill(pid, signal.SIGKILL)
     acked = w.finish()  # the compute died under it

@@ -2,14 +2,14 @@
 
 The snapshot is `tests/snapshots/explorer_recorded.json`, recorded from a real project (two
 branches, an initdb image, L1 and L0 deltas, commits, relation names). Update the SVGs with
-`pytest tests/test_tui_snapshots.py --snapshot-update` after an intended change, and look at them.
+`pytest tests/unit/test_tui_snapshots.py --snapshot-update` after an intended change, and look at them.
 """
 
 from pathlib import Path
 
 from neonctl.engine.explorer.metadata import StorageSnapshot
 
-RECORDED = Path(__file__).parent / "snapshots" / "explorer_recorded.json"
+RECORDED = Path(__file__).parents[1] / "snapshots" / "explorer_recorded.json"
 SIZE = (150, 40)
 
 

@@ -5,6 +5,7 @@ import time
 
 import pytest
 from conftest import connect
+from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine.lifecycle import delete_project
@@ -33,10 +34,8 @@ def _lsn(conn):
 def _image(p, tl):
     with connect(p) as conn:  # everything the compute has flushed (its CHECKPOINT included)
         flush = int(conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()[0])
-    deadline = time.time() + 30
-    while PageserverClient(p.pageserver_addr).timeline(tl)["last_record_lsn"] < flush - 128:
-        assert time.time() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: PageserverClient.of(p).timeline(tl)["last_record_lsn"] >= flush - 128, 30,
+               "the pageserver to ingest up to the flush LSN")
     return PageserverClient(p.pageserver_addr).create_image(tl, timeout=300)
 
 

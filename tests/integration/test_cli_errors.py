@@ -4,10 +4,10 @@ import json
 import os
 import socket
 import stat
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from neonctl.engine.process import pid_alive
 from neonctl.engine.project import list_projects, projects_dir
@@ -114,9 +114,8 @@ def test_stale_pid_file_is_detected(cli):
         rc, out, _ = cli("status", "-p", "stale", "-o", "json")
         broker = next(d for d in json.loads(out)["daemons"] if d["name"] == "broker")
         os.kill(broker["pid"], 9)
-        deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously: wait until it has died
-        while pid_alive(broker["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # SIGKILL is delivered asynchronously: wait until it has died
+        wait_until(lambda: not pid_alive(broker["pid"]), 10, "the killed broker to die", interval=0.01)
         rc, out, _ = cli("status", "-p", "stale", "-o", "json")
         broker = next(d for d in json.loads(out)["daemons"] if d["name"] == "broker")
         assert broker["state"] == "stopped" and broker["pid"] is None

@@ -20,23 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 from conftest import connect, insert_lsn, running_main
+from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine.compute.endpoint import list_endpoints, postgres_pid, read_state
 from neonctl.engine.connection import direct_uri, proxy_uri
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.roles import get_role
-
-
-def wait_until(cond, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def q(uri: str, sql: str, **kw):

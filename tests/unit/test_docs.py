@@ -9,7 +9,7 @@ import typer
 
 from neonctl.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _is_group(cmd) -> bool:

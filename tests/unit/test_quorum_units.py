@@ -21,8 +21,6 @@ from neonctl.engine.safekeeper.timeline import (
     open_timeline,
 )
 
-pytest_plugins = ["walgen"]
-
 SEG = 16 << 20
 TLI = "ab" * 16
 

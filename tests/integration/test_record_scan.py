@@ -21,8 +21,6 @@ from neonctl.engine.wal.record_scan import (
     scan_wal,
 )
 
-pytest_plugins = ["walgen"]
-
 SEG16 = 16 << 20
 
 

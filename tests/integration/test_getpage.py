@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 
 from conftest import connect
+from waiting import wait_until
 
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
@@ -24,10 +24,8 @@ def _items(conn, page: bytes | None = None) -> list[tuple]:
 
 def _wait_ingested(p, lsn: int) -> None:
     tl = p.branch("main").timeline_id
-    deadline = time.time() + 30
-    while PageserverClient(p.pageserver_addr).timeline(tl)["last_record_lsn"] < lsn:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: PageserverClient.of(p).timeline(tl)["last_record_lsn"] >= lsn, 30,
+               "the pageserver to ingest up to the LSN")
 
 
 def test_page_get_returns_the_page_at_each_lsn(pg18, cli, tmp_path):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+from waiting import wait_until
 
 
 def _branches(cli, p) -> dict:
@@ -13,10 +13,7 @@ def _branches(cli, p) -> dict:
 
 
 def _wait_gone(cli, p, name: str, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while name in _branches(cli, p):
-        assert time.monotonic() < deadline, f"{name} was not deleted by expiry"
-        time.sleep(0.5)
+    wait_until(lambda: name not in _branches(cli, p), timeout, f"expiry to delete {name}", interval=0.5)
 
 
 def test_expired_branch_is_deleted_and_a_parent_waits_for_children(pg18, cli):

@@ -22,7 +22,7 @@ from conftest import running_main
 from neonctl.cli import main as cli_main
 from neonctl.engine.connection import proxy_uri, serverless_config
 
-HERE = Path(__file__).resolve().parent / "serverless"
+HERE = Path(__file__).resolve().parents[1] / "serverless"
 SCENARIOS = ["types", "parameterised", "arraymode_fullresults", "transaction_commits_and_rolls_back",
              "error_sqlstate", "thousand_rows", "pool_concurrent", "client_begin_rollback",
              "wrong_password_http", "wrong_password_ws"]

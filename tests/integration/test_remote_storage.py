@@ -13,6 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import connect
+from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine.lifecycle import delete_project
@@ -54,14 +55,12 @@ def s3(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-                time.sleep(0.1)
+        def listening() -> bool:
+            assert proc.poll() is None, "moto_server exited"
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()  # OSError: not yet
+            return True
+
+        wait_until(listening, 20, "moto_server to listen")
         creds = tmp_path_factory.mktemp("s3") / "credentials"
         creds.write_text(f"[default]\naws_access_key_id = testing\naws_secret_access_key = {SECRET}\n")
         creds.chmod(0o600)
@@ -186,10 +185,8 @@ def _remote_lsn(p):
 def _wait_offloaded(p, timeout: float = 45) -> int:
     """Until the remote holds everything the safekeepers had flushed when we started waiting."""
     target = _sk_flush(p, _tl(p))
-    deadline = time.monotonic() + timeout
-    while (_remote_lsn(p) or 0) < target:
-        assert time.monotonic() < deadline, f"remote_consistent_lsn {_remote_lsn(p)} never reached {target}"
-        time.sleep(0.2)
+    wait_until(lambda: (_remote_lsn(p) or 0) >= target, timeout, f"remote_consistent_lsn to reach {target}",
+               interval=0.2)
     return target
 
 

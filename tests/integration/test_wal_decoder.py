@@ -15,8 +15,6 @@ from neonctl.engine.wal import rmgr_records as rr
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import RawRecord, WalDecodeError, WalStreamDecoder
 
-pytest_plugins = ["walgen"]
-
 _decoded: dict[int, list] = {}
 
 

@@ -5,12 +5,12 @@ base without a backup_label (no redo at all) must be refused, not served.
 """
 
 import shutil
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import connect
+from waiting import wait_until
 
 from neonctl.engine.compute.endpoint import compute_config, read_state, verify_replayed
 from neonctl.engine.pageserver.client import PageserverClient
@@ -71,12 +71,9 @@ def history(pg18, cli):
             lsn = conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0]
             points.append((int(lsn), n))
     tl = pg18.branch("main").timeline_id
-    deadline = time.time() + 20
-    while (
-        PageserverClient(pg18.pageserver_addr).timeline(tl)["last_record_lsn"] < points[-1][0]
-    ):
-        assert time.time() < deadline
-        time.sleep(0.1)
+    pageserver = PageserverClient.of(pg18)
+    wait_until(lambda: pageserver.timeline(tl)["last_record_lsn"] >= points[-1][0], 20,
+               "the pageserver to ingest the recorded history")
     yield points
     cli("endpoint", "stop", "main", "-p", pg18.name)
 

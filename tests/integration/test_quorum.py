@@ -12,11 +12,11 @@ import json
 import os
 import signal
 import threading
-import time
 
 import psycopg
 import pytest
 from conftest import BlockedCommit, Writer, assert_all_present, connect
+from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import client, ports
@@ -66,20 +66,6 @@ def sk(project, sk_id: int) -> dict:
 
 def pageserver_lsn(project) -> int:
     return PageserverClient(project.pageserver_addr).timeline(tid(project))["last_record_lsn"]
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-            if last:
-                return last
-        except NeonctlError as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
 
 
 def caught_up(project, sk_id: int, ids=(1, 2, 3)):
@@ -151,7 +137,7 @@ def test_kill9_one_of_three_during_load(q3, cli):
     ensure_endpoint(q3, cli)
     w = Writer(q3, "load1")
     try:
-        time.sleep(1.0)
+        wait_until(lambda: len(w.acked) > 100, 30, "the workload to commit rows")
         # The victim is the safekeeper the pageserver most likely streams from: the highest commit_lsn.
         victim = max((1, 2, 3), key=lambda i: (sk(q3, i)["commit_lsn"], -i))
         stop_safekeeper(q3, victim, immediate=True)
@@ -191,7 +177,7 @@ def test_kill9_compute_and_safekeeper_together(q3, cli):
     ensure_endpoint(q3, cli)
     term0 = sk(q3, 2)["term"]
     w = Writer(q3, "load2")
-    time.sleep(1.5)
+    wait_until(lambda: len(w.acked) > 100, 30, "the workload to commit rows")
     kill_compute(q3)
     stop_safekeeper(q3, 1, immediate=True)
     acked = w.finish()

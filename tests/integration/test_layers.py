@@ -6,6 +6,7 @@ import time
 
 import pytest
 from conftest import connect
+from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine.lifecycle import delete_project
@@ -34,12 +35,8 @@ def _tl(p):
 
 def _wait_ingested(p):
     flush = _sk_flush(p, _tl(p))
-    deadline = time.time() + 30
-    while (
-        PageserverClient(p.pageserver_addr).timeline(_tl(p))["layer_lsn"] or 0
-    ) < flush - 200:
-        assert time.time() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: (PageserverClient.of(p).timeline(_tl(p))["layer_lsn"] or 0) >= flush - 200, 30,
+               "the layer builder to reach the safekeepers' flush LSN")
 
 
 def _layers(p):
@@ -66,10 +63,7 @@ def _workload(p, n, table="lt"):
 def test_freeze_compact_and_catalog_agree(lp, cli):
     _workload(lp, 20)
     _wait_ingested(lp)
-    deadline = time.time() + 30
-    while not any(d["level"] == 1 for d in _layers(lp)):
-        assert time.time() < deadline, "L0s should have been compacted into L1s"
-        time.sleep(0.2)
+    wait_until(lambda: any(d["level"] == 1 for d in _layers(lp)), 30, "L0s should have been compacted into L1s")
     assert len([d for d in _layers(lp) if d["level"] == 0]) <= SMALL["compaction_threshold"]
     # the DuckDB catalog is exactly the index (the commit point), and so are the files
     # Background freezes and compactions may land between the reads (a new layer file is in place
@@ -120,10 +114,8 @@ def test_kill9_at_each_layer_step_leaves_consistent_state(lp, cli, point):
     try:
         cli("start", "-p", "layers", ok=False)  # it may already die re-ingesting at start-up
         _workload(lp, 10, table=f"crash_{point.replace('-', '_')}")
-        deadline = time.time() + 30
-        while ps.pid() is not None:  # the failpoint SIGKILLs the pageserver at that step
-            assert time.time() < deadline, f"failpoint {point} was never reached"
-            time.sleep(0.1)
+        # the failpoint SIGKILLs the pageserver at that step
+        wait_until(lambda: ps.pid() is None, 30, f"failpoint {point} to kill the pageserver")
     finally:
         del os.environ["NEONCTL_FAILPOINTS"]
     cli("start", "-p", "layers")
@@ -137,10 +129,7 @@ def test_kill9_at_each_layer_step_leaves_consistent_state(lp, cli, point):
         files = {f.name for f in layers_dir.iterdir() if not f.name.endswith(".tmp")} - {"index_part.json"}
         return (files, index) if files == index and {d["name"] for d in _layers(lp)} == index else None
 
-    deadline = time.time() + 20
-    while agree() is None:
-        assert time.time() < deadline, "files, index and catalog must agree after restart"
-        time.sleep(0.2)
+    wait_until(lambda: agree() is not None, 20, "files, index and catalog to agree after restart")
     # and the data is all there: rebuild the compute from storage
     cli("endpoint", "stop", "main", "-p", "layers")
     cli("endpoint", "start", "main", "-p", "layers")

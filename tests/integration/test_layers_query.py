@@ -11,7 +11,7 @@ from neonctl.engine.explorer.metadata import StorageSnapshot
 from neonctl.engine.explorer.query import render
 from neonctl.engine.explorer.views import DERIVED, VIEWS, MetadataDB
 
-HERE = Path(__file__).parent / "snapshots"
+HERE = Path(__file__).parents[1] / "snapshots"
 GOLDEN = HERE / "layers_query"
 
 QUERIES = {
@@ -64,7 +64,7 @@ def test_views_have_the_documented_columns(recorded):
 
 
 def test_docs_describe_every_view_and_column():
-    doc = (Path(__file__).parent.parent / "docs" / "explorer.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "explorer.md").read_text()
     for view, cols in {**VIEWS, **DERIVED}.items():
         assert f"### `{view}`" in doc, view
         for c, _, _ in cols:

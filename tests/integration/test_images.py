@@ -1,9 +1,9 @@
 """Images from the redo worker: compute starts replay from the newest image, answers unchanged."""
 
 import json
-import time
 
 from conftest import connect
+from waiting import wait_until
 
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
@@ -31,10 +31,8 @@ def test_image_shortens_replay_and_changes_no_answer(pg18, cli):
     flush = max(
         SafekeeperClient(0, a).timeline(tl)["flush_lsn"] for a in pg18.safekeeper_addrs().values()
     )
-    deadline = time.time() + 30
-    while PageserverClient(pg18.pageserver_addr).timeline(tl)["last_record_lsn"] < flush:
-        assert time.time() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: PageserverClient.of(pg18).timeline(tl)["last_record_lsn"] >= flush, 30,
+               "the pageserver to ingest up to the flush LSN")
     img = PageserverClient(pg18.pageserver_addr).create_image(tl, timeout=300)
     assert img["lsn"] >= points[-1][0] and img["redo_lsn"] > points[0][0]
     # a second image right away gains nothing and is refused with the reason
@@ -73,10 +71,8 @@ def test_next_image_starts_from_the_kept_redo_directory(pg18, cli):
             conn.execute("CHECKPOINT")
             conn.execute(f"INSERT INTO kept VALUES (-{rows}, 'after')")
             lsn = _lsn(conn)
-        deadline = time.time() + 30
-        while PageserverClient(ps).timeline(tl)["last_record_lsn"] < lsn:
-            assert time.time() < deadline
-            time.sleep(0.1)
+        wait_until(lambda: PageserverClient(ps).timeline(tl)["last_record_lsn"] >= lsn, 30,
+                   "the pageserver to ingest up to the LSN")
         return PageserverClient(ps).create_image(tl, timeout=300)
 
     cli("endpoint", "start", "main", *p)

@@ -13,7 +13,7 @@ import sys
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Loaded only by the daemons and by the commands that need them (layers, wal, page, tui, quickstart).
 HEAVY = ("numba", "numpy", "duckdb", "aiohttp", "textual", "boto3", "botocore", "psycopg", "zstandard", "rich",
          "yaml", "llvmlite")

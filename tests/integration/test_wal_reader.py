@@ -17,8 +17,6 @@ from neonctl.engine.wal.reader import (
 )
 from neonctl.errors import CorruptData
 
-pytest_plugins = ["walgen"]
-
 _parsed: dict[int, list[RawRecord]] = {}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from neonctl.cli import main as cli_main
 
-SAMPLE = Path(__file__).resolve().parent / "plugin_sample"
+SAMPLE = Path(__file__).resolve().parents[1] / "plugin_sample"
 
 
 def _pytest(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

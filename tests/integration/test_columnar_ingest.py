@@ -43,8 +43,6 @@ from neonctl.engine.wal.reader import WalStreamDecoder
 from neonctl.engine.wal.record_scan import scan_wal
 from neonctl.engine.wal.rmgr_records import SmgrTruncate, parse_smgr
 
-pytest_plugins = ["walgen"]
-
 
 def reference_entries(sample) -> dict[tuple[Key, int], tuple[bool, bytes]]:
     """The ingest rules applied record by record with the Python decoder."""
