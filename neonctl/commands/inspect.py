@@ -42,8 +42,9 @@ def layers_stats(branch: BranchOpt = "main", project: ProjectOpt = None, output:
     s = _engine().layer_stats(load_project(project), branch)
     if output == Format.table:
         emit(s["totals"], output)
+        open_layer = f"{s['open_layer']['values']} values" if s["open_layer"] else "unknown (pageserver stopped)"
         print(f"\nmax read amplification: {s['max_read_amplification']}; disk consistent at "
-              f"{s['disk_consistent_lsn']:X}; open layer {s['open_layer']['values']} values")
+              f"{s['disk_consistent_lsn']:X}; open layer {open_layer}")
     else:
         emit(s, output)
 

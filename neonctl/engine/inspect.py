@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+from neonctl.engine.explorer.metadata import load_snapshot
+from neonctl.engine.explorer.views import MetadataDB
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.pageserver.key import rel_block_key
@@ -17,7 +19,7 @@ from neonctl.engine.project import Project
 from neonctl.engine.safekeeper.client import flush_lsn
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder
-from neonctl.errors import InvalidInput, NotFound
+from neonctl.errors import InvalidInput, NeonctlError, NotFound
 
 FORKS = {"main": 0, "fsm": 1, "vm": 2, "init": 3}
 
@@ -34,8 +36,28 @@ def layer_rows(project: Project, branch: str | None) -> list[dict]:
 
 
 def layer_stats(project: Project, branch: str) -> dict:
-    tid = project.branch(branch).timeline_id
-    return PageserverClient.of(project).layer_stats(tid)
+    """Layer counts and bytes by kind and level, and read amplification across the key space, from the
+    explorer's views (the same SQL `layers query` and the TUI run: ancestors' layers under the branch point
+    count for reads); the open in-memory layer only while the pageserver runs."""
+    project.branch(branch)
+    db = MetadataDB(load_snapshot(project, relations=False, gc=False))
+    try:
+        totals = db.rows("SELECT kind, level, count(*) AS layers, sum(file_size) AS bytes, sum(num_values) AS values"
+                         " FROM layers WHERE branch = ? GROUP BY kind, level ORDER BY kind, level", [branch])
+        amp = db.rows("SELECT key_start, key_end, start_rel, deltas, read_amplification FROM read_amplification"
+                      " WHERE branch = ? ORDER BY key_start", [branch])
+        (consistent,) = db.query("SELECT disk_consistent_lsn FROM timelines WHERE branch = ?", [branch])[1][0]
+    finally:
+        db.close()
+    open_layer = None
+    try:
+        live = PageserverClient.of(project).layer_stats(project.branch(branch).timeline_id)
+        open_layer, consistent = live["open_layer"], live["disk_consistent_lsn"]
+    except NeonctlError:
+        pass  # stopped: the stored layers alone
+    return {"totals": totals, "read_amplification": amp,
+            "max_read_amplification": max((r["read_amplification"] for r in amp), default=0),
+            "disk_consistent_lsn": consistent, "open_layer": open_layer}
 
 
 def checkpoint(project: Project, branch: str, compact: bool) -> dict:

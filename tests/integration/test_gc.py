@@ -9,7 +9,7 @@ from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine.lifecycle import delete_project
-from neonctl.engine.lsn import format_lsn
+from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import load_project
 
@@ -81,6 +81,15 @@ def test_gc_trims_history_but_keeps_branch_points(gp, cli):
     assert not any(str(img1["layers"][0]) == n for n in res["images_removed"])
     assert format_lsn(early_lsn) in res["retained_points"]
     assert len(sorted((gp.dir / "pageserver" / "timelines" / tl / "wal").iterdir())) <= len(segs_before)
+    # the explorer's gc view shows what this run removed, file by file, from the layer index
+    sql = "SELECT kind, file, bytes, cutoff FROM gc WHERE run = 'last' AND branch = 'main'"
+    rc, out, _ = cli("layers", "query", sql, "-o", "json", *p)
+    last = json.loads(out)
+    removed = {(r["kind"], r["file"]) for r in last}
+    assert removed == ({("image", n) for n in res["images_removed"]} | {("delta", n) for n in res["deltas_removed"]}
+                       | {("wal", f"segment {s}") for s in res["wal_segments_removed"]}), (last, res)
+    assert {r["cutoff"] for r in last} == {parse_lsn(res["cutoff"])}
+    assert all(r["bytes"] > 0 for r in last)
     # the branch point below the cutoff still materialises exactly
     cli("endpoint", "start", "keepme", *p)
     with connect(gp, "keepme") as conn:

@@ -163,6 +163,10 @@ class MetadataLoader:
                 "pitr_interval_s": config.pitr_interval, "gc_horizon": config.gc_horizon,
                 "is_default": b.name == p.config.default_branch})
             snap.layers += [layer_row(b.name, b.timeline_id, d) for d in index["layers"]]
+            last = index.get("extra", {}).get("gc_last")
+            if last:
+                snap.gc += [{"branch": b.name, "timeline_id": b.timeline_id, "run": "last", "at": last["at"],
+                             "cutoff": last["cutoff"], **r} for r in last["removed"]]
             snap.commits += [{"branch": b.name, "timeline_id": b.timeline_id, "lsn": lsn,
                               "time": PG_EPOCH_UNIX + us / 1e6} for lsn, us in commits]
             seg = meta.get("wal_seg_size", WAL_SEGMENT_SIZE)
@@ -180,7 +184,7 @@ class MetadataLoader:
         if self.want_relations:
             snap.relations = self._relation_rows(heads, snap.notes)
         if self.want_gc and snap.pageserver_running:
-            snap.gc = self._gc_rows(by_tl, snap)
+            snap.gc += self._gc_rows(by_tl, snap)
         return snap
 
     # -- from running processes ------------------------------------------------------------------
@@ -230,12 +234,12 @@ class MetadataLoader:
                 cutoffs[tid] = cutoff
                 branch = by_tl.get(tid, tid)
                 for kind, names in (("image", r["images_removed"]), ("delta", r["deltas_removed"])):
-                    rows += [{"branch": branch, "timeline_id": tid, "kind": kind, "file": n,
-                              "bytes": sizes.get((tid, n), 0), "cutoff": cutoff} for n in names]
+                    rows += [{"branch": branch, "timeline_id": tid, "run": "planned", "at": None, "kind": kind,
+                              "file": n, "bytes": sizes.get((tid, n), 0), "cutoff": cutoff} for n in names]
                 seg = (r["bytes_freed"] - sum(x["bytes"] for x in rows if x["timeline_id"] == tid)) // max(
                     1, len(r["wal_segments_removed"])) if r["wal_segments_removed"] else 0
-                rows += [{"branch": branch, "timeline_id": tid, "kind": "wal", "file": f"segment {s}",
-                          "bytes": seg, "cutoff": cutoff} for s in r["wal_segments_removed"]]
+                rows += [{"branch": branch, "timeline_id": tid, "run": "planned", "at": None, "kind": "wal",
+                          "file": f"segment {s}", "bytes": seg, "cutoff": cutoff} for s in r["wal_segments_removed"]]
             self._gc = (key, rows, cutoffs)
         for t in snap.timelines:
             t["gc_planned_cutoff"] = cutoffs.get(t["timeline_id"])

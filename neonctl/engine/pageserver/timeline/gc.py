@@ -105,8 +105,15 @@ def gc_timeline(tl, retain: list[int], config: PageserverConfig, now: float | No
                            + len(res.wal_segments_removed) * seg)
         if dry_run:
             return res
-        # 1. the cutoff and the new image list are durable first, 2. then files go
+        # 1. the cutoff, the new image list and what this run removes are durable first, 2. then files go
         tl.layers.map.extra["gc_cutoff"] = cutoff
+        if res.bytes_freed:  # what the last GC that removed anything removed (the explorer's `gc` view)
+            tl.layers.map.extra["gc_last"] = {
+                "at": now, "cutoff": cutoff,
+                "removed": [{"kind": "image", "file": f.name, "bytes": f.file_size}
+                            for i in drop_images for f in i.layers]
+                + [{"kind": "delta", "file": d.name, "bytes": d.file_size} for d in drop_deltas]
+                + [{"kind": "wal", "file": f"segment {s}", "bytes": seg} for s in res.wal_segments_removed]}
         dropped = {i.lsn for i in drop_images}
         tl.layers.map.extra["images"] = [d for d in tl.layers.map.extra.get("images", []) if d["lsn"] not in dropped]
         tl.layers.forget(res.images_removed + res.deltas_removed)
@@ -117,3 +124,4 @@ def gc_timeline(tl, retain: list[int], config: PageserverConfig, now: float | No
                  tl.timeline_id, format_lsn(cutoff), res.bytes_freed, len(drop_images), len(drop_deltas),
                  len(res.wal_segments_removed))
     return res
+
