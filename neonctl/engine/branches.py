@@ -11,7 +11,7 @@ import time
 import uuid
 from datetime import datetime
 
-from neonctl.engine.compute.endpoint import endpoint_status, list_endpoints, read_state
+from neonctl.engine.compute.endpoint import endpoint_status, list_endpoints, read_state, stop_endpoint
 from neonctl.engine.compute.time_travel import time_travel_endpoints
 from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.pageserver.client import PageserverClient
@@ -113,8 +113,6 @@ def delete_branch(project: Project, name: str, force: bool = False) -> Branch:
             raise Conflict(f"branch {name!r} has time-travel endpoints: {', '.join(tts)}",
                            hint="stop them or pass --force")
         require_running(project)
-    from neonctl.engine.compute.endpoint import stop_endpoint  # noqa: PLC0415
-
     for tt in tts:
         stop_endpoint(project, tt, immediate=True)
     if st is not None:

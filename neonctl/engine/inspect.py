@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from neonctl.engine.compute.endpoint import running_endpoint
 from neonctl.engine.explorer.metadata import load_snapshot
 from neonctl.engine.explorer.views import MetadataDB
 from neonctl.engine.lsn import format_lsn
@@ -103,9 +104,7 @@ def parse_rel(text: str) -> tuple[int, int, int]:
 
 
 def rel_from_table(project: Project, branch: str, table: str) -> tuple[int, int, int]:
-    import psycopg  # noqa: PLC0415
-
-    from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
+    import psycopg  # noqa: PLC0415 - only these two need a connection
 
     st = running_endpoint(project, branch)
     with psycopg.connect(st.admin_dsn, autocommit=True) as conn:
@@ -174,9 +173,7 @@ def branch_changes(project: Project, branch: str) -> dict:
 
 
 def _relation_names(project: Project, branch: str) -> dict[tuple[int, int], str]:
-    import psycopg  # noqa: PLC0415
-
-    from neonctl.engine.compute.endpoint import running_endpoint  # noqa: PLC0415
+    import psycopg  # noqa: PLC0415 - only these two need a connection
 
     st = running_endpoint(project, branch)
     out: dict[tuple[int, int], str] = {}

@@ -40,7 +40,7 @@ from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.safekeeper import peer_recovery
-from neonctl.engine.safekeeper.acceptor import VoteRequest
+from neonctl.engine.safekeeper.acceptor import ProposerElected, VoteRequest
 from neonctl.engine.safekeeper.control_file import TimelineState
 from neonctl.engine.safekeeper.proposer import commit_lsn as quorum_commit_lsn
 from neonctl.engine.safekeeper.proposer import quorum
@@ -200,8 +200,6 @@ class Safekeeper:
                           "timeline_start_lsn": resp.timeline_start_lsn})
 
     async def elected(self, request: web.Request) -> web.Response:
-        from neonctl.engine.safekeeper.acceptor import ProposerElected
-
         tl = self.get(request.match_info["tl"])
         body = await request.json()
         msg = ProposerElected(int(body["term"]), int(body["start_streaming_at"]),
