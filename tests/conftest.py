@@ -102,9 +102,7 @@ def pytest_runtest_makereport(item, call):
                 text = log.read_text(errors="replace").splitlines()
             except OSError:
                 continue
-            bad = [
-                ln for ln in text if any(w in ln for w in ("ERROR", "Traceback", "Error", "failed", "FATAL", "PANIC"))
-            ]
+            bad = [ln for ln in text if any(w in ln for w in (" ERROR ", "Traceback", " WARNING ", "FATAL", "PANIC"))]
             lines += [f"{log.relative_to(_HOME)}: {ln[:300]}" for ln in bad[-8:]]
         if lines:
             report.sections.append(("daemon log problems", "\n".join(lines[-60:])))

@@ -299,6 +299,7 @@ def test_a_branch_elects_its_own_terms(q3, cli):
     cli("endpoint", "stop", "dev", "-p", q3.name)
 
 
+@pytest.mark.daemon_errors("is damaged and will not be served until repaired")
 def test_corrupt_control_file_is_refused_until_repaired(q3, cli):
     ensure_all_safekeepers(q3)
     ensure_endpoint(q3, cli)
@@ -324,6 +325,7 @@ def test_corrupt_control_file_is_refused_until_repaired(q3, cli):
     wait_until(lambda: sk(q3, 3)["streaming"], 10, "sk3 to stream again")
 
 
+@pytest.mark.daemon_errors("is damaged and will not be served until repaired")
 def test_torn_wal_segment_is_detected_and_repaired(q3, cli):
     ensure_all_safekeepers(q3)
     ensure_endpoint(q3, cli)

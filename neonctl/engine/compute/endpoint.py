@@ -37,6 +37,9 @@ from neonctl.engine.storage import require_running
 from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, NotFound, PostgresError
 
 log = logging.getLogger("neonctl.endpoint")
+SETTINGS_HEADER = "# --- neonctl compute settings (rewritten at every endpoint start) ---"
+# beside recycled-pgdata: which timeline the kept directory ran on (the pageserver's images/warm.py reads it)
+WARM_RECORD = "recycled-pgdata.json"
 
 
 def endpoints_dir(project: Project) -> Path:
@@ -100,7 +103,7 @@ def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -
     quorum = len(sks) // 2 + 1
     return "\n".join([
         "",
-        "# --- neonctl compute settings (rewritten at every endpoint start) ---",
+        SETTINGS_HEADER,
         "listen_addresses = '127.0.0.1'",
         "password_encryption = 'scram-sha-256'",
         f"port = {port}",
@@ -142,6 +145,8 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             res = PageserverClient.of(project).basebackup(b.timeline_id, branch, wait_for_lsn=flush,
                                                           recycle=recycled.is_dir())
             lsn = res["lsn"]
+            if res.get("warm"):
+                progress("the stopped compute's directory is exactly this point: reused (no restore, no replay)")
             logfile = epdir / "postgres.log"
             port = launch_postgres(
                 runtime, pgdata, epdir, logfile, port, auto_port,
@@ -237,7 +242,8 @@ def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int
 
     `settings(port)` returns the neonctl part of postgresql.conf. Returns the port it runs on.
     """
-    base_conf = (pgdata / "postgresql.conf").read_text()
+    base_conf = (pgdata / "postgresql.conf").read_text().split(SETTINGS_HEADER, 1)[0]  # a reused directory
+    base_conf = base_conf.removesuffix("\n")
     (pgdata / "pg_hba.conf").write_text(PG_HBA)
     for attempt in range(5):
         (pgdata / "postgresql.conf").write_text(base_conf + settings(port))
@@ -287,10 +293,15 @@ def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) ->
     if st.at_lsn is not None or not pgdata.is_dir() or (pid is not None and pid_alive(pid)):
         return  # time travel (its own directories), or a process may still write there
     dest = recycled_pgdata(project)
+    record = dest.parent / WARM_RECORD
     try:
+        record.unlink(missing_ok=True)  # first: a record never describes another directory than its own
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(pgdata, dest)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"timeline_id": st.timeline_id, "branch": st.branch, "stopped_at": time.time()}))
+        os.replace(tmp, record)  # the pageserver checks the directory itself before it believes this
     except OSError:
         pass  # then it is deleted with the rest
 

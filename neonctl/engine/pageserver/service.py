@@ -158,8 +158,10 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        await asyncio.to_thread(tl.materialize, at, target, recycle)
-        return json_body({"lsn": at, "timeline_id": tl.timeline_id})
+        warm = lsn is None and recycle is not None and await asyncio.to_thread(tl.reuse_stopped, at, target, recycle)
+        if not warm:
+            await asyncio.to_thread(tl.materialize, at, target, recycle)
+        return json_body({"lsn": at, "timeline_id": tl.timeline_id, "warm": warm})
 
     def compute_paths(self, endpoint, recycle: bool) -> tuple[Path, Path | None]:
         """Where an endpoint's data directory goes, derived from its validated name: no request names a path

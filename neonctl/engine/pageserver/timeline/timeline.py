@@ -37,6 +37,7 @@ from neonctl.engine.pageserver.commit_log import (
     last_checkpoint_of,
 )
 from neonctl.engine.pageserver.config import PageserverConfig
+from neonctl.engine.pageserver.images import warm
 from neonctl.engine.pageserver.images.create import create_image
 from neonctl.engine.pageserver.images.image_set import ImageInfo
 from neonctl.engine.pageserver.images.materialize import (
@@ -474,6 +475,23 @@ class Timeline:
             self.save_metadata()
 
     # -- materialisation ------------------------------------------------------
+
+    def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> bool:
+        """Take the cleanly stopped compute directory `pool` as the data directory at `lsn` if it is exactly
+        that (images/warm.py); False, with the reason logged, when it is not."""
+        lineage = {self.timeline_id}
+        if lsn == self.meta.start_lsn and self.meta.ancestor_timeline:  # a child with no WAL of its own yet
+            lineage.add(self.meta.ancestor_timeline)
+        why = warm.reusable(pool, lsn, self.timeline_id, lineage, self.meta.system_id, self.read_wal,
+                            self.meta.wal_seg_size)
+        if why is not None:
+            log.info("timeline %s: the stopped compute directory is not reused at %s: %s", self.timeline_id,
+                     format_lsn(lsn), why)
+            return False
+        warm.take(pool, target)
+        log.info("timeline %s: warm start at %s: the stopped compute directory is exactly that point",
+                 self.timeline_id, format_lsn(lsn))
+        return True
 
     def materialize(self, lsn: int, target: Path, recycle: Path | None = None) -> int:
         """Build a data directory that Postgres crash-recovers to exactly `lsn`; return WAL bytes to replay.
