@@ -165,7 +165,7 @@ class MetadataLoader:
             snap.layers += [layer_row(b.name, b.timeline_id, d) for d in index["layers"]]
             last = index.get("extra", {}).get("gc_last")
             if last:
-                snap.gc += [{"branch": b.name, "timeline_id": b.timeline_id, "run": "last", "at": last["at"],
+                snap.gc += [{"branch": b.name, "timeline_id": b.timeline_id, "run": "last", "ran_at": last["at"],
                              "cutoff": last["cutoff"], **r} for r in last["removed"]]
             snap.commits += [{"branch": b.name, "timeline_id": b.timeline_id, "lsn": lsn,
                               "time": PG_EPOCH_UNIX + us / 1e6} for lsn, us in commits]
@@ -234,11 +234,11 @@ class MetadataLoader:
                 cutoffs[tid] = cutoff
                 branch = by_tl.get(tid, tid)
                 for kind, names in (("image", r["images_removed"]), ("delta", r["deltas_removed"])):
-                    rows += [{"branch": branch, "timeline_id": tid, "run": "planned", "at": None, "kind": kind,
+                    rows += [{"branch": branch, "timeline_id": tid, "run": "planned", "ran_at": None, "kind": kind,
                               "file": n, "bytes": sizes.get((tid, n), 0), "cutoff": cutoff} for n in names]
                 seg = (r["bytes_freed"] - sum(x["bytes"] for x in rows if x["timeline_id"] == tid)) // max(
                     1, len(r["wal_segments_removed"])) if r["wal_segments_removed"] else 0
-                rows += [{"branch": branch, "timeline_id": tid, "run": "planned", "at": None, "kind": "wal",
+                rows += [{"branch": branch, "timeline_id": tid, "run": "planned", "ran_at": None, "kind": "wal",
                           "file": f"segment {s}", "bytes": seg, "cutoff": cutoff} for s in r["wal_segments_removed"]]
             self._gc = (key, rows, cutoffs)
         for t in snap.timelines:

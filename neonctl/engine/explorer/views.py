@@ -92,7 +92,7 @@ VIEWS: dict[str, list[tuple[str, str, str]]] = {
         ("branch", "VARCHAR", "branch"),
         ("timeline_id", "VARCHAR", "timeline"),
         ("run", "VARCHAR", "'last': removed by the last GC that removed anything; 'planned': what GC would remove now"),
-        ("at", "TIMESTAMP", "when the last GC ran (NULL for planned rows)"),
+        ("ran_at", "TIMESTAMP", "when the last GC ran (NULL for planned rows)"),
         ("kind", "VARCHAR", "'image', 'delta' or 'wal'"),
         ("file", "VARCHAR", "layer file name, or 'segment N'"),
         ("bytes", "BIGINT", "bytes freed, or that it would free"),
