@@ -37,6 +37,9 @@ INTEGRATION_FIXTURES = {"pg18", "pg15", "any_project", "wal_sample", "wal_pg18",
 
 _HOME = tempfile.mkdtemp(prefix="neonctl-test-home-")
 os.environ["NEONCTL_HOME"] = _HOME
+# Every incremental rebuild of a stopped compute's directory in the tests is checked against a full restore
+# of the same image, byte by byte (pageserver/images/rebuild.py); a difference fails the endpoint start.
+os.environ["NEONCTL_VERIFY_REBUILD"] = "1"
 
 
 def pytest_sessionfinish(session, exitstatus):

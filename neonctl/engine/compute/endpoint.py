@@ -110,6 +110,7 @@ def compute_config(project: Project, port: int, socket_dir: Path, fsync: bool) -
         f"unix_socket_directories = '{socket_dir}'",
         f"fsync = {'on' if fsync else 'off'}  # durability is the safekeepers' job",
         "synchronous_commit = on",
+        "wal_log_hints = on  # every page a hint bit changes is in the WAL: a stopped directory can be rebuilt",
         f"synchronous_standby_names = 'ANY {quorum} ({', '.join(sks)})'",
         "wal_level = replica",
         "max_wal_senders = 10",
@@ -147,6 +148,9 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             lsn = res["lsn"]
             if res.get("warm"):
                 progress("the stopped compute's directory is exactly this point: reused (no restore, no replay)")
+            elif res.get("rebuilt"):
+                progress(f"rebuilt from the stopped compute's directory: {res['rebuilt']['changed_keys']} changed "
+                         f"page(s) rewritten from the image, {res['rebuilt']['wal_bytes']} bytes of WAL to replay")
             logfile = epdir / "postgres.log"
             port = launch_postgres(
                 runtime, pgdata, epdir, logfile, port, auto_port,
@@ -300,7 +304,8 @@ def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) ->
             shutil.rmtree(dest)
         os.rename(pgdata, dest)
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"timeline_id": st.timeline_id, "branch": st.branch, "stopped_at": time.time()}))
+        tmp.write_text(json.dumps({"timeline_id": st.timeline_id, "branch": st.branch, "start_lsn": st.start_lsn,
+                                   "stopped_at": time.time()}))
         os.replace(tmp, record)  # the pageserver checks the directory itself before it believes this
     except OSError:
         pass  # then it is deleted with the rest

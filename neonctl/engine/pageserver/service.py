@@ -159,9 +159,12 @@ class Pageserver:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
         warm = lsn is None and recycle is not None and await asyncio.to_thread(tl.reuse_stopped, at, target, recycle)
-        if not warm:
+        rebuilt = None
+        if not warm and lsn is None and recycle is not None:
+            rebuilt = await asyncio.to_thread(tl.rebuild_stopped, at, target, recycle)
+        if not warm and rebuilt is None:
             await asyncio.to_thread(tl.materialize, at, target, recycle)
-        return json_body({"lsn": at, "timeline_id": tl.timeline_id, "warm": warm})
+        return json_body({"lsn": at, "timeline_id": tl.timeline_id, "warm": warm, "rebuilt": rebuilt})
 
     def compute_paths(self, endpoint, recycle: bool) -> tuple[Path, Path | None]:
         """Where an endpoint's data directory goes, derived from its validated name: no request names a path

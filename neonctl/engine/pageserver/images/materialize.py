@@ -34,6 +34,7 @@ from pathlib import Path
 
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
 from neonctl.engine.pageserver.images.image_set import ImageInfo
+from neonctl.engine.pageserver.images.rebuild import rebuild_from_image, verify_against_restore
 from neonctl.engine.pageserver.images.restore import (
     image_info_from_layers,
     restore_image,
@@ -142,6 +143,7 @@ def materialize_from_image(
     label_method: str | None = None,
     seg_size: int = WAL_SEGMENT_SIZE,
     recycle: bool = False,
+    changed: set | None = None,
 ) -> int:
     """Build a data directory at ``lsn`` from an image plus WAL; returns the bytes of WAL to replay.
 
@@ -150,7 +152,8 @@ def materialize_from_image(
     them (``Timeline.read_wal``); it is asked for whole segments from the start of R's segment up
     to ``lsn``. ``lsn`` must be a record end at or after the image's LSN: an image's pages may
     hold changes made up to its LSN, so an earlier target is refused. ``recycle``: ``target``
-    holds an old data directory to overwrite (``restore_image``).
+    holds an old data directory to overwrite (``restore_image``). ``changed``: ``target`` holds a stopped
+    compute's directory that differs from the image only in these keys (``rebuild.py``).
     """
     info = image if isinstance(image, ImageInfo) else image_info_from_layers(image)
     checkpoint_lsn = info.checkpoint_lsn if checkpoint_lsn is None else checkpoint_lsn
@@ -170,7 +173,12 @@ def materialize_from_image(
     if label_method == "standby" and info.cluster_state != "shut down in recovery":
         raise InvalidInput("a 'from standby' backup_label needs an image shut down in recovery")
     target = Path(target)
-    meta = restore_image(info.paths, target, recycle=recycle)
+    if changed is not None:
+        meta = rebuild_from_image(info.paths, target, changed)
+        if os.environ.get("NEONCTL_VERIFY_REBUILD"):
+            verify_against_restore(info.paths, target, target.parent / "verify-full-restore.tmp")
+    else:
+        meta = restore_image(info.paths, target, recycle=recycle)
     if (meta["checkpoint_lsn"], meta["redo_lsn"]) != (checkpoint_lsn, redo_lsn):
         raise InvalidInput(
             f"the image's pg_control names checkpoint {format_lsn(meta['checkpoint_lsn'])}, not"

@@ -42,7 +42,7 @@ def read_record(pool: Path) -> dict | None:
         return None
 
 
-def _control(pgdata: Path) -> tuple[int, int, int, int] | None:
+def control(pgdata: Path) -> tuple[int, int, int, int] | None:
     """(system id, state, checkpoint LSN, timeline id) from pg_control (the same offsets in PG 15-18)."""
     try:
         data = (pgdata / "global" / "pg_control").read_bytes()
@@ -55,6 +55,20 @@ def _control(pgdata: Path) -> tuple[int, int, int, int] | None:
     checkpoint, _redo = struct.unpack_from("<QQ", data, 32)
     (tli,) = struct.unpack_from("<I", data, 48)
     return system_id, state, checkpoint, tli
+
+
+def logged_hints(pgdata: Path) -> bool:
+    """Whether the compute that ran in `pgdata` had wal_log_hints on (its postgresql.conf, last setting wins)."""
+    try:
+        text = (pgdata / "postgresql.conf").read_text()
+    except OSError:
+        return False
+    value = None
+    for line in text.splitlines():
+        name, _, rest = line.partition("=")
+        if name.strip() == "wal_log_hints":
+            value = rest.split("#", 1)[0].strip().strip("'").lower()
+    return value in ("on", "true", "1", "yes")
 
 
 def _only_record(read: Callable[[int, int], bytes], start: int, end: int, seg_size: int):
@@ -80,7 +94,7 @@ def reusable(pool: Path, lsn: int, timeline_id: str, lineage: set[str], system_i
     record = read_record(pool)
     if record is None or record.get("timeline_id") not in lineage:
         return "it ran on another branch (or its record is missing)"
-    ctl = _control(pool)
+    ctl = control(pool)
     if ctl is None:
         return "no readable pg_control"
     sysid, state, checkpoint, tli = ctl
@@ -107,9 +121,14 @@ def reusable(pool: Path, lsn: int, timeline_id: str, lineage: set[str], system_i
     return None
 
 
+def forget(pool: Path) -> None:
+    """The kept directory is in use again: its record no longer describes anything."""
+    (pool.parent / RECORD).unlink(missing_ok=True)
+
+
 def take(pool: Path, target: Path) -> None:
     """Move the kept directory into place as it is, minus what a clean start must not find."""
-    (pool.parent / RECORD).unlink(missing_ok=True)  # the directory is in use again
+    forget(pool)
     if target.exists():
         target.rmdir()
     os.rename(pool, target)

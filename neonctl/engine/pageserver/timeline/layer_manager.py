@@ -143,6 +143,18 @@ class LayerStore:
             log.info("timeline %s: compacted %d L0 into %d L1 layer(s)", self.timeline_id, len(l0), len(new))
             self._changed()
 
+    def keys_written(self, lo: int, hi: int) -> set[Key]:
+        """Every key with a value in (lo, hi], and possibly more: whole delta layers that overlap the range,
+        and the open layer. A superset is safe for its one use (pages to rewrite, `images/rebuild.py`)."""
+        out: set[Key] = set()
+        with self.lock:
+            for d in list(self.map.layers.values()):
+                if d.kind == "delta" and d.lsn_start <= hi and d.lsn_end > lo:
+                    out.update(self.reader(d.name).keys())  # noqa: SIM118 - a layer reader
+            if self.open.start_lsn <= hi:
+                out.update(self.open.keys())
+        return out
+
     def add_images(self, info) -> None:
         """Register an image (its layer files are already on disk) in the index, atomically."""
         with self.lock:

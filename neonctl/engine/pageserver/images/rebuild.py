@@ -1,0 +1,146 @@
+"""Rebuild: turn a stopped compute's data directory into an image's files by rewriting only what differs.
+
+pg_rewind's idea, driven by the layer map instead of by reading two directories. The directory ran on a
+history that passes through the image's point; after that point it changed exactly the pages whose keys
+the WAL it wrote touched - the caller collects them from the delta layers along that history - and
+nothing else, *provided* the compute logged every page a hint bit changed (`wal_log_hints = on`) and
+started at or after the image's point (so no unlogged hint landed on a page written before it). Those
+pages are rewritten from the image; so are the pages the WAL does not track (the free-space map and the
+visibility map forks, both small), every SLRU segment, relation map and pg_control; relation files are cut
+or grown to the image's sizes, pages past the directory's old end are written, and files the image does
+not have are deleted. The result is the tree `restore.restore_image` would write into an empty directory,
+without writing the pages that are already right - which, for a database much larger than its recent
+changes, is nearly all of them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from neonctl.engine.pageserver.images.image_set import AUX_FILES_KEY, BLCKSZ, IMAGE_META_KEY
+from neonctl.engine.pageserver.images.restore import (
+    _FileWriter,
+    _get,
+    _load_meta,
+    _open_image,
+    _relmap_path,
+    _slru_path,
+    _sweep,
+    rel_path,
+)
+from neonctl.engine.pageserver.key import Key
+from neonctl.errors import CorruptData
+
+FSM_FORK, VM_FORK = 1, 2  # not tracked page by page in the WAL: always rewritten (they are small)
+
+
+def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
+    """Rewrite `target` (a stopped compute's directory) into the image's files; returns the image's
+    metadata plus `pages_written` and `pages_kept`."""
+    readers = _open_image(layer_paths)
+    written = kept = 0
+    try:
+        meta = _load_meta(readers)
+        if meta["blcksz"] != BLCKSZ:
+            raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
+        relseg = meta["relseg_size"]
+        aux = _get(readers, AUX_FILES_KEY)
+        with tarfile.open(fileobj=io.BytesIO(aux), mode="r:") as tar:
+            tar.extractall(target, filter="data")
+            members = tar.getmembers()
+        for member in members:
+            os.chmod(target / member.name, member.mode & 0o7777)
+        out = _FileWriter(target, meta["file_mode"], in_place=True)
+        present: set[str] = set()
+        old_size: dict[str, int] = {}
+
+        def size_now(relpath: str) -> int:
+            if relpath not in old_size:
+                try:
+                    old_size[relpath] = os.stat(target / relpath).st_size // BLCKSZ
+                except FileNotFoundError:
+                    old_size[relpath] = 0
+            return old_size[relpath]
+
+        try:
+            for r in readers:
+                for key in r.keys():  # noqa: SIM118 - a layer reader
+                    if key.is_rel_block():
+                        spc, db, rel, fork = key.rel_tag()
+                        relpath = rel_path(spc, db, rel, fork, key.field6 // relseg)
+                        present.add(relpath)
+                        pos = key.field6 % relseg
+                        if key in changed or fork in (FSM_FORK, VM_FORK) or pos >= size_now(relpath):
+                            out.write(relpath, pos * BLCKSZ, np.frombuffer(r.get(key), dtype=np.uint8))
+                            written += 1
+                        else:
+                            kept += 1
+                    elif key.is_rel_size():
+                        spc, db, rel, fork = key.rel_tag()
+                        (nblocks,) = np.frombuffer(r.get(key), dtype="<u4")
+                        nblocks = int(nblocks)
+                        for segno in range(max(1, -(-nblocks // relseg))):
+                            relpath = rel_path(spc, db, rel, fork, segno)
+                            present.add(relpath)
+                            out.set_size(relpath, min(relseg, nblocks - segno * relseg) * BLCKSZ)
+                        out.close_all()
+                    elif key.is_slru_block():
+                        relpath = _slru_path(key.field2, key.field4)
+                        out.write(relpath, key.field6 * BLCKSZ, np.frombuffer(r.get(key), dtype=np.uint8))
+                    elif key.is_slru_seg_size():
+                        (npages,) = np.frombuffer(r.get(key), dtype="<u4")
+                        out.set_size(_slru_path(key.field2, key.field4), int(npages) * BLCKSZ)
+                        out.close_all()
+                    elif key.is_relmap():
+                        out.write_small(_relmap_path(key.field2, key.field3), r.get(key))
+                    elif key.is_controlfile():
+                        out.write_small("global/pg_control", r.get(key))
+                    elif key not in (IMAGE_META_KEY, AUX_FILES_KEY) and not (key.is_dbdir() or key.is_reldir()
+                                                                          or key.is_slru_dir()):
+                        raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+        finally:
+            out.close_all()
+        for rel in meta["empty_segments"]:
+            out.write_small(rel, b"")
+        _sweep(target, out.written | present | {os.path.normpath(m.name) for m in members})
+        os.chmod(target, meta["dir_mode"])
+        return {**meta, "pages_written": written, "pages_kept": kept}
+    finally:
+        for r in readers:
+            r.close()
+
+
+def verify_against_restore(layer_paths, target: Path, scratch: Path) -> None:
+    """The oracle (on when NEONCTL_VERIFY_REBUILD is set, as in the tests): restore the image the full way
+    into `scratch` and require the rebuilt tree to be identical to it, file by file and byte by byte.
+    CorruptData names the first files that differ."""
+    from neonctl.engine.pageserver.images.restore import restore_image  # noqa: PLC0415 - test-only path
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        restore_image(layer_paths, scratch)
+        ours, theirs = _tree(target), _tree(scratch)
+        diff = sorted(set(ours) ^ set(theirs))
+        for rel in sorted(set(ours) & set(theirs)):
+            if ours[rel] != theirs[rel] or (target / rel).read_bytes() != (scratch / rel).read_bytes():
+                diff.append(rel)
+        if diff:
+            raise CorruptData(f"incremental rebuild differs from a full restore in {len(diff)} file(s): "
+                              f"{', '.join(diff[:5])}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tree(root: Path) -> dict[str, int]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = p.stat().st_size
+    return out
