@@ -157,6 +157,7 @@ def neon_template(request: pytest.FixtureRequest, neon_project, tmp_path_factory
     try:
         yield template
     finally:
+        _delete_pending(neon_project)
         with _locked(shared / "template.lock"):
             st = _state(shared / "template.json")
             st["users"] = st.get("users", 1) - 1
@@ -197,8 +198,8 @@ def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTem
             with psycopg.connect(ep.admin_dsn, autocommit=True) as conn:
                 for item in config.getoption("--neonctl-schema"):
                     _run_schema(conn, item, config.invocation_params.dir)
-                lsn = int(conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()[0])
             stop_endpoint(neon_project, name)
+            lsn = _image_at_head(neon_project, name)
         except Exception as e:  # noqa: BLE001 - the run errors once, with the file and the error; no half-made template stays
             message = f"--neonctl-schema {item}: {type(e).__name__}: {str(e).strip()}"
             (shared / "template.json").write_text(json.dumps({"error": message}))
@@ -211,11 +212,48 @@ def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTem
         return NeonTemplate(name, lsn)
 
 
+def _image_at_head(project, branch: str) -> int:
+    """The template's head after its clean stop, with an image there: every test branches at this point, and
+    its start then rebuilds the last test's stopped directory with little or no WAL to replay."""
+    from neonctl.engine.pageserver.client import PageserverClient  # noqa: PLC0415
+    from neonctl.engine.safekeeper.client import flush_lsn  # noqa: PLC0415
+    from neonctl.errors import Conflict  # noqa: PLC0415
+
+    tl = project.branch(branch).timeline_id
+    head = flush_lsn(project, tl)
+    pageserver = PageserverClient.of(project)
+    deadline = time.monotonic() + 60
+    while pageserver.timeline(tl)["last_record_lsn"] < head and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        pageserver.create_image(tl)
+    except Conflict:
+        pass  # no checkpoint since the newest image: that one serves
+    return head
+
+
+# Per worker: the last test's branch, deleted after the next test's compute started. Its stopped directory
+# is rebuilt into the next branch's from the pages its history changed, which needs that history a little
+# longer (pageserver/images/rebuild.py).
+_PENDING_DELETE: list[str] = []
+
+
+def _delete_pending(project) -> None:
+    from neonctl.engine.branches import delete_branch  # noqa: PLC0415
+    from neonctl.errors import NotFound  # noqa: PLC0415
+
+    while _PENDING_DELETE:
+        try:
+            delete_branch(project, _PENDING_DELETE.pop(), force=True)
+        except NotFound:
+            pass  # expired meanwhile
+
+
 @pytest.fixture
 def neon_branch(request: pytest.FixtureRequest, neon_project, neon_template) -> NeonBranch:
     """A fresh branch of the template at its LSN with a running read-write compute, deleted after the test."""
-    from neonctl.engine.branches import create_branch, delete_branch  # noqa: PLC0415
-    from neonctl.engine.compute.endpoint import start_endpoint  # noqa: PLC0415
+    from neonctl.engine.branches import create_branch  # noqa: PLC0415
+    from neonctl.engine.compute.endpoint import start_endpoint, stop_endpoint  # noqa: PLC0415
     from neonctl.engine.connection import direct_uri, proxy_uri  # noqa: PLC0415
     from neonctl.engine.expiry import set_expiration  # noqa: PLC0415
     from neonctl.engine.timepoint import TimePoint  # noqa: PLC0415
@@ -232,7 +270,9 @@ def neon_branch(request: pytest.FixtureRequest, neon_project, neon_template) -> 
     if request.config.getoption("--neonctl-keep-failed") and rep is not None and rep.failed:
         set_expiration(neon_project, name, time.time() + _KEEP_TTL_SECONDS)
         return
-    delete_branch(neon_project, name, force=True)
+    stop_endpoint(neon_project, name)  # cleanly: the next test's start reuses the directory
+    _delete_pending(neon_project)
+    _PENDING_DELETE.append(name)
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ from neonctl.engine.scratch import scratch
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder, find_end_of_wal
 from neonctl.engine.wal.record_scan import RecordBatch, scan_wal
 from neonctl.engine.wal.segments import SegmentedWal
-from neonctl.errors import CorruptData, InvalidInput, NotFound, PostgresError
+from neonctl.errors import CorruptData, InvalidInput, NeonctlError, NotFound, PostgresError
 
 # Files of a data directory that never belong in a stored image.
 _EXCLUDED = {
@@ -497,7 +497,10 @@ class Timeline:
         """Materialise at `lsn` in the cleanly stopped compute directory `pool` by rewriting only the pages its
         history changed since the image this point starts from (images/rebuild.py); None, with the reason
         logged, when that history is not known exactly (the directory then goes the full way)."""
-        why, plan = self._rebuild_plan(lsn, pool, wait)
+        try:
+            why, plan = self._rebuild_plan(lsn, pool, wait)
+        except (NeonctlError, OSError) as e:  # e.g. the history's timeline deleted meanwhile
+            why, plan = f"{type(e).__name__}: {e}", None
         if plan is None:
             log.info("timeline %s: no incremental rebuild at %s: %s", self.timeline_id, format_lsn(lsn), why)
             return None
