@@ -1,8 +1,9 @@
 """Per-test database overhead of the pytest plugin against its peers, with a small and a large template.
 
 One test's overhead = a fresh database ready + connect + `SELECT` + teardown, median of --reps:
-- neonctl: what the `neon_branch`/`neon_conn` fixtures do (branch of the template at its LSN, compute
-  started, psycopg connect, branch deleted with its compute);
+- neonctl: what the `neon_branch`/`neon_conn` fixtures do (branch of the template at its head, compute
+  started - rebuilt from the last test's stopped directory -, psycopg connect, a small UPDATE, a clean stop,
+  the previous test's branch deleted);
 - pytest-postgresql: its DatabaseJanitor cloning the template on a running server (`pip install
   pytest-postgresql`, or `pip install -e '.[bench]'`);
 - `CREATE DATABASE ... TEMPLATE` + connect + `DROP DATABASE` on a running vanilla server.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import BenchEnv, bench_parser, log, run_benchmark  # noqa: E402
 
-from neonctl.engine.branches import create_branch, delete_branch  # noqa: E402
+from neonctl.engine.branches import create_branch, delete_branch, image_at_head  # noqa: E402
 from neonctl.engine.compute.endpoint import start_endpoint, stop_endpoint  # noqa: E402
 from neonctl.engine.connection import direct_uri  # noqa: E402
 from neonctl.engine.timepoint import TimePoint  # noqa: E402
@@ -37,16 +38,25 @@ def _rows(mb: int) -> int:
     return max(1, mb * 1024 * 1024 // 1000)
 
 
-def neonctl_overhead(p, template: str, lsn: int, reps: int) -> list[float]:
-    out = []
+def neonctl_overhead(p, template: str, lsn: int, reps: int, tag: str = "") -> list[float]:
+    """What the plugin's fixtures do per test: branch at the template's head, start, connect, query, a clean
+    stop, and the previous test's branch deleted (the plugin deletes it once the next compute started)."""
+    out, previous = [], None
     for i in range(reps):
+        name = f"fx-{template}{tag}-{i}"
         t = time.perf_counter()
-        create_branch(p, f"fx-{template}-{i}", TimePoint(template, lsn), expires_at=time.time() + 3600)
-        st = start_endpoint(p, f"fx-{template}-{i}", suspend_timeout=0)
+        create_branch(p, name, TimePoint(template, lsn), expires_at=time.time() + 3600)
+        st = start_endpoint(p, name, suspend_timeout=0)
         with psycopg.connect(direct_uri(p, st.port), autocommit=True) as c:
             c.execute("SELECT count(*) FROM items WHERE id = 1").fetchone()
-        delete_branch(p, f"fx-{template}-{i}", force=True)
+            c.execute("UPDATE items SET pad = 'x' WHERE id % 1000 = 0")  # a test writes a little
+        stop_endpoint(p, name)
+        if previous:
+            delete_branch(p, previous, force=True)
+        previous = name
         out.append(time.perf_counter() - t)
+    if previous:
+        delete_branch(p, previous, force=True)
     return out
 
 
@@ -100,14 +110,14 @@ def body(env: BenchEnv) -> None:
         st = start_endpoint(p, tpl)
         with psycopg.connect(st.admin_dsn, autocommit=True) as c:
             c.execute(FILL.format(rows=_rows(mb)))
-            lsn = int(c.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn").fetchone()[0])
             size = c.execute("SELECT pg_database_size('postgres')").fetchone()[0]
         stop_endpoint(p, tpl)
+        lsn = image_at_head(p, tpl)
         with psycopg.connect(admin, autocommit=True) as c:
             c.execute(f"CREATE DATABASE {tpl}")
         with psycopg.connect(f"host=127.0.0.1 port={v.port} user=postgres dbname={tpl}", autocommit=True) as c:
             c.execute(FILL.format(rows=_rows(mb)))
-        neonctl_overhead(p, tpl, lsn, 1)  # warm: the pool of data directories, caches
+        neonctl_overhead(p, tpl, lsn, 1, "-warmup")  # caches, and a stopped directory of a test
         res = {"database_mb": round(size / 2**20),
                "neonctl": neonctl_overhead(p, tpl, lsn, a.reps),
                "create_database_template": create_database_overhead(v.port, tpl, a.reps),

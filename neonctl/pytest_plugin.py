@@ -175,7 +175,7 @@ def neon_template(request: pytest.FixtureRequest, neon_project, tmp_path_factory
 def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTemplate:
     import psycopg  # noqa: PLC0415
 
-    from neonctl.engine.branches import create_branch, delete_branch  # noqa: PLC0415
+    from neonctl.engine.branches import create_branch, delete_branch, image_at_head  # noqa: PLC0415
     from neonctl.engine.compute.endpoint import start_endpoint, stop_endpoint  # noqa: PLC0415
     from neonctl.engine.timepoint import TimePoint  # noqa: PLC0415
 
@@ -199,7 +199,7 @@ def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTem
                 for item in config.getoption("--neonctl-schema"):
                     _run_schema(conn, item, config.invocation_params.dir)
             stop_endpoint(neon_project, name)
-            lsn = _image_at_head(neon_project, name)
+            lsn = image_at_head(neon_project, name)
         except Exception as e:  # noqa: BLE001 - the run errors once, with the file and the error; no half-made template stays
             message = f"--neonctl-schema {item}: {type(e).__name__}: {str(e).strip()}"
             (shared / "template.json").write_text(json.dumps({"error": message}))
@@ -210,26 +210,6 @@ def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTem
             raise pytest.UsageError(message) from None
         (shared / "template.json").write_text(json.dumps({"branch": name, "lsn": lsn, "users": 1}))
         return NeonTemplate(name, lsn)
-
-
-def _image_at_head(project, branch: str) -> int:
-    """The template's head after its clean stop, with an image there: every test branches at this point, and
-    its start then rebuilds the last test's stopped directory with little or no WAL to replay."""
-    from neonctl.engine.pageserver.client import PageserverClient  # noqa: PLC0415
-    from neonctl.engine.safekeeper.client import flush_lsn  # noqa: PLC0415
-    from neonctl.errors import Conflict  # noqa: PLC0415
-
-    tl = project.branch(branch).timeline_id
-    head = flush_lsn(project, tl)
-    pageserver = PageserverClient.of(project)
-    deadline = time.monotonic() + 60
-    while pageserver.timeline(tl)["last_record_lsn"] < head and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        pageserver.create_image(tl)
-    except Conflict:
-        pass  # no checkpoint since the newest image: that one serves
-    return head
 
 
 # Per worker: the last test's branch, deleted after the next test's compute started. Its stopped directory

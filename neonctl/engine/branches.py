@@ -19,7 +19,7 @@ from neonctl.engine.project import PENDING_GRACE, Branch, Project, check_name
 from neonctl.engine.safekeeper.client import SafekeeperClient, flush_lsn
 from neonctl.engine.storage import require_running
 from neonctl.engine.timepoint import TimePoint, from_pg_us, parse_timestamp, to_pg_us
-from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound
+from neonctl.errors import AlreadyExists, Conflict, InvalidInput, NeonctlError, NotFound, Timeout
 
 
 def resolve_parent(project: Project, parent: str | None, lsn: int | None, ts: datetime | None) -> TimePoint:
@@ -234,3 +234,22 @@ def lookup_lsn(project: Project, branch: str, *, timestamp: str | None = None, l
         raise InvalidInput(f"no commit at or before {lsn} on branch {branch!r}")
     return {"branch": branch, "lsn": lsn, "commit_lsn": format_lsn(before[-1][0]),
             "commit_time": from_pg_us(before[-1][1]).isoformat()}
+
+
+def image_at_head(project: Project, branch: str, timeout: float = 60.0) -> int:
+    """The branch's head (its compute stopped), with an image made there: children branched at that point
+    start from the image with no WAL to replay (the pytest plugin's template). Returns the head LSN."""
+    tl = project.branch(branch).timeline_id
+    head = flush_lsn(project, tl)
+    pageserver = PageserverClient.of(project)
+    deadline = time.monotonic() + timeout
+    while pageserver.timeline(tl)["last_record_lsn"] < head:
+        if time.monotonic() > deadline:
+            raise Timeout(f"the pageserver did not ingest branch {branch!r} up to {format_lsn(head)}")
+        time.sleep(0.02)
+    try:
+        pageserver.create_image(tl)
+    except Conflict:
+        pass  # no checkpoint since the newest image: that one serves
+    return head
+
