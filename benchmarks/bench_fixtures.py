@@ -111,6 +111,7 @@ def body(env: BenchEnv) -> None:
         with psycopg.connect(st.admin_dsn, autocommit=True) as c:
             c.execute(FILL.format(rows=_rows(mb)))
             size = c.execute("SELECT pg_database_size('postgres')").fetchone()[0]
+            c.execute("VACUUM ANALYZE")  # as the plugin does for its template
         stop_endpoint(p, tpl)
         lsn = image_at_head(p, tpl)
         with psycopg.connect(admin, autocommit=True) as c:

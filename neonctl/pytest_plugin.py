@@ -198,6 +198,9 @@ def _make_template(config: pytest.Config, neon_project, shared: Path) -> NeonTem
             with psycopg.connect(ep.admin_dsn, autocommit=True) as conn:
                 for item in config.getoption("--neonctl-schema"):
                     _run_schema(conn, item, config.invocation_params.dir)
+                # hint bits and the visibility map set once here, not by every test's first read: a page a
+                # test only reads then stays out of what the next test's start rewrites
+                conn.execute("VACUUM ANALYZE")
             stop_endpoint(neon_project, name)
             lsn = image_at_head(neon_project, name)
         except Exception as e:  # noqa: BLE001 - the run errors once, with the file and the error; no half-made template stays

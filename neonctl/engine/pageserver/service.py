@@ -420,6 +420,8 @@ class Pageserver:
                     n = await loop.run_in_executor(builder, tl.build_layers)
                     failed.pop(tl.timeline_id, None)
                 except Exception as e:  # noqa: BLE001 - keep the builder alive; the error is logged once
+                    if self.timelines.get(tl.timeline_id) is not tl:
+                        continue  # deleted while it was being built: nothing to report
                     if failed.get(tl.timeline_id) != str(e):
                         log.exception("building layers for %s failed", tl.timeline_id)
                         failed[tl.timeline_id] = str(e)
