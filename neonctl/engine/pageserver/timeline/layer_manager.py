@@ -147,6 +147,8 @@ class LayerStore:
         """Every key with a value in (lo, hi], and possibly more: whole delta layers that overlap the range,
         and the open layer. A superset is safe for its one use (pages to rewrite, `images/rebuild.py`)."""
         out: set[Key] = set()
+        if hi <= lo:
+            return out  # an empty range (an image right at the branch point)
         with self.lock:
             for d in list(self.map.layers.values()):
                 if d.kind == "delta" and d.lsn_start <= hi and d.lsn_end > lo:
