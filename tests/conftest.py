@@ -171,6 +171,14 @@ def connect(project, branch: str = "main", **kw) -> psycopg.Connection:
     return psycopg.connect(running_endpoint(project, branch).admin_dsn, autocommit=True, **kw)
 
 
+def materialise_next_start(project) -> None:
+    """Make the project's next endpoint start build its directory from storage (image + WAL replay) instead of
+    reusing or rebuilding the last stopped one: forget the record that says which history that one has."""
+    from neonctl.engine.compute.endpoint import WARM_RECORD, recycled_pgdata  # noqa: PLC0415
+
+    (recycled_pgdata(project).parent / WARM_RECORD).unlink(missing_ok=True)
+
+
 @contextmanager
 def running_main(project):
     """main's endpoint running for a module's fixture; afterwards every endpoint of the project is stopped,

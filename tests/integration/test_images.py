@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import connect
+from conftest import connect, materialise_next_start
 from waiting import wait_until
 
 from neonctl.engine.lsn import format_lsn
@@ -38,6 +38,7 @@ def test_image_shortens_replay_and_changes_no_answer(pg18, cli):
     # a second image right away gains nothing and is refused with the reason
     rc, _, _ = cli("layers", "list", *p)
     cli("endpoint", "stop", "main", *p)
+    materialise_next_start(pg18)  # from the image, not the stopped directory
     cli("endpoint", "start", "main", *p)
     with connect(pg18) as conn:
         assert conn.execute("SELECT count(*) FROM img").fetchone()[0] == points[-1][1]
@@ -88,6 +89,7 @@ def test_next_image_starts_from_the_kept_redo_directory(pg18, cli):
     with connect(pg18) as conn:
         expected = conn.execute("SELECT count(*), sum(id), string_agg(v, '' ORDER BY id) FROM kept").fetchone()
     cli("endpoint", "stop", "main", *p)
+    materialise_next_start(pg18)
     cli("endpoint", "start", "main", *p)  # from the third image
     with connect(pg18) as conn:
         assert conn.execute("SELECT count(*), sum(id), string_agg(v, '' ORDER BY id) FROM kept").fetchone() == expected
