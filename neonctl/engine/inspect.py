@@ -155,7 +155,7 @@ def page_versions(project: Project, branch: str, rel: tuple[int, int, int], fork
 def branch_changes(project: Project, branch: str) -> dict:
     """Relations (by name where a running endpoint can tell) and page counts changed on a branch."""
     tid = project.branch(branch).timeline_id
-    res = PageserverClient.of(project).changed_pages(tid)
+    res = PageserverClient.of(project).changed_pages(tid, wait_for_lsn=flush_lsn(project, tid))
     names: dict[tuple[int, int], str] = {}
     try:
         names = _relation_names(project, branch)

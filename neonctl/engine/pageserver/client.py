@@ -90,8 +90,10 @@ class PageserverClient:
             q["page"] = 1
         return self._call("GET", f"/v1/timeline/{tid}/page?{urlencode(q)}", timeout=timeout)
 
-    def changed_pages(self, tid: str) -> dict:
-        return self._call("GET", f"/v1/timeline/{tid}/changed_pages", timeout=60)
+    def changed_pages(self, tid: str, wait_for_lsn: int | None = None) -> dict:
+        """Pages changed on the timeline's own WAL, once the pageserver has it up to `wait_for_lsn`."""
+        q = f"?wait_for_lsn={wait_for_lsn}" if wait_for_lsn is not None else ""
+        return self._call("GET", f"/v1/timeline/{tid}/changed_pages{q}", timeout=60)
 
     def create_image(self, tid: str, timeout: float = 600.0) -> dict:
         """An image at the timeline's head now (Conflict when no checkpoint since the newest image)."""

@@ -398,7 +398,11 @@ class Pageserver:
 
     async def changed_pages(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])
-        await self.wait_layers(tl, tl.last_record_lsn, 30)
+        upto = tl.last_record_lsn
+        if "wait_for_lsn" in request.query:  # everything the safekeepers hold, not just what arrived so far
+            upto = max(upto, int(request.query["wait_for_lsn"]))
+            await self.wait_received(tl, upto, 30)
+        await self.wait_layers(tl, upto, 30)
         changes = await asyncio.to_thread(tl.layers.changed_pages)
         return json_body({"since_lsn": tl.meta.start_lsn, "head_lsn": tl.last_record_lsn, "relations": [
             {"spc": t[0], "db": t[1], "rel": t[2], "fork": t[3], "pages": n} for t, n in sorted(changes.items())]})
