@@ -171,6 +171,15 @@ def connect(project, branch: str = "main", **kw) -> psycopg.Connection:
     return psycopg.connect(running_endpoint(project, branch).admin_dsn, autocommit=True, **kw)
 
 
+def start_how(cli, project, branch: str) -> str:
+    """Start the branch's compute; how its directory was made: 'reused' (the stopped one as it was),
+    'rebuilt' (the stopped one, changed pages rewritten) or 'full' (restored from the image)."""
+    _, _, err = cli("endpoint", "start", branch, "-p", project.name)
+    if "reused (no restore, no replay)" in err:
+        return "reused"
+    return "rebuilt" if "rebuilt from the stopped compute's directory" in err else "full"
+
+
 def materialise_next_start(project) -> None:
     """Make the project's next endpoint start build its directory from storage (image + WAL replay) instead of
     reusing or rebuilding the last stopped one: forget the record that says which history that one has."""

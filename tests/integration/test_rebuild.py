@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import random
 
-from conftest import connect
+from conftest import connect, start_how
 from waiting import wait_until
 
 from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.safekeeper.client import flush_lsn
-
-REBUILT = "rebuilt from the stopped compute's directory"
-REUSED = "reused (no restore, no replay)"
 
 
 def _digest(project, branch: str) -> tuple:
@@ -31,11 +28,6 @@ def _digest(project, branch: str) -> tuple:
         if "rb1" in tables:
             out.append(conn.execute("SELECT count(*) FROM rb1 WHERE id >= -1000000000").fetchone())
         return tuple(out)
-
-
-def _start(cli, project, branch: str) -> str:
-    _, _, err = cli("endpoint", "start", branch, "-p", project.name)
-    return "rebuilt" if REBUILT in err else "reused" if REUSED in err else "full"
 
 
 def _image_at_head(project, branch: str) -> dict:
@@ -62,7 +54,7 @@ def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
     cli("endpoint", "stop", "rbase", *p)
     for name in ("rc1", "rc2"):
         cli("branch", "create", "--name", name, "--parent", "rbase", *p)
-    assert _start(cli, pg18, "rc1") == "reused"  # the parent's clean stop is exactly its branch point
+    assert start_how(cli, pg18, "rc1") == "reused"  # the parent's clean stop is exactly its branch point
     with connect(pg18, "rc1") as conn:
         conn.execute("UPDATE rb1 SET v = 'c1' WHERE id % 50 = 0")  # pages that are in the image
         conn.execute("DELETE FROM rb2 WHERE id > 4000")
@@ -73,17 +65,17 @@ def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
     c1 = _digest(pg18, "rc1")
     assert c1 != base
     cli("endpoint", "stop", "rc1", *p)
-    assert _start(cli, pg18, "rc2") == "rebuilt"
+    assert start_how(cli, pg18, "rc2") == "rebuilt"
     assert _digest(pg18, "rc2") == base  # none of rc1's changes
     with connect(pg18, "rc2") as conn:
         conn.execute("DROP TABLE rb2")  # a relation the image has, gone here
         conn.execute("INSERT INTO rb1 VALUES (-1, 'c2')")
     c2 = _digest(pg18, "rc2")
     cli("endpoint", "stop", "rc2", *p)
-    assert _start(cli, pg18, "rc1") == "rebuilt"
+    assert start_how(cli, pg18, "rc1") == "rebuilt"
     assert _digest(pg18, "rc1") == c1
     cli("endpoint", "stop", "rc1", *p)
-    assert _start(cli, pg18, "rc2") == "rebuilt"
+    assert start_how(cli, pg18, "rc2") == "rebuilt"
     assert _digest(pg18, "rc2") == c2
     cli("endpoint", "stop", "rc2", *p)
     assert image["lsn"] > 0
@@ -108,7 +100,7 @@ def test_random_switches_match_the_committed_rows(pg18, cli):
     how = []
     for step in range(8):
         b = rng.choice(names)
-        how.append(_start(cli, pg18, b))
+        how.append(start_how(cli, pg18, b))
         if b in expected:
             assert _digest(pg18, b) == expected[b], (step, b)
         with connect(pg18, b) as conn:

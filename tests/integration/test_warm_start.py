@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import connect, materialise_next_start
+from conftest import connect, materialise_next_start, start_how
 
 from neonctl.engine.compute.endpoint import WARM_RECORD, recycled_pgdata
-
-REUSED = "reused (no restore, no replay)"
 
 
 def _digest(project, branch: str) -> tuple:
@@ -19,9 +17,8 @@ def _digest(project, branch: str) -> tuple:
 
 
 def _start(cli, project, branch: str) -> bool:
-    """Start the branch's compute; True when the stopped directory was reused."""
-    _, _, err = cli("endpoint", "start", branch, "-p", project.name)
-    return REUSED in err
+    """Start the branch's compute; True when the stopped directory was reused as it was."""
+    return start_how(cli, project, branch) == "reused"
 
 
 def test_second_start_reuses_the_stopped_directory_and_matches_a_full_materialisation(pg18, cli):
