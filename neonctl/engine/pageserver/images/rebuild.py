@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from neonctl.engine.pageserver.images.restore import (
     _sweep,
     rel_path,
 )
-from neonctl.engine.pageserver.key import Key
+from neonctl.engine.pageserver.key import REL_PREFIX, SIZE_MARKER, Key
+from neonctl.engine.pageserver.key_columns import key_fields
 from neonctl.errors import CorruptData
 
 FSM_FORK, VM_FORK = 1, 2  # not tracked page by page in the WAL: always rewritten (they are small)
@@ -57,6 +59,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
         for member in members:
             os.chmod(target / member.name, member.mode & 0o7777)
         out = _FileWriter(target, meta["file_mode"], in_place=True)
+        changed_rows = np.array(sorted(k.to_bytes() for k in changed), dtype="S18")
         present: set[str] = set()
         old_size: dict[str, int] = {}
 
@@ -70,40 +73,8 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
 
         try:
             for r in readers:
-                for key in r.keys():  # noqa: SIM118 - a layer reader
-                    if key.is_rel_block():
-                        spc, db, rel, fork = key.rel_tag()
-                        relpath = rel_path(spc, db, rel, fork, key.field6 // relseg)
-                        present.add(relpath)
-                        pos = key.field6 % relseg
-                        if key in changed or fork in (FSM_FORK, VM_FORK) or pos >= size_now(relpath):
-                            out.write(relpath, pos * BLCKSZ, np.frombuffer(r.get(key), dtype=np.uint8))
-                            written += 1
-                        else:
-                            kept += 1
-                    elif key.is_rel_size():
-                        spc, db, rel, fork = key.rel_tag()
-                        (nblocks,) = np.frombuffer(r.get(key), dtype="<u4")
-                        nblocks = int(nblocks)
-                        for segno in range(max(1, -(-nblocks // relseg))):
-                            relpath = rel_path(spc, db, rel, fork, segno)
-                            present.add(relpath)
-                            out.set_size(relpath, min(relseg, nblocks - segno * relseg) * BLCKSZ)
-                        out.close_all()
-                    elif key.is_slru_block():
-                        relpath = _slru_path(key.field2, key.field4)
-                        out.write(relpath, key.field6 * BLCKSZ, np.frombuffer(r.get(key), dtype=np.uint8))
-                    elif key.is_slru_seg_size():
-                        (npages,) = np.frombuffer(r.get(key), dtype="<u4")
-                        out.set_size(_slru_path(key.field2, key.field4), int(npages) * BLCKSZ)
-                        out.close_all()
-                    elif key.is_relmap():
-                        out.write_small(_relmap_path(key.field2, key.field3), r.get(key))
-                    elif key.is_controlfile():
-                        out.write_small("global/pg_control", r.get(key))
-                    elif key not in (IMAGE_META_KEY, AUX_FILES_KEY) and not (key.is_dbdir() or key.is_reldir()
-                                                                          or key.is_slru_dir()):
-                        raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+                w, k = _rebuild_layer(r, out, relseg, changed_rows, size_now, present)
+                written, kept = written + w, kept + k
         finally:
             out.close_all()
         for rel in meta["empty_segments"]:
@@ -114,6 +85,63 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
     finally:
         for r in readers:
             r.close()
+
+
+def _rebuild_layer(r, out: _FileWriter, relseg: int, changed_rows: np.ndarray, size_now, present: set[str]
+                   ) -> tuple[int, int]:
+    """One image layer: its keys classified column-wise from the index alone, then only the values that must
+    be written are read. Returns (pages written, pages left as they were)."""
+    keys, offsets = r.key_array()
+    f1, f2, f3, f4, f5, f6 = key_fields(keys)
+    size = f6 == SIZE_MARKER
+    rel = (f1 == REL_PREFIX) & (f4 != 0)
+    page = rel & ~size
+    rows = np.flatnonzero(page)
+    relpaths = {}  # (spc, db, rel, fork, segno) -> path
+    need = np.zeros(len(keys), dtype=bool)
+    if len(rows):
+        need[rows] = np.isin(keys[rows].view("S18").ravel(), changed_rows) | (f5[rows] == FSM_FORK) | (
+            f5[rows] == VM_FORK)
+        segno = f6[rows] // relseg
+        tags = np.stack([f2[rows], f3[rows], f4[rows], f5[rows].astype(np.uint32), segno], axis=1)
+        uniq, inverse = np.unique(tags, axis=0, return_inverse=True)
+        old_blocks = np.empty(len(uniq), dtype=np.int64)
+        for i, (spc, db, relno, fork, seg) in enumerate(uniq.tolist()):
+            path = rel_path(spc, db, relno, fork, seg)
+            relpaths[i] = path
+            present.add(path)
+            old_blocks[i] = size_now(path)
+        beyond = (f6[rows] % relseg).astype(np.int64) >= old_blocks[inverse.ravel()]
+        need[rows] |= beyond
+        file_of_row = dict(zip(rows.tolist(), inverse.ravel().tolist(), strict=True))
+    written = int(need[rows].sum()) if len(rows) else 0
+    for i in np.flatnonzero(need | ~page).tolist():  # pages to write, and every non-page key
+        key = Key.from_bytes(keys[i].tobytes())
+        if page[i]:
+            out.write(relpaths[file_of_row[i]], int(f6[i] % relseg) * BLCKSZ,
+                      np.frombuffer(r.value_at(int(offsets[i])), dtype=np.uint8))
+        elif rel[i]:  # a fork's size
+            spc, db, relno, fork = key.rel_tag()
+            (nblocks,) = struct.unpack("<I", r.value_at(int(offsets[i])))
+            for seg in range(max(1, -(-nblocks // relseg))):
+                path = rel_path(spc, db, relno, fork, seg)
+                present.add(path)
+                out.set_size(path, min(relseg, nblocks - seg * relseg) * BLCKSZ)
+            out.close_all()
+        elif key.is_slru_block():
+            out.write(_slru_path(key.field2, key.field4), key.field6 * BLCKSZ,
+                      np.frombuffer(r.value_at(int(offsets[i])), dtype=np.uint8))
+        elif key.is_slru_seg_size():
+            (npages,) = struct.unpack("<I", r.value_at(int(offsets[i])))
+            out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
+            out.close_all()
+        elif key.is_relmap():
+            out.write_small(_relmap_path(key.field2, key.field3), r.value_at(int(offsets[i])))
+        elif key.is_controlfile():
+            out.write_small("global/pg_control", r.value_at(int(offsets[i])))
+        elif key not in (IMAGE_META_KEY, AUX_FILES_KEY):
+            raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+    return written, len(rows) - written
 
 
 def verify_against_restore(layer_paths, target: Path, scratch: Path) -> None:

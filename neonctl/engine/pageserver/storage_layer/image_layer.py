@@ -181,6 +181,15 @@ class ImageLayerReader:
         for kbytes, _ in self._file.index.iter_all():
             yield Key.from_bytes(kbytes)
 
+    def key_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """All keys as (n, 18) uint8 rows and their blob offsets, without reading a value."""
+        keys, offsets = self._file.index_entries()
+        return keys, offsets.astype(np.int64)
+
+    def value_at(self, offset: int) -> bytes:
+        """The value whose blob starts at `offset` (from `key_array`)."""
+        return self._file.read_blob(offset)
+
     def close(self) -> None:
         self._file.close()
 

@@ -469,6 +469,13 @@ class LayerFileReader:
                 raise CorruptData(f"{self.path}: blob at offset {offset} does not decompress: {e}") from e
         raise CorruptData(f"{self.path}: blob at offset {offset} has unknown compression {compression}")
 
+    def index_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (key, index value) of the layer in key order, from one read of the index: no blob is read."""
+        s = self.summary
+        index = os.pread(self._fd, (s.index_root_blk + 1 - s.index_start_blk) * BLOCK_SIZE,
+                         s.index_start_blk * BLOCK_SIZE)
+        return read_all_leaves(index, self.index.key_len, name=self.path)
+
     def read_all(self, flag_bits: int = 0, contiguous: bool = False, scratch_name: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
         """Every index entry and where its blob's payload lies, checksums verified, in two reads.
