@@ -259,6 +259,9 @@ class Timeline:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             pass
+        finally:
+            if fut in self._waiters:  # timed out or cancelled: no notify will come for it
+                self._waiters.remove(fut)
 
     @property
     def timeline_id(self) -> str:
@@ -497,6 +500,7 @@ class Timeline:
         """Materialise at `lsn` in the cleanly stopped compute directory `pool` by rewriting only the pages its
         history changed since the image this point starts from (images/rebuild.py); None, with the reason
         logged, when that history is not known exactly (the directory then goes the full way)."""
+        t0 = time.perf_counter()
         try:
             why, plan = self._rebuild_plan(lsn, pool, wait)
         except (NeonctlError, OSError) as e:  # e.g. the history's timeline deleted meanwhile
@@ -505,6 +509,7 @@ class Timeline:
             log.info("timeline %s: no incremental rebuild at %s: %s", self.timeline_id, format_lsn(lsn), why)
             return None
         image, changed = plan
+        t1 = time.perf_counter()
         if target.exists():
             target.rmdir()
         os.rename(pool, target)
@@ -519,7 +524,8 @@ class Timeline:
             shutil.rmtree(target, ignore_errors=True)  # half rewritten: never a pool again
             return None
         log.info("timeline %s: rebuilt at %s from a stopped compute: %d changed key(s) rewritten, %d WAL bytes "
-                 "to replay", self.timeline_id, format_lsn(lsn), len(changed), wal)
+                 "to replay (history %.0f ms, files %.0f ms)", self.timeline_id, format_lsn(lsn), len(changed), wal,
+                 (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
         return {"changed_keys": len(changed), "wal_bytes": wal}
 
     def _rebuild_plan(self, lsn: int, pool: Path, wait: float):
