@@ -65,7 +65,9 @@ def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
     c1 = _digest(pg18, "rc1")
     assert c1 != base
     cli("endpoint", "stop", "rc1", *p)
-    assert start_how(cli, pg18, "rc2") == "rebuilt"
+    # rc1's directory has been running since rbase's compute started, before the image: a hint bit set then
+    # need not be in the WAL, so it is not trusted for a rebuild (this ordering once made the oracle fail)
+    assert start_how(cli, pg18, "rc2") == "full"
     assert _digest(pg18, "rc2") == base  # none of rc1's changes
     with connect(pg18, "rc2") as conn:
         conn.execute("DROP TABLE rb2")  # a relation the image has, gone here

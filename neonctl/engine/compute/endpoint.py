@@ -161,7 +161,7 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             apply_roles(project, str(epdir), port)
         st = EndpointState(branch=branch, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
                            started_at=time.time(), pg_version=runtime.version, fsync=fsync,
-                           suspend_timeout=suspend_timeout)
+                           suspend_timeout=suspend_timeout, directory_since_lsn=res.get("directory_since_lsn"))
         save_state(project, st)
         clear_suspended(project, st.name)
         return st
@@ -304,7 +304,8 @@ def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) ->
             shutil.rmtree(dest)
         os.rename(pgdata, dest)
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"timeline_id": st.timeline_id, "branch": st.branch, "start_lsn": st.start_lsn,
+        since = st.start_lsn if st.directory_since_lsn is None else min(st.start_lsn, st.directory_since_lsn)
+        tmp.write_text(json.dumps({"timeline_id": st.timeline_id, "branch": st.branch, "start_lsn": since,
                                    "stopped_at": time.time()}))
         os.replace(tmp, record)  # the pageserver checks the directory itself before it believes this
     except OSError:

@@ -24,6 +24,9 @@ class EndpointState:
     fsync: bool = False
     at_lsn: int | None = None  # a read-only time-travel endpoint frozen at this LSN (compute/time_travel.py)
     suspend_timeout: int | None = None  # seconds without a client before the proxy suspends it (None: default)
+    # when the first compute that ran in this data directory started, if before start_lsn (a warm start
+    # carried the directory over): the kept directory's record names it (pageserver/images/rebuild.py)
+    directory_since_lsn: int | None = None
 
     @property
     def socket_dir(self) -> str:

@@ -158,13 +158,20 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        warm = lsn is None and recycle is not None and await asyncio.to_thread(tl.reuse_stopped, at, target, recycle)
+        reused = None
+        if lsn is None and recycle is not None:
+            reused = await asyncio.to_thread(tl.reuse_stopped, at, target, recycle)
+        warm = reused is not None
         rebuilt = None
         if not warm and lsn is None and recycle is not None:
             rebuilt = await asyncio.to_thread(tl.rebuild_stopped, at, target, recycle)
         if not warm and rebuilt is None:
             await asyncio.to_thread(tl.materialize, at, target, recycle)
-        return json_body({"lsn": at, "timeline_id": tl.timeline_id, "warm": warm, "rebuilt": rebuilt})
+        # A reused directory has run computes since it was last made from an image: the earliest of their
+        # start LSNs is what its next record must name (images/rebuild.py's hint-bit rule).
+        since = reused.get("start_lsn") if warm else None
+        return json_body({"lsn": at, "timeline_id": tl.timeline_id, "warm": warm, "rebuilt": rebuilt,
+                          "directory_since_lsn": since})
 
     def compute_paths(self, endpoint, recycle: bool) -> tuple[Path, Path | None]:
         """Where an endpoint's data directory goes, derived from its validated name: no request names a path

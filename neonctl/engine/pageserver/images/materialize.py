@@ -42,6 +42,7 @@ from neonctl.engine.pageserver.images.restore import (
 from neonctl.errors import InvalidInput
 
 ReadWal = Callable[[int, int], bytes]
+XLOG_BLCKSZ = 8192  # WAL page size
 
 
 def write_wal(pg_wal: Path, read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int = WAL_SEGMENT_SIZE) -> int:
@@ -51,17 +52,30 @@ def write_wal(pg_wal: Path, read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size
     for old in pg_wal.iterdir():
         if old.is_file():
             old.unlink()
-    for segno in range(redo_lsn // seg_size, lsn // seg_size + 1):
-        cut = min(seg_size, max(0, lsn - segno * seg_size))
-        data = read_wal(segno * seg_size, cut) if cut else b""
-        if len(data) != cut:
-            raise InvalidInput(f"WAL for segment {segment_file_name(segno, seg_size=seg_size)} is incomplete:"
-                               f" got {len(data)} of {cut} bytes")
+    first = redo_lsn // seg_size
+    for segno in range(first, lsn // seg_size + 1):
+        start = segno * seg_size
+        cut = min(seg_size, max(0, lsn - start))
+        # In the redo point's segment recovery reads only the first page (its long header, checked when the
+        # segment is opened) and the pages from the redo point on: the rest stays a hole, never written.
+        skip_from, skip_to = (XLOG_BLCKSZ, (redo_lsn - start) // XLOG_BLCKSZ * XLOG_BLCKSZ) if segno == first \
+            else (0, 0)
+        parts = [(0, min(cut, skip_from) if skip_to > skip_from else cut)]
+        if skip_to > skip_from and cut > skip_to:
+            parts.append((skip_to, cut))
         fd = os.open(pg_wal / segment_file_name(segno, seg_size=seg_size), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                      0o600)
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, data)
+            for lo, hi in parts:
+                data = read_wal(start + lo, hi - lo) if hi > lo else b""
+                if len(data) != hi - lo:
+                    raise InvalidInput(f"WAL for segment {segment_file_name(segno, seg_size=seg_size)} is "
+                                       f"incomplete: got {len(data)} of {hi - lo} bytes at offset {lo}")
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, lo)
+                    view, lo = view[n:], lo + n
             os.ftruncate(fd, seg_size)  # zeros after lsn: Postgres stops exactly there
         finally:
             os.close(fd)

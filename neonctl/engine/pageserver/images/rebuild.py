@@ -3,8 +3,10 @@
 pg_rewind's idea, driven by the layer map instead of by reading two directories. The directory ran on a
 history that passes through the image's point; after that point it changed exactly the pages whose keys
 the WAL it wrote touched - the caller collects them from the delta layers along that history - and
-nothing else, *provided* the compute logged every page a hint bit changed (`wal_log_hints = on`) and
-started at or after the image's point (so no unlogged hint landed on a page written before it). Those
+nothing else, *provided* the computes logged every page a hint bit changed (`wal_log_hints = on`) and the
+first compute that ran in the directory since it was last made from an image started at or after this
+image's point (so no unlogged hint landed on a page written before it; warm starts carry that first start
+LSN over in the directory's record). Those
 pages are rewritten from the image; so are the pages the WAL does not track (the free-space map and the
 visibility map forks, both small), every SLRU segment, relation map and pg_control; relation files are cut
 or grown to the image's sizes, pages past the directory's old end are written, and files the image does

@@ -479,9 +479,10 @@ class Timeline:
 
     # -- materialisation ------------------------------------------------------
 
-    def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> bool:
+    def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> dict | None:
         """Take the cleanly stopped compute directory `pool` as the data directory at `lsn` if it is exactly
-        that (images/warm.py); False, with the reason logged, when it is not."""
+        that (images/warm.py): returns its record (whose `start_lsn` - when its first compute started - the
+        next record must carry on); None, with the reason logged, when it is not."""
         lineage = {self.timeline_id}
         if lsn == self.meta.start_lsn and self.meta.ancestor_timeline:  # a child with no WAL of its own yet
             lineage.add(self.meta.ancestor_timeline)
@@ -490,11 +491,12 @@ class Timeline:
         if why is not None:
             log.info("timeline %s: the stopped compute directory is not reused at %s: %s", self.timeline_id,
                      format_lsn(lsn), why)
-            return False
+            return None
+        record = warm.read_record(pool) or {}
         warm.take(pool, target)
         log.info("timeline %s: warm start at %s: the stopped compute directory is exactly that point",
                  self.timeline_id, format_lsn(lsn))
-        return True
+        return record
 
     def rebuild_stopped(self, lsn: int, target: Path, pool: Path, wait: float = 30.0) -> dict | None:
         """Materialise at `lsn` in the cleanly stopped compute directory `pool` by rewriting only the pages its
