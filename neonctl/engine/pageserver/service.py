@@ -440,14 +440,8 @@ class Pageserver:
                 busy = busy or n > 0
                 if not n and tl.layers is not None:
                     await loop.run_in_executor(builder, tl.layers.maybe_freeze)  # time-based freeze while idle
-            if not busy:  # idle until WAL arrives on any timeline (at most 0.2 s: time-based freezes)
-                waits = [asyncio.ensure_future(tl.wait_progress(0.2)) for tl in list(self.timelines.values())]
-                if waits:
-                    _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    for w in pending:
-                        w.cancel()
-                else:
-                    await asyncio.sleep(0.2)
+            if not busy:
+                await asyncio.sleep(0.2)
 
     async def wait_layers(self, tl: Timeline, lsn: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -498,7 +498,7 @@ class Timeline:
                  self.timeline_id, format_lsn(lsn))
         return record
 
-    def rebuild_stopped(self, lsn: int, target: Path, pool: Path, wait: float = 30.0) -> dict | None:
+    def rebuild_stopped(self, lsn: int, target: Path, pool: Path, wait: float = 5.0) -> dict | None:
         """Materialise at `lsn` in the cleanly stopped compute directory `pool` by rewriting only the pages its
         history changed since the image this point starts from (images/rebuild.py); None, with the reason
         logged, when that history is not known exactly (the directory then goes the full way)."""
