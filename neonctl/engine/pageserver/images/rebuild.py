@@ -17,25 +17,23 @@ changes, is nearly all of them.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import struct
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from neonctl.engine.pageserver.images.image_set import AUX_FILES_KEY, BLCKSZ, IMAGE_META_KEY
+from neonctl.engine.pageserver.images.image_set import BLCKSZ
 from neonctl.engine.pageserver.images.restore import (
     _FileWriter,
-    _get,
     _load_meta,
     _open_image,
-    _relmap_path,
     _slru_path,
     _sweep,
+    extract_aux_files,
     rel_path,
+    restore_image,
+    write_non_page,
 )
 from neonctl.engine.pageserver.key import REL_PREFIX, SIZE_MARKER, Key
 from neonctl.engine.pageserver.key_columns import key_fields
@@ -54,12 +52,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
         if meta["blcksz"] != BLCKSZ:
             raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
         relseg = meta["relseg_size"]
-        aux = _get(readers, AUX_FILES_KEY)
-        with tarfile.open(fileobj=io.BytesIO(aux), mode="r:") as tar:
-            tar.extractall(target, filter="data")
-            members = tar.getmembers()
-        for member in members:
-            os.chmod(target / member.name, member.mode & 0o7777)
+        members = extract_aux_files(readers, target)
         out = _FileWriter(target, meta["file_mode"], in_place=True)
         changed_rows = np.array(sorted(k.to_bytes() for k in changed), dtype="S18")
         present: set[str] = set()
@@ -118,31 +111,15 @@ def _rebuild_layer(r, out: _FileWriter, relseg: int, changed_rows: np.ndarray, s
         file_of_row = dict(zip(rows.tolist(), inverse.ravel().tolist(), strict=True))
     written = int(need[rows].sum()) if len(rows) else 0
     for i in np.flatnonzero(need | ~page).tolist():  # pages to write, and every non-page key
-        key = Key.from_bytes(keys[i].tobytes())
+        value = r.value_at(int(offsets[i]))
         if page[i]:
-            out.write(relpaths[file_of_row[i]], int(f6[i] % relseg) * BLCKSZ,
-                      np.frombuffer(r.value_at(int(offsets[i])), dtype=np.uint8))
-        elif rel[i]:  # a fork's size
-            spc, db, relno, fork = key.rel_tag()
-            (nblocks,) = struct.unpack("<I", r.value_at(int(offsets[i])))
-            for seg in range(max(1, -(-nblocks // relseg))):
-                path = rel_path(spc, db, relno, fork, seg)
-                present.add(path)
-                out.set_size(path, min(relseg, nblocks - seg * relseg) * BLCKSZ)
-            out.close_all()
-        elif key.is_slru_block():
-            out.write(_slru_path(key.field2, key.field4), key.field6 * BLCKSZ,
-                      np.frombuffer(r.value_at(int(offsets[i])), dtype=np.uint8))
-        elif key.is_slru_seg_size():
-            (npages,) = struct.unpack("<I", r.value_at(int(offsets[i])))
-            out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
-            out.close_all()
-        elif key.is_relmap():
-            out.write_small(_relmap_path(key.field2, key.field3), r.value_at(int(offsets[i])))
-        elif key.is_controlfile():
-            out.write_small("global/pg_control", r.value_at(int(offsets[i])))
-        elif key not in (IMAGE_META_KEY, AUX_FILES_KEY):
-            raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+            out.write(relpaths[file_of_row[i]], int(f6[i] % relseg) * BLCKSZ, np.frombuffer(value, dtype=np.uint8))
+            continue
+        key = Key.from_bytes(keys[i].tobytes())
+        if key.is_slru_block():
+            out.write(_slru_path(key.field2, key.field4), key.field6 * BLCKSZ, np.frombuffer(value, dtype=np.uint8))
+        else:
+            present.update(write_non_page(out, key, value, relseg, r.path))
     return written, len(rows) - written
 
 
@@ -150,8 +127,6 @@ def verify_against_restore(layer_paths, target: Path, scratch: Path) -> None:
     """The oracle (on when NEONCTL_VERIFY_REBUILD is set, as in the tests): restore the image the full way
     into `scratch` and require the rebuilt tree to be identical to it, file by file and byte by byte.
     CorruptData names the first files that differ."""
-    from neonctl.engine.pageserver.images.restore import restore_image  # noqa: PLC0415 - test-only path
-
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         restore_image(layer_paths, scratch)

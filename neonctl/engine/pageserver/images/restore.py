@@ -236,13 +236,7 @@ def restore_image(layer_paths: Sequence[str | os.PathLike[str]], target_dir: str
         if not recycle and target.exists() and any(target.iterdir()):
             raise InvalidInput(f"target directory {target} is not empty")
         target.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(_get(readers, AUX_FILES_KEY)), mode="r:") as tar:
-            tar.extractall(target, filter="data")
-        # the data filter ignores directory modes of existing dirs only; set them all explicitly
-        with tarfile.open(fileobj=io.BytesIO(_get(readers, AUX_FILES_KEY)), mode="r:") as tar:
-            members = tar.getmembers()
-            for member in members:
-                os.chmod(target / member.name, member.mode & 0o7777)
+        members = extract_aux_files(readers, target)
         file_mode = meta["file_mode"]
         out = _FileWriter(target, file_mode, in_place=recycle)
         try:
@@ -310,23 +304,43 @@ def _restore_layer(r: ImageLayerReader, out: _FileWriter, relseg: int) -> None:
                        else _slru_path(key.field2, key.field4))
             start = int(values.off[i])
             out.write(relpath, int(pos[i]) * BLCKSZ, values.buf[start:start + (end - i) * BLCKSZ])
-        elif k == _REL_SIZE:
-            spc, db, rel, fork = key.rel_tag()
-            (nblocks,) = _U32.unpack(values.value(i))
-            nsegs = max(1, -(-nblocks // relseg))
-            for segno in range(nsegs):
-                out.set_size(rel_path(spc, db, rel, fork, segno), min(relseg, nblocks - segno * relseg) * BLCKSZ)
-            out.close_all()  # a fork is complete: release its descriptors
-        elif k == _SLRU_SIZE:
-            (npages,) = _U32.unpack(values.value(i))
-            out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
-            out.close_all()
-        elif k == _RELMAP:
-            out.write_small(_relmap_path(key.field2, key.field3), values.value(i))
-        elif key.is_controlfile():
-            out.write_small("global/pg_control", values.value(i))
-        elif key not in (IMAGE_META_KEY, AUX_FILES_KEY):
-            raise CorruptData(f"{r.path}: unexpected key {key} in an image")
+        else:
+            write_non_page(out, key, values.value(i), relseg, r.path)
+
+
+def extract_aux_files(readers: list[ImageLayerReader], target: Path) -> list[tarfile.TarInfo]:
+    """The image's files that are not pages (config files, PG_VERSION, empty directories); returns them."""
+    with tarfile.open(fileobj=io.BytesIO(_get(readers, AUX_FILES_KEY)), mode="r:") as tar:
+        tar.extractall(target, filter="data")
+        members = tar.getmembers()
+    # the data filter ignores directory modes of existing dirs only; set them all explicitly
+    for member in members:
+        os.chmod(target / member.name, member.mode & 0o7777)
+    return members
+
+
+def write_non_page(out: _FileWriter, key: Key, value: bytes, relseg: int, where: str) -> list[str]:
+    """An image value that is not a page: a fork's or SLRU segment's size, a relation map, pg_control (the
+    image's own metadata keys are skipped). Returns the relation segment files it sized."""
+    sized: list[str] = []
+    if key.is_rel_size():
+        spc, db, rel, fork = key.rel_tag()
+        (nblocks,) = _U32.unpack(value)
+        for segno in range(max(1, -(-nblocks // relseg))):
+            sized.append(rel_path(spc, db, rel, fork, segno))
+            out.set_size(sized[-1], min(relseg, nblocks - segno * relseg) * BLCKSZ)
+        out.close_all()  # a fork is complete: release its descriptors
+    elif key.is_slru_seg_size():
+        (npages,) = _U32.unpack(value)
+        out.set_size(_slru_path(key.field2, key.field4), npages * BLCKSZ)
+        out.close_all()
+    elif key.is_relmap():
+        out.write_small(_relmap_path(key.field2, key.field3), value)
+    elif key.is_controlfile():
+        out.write_small("global/pg_control", value)
+    elif key not in (IMAGE_META_KEY, AUX_FILES_KEY):
+        raise CorruptData(f"{where}: unexpected key {key} in an image")
+    return sized
 
 
 def _write_small(path: Path, data: bytes, mode: int) -> None:
