@@ -49,7 +49,7 @@ def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
         conn.execute("INSERT INTO rb1 SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
         conn.execute("CREATE TABLE rb2 (id int, v text)")
         conn.execute("INSERT INTO rb2 SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
-    image = _image_at_head(pg18, "rbase")
+    _image_at_head(pg18, "rbase")
     base = _digest(pg18, "rbase")
     cli("endpoint", "stop", "rbase", *p)
     for name in ("rc1", "rc2"):
@@ -80,7 +80,6 @@ def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
     assert start_how(cli, pg18, "rc2") == "rebuilt"
     assert _digest(pg18, "rc2") == c2
     cli("endpoint", "stop", "rc2", *p)
-    assert image["lsn"] > 0
 
 
 def test_random_switches_match_the_committed_rows(pg18, cli):

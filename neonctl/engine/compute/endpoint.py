@@ -28,6 +28,7 @@ from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
+from neonctl.engine.pageserver.images import warm
 from neonctl.engine.process import log_tail, pid_alive, pid_cmdline
 from neonctl.engine.project import Project, list_projects
 from neonctl.engine.roles import apply_roles
@@ -39,7 +40,7 @@ from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, No
 log = logging.getLogger("neonctl.endpoint")
 SETTINGS_HEADER = "# --- neonctl compute settings (rewritten at every endpoint start) ---"
 # beside recycled-pgdata: which timeline the kept directory ran on (the pageserver's images/warm.py reads it)
-WARM_RECORD = "recycled-pgdata.json"
+WARM_RECORD = warm.RECORD
 
 
 def endpoints_dir(project: Project) -> Path:

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from neonctl.engine.wal.decoder import (
+    RM_XACT_ID,
+    RM_XLOG_ID,
+    XLOG_CHECKPOINT_ONLINE,
+    XLOG_CHECKPOINT_SHUTDOWN,
     XLOG_XACT_COMMIT,
     XLOG_XACT_COMMIT_PREPARED,
     XLOG_XACT_OPMASK,
 )
 from neonctl.engine.wal.record_scan import RecordBatch
-
-RM_XLOG_ID, RM_XACT_ID = 0, 1
-XLOG_CHECKPOINT_SHUTDOWN, XLOG_CHECKPOINT_ONLINE = 0x00, 0x10
 
 
 def commits_of(batch: RecordBatch) -> np.ndarray:

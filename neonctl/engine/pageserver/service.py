@@ -407,7 +407,10 @@ class Pageserver:
         tl = self.get(request.match_info["tl"])
         upto = tl.last_record_lsn
         if "wait_for_lsn" in request.query:  # everything the safekeepers hold, not just what arrived so far
-            upto = max(upto, int(request.query["wait_for_lsn"]))
+            try:
+                upto = max(upto, int(request.query["wait_for_lsn"]))
+            except ValueError:
+                raise InvalidInput("wait_for_lsn must be an integer LSN") from None
             await self.wait_received(tl, upto, 30)
         await self.wait_layers(tl, upto, 30)
         changes = await asyncio.to_thread(tl.layers.changed_pages)

@@ -37,6 +37,7 @@ from neonctl.engine.pageserver.images.image_set import (
     ImageInfo,
     ImageLayerFile,
 )
+from neonctl.engine.pageserver.images.warm import control
 from neonctl.engine.pageserver.key import (
     MAX_KEY,
     MIN_KEY,
@@ -62,7 +63,6 @@ RELSEG_SIZE = 131072  # blocks per 1 GiB segment file (Postgres' default --with-
 SLRU_PAGES_PER_SEGMENT = 32
 DEFAULT_PARTITION_SIZE = 64 << 20
 
-# pg_control: DBState at offset 16, checkPoint at 32, checkPointCopy.redo at 40 (PG 15-18).
 _DB_STATES = {1: "shut down", 2: "shut down in recovery"}
 _SKIP_FILES = {"postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map",
                "tablespace_map.old", "standby.signal", "recovery.signal", "postgresql.auto.conf.tmp",
@@ -87,16 +87,14 @@ class _Scan:
 
 
 def _read_pg_control(path: Path) -> tuple[str, int, int]:
-    data = path.read_bytes()
-    if len(data) < 48:
-        raise InvalidInput(f"{path} is too short to be pg_control")
-    state_code = struct.unpack_from("<i", data, 16)[0]
-    checkpoint, redo = struct.unpack_from("<QQ", data, 32)
-    state = _DB_STATES.get(state_code)
+    ctl = control(path.parent.parent)
+    if ctl is None:
+        raise InvalidInput(f"{path} is missing or too short to be pg_control")
+    state = _DB_STATES.get(ctl.state)
     if state is None:
-        raise InvalidInput(f"cannot image {path.parent.parent}: its cluster state (code {state_code}) is not"
+        raise InvalidInput(f"cannot image {path.parent.parent}: its cluster state (code {ctl.state}) is not"
                            " 'shut down' or 'shut down in recovery' - stop Postgres cleanly first")
-    return state, checkpoint, redo
+    return state, ctl.checkpoint, ctl.redo
 
 
 def _rel_dir_location(rel_parts: tuple[str, ...]) -> tuple[int, int] | None:

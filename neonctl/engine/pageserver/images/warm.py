@@ -22,15 +22,16 @@ import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from neonctl.engine.lsn import format_lsn, segment_file_name
+from neonctl.engine.wal.decoder import RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder
 
 log = logging.getLogger("pageserver.warm")
 
 RECORD = "recycled-pgdata.json"  # beside the kept directory: {"timeline_id": ...}, written by endpoint stop
 DB_SHUTDOWNED = 1
-RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN = 0, 0x00
 _STALE = ("postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map",
           "recovery.signal", "standby.signal")
 
@@ -42,8 +43,16 @@ def read_record(pool: Path) -> dict | None:
         return None
 
 
-def control(pgdata: Path) -> tuple[int, int, int, int] | None:
-    """(system id, state, checkpoint LSN, timeline id) from pg_control (the same offsets in PG 15-18)."""
+class ControlFields(NamedTuple):
+    system_id: int
+    state: int  # DBState: 1 shut down, 2 shut down in recovery, 6 in production, ...
+    checkpoint: int
+    redo: int
+    tli: int
+
+
+def control(pgdata: Path) -> ControlFields | None:
+    """What neonctl reads of a directory's pg_control (the same offsets in PG 15-18); None if unreadable."""
     try:
         data = (pgdata / "global" / "pg_control").read_bytes()
     except OSError:
@@ -52,9 +61,9 @@ def control(pgdata: Path) -> tuple[int, int, int, int] | None:
         return None
     (system_id,) = struct.unpack_from("<Q", data, 0)
     (state,) = struct.unpack_from("<i", data, 16)
-    checkpoint, _redo = struct.unpack_from("<QQ", data, 32)
+    checkpoint, redo = struct.unpack_from("<QQ", data, 32)
     (tli,) = struct.unpack_from("<I", data, 48)
-    return system_id, state, checkpoint, tli
+    return ControlFields(system_id, state, checkpoint, redo, tli)
 
 
 def logged_hints(pgdata: Path) -> bool:
@@ -97,7 +106,7 @@ def reusable(pool: Path, lsn: int, timeline_id: str, lineage: set[str], system_i
     ctl = control(pool)
     if ctl is None:
         return "no readable pg_control"
-    sysid, state, checkpoint, tli = ctl
+    sysid, state, checkpoint, tli = ctl.system_id, ctl.state, ctl.checkpoint, ctl.tli
     if sysid != system_id:
         return "another system"
     if state != DB_SHUTDOWNED:

@@ -535,7 +535,7 @@ class Timeline:
         ctl = warm.control(pool)
         if record is None or ctl is None or "start_lsn" not in record:
             return "no record of the directory's history", None
-        sysid, state, checkpoint, _tli = ctl
+        sysid, state, checkpoint = ctl.system_id, ctl.state, ctl.checkpoint
         if sysid != self.meta.system_id or state != warm.DB_SHUTDOWNED:
             return "not a clean shutdown of this system", None
         if not warm.logged_hints(pool):
