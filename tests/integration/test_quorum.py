@@ -393,3 +393,19 @@ def test_safekeeper_count_is_a_project_setting(q3, cli):
         assert len(p.config.safekeepers) == 1 and not p.safekeeper_dir(3).exists()
     finally:
         cli("project", "delete", "resize")
+
+
+def test_interrupted_timeline_deletion_is_finished_at_start(q3, cli):
+    """A delete moves the directory aside in one rename; one killed after it is finished, never loaded."""
+    ensure_all_safekeepers(q3)
+    stop_safekeeper(q3, 3)
+    timelines = q3.safekeeper_dir(3) / "timelines"
+    grave = timelines / f".deleted-{'0' * 32}-0bad"
+    grave.mkdir()
+    # What a kill between the rename and the removal leaves: a control file whose WAL is already gone.
+    (grave / "safekeeper.control").write_bytes((timelines / tid(q3) / "safekeeper.control").read_bytes())
+    start_safekeeper(q3, 3)
+    assert not grave.exists()
+    wait_until(lambda: caught_up(q3, 3), 15, "sk3 to serve its real timeline again")
+    log = (q3.safekeeper_dir(3) / "sk3.log").read_text()
+    assert "0" * 32 not in log

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +41,7 @@ from aiohttp import web
 
 from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
+from neonctl.engine.durability import fsync_dir
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.safekeeper import peer_recovery
 from neonctl.engine.safekeeper.acceptor import ProposerElected, VoteRequest
@@ -58,6 +62,12 @@ log = logging.getLogger("safekeeper")
 
 BROKER_SILENCE = 3.0  # seconds without a broker answer before peers are asked directly
 TRIM_EVERY = 10.0
+DELETED_PREFIX = ".deleted-"  # a timeline directory being removed; never loaded, removed at start-up
+
+
+def _rename_durably(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+    fsync_dir(src.parent)
 
 
 class Safekeeper:
@@ -90,7 +100,9 @@ class Safekeeper:
 
     def load(self) -> None:
         for d in sorted((self.workdir / "timelines").iterdir()):
-            if (d / CONTROL_FILE).exists():
+            if d.name.startswith(DELETED_PREFIX):  # a deletion interrupted after its rename: finish it
+                shutil.rmtree(d, ignore_errors=True)
+            elif (d / CONTROL_FILE).exists():
                 tl = open_timeline(d)
                 self.timelines[tl.timeline_id] = tl
                 if isinstance(tl, BrokenTimeline):
@@ -169,10 +181,17 @@ class Safekeeper:
         tid = tl.timeline_id
         await self.stop_receiver(tid)
         await self.stop_recovery(tid)
-        self.timelines.pop(tid)
-        tl.close()
-        await asyncio.to_thread(shutil.rmtree, tl.dir)
+        # A WAL write already handed to a thread outlives the receiver's cancellation; wait for it, then
+        # move the directory aside in one rename, so a failure or crash from here on can never leave a
+        # half-deleted timeline (a control file without its WAL) to be loaded as damaged.
+        lock = tl.append_lock if isinstance(tl, SkTimeline) else contextlib.nullcontext()
+        async with lock:
+            self.timelines.pop(tid, None)
+            tl.close()
+            grave = tl.dir.with_name(f"{DELETED_PREFIX}{tid}-{secrets.token_hex(4)}")
+            await asyncio.to_thread(_rename_durably, tl.dir, grave)
         self.peer_view.pop(tid, None)
+        await asyncio.to_thread(shutil.rmtree, grave, True)
         return json_body({"deleted": tid})
 
     async def timeline_info(self, request: web.Request) -> web.Response:
