@@ -20,12 +20,11 @@ parent (as in Neon), so `reset N --parent` undoes the restore.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from neonctl.engine.branches import branch_rows, create_branch, create_timeline, drop_timeline
+from neonctl.engine.branches import branch_rows, clear_intent, create_branch, create_timeline, drop_timeline
 from neonctl.engine.compute.endpoint import (
     EndpointState,
     endpoint_status,
@@ -36,6 +35,7 @@ from neonctl.engine.compute.endpoint import (
 from neonctl.engine.compute.time_travel import resolve_point, time_travel_endpoints
 from neonctl.engine.connection import proxy_uri
 from neonctl.engine.expiry import parse_expiry
+from neonctl.engine.failpoints import failpoint
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.project import NAME_RE, Branch, Project, check_name
@@ -158,9 +158,8 @@ def _swap(
         if point.lsn is not None or point.timestamp is not None:  # check the point, and fix it to a record end
             point = TimePoint(source.name, resolve_point(project, point)[1])
         progress(f"branching {_describe(point)} for {name!r} ...")
-        new_tid, new_lsn = create_timeline(project, source, point)
-        project.config.pending_timelines[new_tid] = time.time()  # the intent: not an orphan while we work
-        project.save()
+        new_tid, new_lsn = create_timeline(project, source, point)  # recorded pending: not an orphan while we work
+        failpoint("branch-swap-after-create")
         st = read_state(project, name)
         was_running = st is not None and endpoint_status(st) == "running"
         tts = [t.name for t, _ in time_travel_endpoints(project, name)]
@@ -172,11 +171,12 @@ def _swap(
         if st is not None:
             progress(f"stopping the endpoint of {name!r} on port {st.port} ...")
             stop_endpoint(project, name)
+        failpoint("branch-swap-after-stop")
     except BaseException:
         with project.lock():
             drop_timeline(project, new_tid)
             project.reload()
-            project.config.pending_timelines.pop(new_tid, None)
+            clear_intent(project, new_tid)
             project.save()
         raise
     # 3. swap under the lock, unless someone changed N meanwhile
@@ -185,7 +185,7 @@ def _swap(
         n = project.config.branches.get(name)
         if n is None or n.timeline_id != old_tid or (preserve_under and preserve_under in project.config.branches):
             drop_timeline(project, new_tid)
-            project.config.pending_timelines.pop(new_tid, None)
+            clear_intent(project, new_tid)
             project.save()
             raise Conflict(f"branch {name!r} changed while it was being reset; nothing was done", hint="try again")
         preserved = None
@@ -202,8 +202,9 @@ def _swap(
                 if c.parent == name:
                     c.parent = preserve_under
         n.timeline_id, n.parent, n.parent_lsn = new_tid, source.name if source.name != name else preserve_under, new_lsn
-        project.config.pending_timelines.pop(new_tid, None)
+        clear_intent(project, new_tid)
         project.save()
+        failpoint("branch-swap-after-save")
         if not keep_old:
             try:
                 drop_timeline(project, old_tid)

@@ -13,8 +13,10 @@ from datetime import datetime
 
 from neonctl.engine.compute.endpoint import endpoint_status, list_endpoints, read_state, stop_endpoint
 from neonctl.engine.compute.time_travel import time_travel_endpoints
+from neonctl.engine.failpoints import failpoint
 from neonctl.engine.lsn import format_lsn, parse_lsn
 from neonctl.engine.pageserver.client import PageserverClient
+from neonctl.engine.process import process_token, token_alive
 from neonctl.engine.project import PENDING_GRACE, Branch, Project, check_name
 from neonctl.engine.safekeeper.client import SafekeeperClient, flush_lsn
 from neonctl.engine.storage import require_running
@@ -45,39 +47,46 @@ def create_branch(project: Project, name: str, point: TimePoint, if_not_exists: 
             raise AlreadyExists(f"branch {name!r} already exists", hint="use --if-not-exists in scripts")
         parent = project.branch(point.branch or project.config.default_branch)
         tid, lsn = create_timeline(project, parent, point)
+        failpoint("branch-create-after-timeline")
         try:
             b = Branch(name=name, timeline_id=tid, parent=parent.name, parent_lsn=lsn, suspend_timeout=suspend_timeout,
                        expires_at=expires_at)
             project.config.branches[name] = b
+            clear_intent(project, tid)
             project.save()
         except BaseException:
             drop_timeline(project, tid)
             raise
+        failpoint("branch-create-after-save")
         return b, True
 
 
 def create_timeline(project: Project, parent: Branch, point: TimePoint) -> tuple[str, int]:
     """A new timeline off `parent` at `point` (its head if no LSN/time) in the pageserver and on every
-    safekeeper; returns (timeline id, branch point). The caller holds the project lock and names it;
-    on failure nothing is left behind."""
+    safekeeper; returns (timeline id, branch point). The caller holds the project lock and names it (then
+    `clear_intent`); on failure nothing is left behind, and if this process dies midway, the intent recorded
+    before the first daemon call lets the next `start` delete what it made."""
     require_running(project)
     if point.timestamp is not None and point.timestamp.timestamp() < _root_created(project):
         raise InvalidInput(f"timestamp {point.timestamp.isoformat()} is before the project's history begins")
     tid = uuid.uuid4().hex
+    record_intent(project, tid)
     pageserver = PageserverClient.of(project)
-    info = pageserver.create_branch(
-        tid, parent.timeline_id, lsn=point.lsn, wait_for_lsn=flush_lsn(project, parent.timeline_id),
-        timestamp_us=to_pg_us(point.timestamp) if point.timestamp is not None else None)
-    lsn = info["start_lsn"]
-    created_sks = []
+    created = []
     try:
+        info = pageserver.create_branch(
+            tid, parent.timeline_id, lsn=point.lsn, wait_for_lsn=flush_lsn(project, parent.timeline_id),
+            timestamp_us=to_pg_us(point.timestamp) if point.timestamp is not None else None)
+        created.append(pageserver)
+        lsn = info["start_lsn"]
         for sk in SafekeeperClient.all_of(project).values():
             sk.create_timeline(tid, info["system_id"], info["pg_version"], lsn)
-            created_sks.append(sk)
+            created.append(sk)
     except BaseException:
-        for sk in created_sks:
-            sk.delete_timeline(tid)
-        pageserver.delete_timeline(tid)
+        for daemon in reversed(created):
+            daemon.delete_timeline(tid)
+        clear_intent(project, tid)
+        project.save()
         raise
     return tid, lsn
 
@@ -86,10 +95,33 @@ def drop_timeline(project: Project, timeline_id: str) -> None:
     """Delete a timeline from every safekeeper and the pageserver (it must have no child timelines).
     Idempotent: a daemon that no longer has it (an earlier attempt got that far) counts as done."""
     for daemon in [*SafekeeperClient.all_of(project).values(), PageserverClient.of(project)]:
+        if isinstance(daemon, PageserverClient):
+            failpoint("timeline-drop-between-daemons")
         try:
             daemon.delete_timeline(timeline_id)
         except NotFound:
             pass
+
+
+def record_intent(project: Project, timeline_id: str) -> None:
+    """Say, before a daemon holds it, that this process is making `timeline_id` (saved at once)."""
+    project.config.pending_timelines[timeline_id] = time.time()
+    project.config.pending_owners[timeline_id] = process_token()
+    project.save()
+
+
+def clear_intent(project: Project, timeline_id: str) -> None:
+    """The timeline is named by a branch now, or dropped (the caller saves)."""
+    project.config.pending_timelines.pop(timeline_id, None)
+    project.config.pending_owners.pop(timeline_id, None)
+
+
+def _in_progress(project: Project, timeline_id: str, now: float) -> bool:
+    """A pending timeline whose command still runs (or, for records without an owner, is recent)."""
+    owner = project.config.pending_owners.get(timeline_id)
+    if owner is not None:
+        return token_alive(owner)
+    return now - project.config.pending_timelines[timeline_id] < PENDING_GRACE
 
 
 def _root_created(project: Project) -> float:
@@ -117,9 +149,11 @@ def delete_branch(project: Project, name: str, force: bool = False) -> Branch:
         stop_endpoint(project, tt, immediate=True)
     if st is not None:
         stop_endpoint(project, name, immediate=True)
+    failpoint("branch-delete-after-endpoint-stop")
     with project.lock():
         project.reload()
         drop_timeline(project, b.timeline_id)  # idempotent: an interrupted delete is finished by a retry
+        failpoint("branch-delete-before-save")
         project.config.branches.pop(name, None)
         project.save()
     return b
@@ -128,13 +162,13 @@ def delete_branch(project: Project, name: str, force: bool = False) -> Branch:
 def reconcile(project: Project, now: float | None = None) -> dict:
     """Make the daemons hold exactly the project's timelines, as Neon's pageserver reconciles with its control
     plane on attach: a timeline no branch names (a branch create or reset killed midway) is deleted, unless an
-    operation still under way recorded it (pending, younger than PENDING_GRACE); a branch whose timeline a
-    daemon lacks is reported. Runs at `neonctl start`, under the project lock."""
+    operation still under way recorded it (pending, and the command that recorded it still runs); a branch
+    whose timeline a daemon lacks is reported. Runs at `neonctl start`, under the project lock."""
     now = time.time() if now is None else now
     with project.lock():
         project.reload()
         named = {b.timeline_id for b in project.config.branches.values()}
-        pending = {t for t, at in project.config.pending_timelines.items() if now - at < PENDING_GRACE}
+        pending = {t for t in project.config.pending_timelines if _in_progress(project, t, now)}
         held: dict[str, set[str]] = {}
         held["pageserver"] = set(PageserverClient.of(project).status(timeout=10).get("timelines", {}))
         for sk in SafekeeperClient.all_of(project).values():
@@ -148,7 +182,7 @@ def reconcile(project: Project, now: float | None = None) -> dict:
                 failed[tid] = str(e)
         stale = [t for t in project.config.pending_timelines if t not in pending]
         for t in stale:
-            del project.config.pending_timelines[t]
+            clear_intent(project, t)
         if stale:
             project.save()
         missing = {name: sorted(named - tl) for name, tl in held.items() if named - tl}
@@ -171,6 +205,7 @@ def rename_branch(project: Project, old: str, new: str) -> Branch:
                 c.parent = new
         if project.config.default_branch == old:
             project.config.default_branch = new
+        failpoint("branch-rename-before-save")
         project.save()
         return b
 

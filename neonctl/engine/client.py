@@ -90,3 +90,8 @@ def call(name: str, address: str, method: str, path: str, body: dict | None = No
         raise errors.DaemonError(f"{name} answered HTTP {reply.status} to {method} {path}") from None
     cls = errors.error_class(payload.get("kind")) or errors.DaemonError
     raise cls(payload.get("error", f"HTTP {reply.status}"), payload.get("hint"))
+
+
+def set_failpoints(name: str, address: str, points: dict[str, str]) -> dict:
+    """Arm fault points in a daemon started with NEONCTL_TESTING=1 (`engine/failpoints.py`); {} disarms."""
+    return call(name, address, "PUT", "/v1/failpoints", points)

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from neonctl.engine import failpoints
 from neonctl.engine.credentials import daemon_token
 from neonctl.engine.process import hold_daemon_lock
-from neonctl.errors import Conflict, NeonctlError, NotFound
+from neonctl.errors import Conflict, InvalidInput, NeonctlError, NotFound
 
 
 def setup_logging(name: str) -> None:
@@ -51,11 +52,22 @@ def json_body(obj) -> web.Response:
     return web.Response(text=json.dumps(obj), content_type="application/json")
 
 
+async def _set_failpoints(request: web.Request) -> web.Response:
+    """Test-only: arm fault points in this daemon ({"name": "crash" | "sleep(MS)", ...}; {} disarms)."""
+    body = await request.json()
+    if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
+        raise InvalidInput('expected {"fault point": "crash" | "sleep(MS)", ...}')
+    failpoints.configure(body)
+    return json_body({"failpoints": body})
+
+
 def serve(app: web.Application, host: str, port: int,
           background: list[Callable[[asyncio.Event], Awaitable[None]]]) -> None:
     """Run the app and background tasks until SIGTERM/SIGINT, then stop tasks and exit cleanly."""
 
     app["api_token"] = daemon_token()
+    if os.environ.get("NEONCTL_TESTING") == "1":
+        app.router.add_put("/v1/failpoints", _set_failpoints)
     hold_daemon_lock()
 
     async def main() -> None:

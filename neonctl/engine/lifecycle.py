@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -27,6 +28,8 @@ from neonctl.engine.compute.endpoint import (
 from neonctl.engine.compute.runtime import resolve_runtime
 from neonctl.engine.connection import proxy_uri
 from neonctl.engine.credentials import ensure_token
+from neonctl.engine.durability import fsync_dir
+from neonctl.engine.failpoints import failpoint
 from neonctl.engine.home import compute_root, projects_dir, tighten_home
 from neonctl.engine.pageserver.timeline.timeline import Timeline, timeline_dir
 from neonctl.engine.project import (
@@ -70,6 +73,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
     proxy_port, proxy_http_port = allocate_proxy_ports(taken | {ps_port, broker_port, *sk_ports})
     if pdir.exists():
         shutil.rmtree(pdir)  # leftovers of an interrupted init, never a complete project
+    remove_deleted_projects()
     pdir.mkdir(parents=True)
     try:
         timeline_id = uuid.uuid4().hex
@@ -147,17 +151,31 @@ def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
     """
     stop_all_endpoints(project)
     stop_storage(project, immediate=True)
+    failpoint("project-delete-after-daemons")
     remote = None if keep_remote else delete_remote_data(project)
     croot = project.compute_root()
     if croot != project.dir / "compute":
         shutil.rmtree(croot, ignore_errors=True)
-    shutil.rmtree(project.dir)
+    # One rename takes the project out of every listing, so a delete killed during the removal never
+    # leaves a half-deleted project (a project.json whose files are partly gone); the next delete or
+    # `init` removes what is left.
+    grave = project.dir.with_name(f".deleted-{project.dir.name}-{secrets.token_hex(4)}")
+    os.rename(project.dir, grave)
+    fsync_dir(grave.parent)
+    failpoint("project-delete-after-rename")
+    remove_deleted_projects()
     try:
         if current_marker().read_text().strip() == project.name:
             current_marker().unlink()
     except OSError:
         pass
     return remote
+
+
+def remove_deleted_projects() -> None:
+    """Finish the removals of deleted projects that a crash interrupted after their rename."""
+    for d in projects_dir().glob(".deleted-*"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 QUICKSTART_PROJECT = "demo"

@@ -57,6 +57,24 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def process_token(pid: int | None = None) -> str:
+    """"PID:START": a process's identity that a later process reusing the PID does not share (the start
+    time in clock ticks since boot, from /proc)."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid}:{start}"
+
+
+def token_alive(token: str) -> bool:
+    """Whether the process `process_token` named is still running."""
+    pid, _, _ = token.partition(":")
+    return pid.isdigit() and pid_alive(int(pid)) and process_token(int(pid)) == token
+
+
 def pid_cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

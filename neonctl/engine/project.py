@@ -22,6 +22,7 @@ from neonctl.engine import ports
 from neonctl.engine.compute.runtime import PgRuntime, resolve_runtime
 from neonctl.engine.context import current_context
 from neonctl.engine.credentials import register_project, token_path
+from neonctl.engine.durability import fsync_dir
 from neonctl.engine.home import compute_root, home_dir, projects_dir
 from neonctl.engine.process import BackgroundProcess
 from neonctl.errors import CorruptData, InvalidInput, NotFound
@@ -71,6 +72,9 @@ class ProjectConfig:
     # (branch reset/restore between creating the new timeline and swapping it in): `start`'s reconciliation
     # leaves these alone while recent, and deletes them as crash leftovers after PENDING_GRACE seconds
     pending_timelines: dict[str, float] = field(default_factory=dict)
+    # timeline id -> process_token() of the command that recorded it pending: once that process is gone,
+    # the timeline is a leftover at once, without waiting for the grace
+    pending_owners: dict[str, str] = field(default_factory=dict)
     proxy_port: int | None = None  # None in projects made before the proxy: assigned at the next `start`
     proxy_http_port: int | None = None
     suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT
@@ -105,8 +109,12 @@ class Project:
 
     def save(self) -> None:
         tmp = self.dir / "project.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.config), indent=1))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(asdict(self.config), indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.dir / "project.json")
+        fsync_dir(self.dir)
 
     @contextmanager
     def lock(self):
@@ -238,7 +246,7 @@ def list_projects() -> list[Project]:
     never breaks commands on the others."""
     out = []
     for d in sorted(projects_dir().iterdir()):
-        if (d / "project.json").exists():
+        if not d.name.startswith(".") and (d / "project.json").exists():
             try:
                 out.append(Project(d))
             except CorruptData:
@@ -250,7 +258,7 @@ def broken_projects() -> list[tuple[str, str]]:
     """(name, error) of every project whose project.json cannot be used."""
     out = []
     for d in sorted(projects_dir().iterdir()):
-        if (d / "project.json").exists():
+        if not d.name.startswith(".") and (d / "project.json").exists():
             try:
                 Project(d)
             except CorruptData as e:

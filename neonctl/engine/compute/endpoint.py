@@ -26,6 +26,7 @@ from neonctl.engine.compute import pgbouncer
 from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
+from neonctl.engine.failpoints import failpoint
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.pageserver.images import warm
@@ -152,6 +153,7 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             elif res.get("rebuilt"):
                 progress(f"rebuilt from the stopped compute's directory: {res['rebuilt']['changed_keys']} changed "
                          f"page(s) rewritten from the image, {res['rebuilt']['wal_bytes']} bytes of WAL to replay")
+            failpoint("endpoint-start-before-postgres")
             logfile = epdir / "postgres.log"
             port = launch_postgres(
                 runtime, pgdata, epdir, logfile, port, auto_port,
@@ -160,6 +162,7 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             verify_replayed(str(epdir), port, lsn, logfile)
             attach(project, elected, str(epdir), port, lsn)
             apply_roles(project, str(epdir), port)
+            failpoint("endpoint-start-after-postgres")
         st = EndpointState(branch=branch, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
                            started_at=time.time(), pg_version=runtime.version, fsync=fsync,
                            suspend_timeout=suspend_timeout, directory_since_lsn=res.get("directory_since_lsn"))
@@ -346,6 +349,7 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
                                      start_lsn=0, started_at=0.0, pg_version=0)
             raise NotFound(f"no endpoint is running on branch {branch!r}")
         pid = postgres_pid(st.pgdata)
+        failpoint("endpoint-stop-before-postgres")
         if pid:
             runtime = project.runtime()
             mode = "immediate" if immediate else "fast"
@@ -357,6 +361,7 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
             deadline = time.time() + 10
             while pid_alive(pid) and time.time() < deadline:
                 time.sleep(0.05)
+        failpoint("endpoint-stop-after-postgres")
         _discard(project, st)
         clear_suspended(project, st.name)
         return st

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import shutil
 import struct
 import time
@@ -30,6 +31,7 @@ from aiohttp import web
 
 from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
+from neonctl.engine.failpoints import afailpoint
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
@@ -48,6 +50,7 @@ from neonctl.engine.pageserver.timeline.timeline import (
     timeline_dir,
 )
 from neonctl.engine.pageserver.timeline.walreceiver import receive
+from neonctl.engine.pageserver.workdir import DELETED_PREFIX
 from neonctl.engine.timepoint import from_pg_us
 from neonctl.errors import (
     AlreadyExists,
@@ -90,6 +93,8 @@ class Pageserver:
         self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
 
     def load(self) -> None:
+        for grave in (self.workdir / "timelines").glob(f"{DELETED_PREFIX}*"):  # a delete a crash interrupted
+            shutil.rmtree(grave, ignore_errors=True)
         for tid in list_timelines(self.workdir):
             self._load_one(tid)
 
@@ -215,6 +220,7 @@ class Pageserver:
             await asyncio.to_thread(Timeline.create_branch, timeline_dir(self.workdir, tid), tid, ancestor, lsn)
             tl = await asyncio.to_thread(self._load_one, tid)
         self.ensure_receiver(tl)
+        await afailpoint("ps-timeline-create-before-answer")
         return json_body(self.info(tl))
 
     async def lsn_by_timestamp(self, request: web.Request) -> web.Response:
@@ -252,10 +258,14 @@ class Pageserver:
         self.catalog.drop(tid)
         if self.redo_kept is not None:
             await asyncio.to_thread(self.redo_kept.forget, tid)
+        # One rename first: a crash during the removal must not leave a half-deleted timeline to be loaded.
+        grave = tl.dir.with_name(f"{DELETED_PREFIX}{tid}-{secrets.token_hex(4)}")
+        await asyncio.to_thread(os.rename, tl.dir, grave)
+        await afailpoint("ps-timeline-delete-midway")
         # The layer builder or an ingest already under way may still write a file or two in there.
         for attempt in range(50):
             try:
-                await asyncio.to_thread(shutil.rmtree, tl.dir)
+                await asyncio.to_thread(shutil.rmtree, grave)
                 break
             except FileNotFoundError:
                 break

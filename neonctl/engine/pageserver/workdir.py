@@ -18,4 +18,9 @@ def timeline_dir(workdir: Path, timeline_id: str) -> Path:
 
 def list_timelines(workdir: Path) -> list[str]:
     d = workdir / "timelines"
-    return sorted(p.name for p in d.iterdir() if (p / "metadata.json").exists()) if d.exists() else []
+    if not d.exists():
+        return []
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and (p / "metadata.json").exists())
+
+
+DELETED_PREFIX = ".deleted-"  # a timeline directory moved aside by a delete: removed, never loaded

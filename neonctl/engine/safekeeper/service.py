@@ -42,6 +42,7 @@ from aiohttp import web
 from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.durability import fsync_dir
+from neonctl.engine.failpoints import afailpoint
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.safekeeper import peer_recovery
 from neonctl.engine.safekeeper.acceptor import ProposerElected, VoteRequest
@@ -174,6 +175,7 @@ class Safekeeper:
                               timeline_start_lsn=lsn, flush_lsn=lsn, commit_lsn=lsn)
         tl = await asyncio.to_thread(SkTimeline.create, self.workdir / "timelines" / tid, state)
         self.timelines[tid] = tl
+        await afailpoint("sk-timeline-create-before-answer")
         return json_body(self.info(tl))
 
     async def delete_timeline(self, request: web.Request) -> web.Response:
@@ -190,6 +192,7 @@ class Safekeeper:
             tl.close()
             grave = tl.dir.with_name(f"{DELETED_PREFIX}{tid}-{secrets.token_hex(4)}")
             await asyncio.to_thread(_rename_durably, tl.dir, grave)
+        await afailpoint("sk-timeline-delete-after-rename")
         self.peer_view.pop(tid, None)
         await asyncio.to_thread(shutil.rmtree, grave, True)
         return json_body({"deleted": tid})

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neonctl.engine.failpoints import failpoint
 from neonctl.engine.pageserver import value
 from neonctl.engine.pageserver.config import PageserverConfig
-from neonctl.engine.pageserver.failpoints import failpoint
 from neonctl.engine.pageserver.images.image_set import ImageInfo
 from neonctl.engine.pageserver.key import KEY_SIZE, Key, KeyRange
 from neonctl.engine.pageserver.storage_layer.delta_layer import (
