@@ -127,9 +127,12 @@ def delete_cmd(
     terminal; --yes for scripts)."""
     import sys  # noqa: PLC0415
 
-    from neonctl.engine.lifecycle import delete_project  # noqa: PLC0415 - stops endpoints and daemons
+    from neonctl.engine.lifecycle import delete_project, project_to_delete  # noqa: PLC0415 - stops daemons
 
-    p = load_project(name)
+    p = project_to_delete(name)
+    if p is None:  # a delete killed after it moved the project aside: finished now
+        emit({"name": name, "deleted": True}, output)
+        return
     if not yes and sys.stdin.isatty():
         answer = input(
             f"Delete project {name!r} with {len(p.config.branches)} branch(es) and all its data? "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -53,7 +54,7 @@ from neonctl.engine.safekeeper.control_file import TimelineState
 from neonctl.engine.safekeeper.membership import set_safekeeper_count
 from neonctl.engine.safekeeper.timeline import SkTimeline
 from neonctl.engine.storage import start_storage, stop_storage
-from neonctl.errors import AlreadyExists, InvalidInput
+from neonctl.errors import AlreadyExists, InvalidInput, NotFound
 
 
 def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, progress=print) -> Project:
@@ -172,10 +173,27 @@ def delete_project(project: Project, keep_remote: bool = False) -> dict | None:
     return remote
 
 
-def remove_deleted_projects() -> None:
-    """Finish the removals of deleted projects that a crash interrupted after their rename."""
+def remove_deleted_projects(name: str | None = None) -> bool:
+    """Finish the removals of deleted projects (all, or `name`'s) that a crash interrupted after their
+    rename; whether there was one."""
+    pattern = re.compile(rf"\.deleted-{re.escape(name) if name else '.+'}-[0-9a-f]{{8}}")
+    found = False
     for d in projects_dir().glob(".deleted-*"):
-        shutil.rmtree(d, ignore_errors=True)
+        if pattern.fullmatch(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+            found = True
+    return found
+
+
+def project_to_delete(name: str) -> Project | None:
+    """The project `project delete NAME` deletes, or None when only an interrupted deletion of it was left
+    (finished here: a retry of a killed delete succeeds)."""
+    try:
+        return load_project(name)
+    except NotFound:
+        if remove_deleted_projects(name):
+            return None
+        raise
 
 
 QUICKSTART_PROJECT = "demo"
