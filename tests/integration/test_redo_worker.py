@@ -413,3 +413,11 @@ def test_redo_worker_refusals(history, tmp_path):
         replay_to(h.rt, tmp_path, h.points[0].lsn)
     with pytest.raises(InvalidInput, match="not a data directory"):
         replay_to(h.rt, tmp_path / "nothing", h.points[0].lsn)
+
+
+def test_redo_worker_listens_on_no_tcp_port(history, image):
+    """No other local user can connect to the worker: no TCP, a socket in a 0700 directory removed after."""
+    log = image.workdir.with_name(image.workdir.name + ".redo.log").read_text()
+    sockets = re.findall(r'listening on Unix socket "([^"]+)"', log)
+    assert sockets and "listening on IPv4" not in log and "listening on IPv6" not in log
+    assert all(not Path(s).parent.exists() for s in sockets)  # the private directory is gone

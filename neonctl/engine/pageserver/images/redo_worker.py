@@ -11,8 +11,9 @@ Making the files of an image at LSN I (:func:`build_image` does all of it)
    (I's segment zeroed after I, no later segment) + a ``backup_label``.
 2. :func:`replay_to` checks that the label names the checkpoint pg_control names, **removes the
    label**, adds ``standby.signal`` and starts ``postgres`` with ``hot_standby=on``, no
-   ``primary_conninfo``/``restore_command``, no ``synchronous_standby_names``, ``fsync=off`` and a
-   free loopback port - all as command-line options, so no configuration file of the directory
+   ``primary_conninfo``/``restore_command``, no ``synchronous_standby_names``, ``fsync=off``, and
+   no TCP (a socket in a private 0700 directory with its own pg_hba.conf) - all as command-line
+   options, so no configuration file of the directory
    changes and none of it ends up in the image. It polls ``pg_last_wal_replay_lsn()`` until it
    equals I (the standby then waits for WAL that never comes), then ``pg_ctl stop -m fast``.
 3. The shutdown *restartpoint* writes every dirty buffer and the SLRUs and records, in pg_control,
@@ -61,9 +62,13 @@ Limits:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,13 +99,16 @@ class RedoResult(NamedTuple):
     lsn: int  # I: every page is at or before this LSN; the directory is usable for X >= I only
 
 
-def _standby_options(runtime: PgRuntime, pgdata: Path, port: int) -> list[str]:
+def _standby_options(runtime: PgRuntime, pgdata: Path, port: int, socket_dir: Path) -> list[str]:
     raw = read_control_data(runtime.bin_dir, pgdata).raw
     settings = {
         "hot_standby": "on",
-        "listen_addresses": "127.0.0.1",
+        # No TCP at all: the worker is reached through a socket in a 0700 directory of its own, so no other
+        # local user can connect to it, whatever the image's pg_hba.conf says (hba_file is ours too).
+        "listen_addresses": "",
         "port": str(port),
-        "unix_socket_directories": "",
+        "unix_socket_directories": str(socket_dir),
+        "hba_file": str(socket_dir / "pg_hba.conf"),
         "fsync": "off",
         "synchronous_commit": "off",
         "synchronous_standby_names": "",
@@ -143,12 +151,12 @@ def _postmaster_pid(pgdata: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def _replay_lsn(port: int, user: str) -> tuple[int, bool] | None:
+def _replay_lsn(socket_dir: Path, port: int, user: str) -> tuple[int, bool] | None:
     """(pg_last_wal_replay_lsn, in recovery) or None while the standby does not accept connections."""
     import psycopg
 
     try:
-        with psycopg.connect(host="127.0.0.1", port=port, user=user, dbname="postgres",
+        with psycopg.connect(host=str(socket_dir), port=port, user=user, dbname="postgres",
                              connect_timeout=3, autocommit=True) as conn:
             lsn, in_recovery = conn.execute(
                 "SELECT coalesce(pg_last_wal_replay_lsn() - '0/0'::pg_lsn, 0), pg_is_in_recovery()").fetchone()
@@ -209,6 +217,24 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
     os.chmod(pgdata / "standby.signal", 0o600)
     runtime.chown(pgdata, recursive=True)
     deadline = time.monotonic() + timeout
+    with _private_socket_dir(runtime) as socket_dir:
+        return _run_standby(runtime, pgdata, lsn, socket_dir, deadline, log_file, user)
+
+
+@contextmanager
+def _private_socket_dir(runtime: PgRuntime) -> Iterator[Path]:
+    """A 0700 directory (short: a socket path has ~100 bytes) holding the worker's socket and pg_hba.conf."""
+    d = Path(tempfile.mkdtemp(prefix="neonctl-redo-"))
+    try:
+        (d / "pg_hba.conf").write_text("local all all trust\n")
+        runtime.chown(d, recursive=True)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_standby(runtime: PgRuntime, pgdata: Path, lsn: int, socket_dir: Path, deadline: float, log_file: Path,
+                 user: str) -> RedoResult:
     proc = None
     for _attempt in range(5):
         port = ephemeral_port()
@@ -216,11 +242,11 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
             if runtime.run_as is not None:
                 runtime.chown(log_file)
             proc = subprocess.Popen(
-                [runtime.bin("postgres"), "-D", str(pgdata), *_standby_options(runtime, pgdata, port)],
+                [runtime.bin("postgres"), "-D", str(pgdata), *_standby_options(runtime, pgdata, port, socket_dir)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 close_fds=True, **runtime.popen_kwargs())
         try:
-            result = _wait_for_replay(proc, port, lsn, deadline, log_file, user)
+            result = _wait_for_replay(proc, socket_dir, port, lsn, deadline, log_file, user)
         except BaseException:
             if proc.poll() is None:
                 try:
@@ -246,17 +272,17 @@ def replay_to(runtime: PgRuntime, pgdata: Path, lsn: int, *, timeout: float = 30
     return RedoResult(cd.checkpoint_lsn, cd.redo_lsn, lsn)
 
 
-def _wait_for_replay(proc: subprocess.Popen, port: int, lsn: int, deadline: float, log_file: Path,
-                     user: str) -> str:
+def _wait_for_replay(proc: subprocess.Popen, socket_dir: Path, port: int, lsn: int, deadline: float,
+                     log_file: Path, user: str) -> str:
     last = None
     while True:
         if proc.poll() is not None:
             tail = log_tail(log_file, 6)
-            if "could not create any TCP/IP sockets" in tail or "Address already in use" in tail:
+            if "could not create any Unix-domain sockets" in tail or "Address already in use" in tail:
                 return "port-taken"
             raise PostgresError(f"the redo worker's Postgres exited (code {proc.returncode}) before replaying"
                                 f" to {format_lsn(lsn)}: {log_tail(log_file, 3)}", hint=str(log_file))
-        state = _replay_lsn(port, user)
+        state = _replay_lsn(socket_dir, port, user)
         if state is not None:
             replayed, in_recovery = state
             if not in_recovery:
