@@ -65,7 +65,16 @@ def stop_cmd(
 
 @app.command("repair")
 def repair_cmd(sk: SkArg, project: ProjectOpt = None, output: OutputOpt = Format.table) -> None:
-    """Rebuild a safekeeper's damaged timelines (bad control file or WAL) from its peers."""
+    """Rebuild a safekeeper's damaged timelines (bad control file or WAL) from its peers.
+
+    A project's only safekeeper has no peers: its damaged timeline is rebuilt at the end of the WAL the
+    pageserver holds, after the branch's compute is stopped. WAL only the safekeeper had beyond that is lost;
+    the result says exactly which (lost_from, lost_to, lost_bytes).
+    """
     from neonctl.engine.safekeeper.admin import repair_safekeeper  # noqa: PLC0415
 
-    emit(repair_safekeeper(load_project(project), sk), output, ["safekeeper", "branch", "repaired", "term", "was"])
+    rows = repair_safekeeper(load_project(project), sk)
+    columns = ["safekeeper", "branch", "repaired", "term", "was"]
+    if any("summary" in r for r in rows):  # rebuilt from the pageserver: say what was lost
+        columns = ["safekeeper", "branch", "repaired", "term", "summary"]
+    emit(rows, output, columns)

@@ -296,6 +296,22 @@ def recycled_pgdata(project: Project) -> Path:
     return project.compute_root() / "recycled-pgdata"
 
 
+def forget_recycled(project: Project, timeline_id: str) -> bool:
+    """The kept directory of a compute that ran on `timeline_id` may no longer be reused or rebuilt from.
+
+    For when the timeline's WAL was cut back below where that compute stopped (a lone safekeeper's repair
+    rebuilds it at the pageserver's WAL end): its record goes, so no start takes the directory for a point of
+    the new history; the files stay as the pool of inodes that a full materialisation rewrites. Returns
+    whether a record was removed.
+    """
+    pool = recycled_pgdata(project)
+    record = warm.read_record(pool)
+    if record is None or record.get("timeline_id") != timeline_id:
+        return False
+    warm.forget(pool)
+    return True
+
+
 def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) -> None:
     pgdata = Path(st.pgdata)
     if st.at_lsn is not None or not pgdata.is_dir() or (pid is not None and pid_alive(pid)):

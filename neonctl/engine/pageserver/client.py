@@ -30,6 +30,10 @@ class PageserverClient:
         """last_record_lsn, received_lsn, layer_lsn, ancestors, ... of one timeline."""
         return self._call("GET", f"/v1/timeline/{tid}")
 
+    def sync(self, tid: str) -> dict:
+        """Make the timeline's ingested WAL durable now; its info, whose last_record_lsn is then durable."""
+        return self._call("POST", f"/v1/timeline/{tid}/sync", {})
+
     def create_branch(self, tid: str, ancestor: str, *, lsn: int | None = None, timestamp_us: int | None = None,
                       wait_for_lsn: int | None = None) -> dict:
         """A new timeline `tid` off `ancestor` at an LSN, a time or (neither) its head."""

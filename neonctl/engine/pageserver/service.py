@@ -5,6 +5,8 @@
   POST /v1/timeline/{tl}/basebackup       {endpoint, recycle?, lsn?, wait_for_lsn?, timeout?}: materialise a
                                           data directory; with no lsn, at the end of the WAL the
                                           safekeepers had (wait_for_lsn), rounded down to a record end
+  POST /v1/timeline/{tl}/sync             make the WAL ingested so far durable now; answers the timeline's
+                                          info, its last_record_lsn durable
 
 At start-up, timelines that remote storage holds but the local disk lacks are
 downloaded first (remote_restore); then a background thread keeps the remote a
@@ -297,6 +299,17 @@ class Pageserver:
                                "values": tl.layers.open.count, "bytes": tl.layers.open.size}
         return json_body(stats)
 
+    async def sync(self, request: web.Request) -> web.Response:
+        """Make the WAL ingested so far, and the metadata naming it, durable now (not within the second).
+
+        The answer's last_record_lsn is durable: it is read before the sync, which covers it. A repair of a
+        lone safekeeper rebuilds its timeline there, so a pageserver restart must never come back below it.
+        """
+        tl = self.get(request.match_info["tl"])
+        info = self.info(tl)
+        await asyncio.to_thread(tl.sync_if_due, True)
+        return json_body(info)
+
     async def checkpoint(self, request: web.Request) -> web.Response:
         """Freeze the open layer now (and compact if due); `compact=true` forces a compaction too."""
         tl = self.get(request.match_info["tl"])
@@ -545,6 +558,7 @@ class Pageserver:
         app.router.add_get("/v1/layers", self.layers)
         app.router.add_get("/v1/timeline/{tl}/layer_stats", self.layer_stats)
         app.router.add_post("/v1/timeline/{tl}/checkpoint", self.checkpoint)
+        app.router.add_post("/v1/timeline/{tl}/sync", self.sync)
         app.router.add_get("/v1/timeline/{tl}/page", self.page_versions)
         app.router.add_get("/v1/timeline/{tl}/changed_pages", self.changed_pages)
         app.router.add_post("/v1/timeline/{tl}/image", self.create_image)

@@ -7,10 +7,12 @@ other storage daemon.
 
 from __future__ import annotations
 
+from neonctl.engine.compute.endpoint import forget_recycled, read_state, stop_endpoint
+from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.process import BackgroundProcess
 from neonctl.engine.project import Project
 from neonctl.engine.safekeeper.client import SafekeeperClient
-from neonctl.errors import DaemonError, InvalidInput
+from neonctl.errors import DaemonError, InvalidInput, NotFound
 
 
 def daemon(project: Project, sk_id: int) -> BackgroundProcess:
@@ -73,7 +75,8 @@ def safekeeper_rows(project: Project) -> list[dict]:
 
 
 def repair_safekeeper(project: Project, sk_id: int) -> list[dict]:
-    """Rebuild every damaged timeline of one safekeeper from its peers."""
+    """Rebuild every damaged timeline of one safekeeper: from its peers, or, for the project's only
+    safekeeper, at the end of the WAL the pageserver holds (`repair_from_pageserver`)."""
     d = daemon(project, sk_id)
     if d.pid() is None:
         raise DaemonError(f"safekeeper {sk_id} is not running", hint=f"neonctl safekeeper start {sk_id}")
@@ -82,8 +85,45 @@ def repair_safekeeper(project: Project, sk_id: int) -> list[dict]:
     names = branch_names(project)
     out = []
     for tid, tl in st["timelines"].items():
-        if tl.get("corrupt"):
-            res = sk.repair(tid)
-            out.append({"safekeeper": sk_id, "branch": names.get(tid), "timeline_id": tid, "repaired": True,
-                        "was": tl["corrupt"], "term": res.get("term")})
+        if not tl.get("corrupt"):
+            continue
+        if len(project.safekeeper_addrs()) == 1:
+            out.append(repair_from_pageserver(project, sk, tid, names.get(tid), tl["corrupt"]))
+            continue
+        res = sk.repair(tid)
+        out.append({"safekeeper": sk_id, "branch": names.get(tid), "timeline_id": tid, "repaired": True,
+                    "was": tl["corrupt"], "term": res.get("term")})
     return out
+
+
+def repair_from_pageserver(project: Project, sk: SafekeeperClient, tid: str, branch: str | None,
+                           was: str) -> dict:
+    """A lone safekeeper's damaged timeline, rebuilt at the pageserver's last record (pageserver_repair.py).
+
+    The CLI reads the pageserver and hands its values to the safekeeper (which needs no pageserver address
+    of its own): first the branch's compute is stopped, its data directory may be ahead of that point; then,
+    under the project lock, the pageserver makes its WAL durable and names its end, the kept directory of a
+    stopped compute of the branch is no longer taken as it is, and the safekeeper rebuilds the timeline.
+    """
+    stopped = False
+    if branch is not None and read_state(project, branch) is not None:
+        # Immediate: its only safekeeper is damaged, and a state beyond the pageserver's is discarded anyway.
+        stop_endpoint(project, branch, immediate=True)
+        stopped = True
+    with project.lock():
+        try:
+            info = PageserverClient.of(project).sync(tid)
+        except DaemonError as e:
+            raise DaemonError(f"safekeeper {sk.id} is the project's only safekeeper, so its damaged timeline "
+                              f"{tid} is rebuilt from the pageserver's WAL; the pageserver does not answer: "
+                              f"{e.message}", hint="neonctl start") from None
+        except NotFound:
+            raise NotFound(f"safekeeper {sk.id} is the project's only safekeeper and the pageserver has no timeline "
+                           f"{tid}: there is no WAL to rebuild it from", hint="delete its branch") from None
+        forget_recycled(project, tid)
+        res = sk.repair(tid, pageserver={k: info[k] for k in ("last_record_lsn", "system_id", "pg_version",
+                                                                 "wal_seg_size")})
+    return {"safekeeper": sk.id, "branch": branch, "timeline_id": tid, "repaired": True, "was": was,
+            "term": res.get("term"), "source": res["source"], "recovered_to": res["recovered_to"],
+            "lost_from": res["lost_from"], "lost_to": res["lost_to"], "lost_bytes": res["lost_bytes"],
+            "summary": res["summary"], "endpoint_stopped": stopped}

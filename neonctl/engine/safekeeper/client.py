@@ -60,9 +60,11 @@ class SafekeeperClient:
     def detach_compute(self, tid: str) -> dict:
         return self._call("DELETE", f"/v1/timeline/{tid}/compute")
 
-    def repair(self, tid: str) -> dict:
-        """Rebuild a timeline whose files are damaged from its peers."""
-        return self._call("POST", f"/v1/timeline/{tid}/repair", {}, timeout=120)
+    def repair(self, tid: str, pageserver: dict | None = None) -> dict:
+        """Rebuild a timeline whose files are damaged from its peers; a safekeeper without peers at the end of
+        the pageserver's WAL, `pageserver` = {last_record_lsn, system_id, pg_version, wal_seg_size}."""
+        body = {} if pageserver is None else {"pageserver": pageserver}
+        return self._call("POST", f"/v1/timeline/{tid}/repair", body, timeout=120)
 
 
 def flush_lsn(project, timeline_id: str) -> int:

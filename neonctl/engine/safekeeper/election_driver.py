@@ -39,7 +39,7 @@ from neonctl.engine.safekeeper.acceptor import VoteResponse
 from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.proposer import Election, quorum
 from neonctl.engine.safekeeper.term_history import TermSwitch
-from neonctl.errors import Conflict, DaemonError, NeonctlError, Timeout
+from neonctl.errors import Conflict, CorruptData, DaemonError, NeonctlError, Timeout
 
 
 @dataclass
@@ -72,6 +72,11 @@ def _errors(failed: dict[int, NeonctlError]) -> str:
     return "; ".join(f"sk{k}: {v.message}" for k, v in sorted(failed.items()))
 
 
+def _hint(failed: dict[int, NeonctlError], default: str) -> str:
+    """A damaged timeline's own hint (how to repair it) beats the generic one."""
+    return next((e.hint for _, e in sorted(failed.items()) if isinstance(e, CorruptData) and e.hint), default)
+
+
 def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = lambda m: None,
           term: int | None = None) -> ElectionOutcome:
     """Win an election for a new term on the timeline and bring a quorum to the new term's start."""
@@ -82,7 +87,7 @@ def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = 
         infos, failed = _parallel({sk: (lambda c=c: c.timeline(timeline_id, timeout=5)) for sk, c in sks.items()})
         if len(infos) < q:
             raise DaemonError(f"only {len(infos)} of {n} safekeepers are reachable, {q} needed to start a compute: "
-                              f"{_errors(failed)}", hint="neonctl safekeeper list")
+                              f"{_errors(failed)}", hint=_hint(failed, "neonctl safekeeper list"))
         term = max(i["term"] for i in infos.values()) + 1
     progress(f"electing term {term} on {n} safekeeper(s) (quorum {q}) ...")
     votes, failed = _parallel({sk: (lambda c=c: c.vote(timeline_id, term, timeout=10)) for sk, c in sks.items()})
@@ -101,7 +106,7 @@ def elect(project: Project, timeline_id: str, progress: Callable[[str], None] = 
             raise Conflict(f"lost the election for term {term} to a concurrent endpoint start on this branch "
                            f"({given} of {q} votes)", hint="only one compute can write to a branch")
         raise DaemonError(f"election for term {term} failed: {given} of {q} votes needed; {_errors(failed)}",
-                          hint="start more safekeepers: `neonctl safekeeper start N`")
+                          hint=_hint(failed, "start more safekeepers: `neonctl safekeeper start N`"))
     result = election.result()
     donor_addr = sks[result.donor].address
     history = [[e.term, e.start_lsn] for e in result.term_history]

@@ -29,6 +29,7 @@ from neonctl.engine.safekeeper.timeline import (
     CONTROL_FILE,
     BrokenTimeline,
     open_timeline,
+    repair_hint,
 )
 from neonctl.errors import Conflict, CorruptData, InvalidInput
 
@@ -78,7 +79,7 @@ def set_safekeeper_count(project: Project, n: int, progress=lambda msg: None) ->
                 tl = open_timeline(d)
                 if isinstance(tl, BrokenTimeline):
                     raise CorruptData(f"sk{sk_id}: timeline {tid} is damaged: {tl.corrupt}",
-                                      hint=f"start the project and run `neonctl safekeeper repair {sk_id}` first")
+                                      hint=f"start the project, then {repair_hint(sk_id, single=len(old) == 1)}")
                 rank = (tl.last_log_term, tl.flush_lsn)
                 tl.close()
                 copies[sk_id] = rank

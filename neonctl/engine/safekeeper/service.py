@@ -11,7 +11,9 @@ API (JSON over HTTP on 127.0.0.1):
   POST /v1/timeline/{tl}/commit            {term, commit_lsn}: the proposer's commit_lsn
   POST /v1/timeline/{tl}/compute           attach the compute of a term {term, host, port, user, start_lsn}
   DELETE /v1/timeline/{tl}/compute         detach it (endpoint stop)
-  POST /v1/timeline/{tl}/repair            rebuild a damaged timeline from peers
+  POST /v1/timeline/{tl}/repair            rebuild a damaged timeline from peers; without peers
+                                           {pageserver: {last_record_lsn, system_id, pg_version}}: at the
+                                           end of the pageserver's WAL (pageserver_repair.py)
   GET  /v1/timeline/{tl}/wal?start=&after=&max=&wait=&upto=commit|flush&term=&ps_lsn=
                                            WAL bytes [start, commit_lsn or flush_lsn) once that is past
                                            `after`; `term` makes the read fail unless we are in that
@@ -44,7 +46,7 @@ from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logg
 from neonctl.engine.durability import fsync_dir
 from neonctl.engine.failpoints import afailpoint
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.safekeeper import peer_recovery
+from neonctl.engine.safekeeper import pageserver_repair, peer_recovery
 from neonctl.engine.safekeeper.acceptor import ProposerElected, VoteRequest
 from neonctl.engine.safekeeper.control_file import TimelineState
 from neonctl.engine.safekeeper.proposer import commit_lsn as quorum_commit_lsn
@@ -56,6 +58,7 @@ from neonctl.engine.safekeeper.timeline import (
     BrokenTimeline,
     SkTimeline,
     open_timeline,
+    repair_hint,
 )
 from neonctl.errors import AlreadyExists, Conflict, CorruptData, InvalidInput, NotFound
 
@@ -86,6 +89,7 @@ class Safekeeper:
         self.broker_ok_at = 0.0
         self._http: aiohttp.ClientSession | None = None
         self.wake = asyncio.Event()
+        self.repair_lock = asyncio.Lock()  # one repair at a time: each replaces a timeline's files
         (workdir / "timelines").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -107,8 +111,8 @@ class Safekeeper:
                 tl = open_timeline(d)
                 self.timelines[tl.timeline_id] = tl
                 if isinstance(tl, BrokenTimeline):
-                    log.error("timeline %s is damaged and will not be served until repaired from peers "
-                              "(`neonctl safekeeper repair %d`): %s", tl.timeline_id, self.id, tl.corrupt)
+                    log.error("timeline %s is damaged and will not be served until repaired (%s): %s",
+                              tl.timeline_id, repair_hint(self.id, single=not self.peers), tl.corrupt)
                 else:
                     log.info("loaded timeline %s: term %d, flush_lsn %s, commit_lsn %s", tl.timeline_id, tl.term,
                              format_lsn(tl.flush_lsn), format_lsn(tl.commit_lsn))
@@ -124,7 +128,7 @@ class Safekeeper:
         tl = self.lookup(timeline_id)
         if isinstance(tl, BrokenTimeline):
             raise CorruptData(f"safekeeper {self.id}: timeline {timeline_id} is damaged: {tl.corrupt}",
-                              hint=f"neonctl safekeeper repair {self.id}")
+                              hint=repair_hint(self.id, single=not self.peers))
         return tl
 
     # -- receivers ---------------------------------------------------------------
@@ -293,16 +297,36 @@ class Safekeeper:
         return json_body(self.info(tl))
 
     async def repair(self, request: web.Request) -> web.Response:
+        """Rebuild a damaged timeline: from the healthiest peer, or without peers at the pageserver's WAL end.
+
+        A lone safekeeper has nothing else to copy from. With peers, only peers: a peer may hold committed
+        WAL the pageserver has not ingested yet, which a copy rebuilt from the pageserver would not have.
+        """
         tid = request.match_info["tl"]
-        tl = self.lookup(tid)
-        if not isinstance(tl, BrokenTimeline):
-            return json_body({**self.info(tl), "repaired": False})
-        new = await peer_recovery.repair(tl, self.http, list(self.peers.values()))
-        self.timelines[tid] = new
+        async with self.repair_lock:
+            tl = self.lookup(tid)
+            if not isinstance(tl, BrokenTimeline):
+                return json_body({**self.info(tl), "repaired": False})
+            report: dict = {}
+            if self.peers:
+                new = await peer_recovery.repair(tl, self.http, list(self.peers.values()))
+            else:
+                try:
+                    body = await request.json() if request.can_read_body else {}
+                except ValueError:
+                    raise InvalidInput("repair: the body is not JSON") from None
+                if not isinstance(body, dict) or body.get("pageserver") is None:
+                    raise InvalidInput(f"safekeeper {self.id} has no peers: a damaged timeline is rebuilt at the "
+                                       "end of the pageserver's WAL, which the request must carry",
+                                       hint=f"neonctl safekeeper repair {self.id}")
+                point = pageserver_repair.PageserverPoint.from_json(body["pageserver"])
+                new, report = await asyncio.to_thread(pageserver_repair.rebuild, tl, point)
+                log.warning("timeline %s: %s", tid, report["summary"])
+            self.timelines[tid] = new
         self.wake.set()
         if new.compute:
             self.start_receiver(new)
-        return json_body({**self.info(new), "repaired": True})
+        return json_body({**self.info(new), "repaired": True, **report})
 
     async def read_wal(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])

@@ -22,7 +22,8 @@ durable when written. At start-up the WAL is verified (CRC, page headers, prev-l
 start of the segment holding that hint (or commit_lsn, if lower) to its real end. Valid WAL
 that stops *below* the hint means bytes we once fsynced are gone or damaged (a torn or
 overwritten segment): the timeline is then refused (``CorruptData``) until it is repaired
-from peers. A control file that fails its checksum is refused the same way.
+from peers (or, for a lone safekeeper, at the pageserver's WAL end: ``pageserver_repair``). A control
+file that fails its checksum is refused the same way.
 """
 
 from __future__ import annotations
@@ -288,6 +289,15 @@ class SkTimeline:
             "system_id": self.system_id, "pg_version": self.pg_version, "compute": self.compute,
             "streaming": self.streaming, "last_error": self.last_error, "corrupt": None,
         }
+
+
+def repair_hint(sk_id: int, single: bool) -> str:
+    """What `neonctl safekeeper repair` does for a damaged timeline of this safekeeper."""
+    if single:
+        return (f"run `neonctl safekeeper repair {sk_id}`: with no peer to copy from, it stops the branch's "
+                "compute and rebuilds the timeline at the end of the WAL the pageserver holds; WAL only this "
+                "safekeeper had beyond that is lost, and the repair says exactly how much")
+    return f"run `neonctl safekeeper repair {sk_id}`: it rebuilds the timeline from its peers"
 
 
 class BrokenTimeline:
