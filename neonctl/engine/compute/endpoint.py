@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from neonctl.engine import ports
-from neonctl.engine.compute import pgbouncer
+from neonctl.engine.compute import pgbouncer, postmaster
 from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
@@ -36,7 +36,7 @@ from neonctl.engine.roles import apply_roles
 from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
-from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, NotFound, PostgresError
+from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, NotFound, PostgresError, Timeout
 
 log = logging.getLogger("neonctl.endpoint")
 SETTINGS_HEADER = "# --- neonctl compute settings (rewritten at every endpoint start) ---"
@@ -218,17 +218,15 @@ def new_compute_dir(project: Project, name: str) -> Iterator[Path]:
 
 
 def stop_untracked_postgres(project: Project, pgdata: Path) -> int | None:
-    """A Postgres still running in a directory no state file records (a start killed after `pg_ctl start`,
+    """A Postgres still running in a directory no state file records (a start killed after Postgres started,
     before it saved the state) is stopped, never left beside a second compute for the same branch. Only a
     process whose command line names this data directory is touched."""
     pid = postgres_pid(pgdata)
     if pid is None or str(pgdata) not in pid_cmdline(pid):
         return None
-    runtime = project.runtime()
     try:
-        runtime.run([runtime.bin("pg_ctl"), "stop", "-w", "-t", "30", "-m", "immediate", "-D", str(pgdata)],
-                    timeout=60)
-    except PostgresError:
+        postmaster.stop(pgdata, "immediate", timeout=30)
+    except Timeout:
         os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 10
     while pid_alive(pid) and time.time() < deadline:
@@ -258,8 +256,7 @@ def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int
         runtime.chown(epdir, recursive=True)
         progress(f"starting {what} on port {port} ...")
         try:
-            runtime.run([runtime.bin("pg_ctl"), "start", "-w", "-t", "120", "-D", str(pgdata), "-l", str(logfile)],
-                        timeout=180)
+            postmaster.start(runtime, pgdata, logfile, timeout=120)
             return port
         except PostgresError as e:
             taken = "could not create any TCP/IP sockets" in log_tail(logfile, 5)
@@ -335,7 +332,7 @@ def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) ->
 def _discard(project: Project, st: EndpointState) -> None:
     """Forget a compute: detach the safekeepers, kill stragglers, keep its data directory for recycling."""
     pid = None
-    try:  # pg_ctl makes the postmaster a session leader: its group holds every backend
+    try:  # the postmaster leads a session of its own (postmaster.start): its group holds every backend
         pid = int((Path(st.pgdata) / "postmaster.pid").read_text().split("\n", 1)[0])
         os.killpg(pid, signal.SIGKILL)
         deadline = time.time() + 5
@@ -367,11 +364,9 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
         pid = postgres_pid(st.pgdata)
         failpoint("endpoint-stop-before-postgres")
         if pid:
-            runtime = project.runtime()
-            mode = "immediate" if immediate else "fast"
             try:
-                runtime.run([runtime.bin("pg_ctl"), "stop", "-w", "-t", "60", "-m", mode, "-D", st.pgdata], timeout=90)
-            except PostgresError:
+                postmaster.stop(Path(st.pgdata), "immediate" if immediate else "fast", timeout=60)
+            except Timeout:
                 if postgres_pid(st.pgdata):
                     os.kill(pid, signal.SIGKILL)
             deadline = time.time() + 10

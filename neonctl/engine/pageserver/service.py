@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -93,6 +94,7 @@ class Pageserver:
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
         self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
+        self.builder_wake = asyncio.Event()  # set: the idle layer builder runs at once instead of in 0.2 s
 
     def load(self) -> None:
         for grave in (self.workdir / "timelines").glob(f"{DELETED_PREFIX}*"):  # a delete a crash interrupted
@@ -166,6 +168,8 @@ class Pageserver:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
         reused = None
+        if recycle is not None:  # a rebuild needs the layers up to the directory's stop: build them now
+            self.builder_wake.set()
         if lsn is None and recycle is not None:
             reused = await asyncio.to_thread(tl.reuse_stopped, at, target, recycle)
         warm = reused is not None
@@ -466,10 +470,13 @@ class Pageserver:
                 busy = busy or n > 0
                 if not n and tl.layers is not None:
                     await loop.run_in_executor(builder, tl.layers.maybe_freeze)  # time-based freeze while idle
-            if not busy:
-                await asyncio.sleep(0.2)
+            if not busy:  # idle: look again in 0.2 s, or at once when a request needs the layers now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.builder_wake.wait(), 0.2)
+                self.builder_wake.clear()
 
     async def wait_layers(self, tl: Timeline, lsn: int, timeout: float) -> None:
+        self.builder_wake.set()
         deadline = time.monotonic() + timeout
         while tl.layer_lsn < lsn:
             if time.monotonic() > deadline:

@@ -72,6 +72,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from neonctl.engine.compute import postmaster
 from neonctl.engine.compute.controldata import read_control_data
 from neonctl.engine.compute.runtime import PgRuntime
 from neonctl.engine.lsn import format_lsn, parse_lsn
@@ -167,12 +168,11 @@ def _replay_lsn(socket_dir: Path, port: int, user: str) -> tuple[int, bool] | No
 
 def _stop(runtime: PgRuntime, pgdata: Path, proc: subprocess.Popen, mode: str, timeout: float) -> None:
     try:
-        runtime.run([runtime.bin("pg_ctl"), "stop", "-w", "-t", str(int(timeout)), "-m", mode, "-D", str(pgdata)],
-                    timeout=timeout + 30)
-    except (PostgresError, subprocess.TimeoutExpired):
+        postmaster.stop(pgdata, mode, timeout=timeout)
+    except Timeout as e:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        raise
+        raise PostgresError(f"the redo worker's Postgres did not stop: {e}") from None
     finally:
         try:
             proc.wait(timeout=10)
