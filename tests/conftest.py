@@ -40,6 +40,8 @@ os.environ["NEONCTL_HOME"] = _HOME
 # Every incremental rebuild of a stopped compute's directory in the tests is checked against a full restore
 # of the same image, byte by byte (pageserver/images/rebuild.py); a difference fails the endpoint start.
 os.environ["NEONCTL_VERIFY_REBUILD"] = "1"
+# The daemons the tests start offer the test-only fault point API (PUT /v1/failpoints, engine/failpoints.py).
+os.environ["NEONCTL_TESTING"] = "1"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -45,6 +45,7 @@ POINTS: dict[str, str] = {
     "compaction-written-before-index": "compaction's output is on disk, the index still names its inputs",
     "ps-timeline-create-before-answer": "the pageserver made the timeline; the CLI has no answer yet",
     "ps-timeline-delete-midway": "the pageserver moved the timeline aside; its files remain",
+    "ps-rebuild-midway": "an incremental rebuild has rewritten one image layer's pages of a stopped directory",
     # the safekeepers
     "sk-timeline-create-before-answer": "a safekeeper made the timeline; the CLI has no answer yet",
     "sk-timeline-delete-after-rename": "a safekeeper moved the timeline aside, the files remain",

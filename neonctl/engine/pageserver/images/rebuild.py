@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neonctl.engine.failpoints import failpoint
 from neonctl.engine.pageserver.images.image_set import BLCKSZ
 from neonctl.engine.pageserver.images.restore import (
     _FileWriter,
@@ -70,6 +71,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
             for r in readers:
                 w, k = _rebuild_layer(r, out, relseg, changed_rows, size_now, present)
                 written, kept = written + w, kept + k
+                failpoint("ps-rebuild-midway")
         finally:
             out.close_all()
         for rel in meta["empty_segments"]:
