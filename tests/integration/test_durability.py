@@ -15,6 +15,8 @@ def test_kill9_compute_loses_no_acknowledged_insert(pg18, cli):
     wait_until(lambda: len(w.acked) > 100, 30, "the workload to commit rows")
     pid = postgres_pid(read_state(pg18, "main").pgdata)
     os.kill(pid, signal.SIGKILL)
+    # the signal is delivered at once, the process is gone a moment later: the next start must see it gone
+    wait_until(lambda: postgres_pid(read_state(pg18, "main").pgdata) is None, 10, "the compute to die")
     acked = w.finish()  # the compute died under it
     assert len(acked) > 50, "the workload should have committed rows before the crash"
     rc, out, err = cli("endpoint", "start", "main", "-p", pg18.name)
