@@ -138,7 +138,7 @@ def body(env: BenchEnv) -> None:
 
 
 def render(res: dict) -> list[str]:
-    out = ["", "per-test overhead (fresh database + connect + query + teardown), median seconds", "",
+    out = ["", "per-test overhead (fresh database + connect + a read and a small write + teardown), median seconds", "",
            f"{'template':<16} {'neonctl':>9} {'pytest-postgresql':>18} {'CREATE DATABASE':>16}"]
     for label, r in res.get("sizes", {}).items():
         def med(k, r=r):
