@@ -44,7 +44,8 @@ from _common import (
     wait_sync_standby,
 )
 
-from neonctl.engine.compute.endpoint import WARM_RECORD, recycled_pgdata  # noqa: E402
+from neonctl.engine.compute import dir_pool  # noqa: E402
+from neonctl.engine.compute.endpoint import directory_pool  # noqa: E402
 from neonctl.engine.ports import ephemeral_port  # noqa: E402
 from neonctl.engine.project import Project
 
@@ -183,7 +184,7 @@ def start_time(env: BenchEnv) -> None:
     neon, warm = [], []
     for i in range(a.reps):
         # cold: the kept directory's record is removed, so the start materialises (image + WAL replay)
-        (recycled_pgdata(p).parent / WARM_RECORD).unlink(missing_ok=True)
+        dir_pool.forget_all(directory_pool(p))
         log(f"neonctl endpoint start {i + 1}/{a.reps} (materialised) ...")
         st = endpoint_start(p, "main")
         st["pgdata_mb"] = mb(du_bytes(Path(st["pgdata"]), apparent=True))

@@ -184,10 +184,11 @@ def start_how(cli, project, branch: str) -> str:
 
 def materialise_next_start(project) -> None:
     """Make the project's next endpoint start build its directory from storage (image + WAL replay) instead of
-    reusing or rebuilding the last stopped one: forget the record that says which history that one has."""
-    from neonctl.engine.compute.endpoint import WARM_RECORD, recycled_pgdata  # noqa: PLC0415
+    reusing or rebuilding a stopped one: forget the records that say which history each kept one has."""
+    from neonctl.engine.compute import dir_pool  # noqa: PLC0415
+    from neonctl.engine.compute.endpoint import directory_pool  # noqa: PLC0415
 
-    (recycled_pgdata(project).parent / WARM_RECORD).unlink(missing_ok=True)
+    dir_pool.forget_all(directory_pool(project))
 
 
 @contextmanager

@@ -23,7 +23,8 @@ def project_row(p) -> dict:
             "branches": len(c.branches), "safekeepers": len(c.safekeepers), "pageserver_port": c.pageserver_port,
             "broker_port": c.broker_port, "safekeeper_ports": [s["port"] for s in c.safekeepers],
             "pg_bin": c.pg_bin, "remote_storage": remote_storage_url(p), "proxy_port": c.proxy_port,
-            "proxy_http_port": c.proxy_http_port, "suspend_timeout": c.suspend_timeout, "path": str(p.dir)}
+            "proxy_http_port": c.proxy_http_port, "suspend_timeout": c.suspend_timeout,
+            "pool_size": c.pool_size, "pool_max_mb": c.pool_max_mb, "path": str(p.dir)}
 
 
 def init(
@@ -100,6 +101,13 @@ def set_cmd(
             help="Default seconds without a client before the proxy suspends a compute (0 = never). Any time.",
         ),
     ] = None,
+    pool_size: Annotated[
+        int | None,
+        typer.Option("--pool-size", help="Stopped compute directories kept for fast starts (default 2; 0 = none)."),
+    ] = None,
+    pool_max_mb: Annotated[
+        int | None, typer.Option("--pool-max-mb", help="At most this many MiB of kept directories (default 8192).")
+    ] = None,
     output: OutputOpt = Format.table,
 ) -> None:
     """Change a project's settings (the daemons must be stopped for --safekeepers and --remote-storage)."""
@@ -107,10 +115,10 @@ def set_cmd(
 
     p = configure_project(load_project(project), remote_storage=remote_storage, s3_endpoint_url=s3_endpoint_url,
                           s3_region=s3_region, s3_credentials_file=s3_credentials_file, safekeepers=safekeepers,
-                          suspend_timeout=suspend_timeout, progress=info)
-    emit(
-        project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "suspend_timeout", "path"]
-    )
+                          suspend_timeout=suspend_timeout, pool_size=pool_size, pool_max_mb=pool_max_mb,
+                          progress=info)
+    emit(project_row(p), output, ["name", "safekeepers", "safekeeper_ports", "remote_storage", "suspend_timeout",
+                                  "pool_size", "pool_max_mb", "path"])
 
 
 @app.command("delete")

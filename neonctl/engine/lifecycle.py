@@ -202,6 +202,7 @@ QUICKSTART_PROJECT = "demo"
 def configure_project(project: Project, *, remote_storage: str | None = None, s3_endpoint_url: str | None = None,
                       s3_region: str | None = None, s3_credentials_file: str | None = None,
                       safekeepers: int | None = None, suspend_timeout: int | None = None,
+                      pool_size: int | None = None, pool_max_mb: int | None = None,
                       progress=print) -> Project:
     """`neonctl project set`: every setting is checked before any changes, then applied in an order a
     failure leaves consistent (membership first: it may refuse with the daemons running)."""
@@ -209,6 +210,10 @@ def configure_project(project: Project, *, remote_storage: str | None = None, s3
         raise InvalidInput("the --s3-* options go with --remote-storage s3://BUCKET/PREFIX")
     if suspend_timeout is not None and suspend_timeout < 0:
         raise InvalidInput("--suspend-timeout must be >= 0 seconds (0 = never suspend)")
+    if pool_size is not None and not 0 <= pool_size <= 32:
+        raise InvalidInput("--pool-size must be between 0 (keep no stopped directory) and 32")
+    if pool_max_mb is not None and pool_max_mb < 0:
+        raise InvalidInput("--pool-max-mb must be >= 0")
     remote = None
     if remote_storage is not None:
         remote = prepare_remote_storage(project, remote_storage, s3_endpoint_url, s3_region, s3_credentials_file)
@@ -218,6 +223,8 @@ def configure_project(project: Project, *, remote_storage: str | None = None, s3
         set_remote_storage(project, remote)
     if suspend_timeout is not None:
         project.set_suspend_timeout(suspend_timeout)
+    if pool_size is not None or pool_max_mb is not None:
+        project.set_pool_bounds(pool_size, pool_max_mb)
     project.reload()
     return project
 

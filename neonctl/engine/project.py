@@ -78,6 +78,10 @@ class ProjectConfig:
     proxy_port: int | None = None  # None in projects made before the proxy: assigned at the next `start`
     proxy_http_port: int | None = None
     suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT
+    # the stopped computes' directories kept for the next starts (compute/dir_pool.py): at most this many,
+    # and this many MiB of files
+    pool_size: int = 2
+    pool_max_mb: int = 8192
 
     @classmethod
     def from_json(cls, d: dict) -> ProjectConfig:
@@ -210,6 +214,16 @@ class Project:
                 self.config.proxy_port, self.config.proxy_http_port = allocate_proxy_ports(taken)
                 self.save()
         register_project(self.dir, self.daemon_addresses())
+
+    def set_pool_bounds(self, size: int | None, max_mb: int | None) -> None:
+        """Bound the pool of stopped directories (the next stop applies it)."""
+        with self.lock():
+            self.reload()
+            if size is not None:
+                self.config.pool_size = size
+            if max_mb is not None:
+                self.config.pool_max_mb = max_mb
+            self.save()
 
     def set_suspend_timeout(self, seconds: int) -> None:
         """The project's default suspend timeout (the proxy reads it on each pass)."""

@@ -15,11 +15,11 @@ from waiting import wait_until
 
 from neonctl.cli import main as cli_main
 from neonctl.engine import ports
-from neonctl.engine.compute.endpoint import read_state, recycled_pgdata
+from neonctl.engine.compute import dir_pool
+from neonctl.engine.compute.endpoint import directory_pool, read_state
 from neonctl.engine.lifecycle import delete_project
 from neonctl.engine.lsn import format_lsn, segment_file_name
 from neonctl.engine.pageserver.client import PageserverClient
-from neonctl.engine.pageserver.images import warm
 from neonctl.engine.project import load_project
 from neonctl.engine.safekeeper.admin import start_safekeeper, stop_safekeeper
 from neonctl.engine.safekeeper.client import SafekeeperClient
@@ -93,8 +93,8 @@ def repair(project, cli) -> dict:
     log = (project.safekeeper_dir(1) / "sk1.log").read_text()
     assert f"WARNING safekeeper: timeline {tid(project)}: {row['summary']}" in log
     assert not sk(project)["corrupt"]
-    rec = warm.read_record(recycled_pgdata(project))  # a kept directory from beyond the point is never reused
-    assert rec is None or rec.get("timeline_id") != tid(project)
+    for slot in dir_pool.slots(directory_pool(project)):  # a kept directory from beyond the point is never reused
+        assert (dir_pool.read_record(slot) or {}).get("timeline_id") != tid(project)
     return row
 
 

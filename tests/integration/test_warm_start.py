@@ -8,7 +8,8 @@ import json
 
 from conftest import connect, materialise_next_start, start_how
 
-from neonctl.engine.compute.endpoint import WARM_RECORD, recycled_pgdata
+from neonctl.engine.compute import dir_pool
+from neonctl.engine.compute.endpoint import directory_pool
 
 
 def _digest(project, branch: str) -> tuple:
@@ -54,6 +55,14 @@ def test_second_start_reuses_the_stopped_directory_and_matches_a_full_materialis
 
 def test_a_directory_not_exactly_the_target_is_never_reused(pg18, cli):
     p = ["-p", pg18.name]
+    cli("project", "set", "--pool-size", "1", *p)  # one kept directory: each stop replaces the last one
+    try:
+        _not_exactly_the_target(pg18, cli, p)
+    finally:
+        cli("project", "set", "--pool-size", "2", *p)
+
+
+def _not_exactly_the_target(pg18, cli, p):
     cli("branch", "create", "--name", "warm2", *p)
     cli("endpoint", "start", "warm2", *p)
     with connect(pg18, "warm2") as conn:
@@ -65,8 +74,8 @@ def test_a_directory_not_exactly_the_target_is_never_reused(pg18, cli):
     assert not _start(cli, pg18, "warm2b")
     assert _digest(pg18, "warm2b")[0] == 100
     cli("endpoint", "stop", "warm2b", *p)
-    pool = recycled_pgdata(pg18)
-    record = pool.parent / WARM_RECORD
+    slot = dir_pool.slots(directory_pool(pg18))[0]  # warm2b's, the newest
+    pool, record = slot / "pgdata", slot / dir_pool.RECORD
     # a record naming another timeline is not believed...
     good = json.loads(record.read_text())
     record.write_text(json.dumps({**good, "timeline_id": pg18.branch("warm2").timeline_id}))
@@ -75,6 +84,7 @@ def test_a_directory_not_exactly_the_target_is_never_reused(pg18, cli):
     assert _start(cli, pg18, "warm2")  # (the control: its own clean stop is reused)
     cli("endpoint", "stop", "warm2", *p)
     # ...nor a directory whose own copy of the shutdown checkpoint differs from storage's by one bit
+    pool = dir_pool.slots(directory_pool(pg18))[0] / "pgdata"  # warm2's, just stopped
     ctl = (pool / "global" / "pg_control").read_bytes()
     checkpoint = int.from_bytes(ctl[32:40], "little")
     seg = 16 << 20

@@ -22,14 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from neonctl.engine import ports
-from neonctl.engine.compute import pgbouncer, postmaster
+from neonctl.engine.compute import dir_pool, pgbouncer, postmaster
 from neonctl.engine.compute.admin_query import query_row
 from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.failpoints import failpoint
 from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
-from neonctl.engine.pageserver.images import warm
 from neonctl.engine.process import log_tail, pid_alive, pid_cmdline
 from neonctl.engine.project import Project, list_projects
 from neonctl.engine.roles import apply_roles
@@ -40,8 +39,6 @@ from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, No
 
 log = logging.getLogger("neonctl.endpoint")
 SETTINGS_HEADER = "# --- neonctl compute settings (rewritten at every endpoint start) ---"
-# beside recycled-pgdata: which timeline the kept directory ran on (the pageserver's images/warm.py reads it)
-WARM_RECORD = warm.RECORD
 
 
 def endpoints_dir(project: Project) -> Path:
@@ -144,9 +141,8 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
         with new_compute_dir(project, branch) as epdir:
             pgdata = epdir / "pgdata"
             progress(f"materialising {branch} at the end of its WAL ({format_lsn(flush)}) ...")
-            recycled = recycled_pgdata(project)
-            res = PageserverClient.of(project).basebackup(b.timeline_id, branch, wait_for_lsn=flush,
-                                                          recycle=recycled.is_dir())
+            res = PageserverClient.of(project).basebackup(
+                b.timeline_id, branch, wait_for_lsn=flush, recycle=dir_pool.has_directory(directory_pool(project)))
             lsn = res["lsn"]
             if res.get("warm"):
                 progress("the stopped compute's directory is exactly this point: reused (no restore, no replay)")
@@ -283,50 +279,33 @@ def verify_replayed(socket_dir: str, port: int, lsn: int, logfile: Path) -> None
             " WAL was not replayed; refusing to serve stale data", hint=str(logfile))
 
 
-def recycled_pgdata(project: Project) -> Path:
-    """The data directory of the last stopped read-write compute, kept as a pool of files for the next start.
-
-    Its contents mean nothing (the next start rewrites every file from storage and deletes the rest);
-    what it saves is creating ~1000 files, which costs about a millisecond each on some disks. One per
-    project, so stopped endpoints do not pile up copies of the database.
-    """
-    return project.compute_root() / "recycled-pgdata"
+def directory_pool(project: Project) -> Path:
+    """Where the project's stopped computes' directories are kept for the next starts (compute/dir_pool.py)."""
+    return dir_pool.pool_root(project.compute_root())
 
 
 def forget_recycled(project: Project, timeline_id: str) -> bool:
-    """The kept directory of a compute that ran on `timeline_id` may no longer be reused or rebuilt from.
+    """The kept directories of computes that ran on `timeline_id` may no longer be reused or rebuilt from.
 
-    For when the timeline's WAL was cut back below where that compute stopped (a lone safekeeper's repair
-    rebuilds it at the pageserver's WAL end): its record goes, so no start takes the directory for a point of
-    the new history; the files stay as the pool of inodes that a full materialisation rewrites. Returns
-    whether a record was removed.
+    For when the timeline's WAL was cut back below where those computes stopped (a lone safekeeper's repair
+    rebuilds it at the pageserver's WAL end): their records go, so no start takes them for a point of the new
+    history; the files stay as a pool of inodes that a full materialisation rewrites. Returns whether a record
+    was removed.
     """
-    pool = recycled_pgdata(project)
-    record = warm.read_record(pool)
-    if record is None or record.get("timeline_id") != timeline_id:
-        return False
-    warm.forget(pool)
-    return True
+    return dir_pool.forget_timeline(directory_pool(project), timeline_id) > 0
 
 
 def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) -> None:
     pgdata = Path(st.pgdata)
     if st.at_lsn is not None or not pgdata.is_dir() or (pid is not None and pid_alive(pid)):
         return  # time travel (its own directories), or a process may still write there
-    dest = recycled_pgdata(project)
-    record = dest.parent / WARM_RECORD
+    since = st.start_lsn if st.directory_since_lsn is None else min(st.start_lsn, st.directory_since_lsn)
     try:
-        record.unlink(missing_ok=True)  # first: a record never describes another directory than its own
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(pgdata, dest)
-        tmp = record.with_suffix(".tmp")
-        since = st.start_lsn if st.directory_since_lsn is None else min(st.start_lsn, st.directory_since_lsn)
-        tmp.write_text(json.dumps({"timeline_id": st.timeline_id, "branch": st.branch, "start_lsn": since,
-                                   "stopped_at": time.time()}))
-        os.replace(tmp, record)  # the pageserver checks the directory itself before it believes this
-    except OSError:
-        pass  # then it is deleted with the rest
+        dir_pool.keep(directory_pool(project), pgdata,
+                      {"timeline_id": st.timeline_id, "branch": st.branch, "start_lsn": since},
+                      project.config.pool_size, project.config.pool_max_mb << 20)
+    except OSError as e:
+        log.info("the stopped directory of %s is not kept: %s", st.name, e)  # then it goes with the rest
 
 
 def _discard(project: Project, st: EndpointState) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from neonctl.engine.compute import dir_pool
 from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.failpoints import afailpoint
@@ -88,7 +89,7 @@ class Pageserver:
         self.config = PageserverConfig.load(workdir)
         self.runtime = None
         self.scratch: Path | None = None
-        self.compute_root: Path | None = None  # computes' directories: endpoints/<name>/pgdata, recycled-pgdata
+        self.compute_root: Path | None = None  # computes' directories: endpoints/<name>/pgdata, pool/
         self.redo_kept: RedoDirCache | None = None  # the redo worker's last directory (with scratch)
         self.image_lock = asyncio.Lock()
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
@@ -148,7 +149,7 @@ class Pageserver:
         tl = self.get(request.match_info["tl"])
         self.ensure_receiver(tl)
         body = await request.json()
-        target, recycle = self.compute_paths(body.get("endpoint"), bool(body.get("recycle")))
+        target, pool = self.compute_paths(body.get("endpoint"), bool(body.get("recycle")))
         timeout = float(body.get("timeout", 60))
         deadline = time.monotonic() + timeout
         wait_for = body.get("wait_for_lsn")
@@ -167,17 +168,10 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        reused = None
-        if recycle is not None:  # a rebuild needs the layers up to the directory's stop: build them now
+        if pool is not None:  # a rebuild needs the layers up to the directory's stop: build them now
             self.builder_wake.set()
-        if lsn is None and recycle is not None:
-            reused = await asyncio.to_thread(tl.reuse_stopped, at, target, recycle)
+        reused, rebuilt = await asyncio.to_thread(self._materialise_from_pool, tl, at, lsn is None, target, pool)
         warm = reused is not None
-        rebuilt = None
-        if not warm and lsn is None and recycle is not None:
-            rebuilt = await asyncio.to_thread(tl.rebuild_stopped, at, target, recycle)
-        if not warm and rebuilt is None:
-            await asyncio.to_thread(tl.materialize, at, target, recycle)
         # A reused directory has run computes since it was last made from an image: the earliest of their
         # start LSNs is what its next record must name (images/rebuild.py's hint-bit rule).
         since = reused.get("start_lsn") if warm else None
@@ -192,8 +186,52 @@ class Pageserver:
         if not isinstance(endpoint, str) or not ENDPOINT_DIR_RE.match(endpoint.replace("/", "_")):
             raise InvalidInput(f"invalid endpoint name {endpoint!r}")
         target = self.compute_root / "endpoints" / endpoint.replace("/", "_") / "pgdata"
-        pool = self.compute_root / "recycled-pgdata"  # the last stopped compute's files (endpoint.py)
-        return target, (pool if recycle and pool.is_dir() else None)
+        pool = dir_pool.pool_root(self.compute_root)  # the stopped computes' directories (compute/dir_pool.py)
+        return target, (pool if recycle and dir_pool.has_directory(pool) else None)
+
+    def _materialise_from_pool(self, tl: Timeline, at: int, at_head: bool, target: Path,
+                               pool: Path | None) -> tuple[dict | None, dict | None]:
+        """Build the data directory at `at` from the pool's best stopped directory: one that is exactly that
+        point (warm), else the one with the fewest changed pages to rewrite (rebuilt), else a full restore into
+        the oldest one's files. Returns (warm record, rebuild summary), both None for a full restore."""
+        chosen, how = None, "full"
+        if pool is not None:
+            with dir_pool.locked(pool):
+                slots = dir_pool.slots(pool)
+                if at_head:
+                    chosen = next((s for s in slots if tl.warm_reason(at, s / "pgdata") is None), None)
+                    how = "warm" if chosen is not None else how
+                    if chosen is None:
+                        all_costs = [tl.rebuild_cost(at, s / "pgdata", wait=5.0 if i == 0 else 1.0)
+                                     for i, s in enumerate(slots)]
+                        costs = [(c, i) for i, c in enumerate(all_costs) if c is not None]
+                        if costs:
+                            chosen, how = slots[min(costs)[1]], "rebuild"
+                        log.info("timeline %s: pages to rewrite per kept directory %s", tl.timeline_id,
+                                 {s.name: c for s, c in zip(slots, all_costs, strict=True)})
+                if chosen is None and slots:
+                    chosen = slots[-1]  # the oldest: its files are a pool of inodes for the full restore
+                if chosen is not None:  # out of the listing: no eviction or other start touches it now
+                    taken = chosen.with_name(f".taken-{chosen.name}")
+                    os.rename(chosen, taken)
+                    chosen = taken
+        try:
+            pgdata = chosen / "pgdata" if chosen is not None else None
+            if how == "warm":
+                reused = tl.reuse_stopped(at, target, pgdata)
+                if reused is not None:
+                    return reused, None
+            if how in ("warm", "rebuild"):
+                rebuilt = tl.rebuild_stopped(at, target, pgdata)
+                if rebuilt is not None:
+                    return None, rebuilt
+            if pgdata is not None and not pgdata.is_dir():
+                pgdata = None  # a failed rebuild removed it
+            tl.materialize(at, target, pgdata)
+            return None, None
+        finally:
+            if chosen is not None:
+                shutil.rmtree(chosen, ignore_errors=True)
 
     async def create_branch(self, request: web.Request) -> web.Response:
         """Create a child timeline at an LSN or a time of its ancestor; copies no data."""
@@ -594,6 +632,9 @@ def main(argv: list[str] | None = None) -> None:
         ps.scratch = args.scratch
         ps.redo_kept = RedoDirCache(args.scratch)
     ps.compute_root = args.compute_root
+    if args.compute_root is not None:  # directories a start had taken from the pool when we last died
+        for leftover in dir_pool.pool_root(args.compute_root).glob(".taken-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     try:
         ps.load_with_remote_storage()
     except NeonctlError as e:  # misconfigured or unreachable remote storage, a damaged remote layer

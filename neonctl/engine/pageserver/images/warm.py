@@ -24,13 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from neonctl.engine.compute import dir_pool
 from neonctl.engine.lsn import format_lsn, segment_file_name
 from neonctl.engine.wal.decoder import RM_XLOG_ID, XLOG_CHECKPOINT_SHUTDOWN
 from neonctl.engine.wal.reader import WalDecodeError, WalStreamDecoder
 
 log = logging.getLogger("pageserver.warm")
 
-RECORD = "recycled-pgdata.json"  # beside the kept directory: {"timeline_id": ...}, written by endpoint stop
+RECORD = dir_pool.RECORD  # beside the kept directory: {"timeline_id": ...}, written by endpoint stop
 DB_SHUTDOWNED = 1
 _STALE = ("postmaster.pid", "postmaster.opts", "backup_label", "backup_label.old", "tablespace_map",
           "recovery.signal", "standby.signal")

@@ -479,15 +479,27 @@ class Timeline:
 
     # -- materialisation ------------------------------------------------------
 
+    def warm_reason(self, lsn: int, pool: Path) -> str | None:
+        """Why the stopped directory `pool` is not exactly the data directory at `lsn`; None when it is."""
+        lineage = {self.timeline_id}
+        if lsn == self.meta.start_lsn and self.meta.ancestor_timeline:  # a child with no WAL of its own yet
+            lineage.add(self.meta.ancestor_timeline)
+        return warm.reusable(pool, lsn, self.timeline_id, lineage, self.meta.system_id, self.read_wal,
+                             self.meta.wal_seg_size)
+
+    def rebuild_cost(self, lsn: int, pool: Path, wait: float = 5.0) -> int | None:
+        """How many keys a rebuild of the stopped directory `pool` at `lsn` rewrites; None if it cannot."""
+        try:
+            _why, plan = self._rebuild_plan(lsn, pool, wait)
+        except (NeonctlError, OSError):
+            return None
+        return None if plan is None else len(plan[1])
+
     def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> dict | None:
         """Take the cleanly stopped compute directory `pool` as the data directory at `lsn` if it is exactly
         that (images/warm.py): returns its record (whose `start_lsn` - when its first compute started - the
         next record must carry on); None, with the reason logged, when it is not."""
-        lineage = {self.timeline_id}
-        if lsn == self.meta.start_lsn and self.meta.ancestor_timeline:  # a child with no WAL of its own yet
-            lineage.add(self.meta.ancestor_timeline)
-        why = warm.reusable(pool, lsn, self.timeline_id, lineage, self.meta.system_id, self.read_wal,
-                            self.meta.wal_seg_size)
+        why = self.warm_reason(lsn, pool)
         if why is not None:
             log.info("timeline %s: the stopped compute directory is not reused at %s: %s", self.timeline_id,
                      format_lsn(lsn), why)

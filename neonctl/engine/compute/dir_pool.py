@@ -1,0 +1,139 @@
+"""The pool of stopped compute data directories that endpoint starts are rebuilt from (issue 16).
+
+A cleanly stopped compute's directory differs from a later target only in what changed between the two
+points (pageserver images/warm.py, images/rebuild.py), so a project keeps its last few, each beside the
+record of its history: `<compute root>/pool/<slot>/pgdata` and `<slot>/recycled-pgdata.json`. Stopping a
+compute adds a slot and evicts the oldest beyond the project's bounds (`pool_size` directories,
+`pool_max_mb` MiB of files: `neonctl project set`); a start asks the pageserver to take the slot that
+needs the fewest writes (the one that is exactly the target, else the fewest changed pages, else the oldest
+as a pool of inodes for a full restore). Slots are added, taken and evicted under `pool/.lock`, so a start
+never rebuilds a directory that an eviction is deleting; a slot without a record (a crash between two
+steps) is never taken for a known state and is evicted first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+POOL_DIR = "pool"
+RECORD = "recycled-pgdata.json"  # in each slot, beside its pgdata (the pageserver's warm.py reads it)
+DEFAULT_SIZE = 2  # directories kept per project
+DEFAULT_MAX_MB = 8192  # their files, at most
+
+
+def pool_root(compute_root: Path) -> Path:
+    return compute_root / POOL_DIR
+
+
+@contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold the pool's lock (taking a slot, adding one, evicting)."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_record(slot: Path) -> dict | None:
+    try:
+        return json.loads((slot / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def slots(root: Path) -> list[Path]:
+    """The slots holding a directory, newest first (a slot without a record counts as the oldest)."""
+    if not root.is_dir():
+        return []
+    found = [s for s in root.iterdir() if not s.name.startswith(".") and (s / "pgdata").is_dir()]
+    return sorted(found, key=lambda s: (read_record(s) or {}).get("stopped_at", 0.0), reverse=True)
+
+
+def has_directory(root: Path) -> bool:
+    return bool(slots(root))
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def remove_slot(slot: Path) -> None:
+    """Delete a slot: one rename out of the listing first, so a crash never leaves half a slot listed."""
+    grave = slot.with_name(f".evicted-{slot.name}")
+    try:
+        os.rename(slot, grave)
+    except OSError:
+        return
+    shutil.rmtree(grave, ignore_errors=True)
+
+
+def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int) -> Path | None:
+    """Move a stopped compute's `pgdata` into a new slot with its record, then evict the oldest slots beyond
+    `size` directories or `max_bytes`; the new slot, or None when the pool keeps nothing (size 0, or the
+    directory alone is over the byte bound)."""
+    nbytes = dir_bytes(pgdata)
+    if size <= 0 or nbytes > max_bytes:
+        return None
+    with locked(root):
+        for leftover in root.glob(".evicted-*"):  # an eviction a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+        slot = root / f"{int(time.time() * 1000):x}-{secrets.token_hex(3)}"
+        slot.mkdir()
+        os.rename(pgdata, slot / "pgdata")
+        tmp = slot / (RECORD + ".tmp")
+        tmp.write_text(json.dumps({**record, "stopped_at": time.time(), "bytes": nbytes}))
+        os.replace(tmp, slot / RECORD)  # the pageserver checks the directory itself before it believes this
+        kept, total = 0, 0
+        for s in slots(root):
+            rec = read_record(s)
+            b = rec.get("bytes") if rec and isinstance(rec.get("bytes"), int) else dir_bytes(s / "pgdata")
+            if rec is None or kept >= size or total + b > max_bytes:
+                remove_slot(s)
+                continue
+            kept, total = kept + 1, total + b
+    return slot
+
+
+def forget_timeline(root: Path, timeline_id: str) -> int:
+    """Forget every kept directory of computes that ran on `timeline_id` (its history was cut back below
+    where they stopped): their records go, so no start takes them for a known point. How many."""
+    n = 0
+    with locked(root):
+        for s in slots(root):
+            rec = read_record(s)
+            if rec is not None and rec.get("timeline_id") == timeline_id:
+                (s / RECORD).unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def forget_all(root: Path) -> None:
+    """Forget every kept directory's history (the next start restores in full; tests and benchmarks)."""
+    with locked(root):
+        for s in slots(root):
+            (s / RECORD).unlink(missing_ok=True)
+
+
+def usage(root: Path) -> dict:
+    """What the pool holds now: directories and bytes (for `status` and the closing figures)."""
+    ss = slots(root)
+    return {"directories": len(ss),
+            "bytes": sum((read_record(s) or {}).get("bytes") or dir_bytes(s / "pgdata") for s in ss)}
