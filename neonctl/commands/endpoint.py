@@ -120,7 +120,7 @@ def connection_string(
         raise InvalidInput("--serverless gives the proxy's URI: it goes with neither --pooled nor --direct")
     res = connection_info(p, branch, pooled=pooled, direct=direct, role=role, database=database, progress=info)
     if serverless:
-        res = {"connection_string": res["connection_string"], "neon_config": serverless_config(p)}
+        res = {"connection_string": res["connection_string"], "neon_config": serverless_config(p, progress=info)}
     if output == Format.table:
         print(res["connection_string"])
         if serverless:

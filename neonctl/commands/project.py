@@ -23,8 +23,9 @@ def project_row(p) -> dict:
             "branches": len(c.branches), "safekeepers": len(c.safekeepers), "pageserver_port": c.pageserver_port,
             "broker_port": c.broker_port, "safekeeper_ports": [s["port"] for s in c.safekeepers],
             "pg_bin": c.pg_bin, "remote_storage": remote_storage_url(p), "proxy_port": c.proxy_port,
-            "proxy_http_port": c.proxy_http_port, "suspend_timeout": c.suspend_timeout,
-            "pool_size": c.pool_size, "pool_max_mb": c.pool_max_mb, "path": str(p.dir)}
+            "proxy_http_port": c.proxy_http_port, "proxy_ws_port": c.proxy_ws_port,
+            "suspend_timeout": c.suspend_timeout, "pool_size": c.pool_size, "pool_max_mb": c.pool_max_mb,
+            "path": str(p.dir)}
 
 
 def init(

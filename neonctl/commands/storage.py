@@ -64,12 +64,16 @@ def status(project: ProjectOpt = None, output: OutputOpt = Format.table) -> None
     p = load_project(project)
     rows = storage_status(p)
     for r in rows:
-        if r["name"] == "proxy":  # clients' address, not the health check's
+        if r["name"] == "proxy":  # clients' addresses, not the health check's
             r["address"], r["http_address"] = p.proxy_addr, p.proxy_http_addr
+            if p.config.proxy_ws_port is not None:  # (an old project gets it at the next `start`)
+                r["ws_address"] = p.proxy_ws_addr
     if output == Format.table:
         names = {b.timeline_id: n for n, b in p.config.branches.items()}
         for r in rows:
             r["lsns"] = _lsns(r.pop("timelines", {}), names)
+            if "http_address" in r:  # the proxy: Postgres, then HTTP (/sql) and WebSocket
+                r["address"] = ", ".join(r[k] for k in ("address", "http_address", "ws_address") if k in r)
         emit(rows, output, ["name", "pid", "address", "state", "lsns"])
         eps = [{"branch": st.name, "port": st.port, "status": s} for st, s in list_endpoints(p)]
         if eps:

@@ -102,15 +102,17 @@ def connection_info(
     }
 
 
-def serverless_config(project: Project) -> dict:
+def serverless_config(project: Project, progress=lambda msg: None) -> dict:
     """The `neonConfig` settings that point the `@neondatabase/serverless` driver at this project's proxy:
-    `/sql` for `neon()`, plain `ws://` for `Pool`/`Client`, no TLS (127.0.0.1), SCRAM (no pipelined password)."""
-    if project.config.proxy_port is None:
+    `/sql` on its HTTP port for `neon()`, plain `ws://` on its WebSocket port for `Pool`/`Client`, no TLS
+    (127.0.0.1), SCRAM (no pipelined password)."""
+    if project.config.proxy_ws_port is None:
         project.assign_proxy_ports()
-    http = project.proxy_http_addr
+    if project.proxy_without_ws():
+        progress("the running proxy predates its WebSocket port: `neonctl start` restarts it with the port")
     return {
-        "fetchEndpoint": f"http://{http}/sql",
-        "wsProxy": f"{http}/v2",
+        "fetchEndpoint": f"http://{project.proxy_http_addr}/sql",
+        "wsProxy": f"{project.proxy_ws_addr}/v2",
         "useSecureWebSocket": False,
         "pipelineConnect": False,
         "forceDisablePgSSL": True,

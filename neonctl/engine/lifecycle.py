@@ -71,7 +71,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
     (ps_port,) = ports.allocate(PAGESERVER_BASE_PORT, taken)
     (broker_port,) = ports.allocate(BROKER_BASE_PORT, taken | {ps_port})
     sk_ports = ports.allocate(SAFEKEEPER_BASE_PORT, taken | {ps_port, broker_port}, safekeepers)
-    proxy_port, proxy_http_port = allocate_proxy_ports(taken | {ps_port, broker_port, *sk_ports})
+    proxy_port, proxy_http_port, proxy_ws_port = allocate_proxy_ports(taken | {ps_port, broker_port, *sk_ports})
     if pdir.exists():
         shutil.rmtree(pdir)  # leftovers of an interrupted init, never a complete project
     remove_deleted_projects()
@@ -126,6 +126,7 @@ def create_project(name: str, pg_bin: str | None = None, safekeepers: int = 1, p
             branches={DEFAULT_BRANCH: Branch(DEFAULT_BRANCH, timeline_id)},
             proxy_port=proxy_port,
             proxy_http_port=proxy_http_port,
+            proxy_ws_port=proxy_ws_port,
         )
         ensure_token(pdir)  # the daemons' API credential, before anything can start them
         tmp_json = pdir / "project.json.tmp"

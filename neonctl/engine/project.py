@@ -24,7 +24,7 @@ from neonctl.engine.context import current_context
 from neonctl.engine.credentials import register_project, token_path
 from neonctl.engine.durability import fsync_dir
 from neonctl.engine.home import compute_root, home_dir, projects_dir
-from neonctl.engine.process import BackgroundProcess
+from neonctl.engine.process import BackgroundProcess, pid_cmdline
 from neonctl.errors import CorruptData, InvalidInput, NotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -34,6 +34,7 @@ SAFEKEEPER_BASE_PORT = 5454
 BROKER_BASE_PORT = 50051
 PROXY_BASE_PORT = 4432  # Neon's proxy port
 PROXY_HTTP_BASE_PORT = 4444
+PROXY_WS_BASE_PORT = 4450
 PENDING_GRACE = 600.0  # seconds after which a pending timeline is a crashed operation's leftover
 DEFAULT_SUSPEND_TIMEOUT = 300  # seconds without a client before the proxy suspends a compute (Neon's default)
 
@@ -77,6 +78,7 @@ class ProjectConfig:
     pending_owners: dict[str, str] = field(default_factory=dict)
     proxy_port: int | None = None  # None in projects made before the proxy: assigned at the next `start`
     proxy_http_port: int | None = None
+    proxy_ws_port: int | None = None  # None in projects made before the WebSocket had its own port: likewise
     suspend_timeout: int = DEFAULT_SUSPEND_TIMEOUT
     # the stopped computes' directories kept for the next starts (compute/dir_pool.py): at most this many,
     # and this many MiB of files
@@ -164,6 +166,10 @@ class Project:
         return f"127.0.0.1:{self.config.proxy_http_port}"
 
     @property
+    def proxy_ws_addr(self) -> str:
+        return f"127.0.0.1:{self.config.proxy_ws_port}"
+
+    @property
     def broker_addr(self) -> str:
         return f"127.0.0.1:{self.config.broker_port}"
 
@@ -199,19 +205,24 @@ class Project:
              "--compute-root", str(self.compute_root())],
             self.dir / "pageserver", f"http://{self.pageserver_addr}/v1/status", token))
         if self.config.proxy_port is not None:
+            ws = ["--ws", self.proxy_ws_addr] if self.config.proxy_ws_port is not None else []
             out.append(BackgroundProcess(
                 "proxy", "neonctl.engine.proxy",
-                ["--project-dir", str(self.dir), "--listen", self.proxy_addr, "--http", self.proxy_http_addr],
+                ["--project-dir", str(self.dir), "--listen", self.proxy_addr, "--http", self.proxy_http_addr, *ws],
                 self.dir / "proxy", f"http://{self.proxy_http_addr}/v1/status", token))
         return out
 
     def assign_proxy_ports(self) -> None:
-        """Give a project made before the proxy existed its two proxy ports (once, under the project lock)."""
+        """Give a project made before the proxy existed its proxy ports, and one made before the WebSocket
+        had a port of its own that port (once, under the project lock)."""
         with self.lock():
             self.reload()
-            if self.config.proxy_port is None:
-                taken = taken_ports()
-                self.config.proxy_port, self.config.proxy_http_port = allocate_proxy_ports(taken)
+            c = self.config
+            if c.proxy_port is None:
+                c.proxy_port, c.proxy_http_port, c.proxy_ws_port = allocate_proxy_ports(taken_ports())
+                self.save()
+            elif c.proxy_ws_port is None:
+                c.proxy_ws_port, = ports.allocate(PROXY_WS_BASE_PORT, taken_ports())
                 self.save()
         register_project(self.dir, self.daemon_addresses())
 
@@ -224,6 +235,11 @@ class Project:
             if max_mb is not None:
                 self.config.pool_max_mb = max_mb
             self.save()
+
+    def proxy_without_ws(self) -> bool:
+        """The proxy runs, but was started before the project had a WebSocket port (by an older neonctl)."""
+        pid = self.daemon("proxy").pid() if self.config.proxy_port is not None else None
+        return pid is not None and "--ws" not in pid_cmdline(pid)
 
     def set_suspend_timeout(self, seconds: int) -> None:
         """The project's default suspend timeout (the proxy reads it on each pass)."""
@@ -245,14 +261,16 @@ def taken_ports() -> set[int]:
     for p in list_projects():
         c = p.config
         taken |= {c.pageserver_port, c.broker_port, *(sk["port"] for sk in c.safekeepers)}
-        taken |= {port for port in (c.proxy_port, c.proxy_http_port) if port is not None}
+        taken |= {port for port in (c.proxy_port, c.proxy_http_port, c.proxy_ws_port) if port is not None}
     return taken
 
 
-def allocate_proxy_ports(taken: set[int]) -> tuple[int, int]:
+def allocate_proxy_ports(taken: set[int]) -> tuple[int, int, int]:
+    """The proxy's Postgres, HTTP and WebSocket ports."""
     pg, = ports.allocate(PROXY_BASE_PORT, taken)
     http, = ports.allocate(PROXY_HTTP_BASE_PORT, taken | {pg})
-    return pg, http
+    ws, = ports.allocate(PROXY_WS_BASE_PORT, taken | {pg, http})
+    return pg, http, ws
 
 
 def list_projects() -> list[Project]:

@@ -9,9 +9,13 @@ from neonctl.errors import DaemonError
 
 
 def start_storage(project: Project, progress=lambda msg: None) -> list[dict]:
-    """Start broker, safekeepers, pageserver and proxy; already-running ones are left alone."""
-    if project.config.proxy_port is None:
+    """Start broker, safekeepers, pageserver and proxy; already-running ones are left alone, except a proxy an
+    older neonctl started without the WebSocket port: it is restarted (its computes keep running)."""
+    if project.config.proxy_ws_port is None:
         project.assign_proxy_ports()
+    if project.proxy_without_ws():
+        progress(f"restarting the proxy to open its WebSocket port {project.proxy_ws_addr}")
+        project.daemon("proxy").stop()
     ensure_token(project.dir)  # projects made before daemons required it get theirs now
     register_project(project.dir, project.daemon_addresses())
     started = []

@@ -3,12 +3,13 @@
     neonctl proxy: Postgres protocol on 127.0.0.1:<proxy_port>; HTTP on 127.0.0.1:<proxy_http_port>:
       GET /v1/status      sessions per endpoint (the daemon's health check)
       POST /sql           SQL over HTTP for the serverless driver's neon() (sql_over_http.py)
-      GET /v2, /v1        the Postgres protocol over WebSocket, for its Pool and Client (websocket.py)
+    and the Postgres protocol over WebSocket for its Pool and Client on 127.0.0.1:<proxy_ws_port>, at
+    /v2, /v1 and / (websocket.py: its own listener, no HTTP server beneath the frames)
 
-Each accepted connection becomes a `relay.Session` (authenticate, route, wake, relay); background tasks
-suspend idle computes (`suspend.py`) and delete expired branches (`engine/expiry.py`). The proxy holds no
-state that matters across restarts: computes
-keep running while it is down, and new connections work again once it is back.
+Each accepted connection, TCP or WebSocket, becomes a `relay.Session` (authenticate, route, wake, relay);
+background tasks suspend idle computes (`suspend.py`) and delete expired branches (`engine/expiry.py`). The
+proxy holds no state that matters across restarts: computes keep running while it is down, and new
+connections work again once it is back.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class RoleCache:
 
 
 class Proxy:
-    def __init__(self, project: Project, suspend_interval: float):
+    def __init__(self, project: Project, suspend_interval: float, ws_addr: str | None = None):
         self.project = project
+        self.ws_addr = ws_addr
         self.sessions = Sessions()
         self.waker = Waker(project)
         self.roles = RoleCache(project)
@@ -69,18 +71,23 @@ class Proxy:
         self.cache = ConnCache()
         self.sql = SqlOverHttp(self.waker, self.sessions, self.roles, self.cache)
 
+    def _start_session(self, link: Link) -> None:
+        task = asyncio.get_running_loop().create_task(Session(link, self.waker, self.sessions, self.roles).run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     def accept(self) -> Link:
         link = Link()
-        loop = asyncio.get_running_loop()
 
         def made(transport, _orig=link.connection_made) -> None:
             _orig(transport)
-            task = loop.create_task(Session(link, self.waker, self.sessions, self.roles).run())
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._start_session(link)
 
         link.connection_made = made
         return link
+
+    def accept_ws(self) -> websocket.WsLink:
+        return websocket.WsLink(self._start_session)  # the session starts once the upgrade is answered
 
     async def status(self, request: web.Request) -> web.Response:
         return json_body(
@@ -91,10 +98,11 @@ class Proxy:
             }
         )
 
-    async def ws(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.json_response({"message": "expected a WebSocket upgrade"}, status=400)
-        return await websocket.handle(request, lambda link: Session(link, self.waker, self.sessions, self.roles))
+    async def ws_elsewhere(self, request: web.Request) -> web.Response:
+        """The WebSocket paths on the HTTP port (where they were before the WebSocket had its own port)."""
+        where = f"ws://{self.ws_addr}/v2" if self.ws_addr else "the WebSocket port (restart with `neonctl start`)"
+        return web.json_response({"message": f"the Postgres protocol over WebSocket is served at {where}: "
+                                             "see `neonctl connection-string --serverless`"}, status=400)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=11 * 1024 * 1024)
@@ -102,8 +110,8 @@ class Proxy:
         app.router.add_get("/v1/status", self.status)
         app.router.add_post("/sql", self.sql.handle)
         app.router.add_route("OPTIONS", "/sql", self.sql.options)
-        for path in ("/v1", "/v2", "/"):  # the driver's default `host + '/v2'`; `/v1?address=` for a string wsProxy
-            app.router.add_get(path, self.ws)
+        for path in websocket.PATHS:
+            app.router.add_get(path, self.ws_elsewhere)
         return app
 
 
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="neonctl-proxy")
     p.add_argument("--project-dir", required=True, type=Path)
     p.add_argument("--listen", required=True, help="Postgres protocol address, 127.0.0.1:PORT")
-    p.add_argument("--http", required=True, help="HTTP address (status), 127.0.0.1:PORT")
+    p.add_argument("--http", required=True, help="HTTP address (status, /sql), 127.0.0.1:PORT")
+    p.add_argument("--ws", help="WebSocket address (the Postgres protocol in binary frames), 127.0.0.1:PORT")
     p.add_argument("--suspend-interval", type=float, default=1.0)
     p.add_argument("--expiry-interval", type=float, default=10.0)
     args = p.parse_args(argv)
@@ -120,22 +129,28 @@ def main(argv: list[str] | None = None) -> None:
     # callbacks: through the proxy, pgbench -S goes from ~0.6x to ~0.8x of direct (benchmarks/bench_proxy.py).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     project = Project(args.project_dir)
-    proxy = Proxy(project, args.suspend_interval)
-    host, port = args.listen.rsplit(":", 1)
+    proxy = Proxy(project, args.suspend_interval, args.ws)
     http_host, http_port = args.http.rsplit(":", 1)
 
     async def listen(stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(proxy.accept, host, int(port), reuse_address=True, backlog=1024)
-        except OSError as e:
-            log.error("cannot listen on %s: %s", args.listen, e.strerror)
-            os._exit(1)
-        log.info("proxy for project %s listening on %s", project.name, args.listen)
+        servers = []
+        for factory, addr in ((proxy.accept, args.listen), (proxy.accept_ws, args.ws)):
+            if addr is None:
+                continue
+            h, pt = addr.rsplit(":", 1)
+            try:
+                servers.append(await loop.create_server(factory, h, int(pt), reuse_address=True, backlog=1024))
+            except OSError as e:
+                log.error("cannot listen on %s: %s", addr, e.strerror)
+                os._exit(1)
+        log.info("proxy for project %s listening on %s%s", project.name, args.listen,
+                 f", WebSocket on {args.ws}" if args.ws else "")
         try:
             await stop.wait()
         finally:
-            server.close()
+            for server in servers:
+                server.close()
 
     async def suspender(stop: asyncio.Event) -> None:
         await run_suspender(project, proxy.sessions, stop, args.suspend_interval, on_suspend=proxy.cache.drop_endpoint)
