@@ -45,6 +45,14 @@ def _image_at_head(project, branch: str) -> dict:
 
 def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
     p = ["-p", pg18.name]
+    cli("project", "set", "--pool-size", "1", *p)  # one kept directory: each start rebuilds the last stop's
+    try:
+        _switch_between_siblings(pg18, cli, p)
+    finally:
+        cli("project", "set", "--pool-size", "2", *p)
+
+
+def _switch_between_siblings(pg18, cli, p):
     cli("branch", "create", "--name", "rbase", *p)
     cli("endpoint", "start", "rbase", *p)
     with connect(pg18, "rbase") as conn:
