@@ -205,23 +205,29 @@ def _swap(
         clear_intent(project, new_tid)
         project.save()
         failpoint("branch-swap-after-save")
+    # 4. the same compute, on the same port, on the new history; then the old history goes. In this order
+    # the stopped directory's history still exists when the restart looks for a directory to rebuild from,
+    # so it rewrites what differs instead of restoring in full. An old timeline a crash leaves behind is
+    # unnamed: the next `neonctl start` deletes it.
+    ep = None
+    try:
+        if was_running:
+            progress(f"restarting the endpoint of {name!r} on port {st.port} ...")
+            try:
+                ep = start_endpoint(project, name, port=st.port, fsync=st.fsync, progress=progress)
+            except (Conflict, PostgresError) as e:  # e.g. the port was taken in the moment it was free
+                raise PostgresError(
+                    f"branch {name!r} now holds {_describe(point)}, but its endpoint did not restart"
+                    f" on port {st.port}: {e.message}",
+                    hint=f"neonctl endpoint start {name}",
+                ) from e
+    finally:
         if not keep_old:
             try:
-                drop_timeline(project, old_tid)
+                with project.lock():
+                    drop_timeline(project, old_tid)
             except Exception as e:  # noqa: BLE001 - the swap is done; an orphan timeline only costs disk
                 progress(f"WARNING: could not delete the old timeline {old_tid}: {e}")
-    # 4. the same compute, on the same port, on the new history
-    ep = None
-    if was_running:
-        progress(f"restarting the endpoint of {name!r} on port {st.port} ...")
-        try:
-            ep = start_endpoint(project, name, port=st.port, fsync=st.fsync, progress=progress)
-        except (Conflict, PostgresError) as e:  # e.g. the port was taken in the moment it was free
-            raise PostgresError(
-                f"branch {name!r} now holds {_describe(point)}, but its endpoint did not restart"
-                f" on port {st.port}: {e.message}",
-                hint=f"neonctl endpoint start {name}",
-            ) from e
     return SwapResult(branch=n, preserved=preserved, source=_describe(point), endpoint=ep)
 
 

@@ -132,3 +132,20 @@ def test_bad_input_is_one_error_line_and_changes_nothing(rr, cli):
     now = set(PageserverClient(rr.pageserver_addr).status()["timelines"])
     assert now == timelines
     assert read_state(rr, "main") == st
+
+
+def test_reset_of_a_running_branch_rebuilds_from_its_own_stopped_directory(rr, cli):
+    """The old history is dropped only after the restart: the restart can still rebuild from the directory the
+    branch's compute just left (only what differs is rewritten) instead of restoring the database in full."""
+    p = ["-p", rr.name]
+    cli("branch", "create", "--name", "rr_re", "--endpoint", *p)
+    try:
+        old_tid = rr.branch("rr_re").timeline_id
+        with connect(rr, "rr_re") as conn:
+            conn.execute("INSERT INTO rr VALUES (200)")
+        _, _, err = cli("branch", "reset", "rr_re", "--parent", *p)
+        assert "rebuilt from the stopped compute's directory" in err, err
+        assert _ids(rr, "rr_re") == _ids(rr, "main")
+        assert old_tid not in PageserverClient.of(rr).status()["timelines"]  # and the old history is gone
+    finally:
+        cli("branch", "delete", "rr_re", "--force", *p)
