@@ -41,7 +41,9 @@ same way, median of REPS each:
                   Postgres is launched / the materialise time = MB/s.
 
 Every timed operation begins with the pageserver holding (and having layered) all WAL of the branches
-involved. Each start says how its data directory was made: warm (the stopped directory as it is), rebuilt
+involved, and every endpoint is stopped only once the safekeepers stream from it (a stop right after the start
+can lose the compute's last checkpoint records: its kept directory is then ahead of storage, and the next start
+restores in full). Each start says how its data directory was made: warm (the stopped directory as it is), rebuilt
 (N changed pages rewritten), full. Targets: large <= 2x vanilla and <= 1.3x small for second start, sibling,
 reset and branch @ T; a full restore >= 500 MB/s.
 """
@@ -76,6 +78,7 @@ from _common import (
     sql,
     timeline_of,
     wait_pageserver,
+    wait_sync_standby,
 )
 
 from neonctl.engine.branch_ops import reset_branch
@@ -269,7 +272,7 @@ class Starts:
         load_s = time.perf_counter() - t
         db = db_bytes(st["port"])
         sql(st["port"], "CHECKPOINT")
-        endpoint_stop(p, "main", self.probs)
+        self.stop(p, "main")
         wait_pageserver(p, "main", timeout=3600)
         try:
             info, img_s = create_image(p, "main")
@@ -287,9 +290,9 @@ class Starts:
         ops["reset_parent_stopped"] = self.reset(p, child, parent_running=False)
         main_port = endpoint_start(p, "main")["port"]
         ops["reset_parent_running"] = self.reset(p, child, parent_running=True, main_port=main_port)
-        endpoint_stop(p, child, self.probs)
+        self.stop(p, child)
         ops["branch_at_t"] = self.branch_at_t(p, main_port)
-        endpoint_stop(p, "main", self.probs)
+        self.stop(p, "main")
         ops["full_kept"] = self.full(p, empty=False)
         ops["full_empty"] = self.full(p, empty=True)
         for k, op in ops.items():
@@ -335,6 +338,13 @@ class Starts:
             van.stop()
         return {"runs": runs}
 
+    def stop(self, p, branch: str) -> None:
+        """`endpoint stop`, once the safekeepers stream from the endpoint as synchronous standbys: stopped before
+        that, the compute's last records (its checkpoints) may never reach them, and its kept directory is then
+        ahead of storage - neither reusable nor rebuildable."""
+        wait_sync_standby(p, read_state(p, branch).port)
+        endpoint_stop(p, branch, self.probs)
+
     @staticmethod
     def start(p, branch: str, at_pg_start=None) -> dict:
         """A timed endpoint start; the fields of it a run keeps."""
@@ -348,11 +358,11 @@ class Starts:
         for i in range(self.a.reps):
             first = endpoint_start(p, b)
             log(f"  (first start {i + 1}/{self.a.reps}, not timed: {first['total_s']:.3f}s, {first.get('made')})")
-            endpoint_stop(p, b, self.probs)
+            self.stop(p, b)
             wait_pageserver(p, "main")
             wait_pageserver(p, b)
             runs.append(self.timed(f"second start {i + 1}/{self.a.reps}", self.start, p, b))
-            endpoint_stop(p, b, self.probs)
+            self.stop(p, b)
         return {"runs": runs}
 
     def sibling(self, p) -> dict:
@@ -364,11 +374,11 @@ class Starts:
             dir_pool.forget_all(directory_pool(p))  # the directory B's start may build from is A's alone
             st = endpoint_start(p, a_)
             sql(st["port"], UPDATE_100, (i * 100 + 1, i * 100 + 100))
-            endpoint_stop(p, a_, self.probs)
+            self.stop(p, a_)
             wait_pageserver(p, "main")
             wait_pageserver(p, a_)
             runs.append(self.timed(f"sibling start {i + 1}/{self.a.reps}", self.start, p, b_))
-            endpoint_stop(p, b_, self.probs)
+            self.stop(p, b_)
         return {"runs": runs}
 
     def reset(self, p, child: str, parent_running: bool, main_port: int | None = None) -> dict:
@@ -381,7 +391,8 @@ class Starts:
             sql(port, "INSERT INTO marks (tag) SELECT 'reset' FROM generate_series(1, 10)")
             want = sql(port, "SELECT count(*) FROM marks")[0][0]
             if not parent_running:
-                endpoint_stop(p, "main", self.probs)
+                self.stop(p, "main")
+            wait_sync_standby(p, cport)  # as in stop(): the reset stops it
             wait_pageserver(p, "main")
             wait_pageserver(p, child)
 
@@ -439,7 +450,7 @@ class Starts:
             if not r["correct"]:
                 raise RuntimeError(f"branch at T = now - 1 s shows markers {sorted(tags)}; want only at{i}")
             runs.append(r)
-            endpoint_stop(p, name, self.probs)
+            self.stop(p, name)
             prev = name
         return {"runs": runs}
 
@@ -469,7 +480,7 @@ class Starts:
             r["mb_s_without_wal"] = round((size["pgdata_bytes"] - size["pg_wal_bytes"]) / 2**20 / m, 1)
             log(f"    {mb(size['pgdata_bytes'])} MB ({mb(size['pg_wal_bytes'])} MB pg_wal) in {m}s: {r['mb_s']} MB/s")
             runs.append(r)
-            endpoint_stop(p, "main", self.probs)
+            self.stop(p, "main")
         return {"runs": runs}
 
 
