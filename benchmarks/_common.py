@@ -28,8 +28,10 @@ from pathlib import Path
 import psycopg
 
 from neonctl.engine import ports
+from neonctl.engine.compute import dir_pool
 from neonctl.engine.compute.endpoint import (
     compute_config,
+    directory_pool,
     list_endpoints,
     postgres_pid,
     read_state,
@@ -348,20 +350,68 @@ def wait_sync_standby(p: Project, port: int, timeout: float = 60) -> list[tuple]
         time.sleep(0.1)
 
 
-def endpoint_start(p: Project, branch: str, fsync: bool = False) -> dict:
-    """`endpoint start` through the engine API, timed and split into phases, with the redo from its log."""
-    marks: dict[str, float] = {}
+REBUILT_MSG = re.compile(r"rebuilt from the stopped compute's directory: (\d+) changed page\(s\) rewritten from the "
+                        r"image, (\d+) bytes of WAL to replay")
+WARM_MSG = "the stopped compute's directory is exactly this point"
 
-    def progress(msg: str) -> None:
-        marks.setdefault("materialise" if msg.startswith("materialising") else
-                         "pg_ctl" if msg.startswith("starting PostgreSQL") else msg, time.perf_counter())
 
+def pool_dirs(p: Project) -> int:
+    """How many stopped compute directories the project's pool holds now (compute/dir_pool.py)."""
+    return len(dir_pool.slots(directory_pool(p)))
+
+
+class StartWatch:
+    """The progress callback of start_endpoint (or of what calls it: reset_branch, restore_branch): when each
+    phase began, and how the data directory was made, from the start's own messages. `hooks` maps a message
+    prefix to a function run once, at the first such message (e.g. to measure the materialised directory when
+    Postgres is about to be launched on it); their time is kept in `paused`, for the caller to take out of its
+    timing (each phase's mark is taken before its hook)."""
+
+    def __init__(self, hooks: dict | None = None):
+        self.marks: dict[str, float] = {}
+        self.lines: list[str] = []
+        self.hooks = dict(hooks or {})
+        self.paused = 0.0
+
+    def __call__(self, msg: str) -> None:
+        now = time.perf_counter()
+        self.lines.append(msg)
+        key = "materialise" if msg.startswith("materialising") else "pg_ctl" if msg.startswith(
+            "starting PostgreSQL") else msg
+        self.marks.setdefault(key, now)
+        for prefix in [h for h in self.hooks if msg.startswith(h)]:
+            self.hooks.pop(prefix)()
+            self.paused += time.perf_counter() - now
+            now = time.perf_counter()
+
+    def first(self, prefix: str) -> float | None:
+        return next((t for k, t in self.marks.items() if k.startswith(prefix)), None)
+
+    def made(self, pool_before: int) -> dict:
+        """{"made": "warm" | "rebuilt" | "full" | "full, empty dir", ...}: `full` rewrote a kept directory's
+        files, `full, empty dir` created every file (the pool held no directory when the start began)."""
+        for line in self.lines:
+            if line.startswith(WARM_MSG):
+                return {"made": "warm"}
+            m = REBUILT_MSG.match(line)
+            if m:
+                return {"made": "rebuilt", "changed_pages": int(m.group(1)), "rebuild_wal_bytes": int(m.group(2))}
+        if "materialise" not in self.marks:
+            return {"made": None}
+        return {"made": "full" if pool_before else "full, empty dir"}
+
+
+def endpoint_start(p: Project, branch: str, fsync: bool = False, at_pg_start=None) -> dict:
+    """`endpoint start` through the engine API, timed and split into phases, with how its data directory was
+    made (warm / rebuilt / full restore) and the redo from its log. `at_pg_start()` runs as Postgres is about to
+    be launched on the materialised directory; its time is not counted."""
     for attempt in range(3):
         port = free_port()
-        marks.clear()
+        watch = StartWatch({"starting PostgreSQL": at_pg_start} if at_pg_start else None)
+        pool_before = pool_dirs(p)
         t0 = time.perf_counter()
         try:
-            st = start_endpoint(p, branch, port=port, fsync=fsync, progress=progress)
+            st = start_endpoint(p, branch, port=port, fsync=fsync, progress=watch)
         except (Conflict, PostgresError) as e:  # lost a race for the port: measure again
             if attempt == 2 or "port" not in (str(e) + str(getattr(e, "hint", ""))).lower():
                 raise
@@ -370,10 +420,12 @@ def endpoint_start(p: Project, branch: str, fsync: bool = False) -> dict:
         t1 = time.perf_counter()
         break
     PASSWORDS[st.port] = get_role(p, "postgres").password
-    out: dict = {"total_s": t1 - t0, "port": st.port, "pgdata": st.pgdata, "start_lsn": st.start_lsn}
+    marks = watch.marks
+    out: dict = {"total_s": t1 - t0 - watch.paused, "port": st.port, "pgdata": st.pgdata, "start_lsn": st.start_lsn,
+                 "pool_dirs_before": pool_before, **watch.made(pool_before)}
     if "materialise" in marks and "pg_ctl" in marks:
         out.update(elect_s=marks["materialise"] - t0, materialise_s=marks["pg_ctl"] - marks["materialise"],
-                   pg_ctl_verify_attach_s=t1 - marks["pg_ctl"])
+                   pg_ctl_verify_attach_s=t1 - marks["pg_ctl"] - watch.paused)
     out.update(redo_info((Path(st.pgdata).parent / "postgres.log").read_text(errors="replace")))
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
