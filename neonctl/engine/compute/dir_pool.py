@@ -75,14 +75,21 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def remove_slot(slot: Path) -> None:
-    """Delete a slot: one rename out of the listing first, so a crash never leaves half a slot listed."""
+def _unlist(slot: Path) -> Path | None:
+    """Take a slot out of the listing in one rename (a crash then never leaves half a slot listed)."""
     grave = slot.with_name(f".evicted-{slot.name}")
     try:
         os.rename(slot, grave)
     except OSError:
-        return
-    shutil.rmtree(grave, ignore_errors=True)
+        return None
+    return grave
+
+
+def remove_slot(slot: Path) -> None:
+    """Delete a slot."""
+    grave = _unlist(slot)
+    if grave is not None:
+        shutil.rmtree(grave, ignore_errors=True)
 
 
 def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int) -> Path | None:
@@ -92,9 +99,8 @@ def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int) -> P
     nbytes = dir_bytes(pgdata)
     if size <= 0 or nbytes > max_bytes:
         return None
+    graves = list(root.glob(".evicted-*"))  # evictions a crash interrupted
     with locked(root):
-        for leftover in root.glob(".evicted-*"):  # an eviction a crash interrupted
-            shutil.rmtree(leftover, ignore_errors=True)
         slot = root / f"{int(time.time() * 1000):x}-{secrets.token_hex(3)}"
         slot.mkdir()
         os.rename(pgdata, slot / "pgdata")
@@ -106,9 +112,12 @@ def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int) -> P
             rec = read_record(s)
             b = rec.get("bytes") if rec and isinstance(rec.get("bytes"), int) else dir_bytes(s / "pgdata")
             if rec is None or kept >= size or total + b > max_bytes:
-                remove_slot(s)
+                graves.append(_unlist(s))
                 continue
             kept, total = kept + 1, total + b
+    for grave in graves:  # deleted outside the lock: a start waiting for it does not wait for the disk
+        if grave is not None:
+            shutil.rmtree(grave, ignore_errors=True)
     return slot
 
 
