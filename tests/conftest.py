@@ -87,9 +87,14 @@ def _no_unexpected_daemon_errors(request):
                 text = f.read().decode(errors="replace")
         except OSError:
             continue
-        for line in text.splitlines():
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
             if (" ERROR " in line or line.startswith("Traceback")) and not any(a.search(line) for a in allowed):
                 bad.append(f"{log.relative_to(_HOME)}: {line[:300]}")
+                if line.startswith("Traceback"):  # and what was raised: the traceback's last line
+                    end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith((" ", "\t"))), None)
+                    if end is not None:
+                        bad.append(f"{log.relative_to(_HOME)}:   -> {lines[end][:300]}")
     if bad:
         pytest.fail("daemon logs show unexpected errors during the test (declare expected ones with "
                     "@pytest.mark.daemon_errors):\n" + "\n".join(bad[:20]), pytrace=False)
@@ -107,7 +112,9 @@ def pytest_runtest_makereport(item, call):
                 text = log.read_text(errors="replace").splitlines()
             except OSError:
                 continue
-            bad = [ln for ln in text if any(w in ln for w in (" ERROR ", "Traceback", " WARNING ", "FATAL", "PANIC"))]
+            bad = [ln for i, ln in enumerate(text)
+                   if any(w in ln for w in (" ERROR ", "Traceback", " WARNING ", "FATAL", "PANIC"))
+                   or (i and text[i - 1].startswith(" ") and not ln.startswith((" ", "\t", "Traceback")))]
             lines += [f"{log.relative_to(_HOME)}: {ln[:300]}" for ln in bad[-8:]]
         if lines:
             report.sections.append(("daemon log problems", "\n".join(lines[-60:])))

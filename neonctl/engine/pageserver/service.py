@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -76,6 +75,10 @@ def page_lsn(page: bytes) -> int:
     return hi << 32 | lo
 
 
+# The idle layer builder looks for new WAL this often. Two CI-style runs stalled while the builder waited on an
+# asyncio.Event instead (woken by WAL, then by requests); the cause was not found, so it polls.
+BUILDER_IDLE_POLL = 0.1
+
 class Pageserver:
     def __init__(self, workdir: Path, broker: str | None, safekeepers: list[str]):
         self.workdir = workdir
@@ -95,7 +98,6 @@ class Pageserver:
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
         self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
-        self.builder_wake = asyncio.Event()  # set: the idle layer builder runs at once instead of in 0.2 s
 
     def load(self) -> None:
         for grave in (self.workdir / "timelines").glob(f"{DELETED_PREFIX}*"):  # a delete a crash interrupted
@@ -168,8 +170,6 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        if pool is not None:  # a rebuild needs the layers up to the directory's stop: build them now
-            self.builder_wake.set()
         reused, rebuilt = await asyncio.to_thread(self._materialise_from_pool, tl, at, lsn is None, target, pool)
         warm = reused is not None
         # A reused directory has run computes since it was last made from an image: the earliest of their
@@ -202,13 +202,14 @@ class Pageserver:
                     chosen = next((s for s in slots if tl.warm_reason(at, s / "pgdata") is None), None)
                     how = "warm" if chosen is not None else how
                     if chosen is None:
-                        all_costs = [tl.rebuild_cost(at, s / "pgdata", wait=5.0 if i == 0 else 1.0)
-                                     for i, s in enumerate(slots)]
-                        costs = [(c, i) for i, c in enumerate(all_costs) if c is not None]
+                        plans = [tl.rebuild_cost(at, s / "pgdata", wait=5.0 if i == 0 else 1.0)
+                                 for i, s in enumerate(slots)]
+                        costs = [(c, i) for i, (c, _why) in enumerate(plans) if c is not None]
                         if costs:
                             chosen, how = slots[min(costs)[1]], "rebuild"
-                        log.info("timeline %s: pages to rewrite per kept directory %s", tl.timeline_id,
-                                 {s.name: c for s, c in zip(slots, all_costs, strict=True)})
+                        per_slot = {s.name: c if c is not None else why
+                                    for s, (c, why) in zip(slots, plans, strict=True)}
+                        log.info("timeline %s: pages to rewrite per kept directory %s", tl.timeline_id, per_slot)
                 if chosen is None and slots:
                     chosen = slots[-1]  # the oldest: its files are a pool of inodes for the full restore
                 if chosen is not None:  # out of the listing: no eviction or other start touches it now
@@ -508,13 +509,10 @@ class Pageserver:
                 busy = busy or n > 0
                 if not n and tl.layers is not None:
                     await loop.run_in_executor(builder, tl.layers.maybe_freeze)  # time-based freeze while idle
-            if not busy:  # idle: look again in 0.2 s, or at once when a request needs the layers now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.builder_wake.wait(), 0.2)
-                self.builder_wake.clear()
+            if not busy:  # idle: look again soon (a start that rebuilds a directory waits for the layers)
+                await asyncio.sleep(BUILDER_IDLE_POLL)
 
     async def wait_layers(self, tl: Timeline, lsn: int, timeout: float) -> None:
-        self.builder_wake.set()
         deadline = time.monotonic() + timeout
         while tl.layer_lsn < lsn:
             if time.monotonic() > deadline:

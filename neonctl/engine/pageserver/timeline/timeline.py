@@ -487,13 +487,14 @@ class Timeline:
         return warm.reusable(pool, lsn, self.timeline_id, lineage, self.meta.system_id, self.read_wal,
                              self.meta.wal_seg_size)
 
-    def rebuild_cost(self, lsn: int, pool: Path, wait: float = 5.0) -> int | None:
-        """How many keys a rebuild of the stopped directory `pool` at `lsn` rewrites; None if it cannot."""
+    def rebuild_cost(self, lsn: int, pool: Path, wait: float = 5.0) -> tuple[int | None, str | None]:
+        """(how many keys a rebuild of the stopped directory `pool` at `lsn` rewrites, None) - or (None, why
+        it cannot be rebuilt from)."""
         try:
-            _why, plan = self._rebuild_plan(lsn, pool, wait)
-        except (NeonctlError, OSError):
-            return None
-        return None if plan is None else len(plan[1])
+            why, plan = self._rebuild_plan(lsn, pool, wait)
+        except (NeonctlError, OSError) as e:
+            return None, f"{type(e).__name__}: {e}"
+        return (None, why) if plan is None else (len(plan[1]), None)
 
     def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> dict | None:
         """Take the cleanly stopped compute directory `pool` as the data directory at `lsn` if it is exactly
