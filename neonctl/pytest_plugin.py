@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -131,6 +132,8 @@ def neon_project(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
             st["users"] = st.get("users", 1) - 1
             if st["users"] <= 0:
                 delete_project(project)
+                if st.get("home"):  # the throwaway home this run made goes too
+                    shutil.rmtree(st["home"], ignore_errors=True)
                 st = {}
             state_file.write_text(json.dumps(st))
 

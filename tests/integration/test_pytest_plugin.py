@@ -31,12 +31,14 @@ def _branches(project: str, capsys) -> list[dict]:
 
 def test_sample_project_with_xdist_in_a_throwaway_project(tmp_path):
     home = tmp_path / "home"
+    before = set(Path(tempfile_root()).glob("neonctl-pytest-*"))
     proc = _pytest("-n", "2", "sample_tests.py", "--neonctl-schema", "schema.sql", "--neonctl-schema",
                    "seed:add_audit", env={"NEONCTL_HOME": str(home)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "5 passed" in proc.stdout
-    # the throwaway project went with the session
+    # the throwaway project, and the home made for it, went with the session
     assert not list(Path(tempfile_root()).glob("neonctl-pytest-*/projects/pytest/project.json"))
+    assert set(Path(tempfile_root()).glob("neonctl-pytest-*")) <= before
 
 
 def tempfile_root() -> str:
