@@ -180,6 +180,23 @@ def connect(project, branch: str = "main", **kw) -> psycopg.Connection:
     return psycopg.connect(running_endpoint(project, branch).admin_dsn, autocommit=True, **kw)
 
 
+def image_of_running_branch(project, branch: str) -> dict:
+    """CHECKPOINT on the branch's running compute, then an image at its head once the pageserver has the WAL:
+    the compute keeps running from before the image (what the rebuild's hint-bit rule looks at)."""
+    from waiting import wait_until  # noqa: PLC0415
+
+    from neonctl.engine.pageserver.client import PageserverClient  # noqa: PLC0415
+    from neonctl.engine.safekeeper.client import flush_lsn  # noqa: PLC0415
+
+    tl = project.branch(branch).timeline_id
+    with connect(project, branch) as conn:
+        conn.execute("CHECKPOINT")
+    flush = flush_lsn(project, tl)
+    ps = PageserverClient.of(project)
+    wait_until(lambda: ps.timeline(tl)["last_record_lsn"] >= flush, 30, "the pageserver to ingest the load")
+    return ps.create_image(tl, timeout=300)
+
+
 def start_how(cli, project, branch: str) -> str:
     """Start the branch's compute; how its directory was made: 'reused' (the stopped one as it was),
     'rebuilt' (the stopped one, changed pages rewritten) or 'full' (restored from the image)."""

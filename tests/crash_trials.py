@@ -40,6 +40,7 @@ from neonctl.engine import client
 from neonctl.engine.compute.endpoint import postgres_pid, read_state
 from neonctl.engine.failpoints import POINTS
 from neonctl.engine.pageserver.client import PageserverClient
+from neonctl.engine.process import pid_alive
 from neonctl.engine.project import Project
 from neonctl.engine.safekeeper.client import SafekeeperClient
 
@@ -216,7 +217,7 @@ class CrashTrials:
         if in_daemon:
             armed = self.arm_daemon(point)
             res = self.neonctl(*argv, check=False, project=proj)
-            crashed = any(not _alive(pid) for pid in armed)
+            crashed = any(not pid_alive(pid) for pid in armed)
             if not crashed and res.returncode != 0:
                 problems.append(f"the command failed without reaching {point}: {res.stderr.strip()}")
         else:
@@ -241,7 +242,7 @@ class CrashTrials:
         if op == "project delete":
             if (self.home / "projects" / other).exists() or list((self.home / "projects").glob(".deleted-*")):
                 problems.append(f"project {other} is not gone")
-            alive = [pid for pid in daemon_pids if _alive(pid)]
+            alive = [pid for pid in daemon_pids if pid_alive(pid)]
             if alive:
                 problems.append(f"daemons of the deleted project still run: {alive}")
         elif op == "branch delete":
@@ -306,20 +307,6 @@ def _daemon_pids(p: Project) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _diff(got: list[int], want: list[int]) -> str:

@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import re
 
-from conftest import connect, materialise_next_start, start_how
-from waiting import wait_until
+from conftest import connect, image_of_running_branch, materialise_next_start, start_how
 
 from neonctl.engine.compute import dir_pool
 from neonctl.engine.compute.endpoint import directory_pool
-from neonctl.engine.pageserver.client import PageserverClient
-from neonctl.engine.safekeeper.client import flush_lsn
-
-
-def _image_at_head(project, branch: str) -> None:
-    tl = project.branch(branch).timeline_id
-    with connect(project, branch) as conn:
-        conn.execute("CHECKPOINT")
-    flush = flush_lsn(project, tl)
-    ps = PageserverClient.of(project)
-    wait_until(lambda: ps.timeline(tl)["last_record_lsn"] >= flush, 30, "the pageserver to ingest the load")
-    ps.create_image(tl, timeout=300)
 
 
 def _changed_pages(cli, project, branch: str) -> int:
@@ -44,7 +31,7 @@ def test_pool_keeps_each_branch_and_picks_the_fewest_writes(pg18, cli):
             # dirty no page, so each branch's kept directory differs from the image only by its own writes
             conn.execute("ALTER TABLE pt SET (autovacuum_enabled = off)")
             conn.execute("VACUUM (FREEZE, ANALYZE) pt")
-        _image_at_head(pg18, "pbase")
+        image_of_running_branch(pg18, "pbase")
         cli("endpoint", "stop", "pbase", *p)
         for n in ("pbig", "psmall", "pfresh"):
             cli("branch", "create", "--name", n, "--parent", "pbase", *p)

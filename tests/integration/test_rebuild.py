@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import connect, start_how
+from conftest import connect, image_of_running_branch, start_how
 from waiting import wait_until
 
 from neonctl.engine import client
@@ -33,16 +33,6 @@ def _digest(project, branch: str) -> tuple:
         return tuple(out)
 
 
-def _image_at_head(project, branch: str) -> dict:
-    tl = project.branch(branch).timeline_id
-    with connect(project, branch) as conn:
-        conn.execute("CHECKPOINT")
-    flush = flush_lsn(project, tl)
-    ps = PageserverClient.of(project)
-    wait_until(lambda: ps.timeline(tl)["last_record_lsn"] >= flush, 30, "the pageserver to ingest the load")
-    return ps.create_image(tl, timeout=300)
-
-
 def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
     p = ["-p", pg18.name]
     cli("project", "set", "--pool-size", "1", *p)  # one kept directory: each start rebuilds the last stop's
@@ -60,7 +50,7 @@ def _switch_between_siblings(pg18, cli, p):
         conn.execute("INSERT INTO rb1 SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
         conn.execute("CREATE TABLE rb2 (id int, v text)")
         conn.execute("INSERT INTO rb2 SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
-    _image_at_head(pg18, "rbase")
+    image_of_running_branch(pg18, "rbase")
     base = _digest(pg18, "rbase")
     cli("endpoint", "stop", "rbase", *p)
     for name in ("rc1", "rc2"):
@@ -103,7 +93,7 @@ def test_random_switches_match_the_committed_rows(pg18, cli):
     with connect(pg18, "rrand") as conn:
         conn.execute("CREATE TABLE rb1 (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO rb1 SELECT g, md5(g::text) FROM generate_series(1, 10000) g")
-    _image_at_head(pg18, "rrand")
+    image_of_running_branch(pg18, "rrand")
     cli("endpoint", "stop", "rrand", *p)
     names = ["rr1", "rr2", "rr3"]
     for n in names:
@@ -141,7 +131,7 @@ def _siblings_with_writes(project, cli, base: str, names: tuple[str, str]) -> di
     with connect(project, base) as conn:
         conn.execute("CREATE TABLE rb1 (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO rb1 SELECT g, md5(g::text) FROM generate_series(1, 8000) g")
-    _image_at_head(project, base)
+    image_of_running_branch(project, base)
     cli("endpoint", "stop", base, *p)
     digests = {}
     for n in names:
