@@ -305,7 +305,10 @@ class Pageserver:
             await asyncio.to_thread(self.redo_kept.forget, tid)
         # One rename first: a crash during the removal must not leave a half-deleted timeline to be loaded.
         grave = tl.dir.with_name(f"{DELETED_PREFIX}{tid}-{secrets.token_hex(4)}")
-        await asyncio.to_thread(os.rename, tl.dir, grave)
+        try:
+            await asyncio.to_thread(os.rename, tl.dir, grave)
+        except FileNotFoundError:  # no directory left to remove (as the removal loop below already allowed)
+            return json_body({"deleted": tid})
         await afailpoint("ps-timeline-delete-midway")
         # The layer builder or an ingest already under way may still write a file or two in there.
         for attempt in range(50):
