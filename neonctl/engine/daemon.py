@@ -61,6 +61,34 @@ async def _set_failpoints(request: web.Request) -> web.Response:
     return json_body({"failpoints": body})
 
 
+log = logging.getLogger(__name__)
+
+RESTART_DELAY = 1.0  # seconds before a background task that raised runs again
+
+
+async def supervise(fn: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event,
+                    delay: float = RESTART_DELAY) -> None:
+    """Run a daemon's background task until stop; if it raises, log it and run it again.
+
+    A background loop (layer builder, image creation, WAL receipt) that died on one unexpected error
+    would otherwise end silently while the daemon kept answering, and everything waiting on that loop
+    would time out much later, far from the cause.
+    """
+    name = getattr(fn, "__qualname__", repr(fn))
+    while not stop.is_set():
+        try:
+            await fn(stop)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - logged with its traceback; the task runs again
+            log.exception("background task %s failed; it runs again in %.1f s", name, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+
+
 def serve(app: web.Application, host: str, port: int,
           background: list[Callable[[asyncio.Event], Awaitable[None]]]) -> None:
     """Run the app and background tasks until SIGTERM/SIGINT, then stop tasks and exit cleanly."""
@@ -83,7 +111,7 @@ def serve(app: web.Application, host: str, port: int,
         except OSError as e:
             print(f"fatal: cannot listen on {host}:{port}: {e.strerror}", flush=True)
             raise SystemExit(1) from None
-        tasks = [asyncio.create_task(fn(stop)) for fn in background]
+        tasks = [asyncio.create_task(supervise(fn, stop)) for fn in background]
         await stop.wait()
         for t in tasks:
             t.cancel()

@@ -498,9 +498,14 @@ class Pageserver:
             for tl in list(self.timelines.values()):
                 if self.timelines.get(tl.timeline_id) is not tl:
                     continue  # deleted meanwhile
-                await loop.run_in_executor(builder, tl.sync_if_due)
+                # Everything per timeline is inside the try: a timeline deleted under the builder makes its
+                # sync or freeze raise (its directory is gone), and an escaped error would end this loop and
+                # stall the layers of every other timeline.
                 try:
+                    await loop.run_in_executor(builder, tl.sync_if_due)
                     n = await loop.run_in_executor(builder, tl.build_layers)
+                    if not n and tl.layers is not None:
+                        await loop.run_in_executor(builder, tl.layers.maybe_freeze)  # time-based, while idle
                     failed.pop(tl.timeline_id, None)
                 except Exception as e:  # noqa: BLE001 - keep the builder alive; the error is logged once
                     if self.timelines.get(tl.timeline_id) is not tl:
@@ -510,8 +515,6 @@ class Pageserver:
                         failed[tl.timeline_id] = str(e)
                     n = 0
                 busy = busy or n > 0
-                if not n and tl.layers is not None:
-                    await loop.run_in_executor(builder, tl.layers.maybe_freeze)  # time-based freeze while idle
             if not busy:  # idle: look again soon (a start that rebuilds a directory waits for the layers)
                 await asyncio.sleep(BUILDER_IDLE_POLL)
 
