@@ -184,3 +184,41 @@ def test_pageserver_killed_midway_through_a_rebuild(pg18, cli):
     assert start_how(cli, pg18, b) == "rebuilt"  # and a clean stop is a known state again
     assert _digest(pg18, b) == want[b]
     cli("endpoint", "stop", b, "-p", pg18.name)
+
+
+def test_pages_the_replay_rewrites_whole_are_left_to_it(pg18, cli):
+    """Reset of a running branch while its parent rewrote every page: the pages whose first record after the
+    image's redo point is a full-page image are left as the stopped directory had them (the replay overwrites
+    them); the oracle proves each one's first record after the redo point does, and compares every other
+    byte with a full restore. The rows are the parent's."""
+    p = ["-p", pg18.name]
+    cli("project", "set", "--pool-size", "1", *p)  # the reset restarts from the directory its compute left
+    try:
+        cli("branch", "create", "--name", "rfp", *p)
+        cli("endpoint", "start", "rfp", *p)
+        with connect(pg18, "rfp") as conn:
+            conn.execute("CREATE TABLE rb1 (id int PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO rb1 SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+        image_of_running_branch(pg18, "rfp")
+        with connect(pg18, "rfp") as conn:
+            conn.execute("UPDATE rb1 SET v = 'a'")  # every page, first touched after the image: page images
+        cli("branch", "create", "--name", "rfk", "--parent", "rfp", *p)
+        cli("endpoint", "start", "rfk", *p)
+        with connect(pg18, "rfk") as conn:
+            conn.execute("UPDATE rb1 SET v = 'k' WHERE id % 10 = 0")
+        with connect(pg18, "rfp") as conn:
+            conn.execute("UPDATE rb1 SET v = 'b' WHERE id % 3 = 0")
+            want = _digest(pg18, "rfp")
+        _, _, err = cli("branch", "reset", "rfk", "--parent", *p)
+        line = next(ln for ln in err.splitlines() if "rebuilt from the stopped compute's directory" in ln)
+        left = int(line.split(" left to the replay")[0].rsplit(",", 1)[1].split()[0])
+        rewritten = int(line.split(": ", 1)[1].split()[0])
+        assert left > 50, line  # rb1's pages, all first touched by a page image after the redo point
+        assert rewritten < left, line
+        assert _digest(pg18, "rfk") == want
+        with connect(pg18, "rfk") as conn:
+            assert conn.execute("SELECT count(*) FROM rb1 WHERE v = 'k'").fetchone()[0] == 0
+    finally:
+        cli("project", "set", "--pool-size", "2", *p)
+        for b in ("rfk", "rfp"):
+            cli("endpoint", "stop", b, *p)

@@ -147,8 +147,10 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
             if res.get("warm"):
                 progress("the stopped compute's directory is exactly this point: reused (no restore, no replay)")
             elif res.get("rebuilt"):
-                progress(f"rebuilt from the stopped compute's directory: {res['rebuilt']['changed_keys']} changed "
-                         f"page(s) rewritten from the image, {res['rebuilt']['wal_bytes']} bytes of WAL to replay")
+                rb = res["rebuilt"]
+                progress(f"rebuilt from the stopped compute's directory: {rb['changed_keys']} changed page(s) "
+                         f"rewritten from the image, {rb.get('left_to_replay', 0)} left to the replay's page images, "
+                         f"{rb['wal_bytes']} bytes of WAL to replay")
             failpoint("endpoint-start-before-postgres")
             logfile = epdir / "postgres.log"
             port = launch_postgres(

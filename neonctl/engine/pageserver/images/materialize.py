@@ -34,7 +34,8 @@ from pathlib import Path
 
 from neonctl.engine.lsn import WAL_SEGMENT_SIZE, format_lsn, segment_file_name
 from neonctl.engine.pageserver.images.image_set import ImageInfo
-from neonctl.engine.pageserver.images.rebuild import rebuild_from_image, verify_against_restore
+from neonctl.engine.pageserver.images.rebuild import left_pages, rebuild_from_image, verify_against_restore
+from neonctl.engine.pageserver.images.replay_inits import check_replay_inits
 from neonctl.engine.pageserver.images.restore import (
     image_info_from_layers,
     restore_image,
@@ -157,7 +158,8 @@ def materialize_from_image(
     label_method: str | None = None,
     seg_size: int = WAL_SEGMENT_SIZE,
     recycle: bool = False,
-    changed: set | None = None,
+    changed=None,
+    skip=None,
 ) -> int:
     """Build a data directory at ``lsn`` from an image plus WAL; returns the bytes of WAL to replay.
 
@@ -167,7 +169,8 @@ def materialize_from_image(
     to ``lsn``. ``lsn`` must be a record end at or after the image's LSN: an image's pages may
     hold changes made up to its LSN, so an earlier target is refused. ``recycle``: ``target``
     holds an old data directory to overwrite (``restore_image``). ``changed``: ``target`` holds a stopped
-    compute's directory that differs from the image only in these keys (``rebuild.py``).
+    compute's directory that differs from the image only in these keys (sorted S18, ``rebuild.py``);
+    ``skip``: keys of pages the replay rewrites whole, left as they are (``replay_inits.py``).
     """
     info = image if isinstance(image, ImageInfo) else image_info_from_layers(image)
     checkpoint_lsn = info.checkpoint_lsn if checkpoint_lsn is None else checkpoint_lsn
@@ -188,9 +191,12 @@ def materialize_from_image(
         raise InvalidInput("a 'from standby' backup_label needs an image shut down in recovery")
     target = Path(target)
     if changed is not None:
-        meta = rebuild_from_image(info.paths, target, changed)
+        meta = rebuild_from_image(info.paths, target, changed, skip)
         if os.environ.get("NEONCTL_VERIFY_REBUILD"):
-            verify_against_restore(info.paths, target, target.parent / "verify-full-restore.tmp")
+            left = meta["left_to_replay"]
+            check_replay_inits(read_wal, redo_lsn, lsn, seg_size, left)
+            verify_against_restore(info.paths, target, target.parent / "verify-full-restore.tmp",
+                                   left_pages(left, meta["relseg_size"]))
     else:
         meta = restore_image(info.paths, target, recycle=recycle)
     if (meta["checkpoint_lsn"], meta["redo_lsn"]) != (checkpoint_lsn, redo_lsn):

@@ -43,9 +43,16 @@ from neonctl.errors import CorruptData
 FSM_FORK, VM_FORK = 1, 2  # not tracked page by page in the WAL: always rewritten (they are small)
 
 
-def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
-    """Rewrite `target` (a stopped compute's directory) into the image's files; returns the image's
-    metadata plus `pages_written` and `pages_kept`."""
+def changed_rows(changed: set[Key]) -> np.ndarray:
+    """Keys as the sorted S18 array the rebuild matches image rows against."""
+    return np.array(sorted(k.to_bytes() for k in changed), dtype="S18")
+
+
+def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.ndarray | None = None) -> dict:
+    """Rewrite `target` (a stopped compute's directory) into the image's files, except the pages in `skip`
+    (sorted S18 keys that the replay rewrites whole: `replay_inits.py`); `changed` are the sorted S18 keys
+    the directory's history changed since the image. Returns the image's metadata plus `pages_written`,
+    `pages_kept` and `left_to_replay` (the keys of `changed` not written, because of `skip`)."""
     readers = _open_image(layer_paths)
     written = kept = 0
     try:
@@ -55,7 +62,10 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
         relseg = meta["relseg_size"]
         members = extract_aux_files(readers, target)
         out = _FileWriter(target, meta["file_mode"], in_place=True)
-        changed_rows = np.array(sorted(k.to_bytes() for k in changed), dtype="S18")
+        left = changed[:0]
+        if skip is not None and len(skip) and len(changed):
+            overlap = np.isin(changed, skip, assume_unique=True)
+            left, changed = changed[overlap], changed[~overlap]
         present: set[str] = set()
         old_size: dict[str, int] = {}
 
@@ -69,7 +79,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
 
         try:
             for r in readers:
-                w, k = _rebuild_layer(r, out, relseg, changed_rows, size_now, present)
+                w, k = _rebuild_layer(r, out, relseg, changed, size_now, present)
                 written, kept = written + w, kept + k
                 failpoint("ps-rebuild-midway")
         finally:
@@ -78,7 +88,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: set[Key]) -> dict:
             out.write_small(rel, b"")
         _sweep(target, out.written | present | {os.path.normpath(m.name) for m in members})
         os.chmod(target, meta["dir_mode"])
-        return {**meta, "pages_written": written, "pages_kept": kept}
+        return {**meta, "pages_written": written, "pages_kept": kept, "left_to_replay": left}
     finally:
         for r in readers:
             r.close()
@@ -146,23 +156,51 @@ def group_rows(tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, np.cumsum(starts) - 1
 
 
-def verify_against_restore(layer_paths, target: Path, scratch: Path) -> None:
+def verify_against_restore(layer_paths, target: Path, scratch: Path, left: dict[str, set[int]] | None = None
+                           ) -> None:
     """The oracle (on when NEONCTL_VERIFY_REBUILD is set, as in the tests): restore the image the full way
-    into `scratch` and require the rebuilt tree to be identical to it, file by file and byte by byte.
-    CorruptData names the first files that differ."""
+    into `scratch` and require the rebuilt tree to be identical to it, file by file and byte by byte -
+    except the pages `left` to the replay ({file: block numbers in it}), which the caller proves are
+    rewritten whole by the replay (`replay_inits.check_replay_inits`). CorruptData names the first files
+    that differ."""
     shutil.rmtree(scratch, ignore_errors=True)
+    left = left or {}
     try:
         restore_image(layer_paths, scratch)
         ours, theirs = _tree(target), _tree(scratch)
         diff = sorted(set(ours) ^ set(theirs))
         for rel in sorted(set(ours) & set(theirs)):
-            if ours[rel] != theirs[rel] or (target / rel).read_bytes() != (scratch / rel).read_bytes():
+            if ours[rel] != theirs[rel]:
+                diff.append(rel)
+                continue
+            a, b = (target / rel).read_bytes(), (scratch / rel).read_bytes()
+            if a != b and not _same_but(a, b, left.get(rel, ())):
                 diff.append(rel)
         if diff:
             raise CorruptData(f"incremental rebuild differs from a full restore in {len(diff)} file(s): "
                               f"{', '.join(diff[:5])}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _same_but(a: bytes, b: bytes, blocks) -> bool:
+    """Equal files but for the given blocks."""
+    x, y = bytearray(a), bytearray(b)
+    for blk in blocks:
+        x[blk * BLCKSZ:(blk + 1) * BLCKSZ] = y[blk * BLCKSZ:(blk + 1) * BLCKSZ]
+    return x == y
+
+
+def left_pages(keys: np.ndarray, relseg: int) -> dict[str, set[int]]:
+    """{relation segment file: block numbers in it} of S18 page keys (for the oracle's report)."""
+    out: dict[str, set[int]] = {}
+    for raw in keys.tolist():
+        k = Key.from_bytes(raw.ljust(18, b"\0"))  # numpy drops an S18 key's trailing NULs
+        if k.field1 != REL_PREFIX or k.field4 == 0:
+            continue
+        out.setdefault(rel_path(k.field2, k.field3, k.field4, k.field5, k.field6 // relseg), set()).add(
+            k.field6 % relseg)
+    return out
 
 
 def _tree(root: Path) -> dict[str, int]:

@@ -44,8 +44,10 @@ from neonctl.engine.pageserver.images.materialize import (
     materialize_from_image,
     prepare_for_recovery,
 )
+from neonctl.engine.pageserver.images.rebuild import changed_rows
 from neonctl.engine.pageserver.images.redo_cache import RedoDirCache
 from neonctl.engine.pageserver.images.redo_worker import replay_to
+from neonctl.engine.pageserver.images.replay_inits import pages_replay_inits
 from neonctl.engine.pageserver.timeline.layer_manager import LayerStore, image_descs
 from neonctl.engine.pageserver.timeline.layer_map import LayerMap
 from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
@@ -494,7 +496,10 @@ class Timeline:
             why, plan = self._rebuild_plan(lsn, pool, wait)
         except (NeonctlError, OSError) as e:
             return None, f"{type(e).__name__}: {e}"
-        return (None, why) if plan is None else (len(plan[1]), None)
+        if plan is None:
+            return None, why
+        _image, rows, skip = plan
+        return len(rows) - int(np.isin(rows, skip, assume_unique=True).sum()), None
 
     def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> dict | None:
         """Take the cleanly stopped compute directory `pool` as the data directory at `lsn` if it is exactly
@@ -523,7 +528,8 @@ class Timeline:
         if plan is None:
             log.info("timeline %s: no incremental rebuild at %s: %s", self.timeline_id, format_lsn(lsn), why)
             return None
-        image, changed = plan
+        image, changed, skip = plan
+        rewrite = len(changed) - int(np.isin(changed, skip, assume_unique=True).sum())
         t1 = time.perf_counter()
         if target.exists():
             target.rmdir()
@@ -532,16 +538,17 @@ class Timeline:
         warm.forget(pool)
         try:
             wal = materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size,
-                                         changed=changed)
+                                         changed=changed, skip=skip)
         except Exception as e:  # noqa: BLE001 - logged; the caller materialises the full way instead
             log.warning("timeline %s: incremental rebuild at %s failed (%s); materialising afresh",
                         self.timeline_id, format_lsn(lsn), e)
             shutil.rmtree(target, ignore_errors=True)  # half rewritten: never a pool again
             return None
-        log.info("timeline %s: rebuilt at %s from a stopped compute: %d changed key(s) rewritten, %d WAL bytes "
-                 "to replay (history %.0f ms, files %.0f ms)", self.timeline_id, format_lsn(lsn), len(changed), wal,
-                 (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
-        return {"changed_keys": len(changed), "wal_bytes": wal}
+        log.info("timeline %s: rebuilt at %s from a stopped compute: %d changed key(s) rewritten, %d left to the "
+                 "replay's page images, %d WAL bytes to replay (history %.0f ms, files %.0f ms)", self.timeline_id,
+                 format_lsn(lsn), rewrite, len(changed) - rewrite, wal, (t1 - t0) * 1000,
+                 (time.perf_counter() - t1) * 1000)
+        return {"changed_keys": rewrite, "left_to_replay": len(changed) - rewrite, "wal_bytes": wal}
 
     def _rebuild_plan(self, lsn: int, pool: Path, wait: float):
         record = warm.read_record(pool)
@@ -583,7 +590,17 @@ class Timeline:
         changed: set = set()
         for t, lo, hi in path:
             changed |= t.layers.keys_written(lo, hi)
-        return None, (image, changed)
+        return None, (image, changed_rows(changed), self._replay_inits(image, lsn))
+
+    def _replay_inits(self, image, lsn: int) -> np.ndarray:
+        """The pages the replay from `image` to `lsn` rewrites whole (images/replay_inits.py); the same for
+        every kept directory weighed for one start, so the last answer is kept."""
+        cached = getattr(self, "_inits_cache", None)
+        if cached is not None and cached[0] == (image.redo_lsn, lsn):
+            return cached[1]
+        keys = pages_replay_inits(self.read_wal, image.redo_lsn, lsn, self.meta.wal_seg_size)
+        self._inits_cache = ((image.redo_lsn, lsn), keys)
+        return keys
 
     def materialize(self, lsn: int, target: Path, recycle: Path | None = None) -> int:
         """Build a data directory that Postgres crash-recovers to exactly `lsn`; return WAL bytes to replay.
