@@ -20,7 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from neonctl.engine import ports
+from neonctl.engine.compute import dir_pool
 from neonctl.engine.compute.endpoint import (
+    directory_pool,
     endpoint_status,
     read_state,
     start_endpoint,
@@ -226,6 +228,8 @@ def configure_project(project: Project, *, remote_storage: str | None = None, s3
         project.set_suspend_timeout(suspend_timeout)
     if pool_size is not None or pool_max_mb is not None:
         project.set_pool_bounds(pool_size, pool_max_mb)
+        # the pageserver's refill reads the bounds from the pool itself (pageserver/pool_refill.py)
+        dir_pool.write_limits(directory_pool(project), project.config.pool_size, project.config.pool_max_mb << 20)
     project.reload()
     return project
 

@@ -27,6 +27,7 @@ POOL_DIR = "pool"
 RECORD = "recycled-pgdata.json"  # in each slot, beside its pgdata (the pageserver's warm.py reads it)
 DEFAULT_SIZE = 2  # directories kept per project
 DEFAULT_MAX_MB = 8192  # their files, at most
+LIMITS = "limits.json"  # the project's bounds, for the pageserver's refill
 
 
 def pool_root(compute_root: Path) -> Path:
@@ -92,15 +93,56 @@ def remove_slot(slot: Path) -> None:
         shutil.rmtree(grave, ignore_errors=True)
 
 
-def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int) -> Path | None:
+def write_limits(root: Path, size: int, max_bytes: int) -> None:
+    """Record the project's bounds in the pool, for the pageserver's background refill (which must not grow
+    the pool past them and does not read the project's settings)."""
+    text = json.dumps({"size": size, "max_bytes": max_bytes})
+    path = root / LIMITS
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (LIMITS + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_limits(root: Path) -> tuple[int, int]:
+    """(size, max_bytes) as the project last set them; (0, 0) - refill nothing - when never written."""
+    try:
+        d = json.loads((root / LIMITS).read_text())
+        return int(d["size"]), int(d["max_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0
+
+
+def filling_dir(root: Path) -> Path:
+    """A hidden directory to build a slot in (the pageserver's refill): never listed, so never taken half
+    written; one that a crash left behind is removed by the next `keep` or pageserver start."""
+    root.mkdir(parents=True, exist_ok=True)
+    d = root / f".filling-{secrets.token_hex(4)}"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int, only_into_room: bool = False
+         ) -> Path | None:
     """Move a stopped compute's `pgdata` into a new slot with its record, then evict the oldest slots beyond
     `size` directories or `max_bytes`; the new slot, or None when the pool keeps nothing (size 0, or the
-    directory alone is over the byte bound)."""
+    directory alone is over the byte bound). `only_into_room`: a directory made ahead of need (the refill)
+    evicts nothing; it is not kept when the pool has no room for it."""
     nbytes = dir_bytes(pgdata)
     if size <= 0 or nbytes > max_bytes:
         return None
     graves = list(root.glob(".evicted-*"))  # evictions a crash interrupted
     with locked(root):
+        if only_into_room:
+            listed = slots(root)
+            used = sum((read_record(s) or {}).get("bytes") or 0 for s in listed)
+            if len(listed) >= size or used + nbytes > max_bytes:
+                return None
         slot = root / f"{int(time.time() * 1000):x}-{secrets.token_hex(3)}"
         slot.mkdir()
         os.rename(pgdata, slot / "pgdata")

@@ -141,8 +141,10 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
         with new_compute_dir(project, branch) as epdir:
             pgdata = epdir / "pgdata"
             progress(f"materialising {branch} at the end of its WAL ({format_lsn(flush)}) ...")
+            pool = directory_pool(project)
+            dir_pool.write_limits(pool, project.config.pool_size, project.config.pool_max_mb << 20)
             res = PageserverClient.of(project).basebackup(
-                b.timeline_id, branch, wait_for_lsn=flush, recycle=dir_pool.has_directory(directory_pool(project)))
+                b.timeline_id, branch, wait_for_lsn=flush, recycle=dir_pool.has_directory(pool))
             lsn = res["lsn"]
             if res.get("warm"):
                 progress("the stopped compute's directory is exactly this point: reused (no restore, no replay)")

@@ -36,7 +36,7 @@ from neonctl.engine.credentials import auth_headers
 from neonctl.engine.daemon import error_middleware, json_body, serve, setup_logging
 from neonctl.engine.failpoints import afailpoint
 from neonctl.engine.lsn import format_lsn
-from neonctl.engine.pageserver import value
+from neonctl.engine.pageserver import pool_refill, value
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.images.getpage import page_at
 from neonctl.engine.pageserver.images.redo_cache import RedoDirCache
@@ -78,6 +78,7 @@ def page_lsn(page: bytes) -> int:
 # The idle layer builder looks for new WAL this often. Two CI-style runs stalled while the builder waited on an
 # asyncio.Event instead (woken by WAL, then by requests); the cause was not found, so it polls.
 BUILDER_IDLE_POLL = 0.1
+REFILL_POLL = 2.0  # s between looks at whether the directory pool wants a refill
 
 class Pageserver:
     def __init__(self, workdir: Path, broker: str | None, safekeepers: list[str]):
@@ -98,6 +99,7 @@ class Pageserver:
         self.leases: dict[tuple[str, int], float] = {}  # (timeline, lsn) -> expiry (monotonic)
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
         self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
+        self.materialising = 0  # starts building a directory now: the pool refill waits for them
 
     def load(self) -> None:
         for grave in (self.workdir / "timelines").glob(f"{DELETED_PREFIX}*"):  # a delete a crash interrupted
@@ -170,7 +172,11 @@ class Pageserver:
         if lsn is not None:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
-        reused, rebuilt = await asyncio.to_thread(self._materialise_from_pool, tl, at, lsn is None, target, pool)
+        self.materialising += 1
+        try:
+            reused, rebuilt = await asyncio.to_thread(self._materialise_from_pool, tl, at, lsn is None, target, pool)
+        finally:
+            self.materialising -= 1
         warm = reused is not None
         # A reused directory has run computes since it was last made from an image: the earliest of their
         # start LSNs is what its next record must name (images/rebuild.py's hint-bit rule).
@@ -472,6 +478,23 @@ class Pageserver:
                     log.exception("image creation for %s failed", tl.timeline_id)
             await asyncio.sleep(5)
 
+    async def pool_refill_loop(self, stop: asyncio.Event) -> None:
+        """Keep a directory of the busy timeline's newest image in the pool (pool_refill.py), between starts."""
+        if self.compute_root is None:
+            return
+        root = dir_pool.pool_root(self.compute_root)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=REFILL_POLL)
+                return
+            except TimeoutError:
+                pass
+            if self.materialising:
+                continue
+            job = await asyncio.to_thread(pool_refill.plan, list(self.timelines.values()), root, time.monotonic())
+            if job is not None:
+                await pool_refill.fill(job, root)
+
     async def changed_pages(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])
         upto = tl.last_record_lsn
@@ -639,10 +662,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.compute_root is not None:  # directories a start had taken from the pool when we last died
         for leftover in dir_pool.pool_root(args.compute_root).glob(".taken-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        pool_refill.remove_leftovers(dir_pool.pool_root(args.compute_root))
     try:
         ps.load_with_remote_storage()
     except NeonctlError as e:  # misconfigured or unreachable remote storage, a damaged remote layer
         print(f"fatal: {e}", flush=True)
         raise SystemExit(1) from None
     host, port = args.listen.rsplit(":", 1)
-    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop, ps.image_loop, ps.gc_loop])
+    serve(ps.app(), host, int(port), [ps.run, ps.build_layers_loop, ps.image_loop, ps.gc_loop, ps.pool_refill_loop])

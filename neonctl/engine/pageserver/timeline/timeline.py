@@ -124,6 +124,7 @@ class Timeline:
         self.sk_flush_lsn = 0  # what the safekeeper we stream from has flushed
         self.remote_consistent_lsn: int | None = None  # last_record_lsn the remote holds (set by remote_sync)
         self._waiters: list = []
+        self.last_ingest_at = float("-inf")  # monotonic time WAL last arrived (pageserver/pool_refill.py)
 
     def attach_layers(self, config: PageserverConfig, on_change=None) -> None:
         """Open the layer store; `build_layers` then turns WAL past its last frozen layer into layers."""
@@ -457,6 +458,7 @@ class Timeline:
             self.wal.write(start_lsn, data[: end - start_lsn])
             self.commits.append(commits)
             self.meta.last_record_lsn = end
+            self.last_ingest_at = time.monotonic()  # the pool refill serves the busiest timeline
             self._hand_off(batch)
         # only now: a basebackup that sees received_lsn must also see last_record_lsn
         self.received_lsn = start_lsn + len(data)
@@ -556,9 +558,18 @@ class Timeline:
         if record is None or ctl is None or "start_lsn" not in record:
             return "no record of the directory's history", None
         sysid, state, checkpoint = ctl.system_id, ctl.state, ctl.checkpoint
-        if sysid != self.meta.system_id or state != warm.DB_SHUTDOWNED:
+        from_image = record.get("from_image")
+        if sysid != self.meta.system_id:
+            return "another system", None
+        if from_image is not None:
+            # an image's files, written by the pool refill and never started: exactly that image's point,
+            # and no compute ran there to set a hint bit the WAL does not have
+            if int(from_image) != int(record["start_lsn"]):
+                return "a refilled directory's record does not agree with itself", None
+            checkpoint = int(from_image)
+        elif state != warm.DB_SHUTDOWNED:
             return "not a clean shutdown of this system", None
-        if not warm.logged_hints(pool):
+        elif not warm.logged_hints(pool):
             return "its compute ran without wal_log_hints", None
         image = self.image_for(lsn)
         if image.lsn > int(record["start_lsn"]):
