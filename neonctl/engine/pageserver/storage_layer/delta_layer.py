@@ -263,6 +263,11 @@ class DeltaLayerReader:
         return DeltaEntries(ikeys, (packed & np.uint64(1)).astype(bool), region, poff, plen,
                             np.full(len(poff), -1, dtype=np.int16))
 
+    def index_keys(self) -> np.ndarray:
+        """The index's (key || LSN) rows, (n, 26) uint8 in (key, LSN) order, from one read: no value is read."""
+        ikeys, _ = self._file.index_entries()
+        return ikeys
+
     def keys(self) -> Iterator[Key]:
         """Distinct keys with at least one value, ascending."""
         last = None

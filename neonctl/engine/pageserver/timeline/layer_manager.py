@@ -45,6 +45,15 @@ from neonctl.engine.wal.record_scan import RecordBatch
 log = logging.getLogger("pageserver.layers")
 
 
+def _heads_in_range(ikeys: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The keys (as V18 scalars) of index rows (key || LSN big-endian) whose LSN is in [lo, hi]."""
+    if len(ikeys) == 0:
+        return np.empty(0, dtype=f"V{KEY_SIZE}")
+    lsns = np.ascontiguousarray(ikeys[:, KEY_SIZE:]).view(">u8").ravel()
+    rows = ikeys[(lsns >= lo) & (lsns <= hi), :KEY_SIZE]
+    return np.ascontiguousarray(rows).view(f"V{KEY_SIZE}").ravel()
+
+
 class LayerStore:
     def __init__(self, directory: Path, timeline_id: str, pg_version: int, start_lsn: int,
                  config: PageserverConfig, on_change: Callable[[str, list[LayerDesc]], None] | None = None):
@@ -144,17 +153,29 @@ class LayerStore:
             self._changed()
 
     def keys_written(self, lo: int, hi: int) -> set[Key]:
-        """Every key with a value in (lo, hi], and possibly more: whole delta layers that overlap the range,
-        and the open layer. A superset is safe for its one use (pages to rewrite, `images/rebuild.py`)."""
+        """Every key with a value in [lo, hi] (a value's LSN is its record's start; both ends are included,
+        so this may hold a key more than the exact range, never one less - safe for its one use, the pages a
+        rebuild rewrites, `images/rebuild.py`). A delta layer inside the range gives all its keys; one that
+        straddles an end, and the open layer, only those of their entries in range: a kept directory that
+        stopped in the middle of a layer is not charged the pages written after it stopped."""
         out: set[Key] = set()
         if hi <= lo:
             return out  # an empty range (an image right at the branch point)
+        heads: list[np.ndarray] = []
         with self.lock:
             for d in list(self.map.layers.values()):
-                if d.kind == "delta" and d.lsn_start <= hi and d.lsn_end > lo:
-                    out.update(self.reader(d.name).keys())  # noqa: SIM118 - a layer reader
+                if d.kind != "delta" or d.lsn_start > hi or d.lsn_end <= lo:
+                    continue
+                reader = self.reader(d.name)
+                if lo <= d.lsn_start and d.lsn_end <= hi:
+                    out.update(reader.keys())  # noqa: SIM118 - a layer reader
+                else:
+                    heads.append(_heads_in_range(reader.index_keys(), lo, hi))
             if self.open.start_lsn <= hi:
-                out.update(self.open.keys())
+                heads.extend(_heads_in_range(c.ikeys, lo, hi) for c in self.open.chunks)
+        if heads:
+            distinct = np.unique(np.concatenate(heads))
+            out.update(Key.from_bytes(h.tobytes()) for h in distinct)
         return out
 
     def add_images(self, info) -> None:
