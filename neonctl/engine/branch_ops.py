@@ -169,8 +169,16 @@ def _swap(
             progress(f"stopping time-travel endpoint {tt} (it shows {name!r}'s old history)")
             stop_endpoint(project, tt, immediate=True)
         if st is not None:
-            progress(f"stopping the endpoint of {name!r} on port {st.port} ...")
-            stop_endpoint(project, name)
+            if _directory_outdated(project, st, new_tid):
+                # Its directory cannot be rebuilt to the new point (its compute started before the image the
+                # new point replays from), so its shutdown checkpoint would write pages nobody reads again.
+                # Nothing acknowledged is lost: every commit is on a quorum of safekeepers.
+                progress(f"stopping the endpoint of {name!r} on port {st.port} (immediate: its directory is "
+                         "older than the new point's image) ...")
+                stop_endpoint(project, name, immediate=True)
+            else:
+                progress(f"stopping the endpoint of {name!r} on port {st.port} ...")
+                stop_endpoint(project, name)
         failpoint("branch-swap-after-stop")
     except BaseException:
         with project.lock():
@@ -229,6 +237,19 @@ def _swap(
             except Exception as e:  # noqa: BLE001 - the swap is done; an orphan timeline only costs disk
                 progress(f"WARNING: could not delete the old timeline {old_tid}: {e}")
     return SwapResult(branch=n, preserved=preserved, source=_describe(point), endpoint=ep)
+
+
+def _directory_outdated(project: Project, st, new_tid: str) -> bool:
+    """Whether the running compute's directory started before the newest image of the new timeline's head
+    (images/rebuild.py's hint-bit rule then rules it out as the restart's rebuild source)."""
+    if st.at_lsn is not None or endpoint_status(st) != "running":
+        return False
+    try:
+        image = PageserverClient.of(project).timeline(new_tid).get("newest_image_lsn")
+    except NeonctlError:
+        return False
+    since = st.start_lsn if st.directory_since_lsn is None else min(st.start_lsn, st.directory_since_lsn)
+    return image is not None and since < image
 
 
 def create_with_options(project: Project, name: str, parent: str | None, *, lsn: str | None = None,

@@ -156,3 +156,30 @@ def test_reset_of_a_running_branch_rebuilds_from_its_own_stopped_directory(rr, c
         assert old_tid not in PageserverClient.of(rr).status()["timelines"]  # and the old history is gone
     finally:
         cli("branch", "delete", "rr_re", "--force", *p)
+
+
+def test_restore_stops_a_compute_older_than_the_new_image_at_once(rr, cli):
+    """A running compute that started before the image the new point replays from leaves a directory no
+    rebuild can use: it is stopped without a shutdown checkpoint (immediate), and the restored branch still
+    shows exactly the rows committed at the point - nothing acknowledged depended on that checkpoint."""
+    from conftest import image_of_running_branch  # noqa: PLC0415
+
+    p = ["-p", rr.name]
+    cli("branch", "create", "--name", "rr_imm", "--endpoint", *p)
+    try:
+        with connect(rr, "rr_imm") as conn:
+            conn.execute("INSERT INTO rr VALUES (300)")
+        image_of_running_branch(rr, "rr_imm")  # the compute keeps running from before this image
+        with connect(rr, "rr_imm") as conn:
+            conn.execute("INSERT INTO rr VALUES (301)")
+            at = insert_lsn(conn)
+            conn.execute("INSERT INTO rr VALUES (302)")
+        want = sorted({*_ids(rr, "main"), 300, 301})
+        _, _, err = cli("branch", "restore", "rr_imm", f"^self@{format_lsn(at)}", *p)
+        assert "(immediate: its directory is older than the new point's image)" in err, err
+        assert _ids(rr, "rr_imm") == want
+        # a restart at a point the running compute's directory can still be rebuilt to keeps the clean stop
+        _, _, err = cli("branch", "reset", "rr_imm", "--parent", *p)
+        assert "stopping the endpoint of 'rr_imm'" in err and "immediate" not in err, err
+    finally:
+        cli("branch", "delete", "rr_imm", "--force", *p)

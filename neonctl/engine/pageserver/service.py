@@ -135,7 +135,12 @@ class Pageserver:
         return tl
 
     def info(self, tl: Timeline) -> dict:
+        try:  # what a start at the head replays from (a compute started before it cannot be rebuilt to it)
+            newest_image = tl.image_for(tl.last_record_lsn).lsn
+        except NeonctlError:
+            newest_image = None
         return {**asdict(tl.meta), "received_lsn": tl.received_lsn, "sk_flush_lsn": tl.sk_flush_lsn,
+                "newest_image_lsn": newest_image,
                 "layer_lsn": getattr(tl, "layer_lsn", None),
                 "disk_consistent_lsn": tl.layers.disk_consistent_lsn if tl.layers else None,
                 "remote_consistent_lsn": tl.remote_consistent_lsn}
@@ -208,6 +213,7 @@ class Pageserver:
                     chosen = next((s for s in slots if tl.warm_reason(at, s / "pgdata") is None), None)
                     how = "warm" if chosen is not None else how
                     if chosen is None:
+                        t0 = time.perf_counter()
                         plans = [tl.rebuild_cost(at, s / "pgdata", wait=5.0 if i == 0 else 1.0)
                                  for i, s in enumerate(slots)]
                         costs = [(c, i) for i, (c, _why) in enumerate(plans) if c is not None]
@@ -215,7 +221,8 @@ class Pageserver:
                             chosen, how = slots[min(costs)[1]], "rebuild"
                         per_slot = {s.name: c if c is not None else why
                                     for s, (c, why) in zip(slots, plans, strict=True)}
-                        log.info("timeline %s: pages to rewrite per kept directory %s", tl.timeline_id, per_slot)
+                        log.info("timeline %s: pages to rewrite per kept directory %s (weighed in %.0f ms)",
+                                 tl.timeline_id, per_slot, (time.perf_counter() - t0) * 1000)
                 if chosen is None and slots:
                     chosen = slots[-1]  # the oldest: its files are a pool of inodes for the full restore
                 if chosen is not None:  # out of the listing: no eviction or other start touches it now

@@ -27,8 +27,10 @@ The label depends on the image's pg_control state (measured on PG 18 and PG 15):
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from neonctl.engine.pageserver.images.restore import (
 )
 from neonctl.errors import InvalidInput
 
+log = logging.getLogger("pageserver.materialize")
 ReadWal = Callable[[int, int], bytes]
 XLOG_BLCKSZ = 8192  # WAL page size
 
@@ -190,6 +193,7 @@ def materialize_from_image(
     if label_method == "standby" and info.cluster_state != "shut down in recovery":
         raise InvalidInput("a 'from standby' backup_label needs an image shut down in recovery")
     target = Path(target)
+    t0 = time.perf_counter()
     if changed is not None:
         meta = rebuild_from_image(info.paths, target, changed, skip)
         if os.environ.get("NEONCTL_VERIFY_REBUILD"):
@@ -204,7 +208,8 @@ def materialize_from_image(
             f"the image's pg_control names checkpoint {format_lsn(meta['checkpoint_lsn'])}, not"
             f" {format_lsn(checkpoint_lsn)}"
         )
-    return prepare_for_recovery(
+    t1 = time.perf_counter()
+    wal = prepare_for_recovery(
         target,
         read_wal,
         lsn,
@@ -214,6 +219,10 @@ def materialize_from_image(
         f"neonctl image {info.timeline_id}@{format_lsn(info.lsn)} -> {format_lsn(lsn)}",
         seg_size,
     )
+    log.info("%s: %s %.0f ms (%s), WAL and label %.0f ms (%d bytes)", target, "rebuild" if changed is not None
+             else "restore", (t1 - t0) * 1000, ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in meta.get("timings", {})
+                                                          .items()), (time.perf_counter() - t1) * 1000, wal)
+    return wal
 
 
 __all__ = ["backup_label", "materialize_from_image", "prepare_for_recovery", "write_wal"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.
     (sorted S18 keys that the replay rewrites whole: `replay_inits.py`); `changed` are the sorted S18 keys
     the directory's history changed since the image. Returns the image's metadata plus `pages_written`,
     `pages_kept` and `left_to_replay` (the keys of `changed` not written, because of `skip`)."""
+    t0 = time.perf_counter()
     readers = _open_image(layer_paths)
     written = kept = 0
     try:
@@ -61,6 +63,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.
             raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
         relseg = meta["relseg_size"]
         members = extract_aux_files(readers, target)
+        t1 = time.perf_counter()
         out = _FileWriter(target, meta["file_mode"], in_place=True)
         left = changed[:0]
         if skip is not None and len(skip) and len(changed):
@@ -86,9 +89,11 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.
             out.close_all()
         for rel in meta["empty_segments"]:
             out.write_small(rel, b"")
+        t2 = time.perf_counter()
         _sweep(target, out.written | present | {os.path.normpath(m.name) for m in members})
         os.chmod(target, meta["dir_mode"])
-        return {**meta, "pages_written": written, "pages_kept": kept, "left_to_replay": left}
+        timings = {"aux": t1 - t0, "pages": t2 - t1, "sweep": time.perf_counter() - t2}
+        return {**meta, "timings": timings, "pages_written": written, "pages_kept": kept, "left_to_replay": left}
     finally:
         for r in readers:
             r.close()

@@ -601,7 +601,8 @@ class Timeline:
         changed: set = set()
         for t, lo, hi in path:
             changed |= t.layers.keys_written(lo, hi)
-        return None, (image, changed_rows(changed), self._replay_inits(image, lsn))
+        rows = changed_rows(changed)
+        return None, (image, rows, self._replay_inits(image, lsn) if len(rows) else rows)  # none to spare: no scan
 
     def _replay_inits(self, image, lsn: int) -> np.ndarray:
         """The pages the replay from `image` to `lsn` rewrites whole (images/replay_inits.py); the same for
@@ -609,8 +610,12 @@ class Timeline:
         cached = getattr(self, "_inits_cache", None)
         if cached is not None and cached[0] == (image.redo_lsn, lsn):
             return cached[1]
+        t0 = time.perf_counter()
         keys = pages_replay_inits(self.read_wal, image.redo_lsn, lsn, self.meta.wal_seg_size)
         self._inits_cache = ((image.redo_lsn, lsn), keys)
+        log.info("timeline %s: the replay from %s to %s rewrites %d page(s) whole (%.0f ms to read %d WAL bytes)",
+                 self.timeline_id, format_lsn(image.redo_lsn), format_lsn(lsn), len(keys),
+                 (time.perf_counter() - t0) * 1000, lsn - image.redo_lsn)
         return keys
 
     def materialize(self, lsn: int, target: Path, recycle: Path | None = None) -> int:
