@@ -127,16 +127,17 @@ def filling_dir(root: Path) -> Path:
     return d
 
 
-def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int, only_into_room: bool = False
-         ) -> Path | None:
+def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int, only_into_room: bool = False,
+         defer_removal: bool = False) -> Path | None:
     """Move a stopped compute's `pgdata` into a new slot with its record, then evict the oldest slots beyond
     `size` directories or `max_bytes`; the new slot, or None when the pool keeps nothing (size 0, or the
     directory alone is over the byte bound). `only_into_room`: a directory made ahead of need (the refill)
-    evicts nothing; it is not kept when the pool has no room for it."""
+    evicts nothing; it is not kept when the pool has no room for it. `defer_removal`: evicted directories are
+    only taken out of the listing; the pageserver deletes them (`remove_evicted`) off the caller's clock."""
     nbytes = dir_bytes(pgdata)
     if size <= 0 or nbytes > max_bytes:
         return None
-    graves = list(root.glob(".evicted-*"))  # evictions a crash interrupted
+    graves = list(root.glob(".evicted-*"))  # evictions a crash interrupted (or deferred)
     with locked(root):
         if only_into_room:
             listed = slots(root)
@@ -154,13 +155,20 @@ def keep(root: Path, pgdata: Path, record: dict, size: int, max_bytes: int, only
             rec = read_record(s)
             b = rec.get("bytes") if rec and isinstance(rec.get("bytes"), int) else dir_bytes(s / "pgdata")
             if rec is None or kept >= size or total + b > max_bytes:
-                graves.append(_unlist(s))
+                if _unlist(s) is not None:
+                    graves.append(s)
                 continue
             kept, total = kept + 1, total + b
-    for grave in graves:  # deleted outside the lock: a start waiting for it does not wait for the disk
-        if grave is not None:
-            shutil.rmtree(grave, ignore_errors=True)
+    if graves and not defer_removal:  # deleted outside the lock: a start waiting for it does not wait
+        remove_evicted(root)
     return slot
+
+
+def remove_evicted(root: Path) -> None:
+    """Delete the slots evictions took out of the listing (a 1 GB directory takes a tenth of a second: the
+    pageserver does it in the background for `endpoint stop`, see `keep(defer_removal=True)`)."""
+    for grave in root.glob(".evicted-*"):
+        shutil.rmtree(grave, ignore_errors=True)
 
 
 def forget_timeline(root: Path, timeline_id: str) -> int:

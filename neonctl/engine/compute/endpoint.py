@@ -299,6 +299,11 @@ def forget_recycled(project: Project, timeline_id: str) -> bool:
     return dir_pool.forget_timeline(directory_pool(project), timeline_id) > 0
 
 
+def _pageserver_running(project: Project) -> bool:
+    """Whether the pageserver runs to delete evicted directories in the background (pool_refill_loop)."""
+    return any(d.name == "pageserver" and d.pid() is not None for d in project.daemons())
+
+
 def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) -> None:
     pgdata = Path(st.pgdata)
     if st.at_lsn is not None or not pgdata.is_dir() or (pid is not None and pid_alive(pid)):
@@ -307,7 +312,8 @@ def _keep_for_recycling(project: Project, st: EndpointState, pid: int | None) ->
     try:
         dir_pool.keep(directory_pool(project), pgdata,
                       {"timeline_id": st.timeline_id, "branch": st.branch, "start_lsn": since},
-                      project.config.pool_size, project.config.pool_max_mb << 20)
+                      project.config.pool_size, project.config.pool_max_mb << 20,
+                      defer_removal=_pageserver_running(project))
     except OSError as e:
         log.info("the stopped directory of %s is not kept: %s", st.name, e)  # then it goes with the rest
 

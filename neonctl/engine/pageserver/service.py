@@ -496,6 +496,7 @@ class Pageserver:
                 return
             except TimeoutError:
                 pass
+            await asyncio.to_thread(dir_pool.remove_evicted, root)  # what `endpoint stop` left to us
             if self.materialising:
                 continue
             job = await asyncio.to_thread(pool_refill.plan, list(self.timelines.values()), root, time.monotonic())
