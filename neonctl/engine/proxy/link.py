@@ -14,6 +14,8 @@ import asyncio
 
 
 class Link(asyncio.Protocol):
+    raw = True  # the socket carries the Postgres protocol as is (so the kernel may relay it: kernel_relay.py)
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
