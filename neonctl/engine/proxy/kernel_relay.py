@@ -1,28 +1,38 @@
 """The kernel relay: an established session's two sockets joined by an eBPF sockmap, so the proxy no longer
 wakes for each message.
 
-The technique is Cilium's. One SOCKHASH map holds both sockets of every relayed session, each under the
-*socket cookie of its peer*... no: under its own peer's key - precisely, `map[cookie(a)] = b` and
-`map[cookie(b)] = a`. A stream-verdict program (BPF_PROG_TYPE_SK_SKB, attached to the map as
-BPF_SK_SKB_STREAM_VERDICT) runs for every skb that arrives on a socket in the map; it looks up the socket's
-own cookie and redirects the skb out of (egress) the socket found there, i.e. to the other party of the
-session. A cookie is unique per socket for the life of the system, so keys never collide (ports would:
-a client's ephemeral port can equal the proxy's own outgoing port, and Unix sockets have none).
+The technique is Cilium's. One SOCKHASH map holds both sockets of every relayed session, each stored under
+the key its *peer's* bytes carry: a stream-verdict program (BPF_PROG_TYPE_SK_SKB, attached to the map as
+BPF_SK_SKB_STREAM_VERDICT) runs for every skb arriving on a socket in the map, looks up the socket cookie
+of the skb's owner and redirects the skb out of (egress) the socket stored there. Cookies are unique per
+socket for the life of the system, so keys never collide (ports would: a client's ephemeral port can equal
+the proxy's own outgoing port, and Unix sockets have none). What the kernel does, found by experiment on
+6.18 (tests/unit/test_kernel_relay_program.py repeats it):
 
-There is no clang or bpftool here, so the program is assembled by hand (`asm` below: one function per
-instruction kind, each giving the 8 bytes of a `struct bpf_insn`) and loaded with the bpf(2) syscall
-through ctypes; the verifier's log is kept so a rejection says why.
+- TCP -> Unix redirection works both ways, so the compute is still reached over its Unix socket.
+- A TCP skb belongs to the socket that received it, so the client's socket is keyed by its own cookie
+  (SO_COOKIE). An AF_UNIX skb still belongs to the socket that *sent* it - the backend's end, in another
+  process - so the compute side is keyed by that socket's cookie, which sock_diag (unix_diag) reports.
+- Egress redirection goes through the target socket's backlog worker (a kworker wake-up per message);
+  the proxy itself does no work per message.
+- Redirected data never reaches the socket's receive queue, so poll reports no EPOLLIN for it, while the
+  peer's FIN or RST still shows as EPOLLRDHUP (EPOLLHUP, EPOLLERR). The relay watches each relayed socket
+  in an epoll set of its own for EPOLLRDHUP only (HUP and ERR are always reported): a wake-up carrying
+  EPOLLIN, which the kernel still sends when data is redirected, does not match it and wakes no one.
+
+There is no clang or bpftool here, so the program is assembled by hand (one function per instruction kind,
+each giving the 8 bytes of a `struct bpf_insn`) and loaded with the bpf(2) syscall through ctypes; the
+verifier's log is kept so a rejection says why.
 
 The hand-off (`KernelRelay.join`) must not lose or reorder a byte, so it happens only when both directions
 are quiescent: the proxy holds the compute's ReadyForQuery from start-up, has not sent it, and has nothing
 buffered - the client waits for ReadyForQuery before it sends, and the backend sends nothing unasked. Both
-sockets go into the map and only then is ReadyForQuery written. Data redirected by the kernel bypasses the
-sockets' receive queues, but a peer's FIN or RST still shows on the socket: the relay watches each one in
-its own epoll set for EPOLLRDHUP/HUP/ERR only (no EPOLLIN, so redirected data wakes nobody) and, when one
-side ends, takes both out of the map and closes them, as the userspace relay does.
+sockets go into the map and only then is ReadyForQuery written. When one side ends, both leave the map and
+are closed, as with the userspace relay, so a backend never outlives its client.
 
 `open_kernel_relay()` returns None - with one log line - wherever this cannot work (another architecture,
-no CAP_BPF, an older kernel): the proxy then relays in userspace (`link.splice`).
+no CAP_BPF/CAP_NET_ADMIN, an older kernel) or when NEONCTL_PROXY_KERNEL_RELAY=0: the proxy then relays in
+userspace (`link.splice`), as it does for WebSocket sessions always.
 """
 
 from __future__ import annotations
@@ -199,10 +209,12 @@ GRACE = 0.05  # after one side ends, time for bytes the kernel still holds for t
 
 
 class _Pair:
-    __slots__ = ("client", "server", "fds", "keys", "ended")
+    """One relayed session: its two Links, the relay's own (client, server) sockets, their map keys."""
 
-    def __init__(self, client, server, fds, keys):
-        self.client, self.server, self.fds, self.keys = client, server, fds, keys
+    __slots__ = ("client", "server", "socks", "keys", "ended")
+
+    def __init__(self, client, server, socks, keys):
+        self.client, self.server, self.socks, self.keys = client, server, socks, keys
         self.ended = False
 
 
@@ -270,11 +282,13 @@ class KernelRelay:
         not quiescent or the kernel refuses; the caller then relays in userspace."""
         if client.closed or server.closed or client.buf or server.buf:
             return False
+        if client.transport.get_write_buffer_size() or server.transport.get_write_buffer_size():
+            return False
         socks = (client.transport.get_extra_info("socket"), server.transport.get_extra_info("socket"))
         if None in socks or socks[0].family != socket.AF_INET:
             return False
         fds = (socks[0].fileno(), socks[1].fileno())
-        client.transport.pause_reading()  # from here on, the transports only write (and close)
+        client.transport.pause_reading()
         server.transport.pause_reading()
         keys: list[int] = []
         try:
@@ -296,19 +310,21 @@ class KernelRelay:
             server.transport.resume_reading()
             log.warning("session relayed in userspace: %s", e)
             return False
-        pair = _Pair(client, server, fds, tuple(keys))
+        # The event loop must not poll the sockets any more: the kernel still wakes a socket's waiters
+        # when it redirects data (EPOLLIN that then finds nothing), which would wake the proxy per message.
+        pair = _Pair(client, server, (client.hand_over(), server.hand_over()), tuple(keys))
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self.epoll.fileno(), self._hangups)
-        for fd in fds:
-            self.pairs[fd] = pair
-            # EPOLLRDHUP only (HUP and ERR are always reported): relayed data, which wakes the socket's
-            # waiters with EPOLLIN, does not wake the proxy.
-            self.epoll.register(fd, select.EPOLLRDHUP)
-        client.on_close(lambda: self._end(pair))
-        server.on_close(lambda: self._end(pair))
+        for sock in pair.socks:
+            self.pairs[sock.fileno()] = pair
+            self.epoll.register(sock.fileno(), select.EPOLLRDHUP)  # HUP and ERR come anyway; data does not
         self.joined += 1
-        client.write(first)
+        try:
+            pair.socks[0].settimeout(10)  # a few hundred bytes into an empty send buffer: no wait in practice
+            pair.socks[0].sendall(first)
+        except OSError:
+            self._end(pair)
         return True
 
     def _hangups(self) -> None:
@@ -322,18 +338,17 @@ class KernelRelay:
         if pair.ended:
             return
         pair.ended = True
-        for fd in pair.fds:
-            if self.pairs.pop(fd, None) is not None:
-                try:
-                    self.epoll.unregister(fd)
-                except OSError:
-                    pass
+        for sock in pair.socks:
+            if self.pairs.pop(sock.fileno(), None) is not None:
+                self.epoll.unregister(sock.fileno())
 
         def finish() -> None:
             for key in pair.keys:
                 self._delete(key)
-            pair.client.close()
-            pair.server.close()
+            for sock in pair.socks:
+                sock.close()
+            pair.client.released()
+            pair.server.released()
 
         self._loop.call_later(GRACE, finish)
 
