@@ -110,6 +110,7 @@ def body(env: BenchEnv) -> None:
     if not use_relay(p, True):
         log("the proxy cannot relay in the kernel here: measuring the userspace relay only")
         sides.remove("kernel")
+    pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", "3"], direct, timeout=120)  # warm-up, not counted
     tps: dict[str, list[float]] = {side: [] for side in sides}
     proxy_cpu: dict[str, list[float]] = {side: [] for side in sides if side != "direct"}  # us per transaction
     for r in range(a.rounds):
