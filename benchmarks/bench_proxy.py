@@ -81,6 +81,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(p, limit: float = 90.0) -> None:
+    """Wait until the project's daemons are idle (the pageserver ingests pgbench -i's WAL for a while,
+    which would slow whichever side ran first)."""
+    pids = [pid for pid in (d.pid() for d in p.daemons()) if pid is not None]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = sum(cpu_seconds(pid) for pid in pids)
+        time.sleep(2)
+        busy = (sum(cpu_seconds(pid) for pid in pids) - before) / 2
+        if busy < 0.05:
+            return
+        log(f"waiting for the daemons to settle ({busy:.0%} CPU)")
+
+
 def use_relay(p, kernel: bool) -> bool:
     """Restart the project's proxy relaying in the kernel or in userspace (unless it already does);
     False if the kernel relay was asked for and the proxy could not set it up."""
@@ -110,6 +124,7 @@ def body(env: BenchEnv) -> None:
     if not use_relay(p, True):
         log("the proxy cannot relay in the kernel here: measuring the userspace relay only")
         sides.remove("kernel")
+    settle(p)
     pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", "3"], direct, timeout=120)  # warm-up, not counted
     tps: dict[str, list[float]] = {side: [] for side in sides}
     proxy_cpu: dict[str, list[float]] = {side: [] for side in sides if side != "direct"}  # us per transaction

@@ -112,6 +112,7 @@ def test_client_gone_abruptly_ends_its_backend(kernel):
     backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
     assert backend in _backends(p)
     assert relay_status(p)["sessions"] >= 1
+    assert client.status("proxy", p.proxy_http_addr)["sessions"]["main"] >= 1
     s = socket.socket(fileno=os.dup(conn.fileno()))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST, no Terminate
     s.close()
@@ -120,6 +121,7 @@ def test_client_gone_abruptly_ends_its_backend(kernel):
     os.close(null)
     wait_until(lambda: backend not in _backends(p), timeout=10, what="the backend to end with its client")
     wait_until(lambda: relay_status(p)["sessions"] == 0, timeout=10, what="the relay to forget the session")
+    assert client.status("proxy", p.proxy_http_addr)["sessions"].get("main", 0) == 0  # what suspend.py counts
     conn.close()
 
 
