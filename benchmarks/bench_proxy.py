@@ -1,7 +1,10 @@
 """The proxy against the same compute reached directly, in one run: throughput, connection set-up, cold start.
 
-1. pgbench -S (select-only), --clients clients, --seconds each, alternating proxy and direct runs over
-   --rounds rounds: TPS through the proxy / TPS direct (target >= 0.8).
+1. pgbench -S (select-only), --clients clients, --seconds each, over --rounds rounds (the order of the
+   sides rotating): direct, through the proxy relaying in the kernel (eBPF sockmap, proxy/kernel_relay.py)
+   and through the proxy relaying in userspace (restarted with NEONCTL_PROXY_KERNEL_RELAY=0); TPS through
+   the proxy / TPS direct for each relay (target >= 0.8). Where the kernel relay cannot be set up (not
+   root, not x86-64) only the userspace relay is measured.
 2. Connection set-up: --connects sequential connect + `SELECT 1` + close with psycopg (SCRAM both ways):
    median through the proxy / median direct (target <= 2).
 3. Cold start: a branch of a --size-mb database, suspended by the proxy; the time from connect to the first
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -32,10 +36,12 @@ from _common import (  # noqa: E402
     run_benchmark,
 )
 
+from neonctl.engine import client  # noqa: E402
 from neonctl.engine.branches import create_branch  # noqa: E402
 from neonctl.engine.compute.endpoint import list_endpoints, read_state, start_endpoint  # noqa: E402
 from neonctl.engine.compute.scale_to_zero import suspended_endpoints  # noqa: E402
 from neonctl.engine.connection import direct_uri, proxy_uri  # noqa: E402
+from neonctl.engine.proxy.kernel_relay import ENV_SWITCH  # noqa: E402
 from neonctl.engine.timepoint import TimePoint  # noqa: E402
 
 
@@ -65,6 +71,45 @@ def _wait(cond, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def relay_status(p) -> dict:
+    return client.status("proxy", p.proxy_http_addr)["kernel_relay"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(p, limit: float = 90.0) -> None:
+    """Wait until the project's daemons are idle (the pageserver ingests pgbench -i's WAL for a while,
+    which would slow whichever side ran first)."""
+    pids = [pid for pid in (d.pid() for d in p.daemons()) if pid is not None]
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = sum(cpu_seconds(pid) for pid in pids)
+        time.sleep(2)
+        busy = (sum(cpu_seconds(pid) for pid in pids) - before) / 2
+        if busy < 0.15:  # idle daemons poll a little
+            return
+        log(f"waiting for the daemons to settle ({busy:.0%} CPU)")
+
+
+def use_relay(p, kernel: bool) -> bool:
+    """Restart the project's proxy relaying in the kernel or in userspace (unless it already does);
+    False if the kernel relay was asked for and the proxy could not set it up."""
+    if relay_status(p)["on"] == kernel:
+        return True
+    proxy = p.daemon("proxy")
+    proxy.stop()
+    if kernel:
+        os.environ.pop(ENV_SWITCH, None)
+    else:
+        os.environ[ENV_SWITCH] = "0"  # inherited by the proxy started next
+    proxy.start()
+    return relay_status(p)["on"] == kernel
+
+
 def body(env: BenchEnv) -> None:
     a = env.args
     p = env.project("proxybench")
@@ -75,16 +120,38 @@ def body(env: BenchEnv) -> None:
     pgbench(env.rt, ["-i", "-s", str(a.scale), "-q"], direct, timeout=600)
 
     # 1. throughput
-    tps: dict[str, list[float]] = {"proxy": [], "direct": []}
+    sides = ["direct", "kernel", "userspace"]
+    if not use_relay(p, True):
+        log("the proxy cannot relay in the kernel here: measuring the userspace relay only")
+        sides.remove("kernel")
+    settle(p)
+    pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", "3"], direct, timeout=120)  # warm-up, not counted
+    tps: dict[str, list[float]] = {side: [] for side in sides}
+    proxy_cpu: dict[str, list[float]] = {side: [] for side in sides if side != "direct"}  # us per transaction
     for r in range(a.rounds):
-        for side in (("direct", "proxy") if r % 2 == 0 else ("proxy", "direct")):
-            uri = proxied if side == "proxy" else direct
-            out = pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", str(a.seconds)], uri,
-                          timeout=a.seconds + 120)
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+            if side != "direct":
+                assert use_relay(p, side == "kernel")
+                joined = relay_status(p)["joined"]
+                pid = p.daemon("proxy").pid()
+                cpu = cpu_seconds(pid)
+            out = pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", str(a.seconds)],
+                          proxied if side != "direct" else direct, timeout=a.seconds + 120)
+            if side != "direct":  # every pgbench client (and its first connection, which reads the scale)
+                n = relay_status(p)["joined"] - joined  # went the way it was meant to
+                assert n == (a.clients + 1 if side == "kernel" else 0), f"{n} sessions relayed in the kernel"
             tps[side].append(parse_pgbench(out)["tps"])
-            log(f"round {r + 1}: {side} {tps[side][-1]:.0f} TPS")
+            extra = ""
+            if side != "direct":
+                proxy_cpu[side].append(round((cpu_seconds(pid) - cpu) * 1e6 / (tps[side][-1] * a.seconds), 1))
+                extra = f", proxy CPU {proxy_cpu[side][-1]} us per transaction"
+            log(f"round {r + 1}: {side} {tps[side][-1]:.0f} TPS{extra}")
+    use_relay(p, "kernel" in sides)  # the rest runs through the proxy as it starts by default
+    base = statistics.mean(tps["direct"])
     env.result["select_only"] = {"clients": a.clients, "seconds": a.seconds, "tps": tps,
-                                 "ratio": round(statistics.mean(tps["proxy"]) / statistics.mean(tps["direct"]), 3)}
+                                 "proxy_cpu_us_per_tx": proxy_cpu,
+                                 "ratio": {side: round(statistics.mean(tps[side]) / base, 3)
+                                           for side in sides if side != "direct"}}
 
     # 2. connection set-up
     _connect_ms(proxied, 3)
@@ -124,9 +191,11 @@ def render(res: dict) -> list[str]:
     out = [""]
     s = res.get("select_only")
     if s:
-        out.append(f"pgbench -S, {s['clients']} clients, {s['seconds']} s runs: proxy "
-                   f"{[round(x) for x in s['tps']['proxy']]} TPS, direct {[round(x) for x in s['tps']['direct']]} "
-                   f"TPS -> ratio {s['ratio']} (target >= 0.8)")
+        out.append(f"pgbench -S, {s['clients']} clients, {s['seconds']} s runs: direct "
+                   f"{[round(x) for x in s['tps']['direct']]} TPS")
+        for side, ratio in s["ratio"].items():
+            out.append(f"  proxy, {side} relay: {[round(x) for x in s['tps'][side]]} TPS -> ratio {ratio}"
+                       f" (target >= 0.8); proxy CPU {s['proxy_cpu_us_per_tx'][side]} us per transaction")
     c = res.get("connect_ms")
     if c:
         out.append(f"connect + SELECT 1 + close: proxy {c['proxy']} ms, direct {c['direct']} ms -> ratio {c['ratio']}"

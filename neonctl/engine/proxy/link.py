@@ -14,6 +14,8 @@ import asyncio
 
 
 class Link(asyncio.Protocol):
+    raw = True  # the socket carries the Postgres protocol as is (so the kernel may relay it: kernel_relay.py)
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -21,6 +23,7 @@ class Link(asyncio.Protocol):
         self.closed = False
         self._waiter: asyncio.Future | None = None
         self._on_close: list = []
+        self._handed_over = False  # the socket now belongs to the kernel relay (`hand_over`)
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -38,6 +41,12 @@ class Link(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc) -> None:
+        if self._handed_over:
+            return  # our transport let go of the socket; the new owner calls `released`
+        self.released()
+
+    def released(self) -> None:
+        """The connection is over: wake a reader, close the peer, run the on_close callbacks."""
         self.closed = True
         self._wake()
         if self.peer is not None and not self.peer.closed:
@@ -88,6 +97,15 @@ class Link(asyncio.Protocol):
             self._on_close.append(cb)
 
     # -- relay -------------------------------------------------------------------------------------
+
+    def hand_over(self):
+        """Give the socket to a new owner (the kernel relay): returns a duplicate of it and closes the
+        transport, which takes the socket out of the event loop's poll set without ending the connection.
+        The link stays open until the new owner calls `released()`."""
+        sock = self.transport.get_extra_info("socket").dup()
+        self._handed_over = True
+        self.transport.abort()
+        return sock
 
     def splice(self, peer: Link) -> None:
         """From now on every byte from this socket goes to `peer` (what already arrived first)."""

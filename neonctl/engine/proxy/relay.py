@@ -6,7 +6,8 @@ startup option `endpoint=BRANCH[@LSN|@TIME][-pooler]` with SCRAM-SHA-256, or - f
 options - the password `endpoint=BRANCH;PASSWORD` over cleartext, and the default branch when neither names
 one. The proxy authenticates against the project's role verifiers (`engine/roles.py`) and reaches the
 compute over its private Unix socket, where the compute trusts the connection. The client gets the proxy's
-own cancel key, so a CancelRequest finds the compute that runs its session (`sessions.py`).
+own cancel key, so a CancelRequest finds the compute that runs its session (`sessions.py`). An established
+session is relayed by the kernel (`kernel_relay.py`) where the proxy could set that up, else by `link.splice`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 from neonctl.engine import pgwire
 from neonctl.engine.proxy import protocol, scram
+from neonctl.engine.proxy.kernel_relay import KernelRelay
 from neonctl.engine.proxy.link import Link, splice
 from neonctl.engine.proxy.sessions import CancelTarget, Sessions
 from neonctl.engine.proxy.wake import ComputeAddress, Waker
@@ -59,8 +61,9 @@ async def _next(link: Link, deadline: float) -> tuple[bytes, bytes]:
 
 
 class Session:
-    def __init__(self, client: Link, waker: Waker, sessions: Sessions, roles):
+    def __init__(self, client: Link, waker: Waker, sessions: Sessions, roles, kernel: KernelRelay | None = None):
         self.client = client
+        self.kernel = kernel  # relays established sessions in the kernel when the proxy has one
         self.waker = waker
         self.sessions = sessions
         self.roles = roles  # () -> dict[str, Role], the current spec
@@ -217,5 +220,8 @@ class Session:
             self.sessions.forget_key(key)
 
         server.on_close(ended)
-        self.client.write(b"".join(out))
+        first = b"".join(out)  # ends in ReadyForQuery: until the client has it, neither side sends
+        if self.kernel is not None and self.client.raw and self.kernel.join(self.client, server, first):
+            return
+        self.client.write(first)
         splice(self.client, server)

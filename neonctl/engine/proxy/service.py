@@ -28,6 +28,7 @@ from neonctl.engine.expiry import sweep_expired
 from neonctl.engine.project import Project
 from neonctl.engine.proxy import websocket
 from neonctl.engine.proxy.conn_cache import ConnCache
+from neonctl.engine.proxy.kernel_relay import open_kernel_relay
 from neonctl.engine.proxy.link import Link
 from neonctl.engine.proxy.relay import Session
 from neonctl.engine.proxy.sessions import Sessions
@@ -70,9 +71,11 @@ class Proxy:
         self.tasks: set[asyncio.Task] = set()
         self.cache = ConnCache()
         self.sql = SqlOverHttp(self.waker, self.sessions, self.roles, self.cache)
+        self.kernel = open_kernel_relay()  # None: every session is relayed in userspace
 
     def _start_session(self, link: Link) -> None:
-        task = asyncio.get_running_loop().create_task(Session(link, self.waker, self.sessions, self.roles).run())
+        session = Session(link, self.waker, self.sessions, self.roles, self.kernel)
+        task = asyncio.get_running_loop().create_task(session.run())
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -95,6 +98,9 @@ class Proxy:
                 "sessions": dict(self.sessions.active),
                 "total": self.sessions.total(),
                 "sql_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+                "kernel_relay": {"on": self.kernel is not None,
+                                 "sessions": self.kernel.active() if self.kernel else 0,
+                                 "joined": self.kernel.joined if self.kernel else 0},
             }
         )
 

@@ -39,6 +39,8 @@ class WsLink(Link):
     compute and makes one transport write of it.
     """
 
+    raw = False  # the bytes travel in frames: always relayed in userspace
+
     def __init__(self, start: Callable[[WsLink], None]):
         super().__init__()
         self._start = start

@@ -1,0 +1,367 @@
+"""The kernel relay: an established session's two sockets joined by an eBPF sockmap, so the proxy no longer
+wakes for each message.
+
+The technique is Cilium's. One SOCKHASH map holds both sockets of every relayed session, each stored under
+the key its *peer's* bytes carry: a stream-verdict program (BPF_PROG_TYPE_SK_SKB, attached to the map as
+BPF_SK_SKB_STREAM_VERDICT) runs for every skb arriving on a socket in the map, looks up the socket cookie
+of the skb's owner and redirects the skb out of (egress) the socket stored there. Cookies are unique per
+socket for the life of the system, so keys never collide (ports would: a client's ephemeral port can equal
+the proxy's own outgoing port, and Unix sockets have none). What the kernel does, found by experiment on
+6.18 (tests/unit/test_kernel_relay_program.py repeats it):
+
+- TCP -> Unix redirection works both ways, so the compute is still reached over its Unix socket.
+- A TCP skb belongs to the socket that received it, so the client's socket is keyed by its own cookie
+  (SO_COOKIE). An AF_UNIX skb still belongs to the socket that *sent* it - the backend's end, in another
+  process - so the compute side is keyed by that socket's cookie, which sock_diag (unix_diag) reports.
+- Egress redirection goes through the target socket's backlog worker (a kworker wake-up per message);
+  the proxy itself does no work per message.
+- Redirected data never reaches the socket's receive queue, so poll reports no EPOLLIN for it, while the
+  peer's FIN or RST still shows as EPOLLRDHUP (EPOLLHUP, EPOLLERR). The relay watches each relayed socket
+  in an epoll set of its own for EPOLLRDHUP only (HUP and ERR are always reported): a wake-up carrying
+  EPOLLIN, which the kernel still sends when data is redirected, does not match it and wakes no one.
+
+There is no clang or bpftool here, so the program is assembled by hand (one function per instruction kind,
+each giving the 8 bytes of a `struct bpf_insn`) and loaded with the bpf(2) syscall through ctypes; the
+verifier's log is kept so a rejection says why.
+
+The hand-off (`KernelRelay.join`) must not lose or reorder a byte, so it happens only when both directions
+are quiescent: the proxy holds the compute's ReadyForQuery from start-up, has not sent it, and has nothing
+buffered - the client waits for ReadyForQuery before it sends, and the backend sends nothing unasked. Both
+sockets go into the map and only then is ReadyForQuery written. When one side ends, both leave the map and
+are closed, as with the userspace relay, so a backend never outlives its client.
+
+`open_kernel_relay()` returns None - with one log line - wherever this cannot work (another architecture,
+no CAP_BPF/CAP_NET_ADMIN, an older kernel) or when NEONCTL_PROXY_KERNEL_RELAY=0: the proxy then relays in
+userspace (`link.splice`), as it does for WebSocket sessions always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import platform
+import select
+import socket
+import struct
+import sys
+import termios
+
+log = logging.getLogger("proxy.kernel_relay")
+
+ENV_SWITCH = "NEONCTL_PROXY_KERNEL_RELAY"  # "0" forces the userspace relay (tests, comparisons)
+
+_SYS_BPF = {"x86_64": 321}  # the bpf(2) syscall number; other architectures are refused, not guessed
+SO_COOKIE = 57  # getsockopt(SOL_SOCKET): the socket's 64-bit cookie, the key the program looks up
+
+# bpf(2) commands, map, program and attach types (include/uapi/linux/bpf.h)
+BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 3, 5, 8
+BPF_MAP_TYPE_SOCKHASH = 18
+BPF_PROG_TYPE_SK_SKB = 14
+BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_ANY = 0
+BPF_FUNC_get_socket_cookie = 46
+BPF_FUNC_sk_redirect_hash = 72
+SK_PASS = 1
+
+MAX_SESSIONS = 65536  # sockets in the map: two per relayed session
+
+
+# -- the instruction encoder -----------------------------------------------------------------------------
+# struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; }, little-endian (x86-64).
+
+R0, R1, R2, R3, R4, R5, R6, R10 = 0, 1, 2, 3, 4, 5, 6, 10
+
+
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One 8-byte BPF instruction."""
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def mov64_reg(dst: int, src: int) -> bytes:
+    return insn(0xBF, dst, src)  # BPF_ALU64 | BPF_MOV | BPF_X
+
+
+def mov64_imm(dst: int, imm: int) -> bytes:
+    return insn(0xB7, dst, imm=imm)  # BPF_ALU64 | BPF_MOV | BPF_K
+
+
+def add64_imm(dst: int, imm: int) -> bytes:
+    return insn(0x07, dst, imm=imm)  # BPF_ALU64 | BPF_ADD | BPF_K
+
+
+def store64(dst: int, off: int, src: int) -> bytes:
+    """*(u64 *)(dst + off) = src"""
+    return insn(0x7B, dst, src, off)  # BPF_STX | BPF_MEM | BPF_DW
+
+
+def load_map_fd(dst: int, map_fd: int) -> bytes:
+    """dst = the map behind map_fd: a 16-byte ld_imm64 the loader rewrites (src_reg = BPF_PSEUDO_MAP_FD)."""
+    return insn(0x18, dst, 1, imm=map_fd) + insn(0)  # BPF_LD | BPF_IMM | BPF_DW
+
+
+def call(helper: int) -> bytes:
+    return insn(0x85, imm=helper)  # BPF_JMP | BPF_CALL
+
+
+def exit_() -> bytes:
+    return insn(0x95)  # BPF_JMP | BPF_EXIT
+
+
+def verdict_program(map_fd: int) -> bytes:
+    """For each skb: redirect it out of the socket stored under this socket's cookie; pass it if none.
+
+    Returning SK_PASS whatever the helper said keeps a failed lookup harmless: the bytes land in the
+    socket's own receive queue (the kernel still redirects when the helper recorded a target).
+    """
+    return b"".join([
+        mov64_reg(R6, R1),                     # r6 = ctx (struct __sk_buff *)
+        call(BPF_FUNC_get_socket_cookie),      # r0 = cookie of the receiving socket
+        store64(R10, -8, R0),                  # key on the stack: *(u64 *)(fp - 8) = r0
+        mov64_reg(R1, R6),                     # r1 = ctx
+        load_map_fd(R2, map_fd),               # r2 = the SOCKHASH
+        mov64_reg(R3, R10),
+        add64_imm(R3, -8),                     # r3 = &key
+        mov64_imm(R4, 0),                      # r4 = flags: 0 = egress of the target socket
+        call(BPF_FUNC_sk_redirect_hash),
+        mov64_imm(R0, SK_PASS),
+        exit_(),
+    ])
+
+
+# -- the bpf(2) syscall -------------------------------------------------------------------------------------
+
+class BpfError(OSError):
+    pass
+
+
+class _Bpf:
+    def __init__(self) -> None:
+        machine = platform.machine()
+        if machine not in _SYS_BPF:
+            raise BpfError(errno.ENOSYS, f"no bpf(2) syscall number known for {machine}")
+        self.nr = _SYS_BPF[machine]
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.syscall.restype = ctypes.c_long
+
+    def __call__(self, cmd: int, attr: bytes, what: str) -> int:
+        buf = ctypes.create_string_buffer(attr, 128)  # bpf_attr, zero-padded
+        ret = self.libc.syscall(ctypes.c_long(self.nr), ctypes.c_int(cmd), buf, ctypes.c_uint(128))
+        if ret < 0:
+            e = ctypes.get_errno()
+            raise BpfError(e, f"{what}: {os.strerror(e)}")
+        return ret
+
+
+# -- which cookie the program sees for a socket -------------------------------------------------------------
+# The program looks up the cookie of the skb's owner. A TCP skb in a receive queue belongs to the receiving
+# socket; an AF_UNIX skb still belongs to the socket that *sent* it, i.e. the peer end (here: the backend's
+# end of the compute's Unix socket, in another process). Its cookie comes from sock_diag (unix_diag), which
+# reports a Unix socket's peer inode and, asked by inode, that socket's cookie.
+
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLMSG_ERROR = 4, 20, 2
+UDIAG_SHOW_PEER, UNIX_DIAG_PEER = 0x04, 2
+_NO_COOKIE = 0xFFFFFFFF
+
+
+def _unix_diag(ino: int, show: int) -> tuple[int, dict[int, bytes]]:
+    """(cookie, attributes) of the Unix socket with inode `ino`."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        req = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, show, _NO_COOKIE, _NO_COOKIE)
+        nl.send(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, 1, 1, 0) + req)  # NLM_F_REQUEST
+        data = nl.recv(8192)
+    length, kind = struct.unpack_from("=IH", data)
+    if kind == NLMSG_ERROR:
+        e = -struct.unpack_from("=i", data, 16)[0]
+        raise OSError(e, f"unix_diag of inode {ino}: {os.strerror(e)}")
+    _f, _t, _s, _p, _ino, lo, hi = struct.unpack_from("=BBBBIII", data, 16)
+    attrs, off = {}, 32
+    while off + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", data, off)
+        attrs[atype] = data[off + 4: off + alen]
+        off += (alen + 3) & ~3
+    return lo | (hi << 32), attrs
+
+
+def redirect_key(sock) -> int:
+    """The key under which the map must hold the peer of `sock`: the cookie of the owner of its skbs."""
+    if sock.family == socket.AF_UNIX:
+        _, attrs = _unix_diag(os.fstat(sock.fileno()).st_ino, UDIAG_SHOW_PEER)
+        if UNIX_DIAG_PEER not in attrs:
+            raise OSError(errno.ENOTCONN, "the Unix socket has no peer")
+        return _unix_diag(struct.unpack("=I", attrs[UNIX_DIAG_PEER])[0], 0)[0]
+    return struct.unpack("<Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def queued(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (SIOCINQ)."""
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+# -- sessions -------------------------------------------------------------------------------------------------
+
+GRACE = 0.05  # after one side ends, time for bytes the kernel still holds for the other to go out
+
+
+class _Pair:
+    """One relayed session: its two Links, the relay's own (client, server) sockets, their map keys."""
+
+    __slots__ = ("client", "server", "socks", "keys", "ended")
+
+    def __init__(self, client, server, socks, keys):
+        self.client, self.server, self.socks, self.keys = client, server, socks, keys
+        self.ended = False
+
+
+class KernelRelay:
+    """The map, the program and the watch on relayed sockets; one per proxy process."""
+
+    def __init__(self) -> None:
+        self.bpf = _Bpf()
+        self.map_fd = self.bpf(BPF_MAP_CREATE, struct.pack("<IIIII", BPF_MAP_TYPE_SOCKHASH, 8, 4, MAX_SESSIONS, 0),
+                               "create the sockhash")
+        try:
+            self.prog_fd = self._load(verdict_program(self.map_fd))
+            self.bpf(BPF_PROG_ATTACH, struct.pack("<IIII", self.map_fd, self.prog_fd, BPF_SK_SKB_STREAM_VERDICT, 0),
+                     "attach the verdict program")
+        except BaseException:
+            os.close(self.map_fd)
+            raise
+        self.epoll = select.epoll()
+        self.pairs: dict[int, _Pair] = {}  # watched fd -> its session
+        self.joined = 0  # sessions relayed by the kernel since start (reported by /v1/status)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.epoll.fileno())
+        self.epoll.close()
+        os.close(self.prog_fd)
+        os.close(self.map_fd)
+
+    def active(self) -> int:
+        return len(self.pairs) // 2
+
+    def _load(self, code: bytes) -> int:
+        insns = ctypes.create_string_buffer(code, len(code))
+        license_ = ctypes.create_string_buffer(b"GPL")
+        logbuf = ctypes.create_string_buffer(65536)
+        attr = struct.pack("<IIQQIIQII16s", BPF_PROG_TYPE_SK_SKB, len(code) // 8, ctypes.addressof(insns),
+                           ctypes.addressof(license_), 1, len(logbuf), ctypes.addressof(logbuf), 0, 0,
+                           b"neonctl_relay")
+        try:
+            return self.bpf(BPF_PROG_LOAD, attr, "load the verdict program")
+        except BpfError as e:
+            raise BpfError(e.errno, f"{e.strerror}; verifier: {logbuf.value.decode(errors='replace').strip()}") \
+                from None
+
+    def _update(self, key: int, fd: int) -> None:
+        k, v = ctypes.c_uint64(key), ctypes.c_uint32(fd)
+        self.bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", self.map_fd, 0, ctypes.addressof(k),
+                                                  ctypes.addressof(v), BPF_ANY), "add a socket to the sockhash")
+
+    def _delete(self, key: int) -> None:
+        k = ctypes.c_uint64(key)
+        try:
+            self.bpf(BPF_MAP_DELETE_ELEM, struct.pack("<IIQ", self.map_fd, 0, ctypes.addressof(k)),
+                     "remove a socket from the sockhash")
+        except BpfError as e:
+            if e.errno != errno.ENOENT:  # a closed socket leaves the map by itself
+                raise
+
+    # -- a session's life ----------------------------------------------------------------------------
+
+    def join(self, client, server, first: bytes) -> bool:
+        """Relay between two `Link`s in the kernel from now on, then send the client `first` (the start-up
+        messages ending in ReadyForQuery). False - nothing changed, `first` not sent - if the session is
+        not quiescent or the kernel refuses; the caller then relays in userspace."""
+        if client.closed or server.closed or client.buf or server.buf:
+            return False
+        if client.transport.get_write_buffer_size() or server.transport.get_write_buffer_size():
+            return False
+        socks = (client.transport.get_extra_info("socket"), server.transport.get_extra_info("socket"))
+        if None in socks or socks[0].family != socket.AF_INET:
+            return False
+        fds = (socks[0].fileno(), socks[1].fileno())
+        client.transport.pause_reading()
+        server.transport.pause_reading()
+        keys: list[int] = []
+        try:
+            if queued(fds[0]) or queued(fds[1]):
+                raise OSError(errno.EBUSY, "bytes are waiting in a socket")
+            wanted = (redirect_key(socks[0]), redirect_key(socks[1]))
+            for key, peer_fd in zip(wanted, reversed(fds), strict=True):
+                self._update(key, peer_fd)
+                keys.append(key)
+            # Bytes that got into a queue before the program watched it would wait there for the next
+            # skb; none can (both sides wait for each other), but a client that pipelines before
+            # ReadyForQuery could: such a session stays in userspace.
+            if queued(fds[0]) or queued(fds[1]):
+                raise OSError(errno.EBUSY, "bytes arrived during the hand-off")
+        except OSError as e:
+            for key in keys:
+                self._delete(key)
+            client.transport.resume_reading()
+            server.transport.resume_reading()
+            log.warning("session relayed in userspace: %s", e)
+            return False
+        # The event loop must not poll the sockets any more: the kernel still wakes a socket's waiters
+        # when it redirects data (EPOLLIN that then finds nothing), which would wake the proxy per message.
+        pair = _Pair(client, server, (client.hand_over(), server.hand_over()), tuple(keys))
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self.epoll.fileno(), self._hangups)
+        for sock in pair.socks:
+            self.pairs[sock.fileno()] = pair
+            self.epoll.register(sock.fileno(), select.EPOLLRDHUP)  # HUP and ERR come anyway; data does not
+        self.joined += 1
+        try:
+            pair.socks[0].settimeout(10)  # a few hundred bytes into an empty send buffer: no wait in practice
+            pair.socks[0].sendall(first)
+        except OSError:
+            self._end(pair)
+        return True
+
+    def _hangups(self) -> None:
+        for fd, _events in self.epoll.poll(0):
+            pair = self.pairs.get(fd)
+            if pair is not None:
+                self._end(pair)
+
+    def _end(self, pair: _Pair) -> None:
+        """One side closed: stop watching now; after GRACE take both out of the map and close both."""
+        if pair.ended:
+            return
+        pair.ended = True
+        for sock in pair.socks:
+            if self.pairs.pop(sock.fileno(), None) is not None:
+                self.epoll.unregister(sock.fileno())
+
+        def finish() -> None:
+            for key in pair.keys:
+                self._delete(key)
+            for sock in pair.socks:
+                sock.close()
+            pair.client.released()
+            pair.server.released()
+
+        self._loop.call_later(GRACE, finish)
+
+
+def open_kernel_relay() -> KernelRelay | None:
+    """The kernel relay if this process can have one; None (and why, in one log line) if not."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("kernel relay off (%s=0): relaying in userspace", ENV_SWITCH)
+        return None
+    try:
+        relay = KernelRelay()
+    except OSError as e:
+        log.info("kernel relay unavailable (%s): relaying in userspace", e.strerror or e)
+        return None
+    log.info("kernel relay on: established sessions are relayed by an eBPF sockmap")
+    return relay
