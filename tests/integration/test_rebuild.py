@@ -150,16 +150,22 @@ def test_rebuild_after_compaction_and_gc(pg18, cli):
     """Compaction rewrites the delta layers the rebuild reads its history from, and GC drops what is below its
     horizon: the rebuild still rewrites exactly the changed pages (the oracle compares it with a full restore)."""
     a, b = "rgc1", "rgc2"
-    want = _siblings_with_writes(pg18, cli, "rgcbase", (a, b))
-    ps = PageserverClient.of(pg18)
-    for name in ("rgcbase", a, b):
-        tl = pg18.branch(name).timeline_id
-        ps.checkpoint(tl, compact=True, wait_for_lsn=flush_lsn(pg18, tl))
-    ps.gc([pg18.branch(n).timeline_id for n in ("rgcbase", a, b)])
-    for n in (a, b, a):
-        assert start_how(cli, pg18, n) == "rebuilt"
-        assert _digest(pg18, n) == want[n]
-        cli("endpoint", "stop", n, "-p", pg18.name)
+    # one kept directory: each start is rebuilt from the other sibling's last stop (with more, a branch's own
+    # clean stop would be reused as it is, depending on what earlier tests left in the pool)
+    cli("project", "set", "--pool-size", "1", "-p", pg18.name)
+    try:
+        want = _siblings_with_writes(pg18, cli, "rgcbase", (a, b))
+        ps = PageserverClient.of(pg18)
+        for name in ("rgcbase", a, b):
+            tl = pg18.branch(name).timeline_id
+            ps.checkpoint(tl, compact=True, wait_for_lsn=flush_lsn(pg18, tl))
+        ps.gc([pg18.branch(n).timeline_id for n in ("rgcbase", a, b)])
+        for n in (a, b, a):
+            assert start_how(cli, pg18, n) == "rebuilt"
+            assert _digest(pg18, n) == want[n]
+            cli("endpoint", "stop", n, "-p", pg18.name)
+    finally:
+        cli("project", "set", "--pool-size", "2", "-p", pg18.name)
 
 
 @pytest.mark.daemon_errors(".")  # the pageserver dies mid-request; the CLI's side logs the broken stream

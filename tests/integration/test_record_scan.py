@@ -564,3 +564,18 @@ def test_concat_of_consecutive_batches_equals_one_scan(wal_sample):
         a, b = int(joined.blk_img_off[j]), int(whole.blk_img_off[j])
         n = int(whole.blk_img_len[j])
         assert bytes(joined.data[a:a + n]) == bytes(whole.data[b:b + n])
+
+
+def test_without_crc_check_same_records_and_a_flip_passes(wal_sample):
+    """verify_crc=False (stored WAL read a second time) returns the same columns; only the CRC goes unchecked."""
+    raws, decs = sample_ref(wal_sample)
+    buf = wal_sample.read(wal_sample.start_lsn, wal_sample.end_lsn - wal_sample.start_lsn)
+    batch = scan_wal(buf, wal_sample.start_lsn, wal_sample.seg_size, verify_crc=False)
+    assert batch.error is None
+    assert_same(batch, raws, decs)
+    start, bad = raws[10].lsn, raws[20]
+    data = bytearray(wal_sample.read(start, raws[30].end_lsn - start))
+    data[bad.lsn - start + 20] ^= 0xFF  # in the stored CRC itself
+    assert "CRC" in str(scan_wal(bytes(data), start, wal_sample.seg_size).error)
+    unchecked = scan_wal(bytes(data), start, wal_sample.seg_size, verify_crc=False)
+    assert unchecked.error is None and len(unchecked) == 21  # raws[10] .. raws[30]
