@@ -173,23 +173,29 @@ def test_pageserver_killed_midway_through_a_rebuild(pg18, cli):
     """A rebuild forgets the directory's record before its first write, so a directory left half rewritten by a
     crash is never taken for a known state again: the next start restores in full and shows the right rows."""
     a, b = "rcr1", "rcr2"
-    want = _siblings_with_writes(pg18, cli, "rcrbase", (a, b))
-    ps = PageserverClient.of(pg18)
-    pid = pg18.daemon("pageserver").pid()
-    client.set_failpoints("pageserver", pg18.pageserver_addr, {"ps-rebuild-midway": "crash"})
+    cli("project", "set", "--pool-size", "1", "-p", pg18.name)  # a's start is rebuilt from b's stop, not reused
     try:
-        rc, _, _ = cli("endpoint", "start", a, "-p", pg18.name, ok=False)
-        assert rc != 0  # the start fails: its pageserver died under it
-        wait_until(lambda: not pid_alive(pid), 10, "the pageserver to die at the fault point")
+        want = _siblings_with_writes(pg18, cli, "rcrbase", (a, b))
+        ps = PageserverClient.of(pg18)
+        pid = pg18.daemon("pageserver").pid()
+        client.set_failpoints("pageserver", pg18.pageserver_addr, {"ps-rebuild-midway": "crash"})
+        try:
+            rc, _, err = cli("endpoint", "start", a, "-p", pg18.name, ok=False)
+            assert rc != 0, err  # the start fails: its pageserver died under it
+            wait_until(lambda: not pid_alive(pid), 10, "the pageserver to die at the fault point")
+        finally:
+            if pid_alive(pid):  # the fault point was not reached: it must not hit a later test
+                client.set_failpoints("pageserver", pg18.pageserver_addr, {})
+            cli("start", "-p", pg18.name)  # a new pageserver, without the fault point
+        assert ps.status()["timelines"]
+        assert start_how(cli, pg18, a) == "full"
+        assert _digest(pg18, a) == want[a]
+        cli("endpoint", "stop", a, "-p", pg18.name)
+        assert start_how(cli, pg18, b) == "rebuilt"  # and a clean stop is a known state again
+        assert _digest(pg18, b) == want[b]
+        cli("endpoint", "stop", b, "-p", pg18.name)
     finally:
-        cli("start", "-p", pg18.name)  # a new pageserver, without the fault point
-    assert ps.status()["timelines"]
-    assert start_how(cli, pg18, a) == "full"
-    assert _digest(pg18, a) == want[a]
-    cli("endpoint", "stop", a, "-p", pg18.name)
-    assert start_how(cli, pg18, b) == "rebuilt"  # and a clean stop is a known state again
-    assert _digest(pg18, b) == want[b]
-    cli("endpoint", "stop", b, "-p", pg18.name)
+        cli("project", "set", "--pool-size", "2", "-p", pg18.name)
 
 
 def test_pages_the_replay_rewrites_whole_are_left_to_it(pg18, cli):
