@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from neonctl.engine.pageserver.key import REL_PREFIX
 from neonctl.engine.pageserver.key_columns import rel_block_rows
 from neonctl.engine.wal.decoder import decode_record
 from neonctl.engine.wal.reader import WalStreamDecoder
@@ -34,16 +35,16 @@ CHUNK = 64 << 20  # WAL scanned per read: bounds the memory of a long replay ran
 ReadWal = Callable[[int, int], bytes]
 
 
-def pages_replay_inits(read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int) -> np.ndarray:
-    """The keys (sorted, dtype S18) of the relation pages whose first reference in the WAL (redo_lsn, lsn]
-    initialises the page (an applied page image, or WILL_INIT)."""
+def first_refs_from_wal(read_wal: ReadWal, lo: int, hi: int, seg_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per relation page referenced in the WAL [lo, hi) (lo a record start, hi a record end): (keys as sorted
+    S18, whether its first reference initialises it - an applied page image, or WILL_INIT)."""
     keys: list[np.ndarray] = []
     inits: list[np.ndarray] = []
-    pos, prev = redo_lsn, None
+    pos, prev = lo, None
     t_read = t_scan = 0.0
-    while pos < lsn:
+    while pos < hi:
         t0 = time.perf_counter()
-        buf = read_wal(pos, min(CHUNK, lsn - pos))
+        buf = read_wal(pos, min(CHUNK, hi - pos))
         t1 = time.perf_counter()
         batch = scan_wal(buf, pos, seg_size, prev_lsn=prev, verify_crc=False)  # checked at ingest
         t_read, t_scan = t_read + t1 - t0, t_scan + time.perf_counter() - t1
@@ -61,13 +62,36 @@ def pages_replay_inits(read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int
         prev = int(batch.lsn[-1])
         pos = batch.end_lsn
     if not keys:
-        return np.empty(0, dtype=f"S{KEY_LEN}")
-    t0 = time.perf_counter()
+        return np.empty(0, dtype=f"S{KEY_LEN}"), np.empty(0, dtype=bool)
     all_keys, all_inits = np.concatenate(keys), np.concatenate(inits)
     uniq, first = np.unique(all_keys, return_index=True)  # the index of each key's first reference
-    log.info("replay page images: read %.0f ms, scan %.0f ms, sort %.0f ms (%d block references)", t_read * 1000,
-             t_scan * 1000, (time.perf_counter() - t0) * 1000, len(all_keys))
-    return uniq[all_inits[first]]
+    if hi - lo > CHUNK:
+        log.info("replay page images from %d WAL bytes: read %.0f ms, scan %.0f ms", hi - lo, t_read * 1000,
+                 t_scan * 1000)
+    return uniq, all_inits[first]
+
+
+def pages_replay_inits(read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int) -> np.ndarray:
+    """The keys (sorted, dtype S18) of the relation pages whose first reference in the WAL (redo_lsn, lsn]
+    initialises the page (an applied page image, or WILL_INIT), all read from the WAL."""
+    keys, inits = first_refs_from_wal(read_wal, redo_lsn, lsn, seg_size)
+    return keys[inits]
+
+
+def relation_pages(keys: np.ndarray) -> np.ndarray:
+    """Which S18 keys are relation pages (not relation sizes, SLRU blocks or other non-page keys the layers
+    also hold): the only keys a rebuild could leave to the replay."""
+    b = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, KEY_LEN)
+    return (b[:, 0] == REL_PREFIX) & (b[:, 9:13] != 0).any(axis=1) & ~(b[:, 14:18] == 0xFF).all(axis=1)
+
+
+def merge_first_refs(earlier: tuple[np.ndarray, np.ndarray], later: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The pages the replay rewrites whole, from the first references of two consecutive WAL ranges: a page
+    referenced in the earlier range is decided there; one first referenced in the later range, there."""
+    e_keys, e_init = earlier
+    l_keys, l_init = later
+    fresh = ~np.isin(l_keys, e_keys, assume_unique=True)
+    return np.union1d(e_keys[e_init], l_keys[fresh & l_init & relation_pages(l_keys)])
 
 
 def check_replay_inits(read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int, skipped) -> None:

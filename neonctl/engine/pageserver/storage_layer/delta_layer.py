@@ -265,8 +265,12 @@ class DeltaLayerReader:
 
     def index_keys(self) -> np.ndarray:
         """The index's (key || LSN) rows, (n, 26) uint8 in (key, LSN) order, from one read: no value is read."""
-        ikeys, _ = self._file.index_entries()
-        return ikeys
+        return self.index_rows()[0]
+
+    def index_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the index's (key || LSN) rows as above, each value's will_init), from one read of the index."""
+        ikeys, packed = self._file.index_entries()
+        return ikeys, (packed & np.uint64(1)).astype(bool)
 
     def keys(self) -> Iterator[Key]:
         """Distinct keys with at least one value, ascending."""

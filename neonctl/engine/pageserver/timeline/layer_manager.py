@@ -54,6 +54,23 @@ def _heads_in_range(ikeys: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.ascontiguousarray(rows).view(f"V{KEY_SIZE}").ravel()
 
 
+def first_per_key(rows: list[np.ndarray], inits: list[np.ndarray], lo: int, hi: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of index rows (key || LSN big-endian, with will_init), the earliest per key with lo <= LSN < hi."""
+    if not rows:
+        return np.empty(0, dtype=f"S{KEY_SIZE}"), np.empty(0, dtype=np.uint64), np.empty(0, dtype=bool)
+    r, w = np.concatenate(rows), np.concatenate(inits)
+    lsns = np.ascontiguousarray(r[:, KEY_SIZE:]).view(">u8").ravel().astype(np.uint64)
+    keep = (lsns >= lo) & (lsns < hi)
+    r, w, lsns = r[keep], w[keep], lsns[keep]
+    keys = np.ascontiguousarray(r[:, :KEY_SIZE]).view(f"S{KEY_SIZE}").ravel()
+    order = np.lexsort((lsns, keys))  # by key, then LSN
+    keys, lsns, w = keys[order], lsns[order], w[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return keys[first], lsns[first], w[first]
+
+
 class LayerStore:
     def __init__(self, directory: Path, timeline_id: str, pg_version: int, start_lsn: int,
                  config: PageserverConfig, on_change: Callable[[str, list[LayerDesc]], None] | None = None):
@@ -177,6 +194,24 @@ class LayerStore:
             distinct = np.unique(np.concatenate(heads))
             out.update(Key.from_bytes(h.tobytes()) for h in distinct)
         return out
+
+    def first_writes(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per key, its first value with lo <= LSN < hi (a value's LSN is its record's start): (keys as sorted S18,
+        their LSNs, whether that value initialises the page), from the layers' indexes alone. Exact, unlike
+        keys_written: `images/replay_inits.py` relies on "first"."""
+        rows: list[np.ndarray] = []
+        inits: list[np.ndarray] = []
+        with self.lock:
+            for d in list(self.map.layers.values()):
+                if d.kind == "delta" and d.lsn_start < hi and d.lsn_end > lo:
+                    r, w = self.reader(d.name).index_rows()
+                    rows.append(r)
+                    inits.append(w)
+            if self.open.start_lsn < hi:
+                for c in self.open.chunks:
+                    rows.append(c.ikeys)
+                    inits.append(np.asarray(c.will_init, dtype=bool))
+        return first_per_key(rows, inits, lo, hi)
 
     def add_images(self, info) -> None:
         """Register an image (its layer files are already on disk) in the index, atomically."""

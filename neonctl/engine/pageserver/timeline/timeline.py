@@ -47,7 +47,11 @@ from neonctl.engine.pageserver.images.materialize import (
 from neonctl.engine.pageserver.images.rebuild import changed_rows
 from neonctl.engine.pageserver.images.redo_cache import RedoDirCache
 from neonctl.engine.pageserver.images.redo_worker import replay_to
-from neonctl.engine.pageserver.images.replay_inits import pages_replay_inits
+from neonctl.engine.pageserver.images.replay_inits import (
+    first_refs_from_wal,
+    merge_first_refs,
+    pages_replay_inits,
+)
 from neonctl.engine.pageserver.timeline.layer_manager import LayerStore, image_descs
 from neonctl.engine.pageserver.timeline.layer_map import LayerMap
 from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
@@ -606,17 +610,56 @@ class Timeline:
 
     def _replay_inits(self, image, lsn: int) -> np.ndarray:
         """The pages the replay from `image` to `lsn` rewrites whole (images/replay_inits.py); the same for
-        every kept directory weighed for one start, so the last answer is kept."""
+        every kept directory weighed for one start, so the last answer is kept.
+
+        Between the image's redo point and its LSN (the image's own checkpoint: little WAL) the WAL is read;
+        after it, the layers' indexes along the target's history say the same without reading the WAL
+        (39,000 index entries instead of 60 MB of WAL after a pgbench run). If those layers are not built
+        yet, the WAL is read all the way."""
         cached = getattr(self, "_inits_cache", None)
         if cached is not None and cached[0] == (image.redo_lsn, lsn):
             return cached[1]
         t0 = time.perf_counter()
-        keys = pages_replay_inits(self.read_wal, image.redo_lsn, lsn, self.meta.wal_seg_size)
+        seg = self.meta.wal_seg_size
+        path = self._history_to(image, lsn)
+        if path is None:
+            keys = pages_replay_inits(self.read_wal, image.redo_lsn, lsn, seg)
+            how = "the WAL"
+        else:
+            earlier = first_refs_from_wal(self.read_wal, image.redo_lsn, image.lsn, seg)
+            parts = [t.layers.first_writes(lo, hi) for t, lo, hi in path]
+            later_keys = np.concatenate([p[0] for p in parts])
+            later_lsns = np.concatenate([p[1] for p in parts])
+            later_init = np.concatenate([p[2] for p in parts])
+            order = np.lexsort((later_lsns, later_keys))  # a key on two timelines: the older one is first
+            later_keys, later_init = later_keys[order], later_init[order]
+            first = np.ones(len(later_keys), dtype=bool)
+            first[1:] = later_keys[1:] != later_keys[:-1]
+            keys = merge_first_refs(earlier, (later_keys[first], later_init[first]))
+            how = "the layers"
         self._inits_cache = ((image.redo_lsn, lsn), keys)
-        log.info("timeline %s: the replay from %s to %s rewrites %d page(s) whole (%.0f ms to read %d WAL bytes)",
+        log.info("timeline %s: the replay from %s to %s rewrites %d page(s) whole (%.0f ms, from %s)",
                  self.timeline_id, format_lsn(image.redo_lsn), format_lsn(lsn), len(keys),
-                 (time.perf_counter() - t0) * 1000, lsn - image.redo_lsn)
+                 (time.perf_counter() - t0) * 1000, how)
         return keys
+
+    def _history_to(self, image, lsn: int, wait: float = 2.0) -> list | None:
+        """[(timeline, lo, hi)]: the LSN ranges of this timeline's history from the image's LSN up to `lsn`,
+        each timeline's layers built that far - or None when they are not within `wait` seconds."""
+        path, t, hi = [], self, lsn
+        while t is not None and t.timeline_id != image.timeline_id:
+            path.append((t, t.meta.start_lsn, hi))
+            hi, t = t.meta.start_lsn, t.ancestor
+        if t is None or image.lsn > hi:
+            return None
+        path.append((t, image.lsn, hi))
+        deadline = time.monotonic() + wait
+        for tl, _lo, hi in path:
+            while tl.layers is None or tl.layer_lsn < hi:
+                if tl.layers is None or time.monotonic() > deadline:
+                    return None
+                time.sleep(0.02)
+        return path
 
     def materialize(self, lsn: int, target: Path, recycle: Path | None = None) -> int:
         """Build a data directory that Postgres crash-recovers to exactly `lsn`; return WAL bytes to replay.
