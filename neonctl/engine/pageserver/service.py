@@ -100,6 +100,7 @@ class Pageserver:
         self.catalog = LayerCatalog(workdir / "layers.duckdb")
         self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
         self.materialising = 0  # starts building a directory now: the pool refill waits for them
+        self.refill: asyncio.Task | None = None  # the pool refill under way (cancelled by a start)
 
     def load(self) -> None:
         for grave in (self.workdir / "timelines").glob(f"{DELETED_PREFIX}*"):  # a delete a crash interrupted
@@ -178,6 +179,8 @@ class Pageserver:
             self.check_not_gced(tl, at)
             self.leases[(tl.timeline_id, at)] = time.monotonic() + LEASE_SECONDS
         self.materialising += 1
+        if self.refill is not None:  # the refill is ahead of need; this start is the need
+            self.refill.cancel()
         try:
             reused, rebuilt = await asyncio.to_thread(self._materialise_from_pool, tl, at, lsn is None, target, pool)
         finally:
@@ -497,11 +500,20 @@ class Pageserver:
             except TimeoutError:
                 pass
             await asyncio.to_thread(dir_pool.remove_evicted, root)  # what `endpoint stop` left to us
+            await asyncio.to_thread(pool_refill.remove_leftovers, root)  # refills a start cancelled
             if self.materialising:
                 continue
             job = await asyncio.to_thread(pool_refill.plan, list(self.timelines.values()), root, time.monotonic())
             if job is not None:
-                await pool_refill.fill(job, root)
+                self.refill = asyncio.create_task(pool_refill.fill(job, root))
+                try:
+                    await self.refill
+                except asyncio.CancelledError:
+                    if stop.is_set() or not self.refill.cancelled():
+                        raise
+                    log.info("pool refill for %s given up: a start needs the machine", job.timeline_id)
+                finally:
+                    self.refill = None
 
     async def changed_pages(self, request: web.Request) -> web.Response:
         tl = self.get(request.match_info["tl"])
