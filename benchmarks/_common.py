@@ -351,7 +351,7 @@ def wait_sync_standby(p: Project, port: int, timeout: float = 60) -> list[tuple]
 
 
 REBUILT_MSG = re.compile(r"rebuilt from the stopped compute's directory: (\d+) changed page\(s\) rewritten from the "
-                        r"image, (\d+) bytes of WAL to replay")
+                        r"image, (?:(\d+) left to the replay's page images, )?(\d+) bytes of WAL to replay")
 WARM_MSG = "the stopped compute's directory is exactly this point"
 
 
@@ -395,7 +395,8 @@ class StartWatch:
                 return {"made": "warm"}
             m = REBUILT_MSG.match(line)
             if m:
-                return {"made": "rebuilt", "changed_pages": int(m.group(1)), "rebuild_wal_bytes": int(m.group(2))}
+                return {"made": "rebuilt", "changed_pages": int(m.group(1)), "left_to_replay": int(m.group(2) or 0),
+                        "rebuild_wal_bytes": int(m.group(3))}
         if "materialise" not in self.marks:
             return {"made": None}
         return {"made": "full" if pool_before else "full, empty dir"}

@@ -79,6 +79,7 @@ def page_lsn(page: bytes) -> int:
 # asyncio.Event instead (woken by WAL, then by requests); the cause was not found, so it polls.
 BUILDER_IDLE_POLL = 0.1
 REFILL_POLL = 2.0  # s between looks at whether the directory pool wants a refill
+REFILL_QUIET = 10.0  # s without a start before the pool is refilled
 
 class Pageserver:
     def __init__(self, workdir: Path, broker: str | None, safekeepers: list[str]):
@@ -101,6 +102,7 @@ class Pageserver:
         self.remote: RemoteSync | None = None  # the uploader, once remote storage is open
         self.materialising = 0  # starts building a directory now: the pool refill waits for them
         self.refill: asyncio.Task | None = None  # the pool refill under way (cancelled by a start)
+        self.last_materialised = float("-inf")  # monotonic time the last start's directory was ready
 
     def load(self) -> None:
         for grave in (self.workdir / "timelines").glob(f"{DELETED_PREFIX}*"):  # a delete a crash interrupted
@@ -185,6 +187,7 @@ class Pageserver:
             reused, rebuilt = await asyncio.to_thread(self._materialise_from_pool, tl, at, lsn is None, target, pool)
         finally:
             self.materialising -= 1
+            self.last_materialised = time.monotonic()
         warm = reused is not None
         # A reused directory has run computes since it was last made from an image: the earliest of their
         # start LSNs is what its next record must name (images/rebuild.py's hint-bit rule).
@@ -501,8 +504,8 @@ class Pageserver:
                 pass
             await asyncio.to_thread(dir_pool.remove_evicted, root)  # what `endpoint stop` left to us
             await asyncio.to_thread(pool_refill.remove_leftovers, root)  # refills a start cancelled
-            if self.materialising:
-                continue
+            if self.materialising or time.monotonic() - self.last_materialised < REFILL_QUIET:
+                continue  # starts come one after another (a test suite, a benchmark): the refill would only race them
             job = await asyncio.to_thread(pool_refill.plan, list(self.timelines.values()), root, time.monotonic())
             if job is not None:
                 self.refill = asyncio.create_task(pool_refill.fill(job, root))
