@@ -68,6 +68,12 @@ def _lineage(tl) -> set[str]:
     return out
 
 
+def short(root: Path) -> bool:
+    """Whether the pool holds fewer directories than its size (cheap: a listing and one small file)."""
+    size, _ = dir_pool.read_limits(root)
+    return size > 0 and len(dir_pool.slots(root)) < size
+
+
 def plan(timelines: Iterable, root: Path, now: float) -> RefillJob | None:
     """What to write into the pool now, or None: the most recently active timeline whose newest image is big
     enough, when the pool has room and no kept directory of its history that starts at or after that image

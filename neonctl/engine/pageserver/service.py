@@ -78,8 +78,8 @@ def page_lsn(page: bytes) -> int:
 # The idle layer builder looks for new WAL this often. Two CI-style runs stalled while the builder waited on an
 # asyncio.Event instead (woken by WAL, then by requests); the cause was not found, so it polls.
 BUILDER_IDLE_POLL = 0.1
-REFILL_POLL = 2.0  # s between looks at whether the directory pool wants a refill
-REFILL_QUIET = 10.0  # s without a start before the pool is refilled
+REFILL_POLL = 1.0  # s between looks at whether the directory pool wants a refill
+REFILL_AFTER = 3.0  # s the pool must stay below its size, and without a start, before it is refilled
 
 class Pageserver:
     def __init__(self, workdir: Path, broker: str | None, safekeepers: list[str]):
@@ -496,6 +496,7 @@ class Pageserver:
         if self.compute_root is None:
             return
         root = dir_pool.pool_root(self.compute_root)
+        short_since: float | None = None
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=REFILL_POLL)
@@ -504,8 +505,15 @@ class Pageserver:
                 pass
             await asyncio.to_thread(dir_pool.remove_evicted, root)  # what `endpoint stop` left to us
             await asyncio.to_thread(pool_refill.remove_leftovers, root)  # refills a start cancelled
-            if self.materialising or time.monotonic() - self.last_materialised < REFILL_QUIET:
-                continue  # starts come one after another (a test suite, a benchmark): the refill would only race them
+            # Only a pool that stays short: between a start and the stop that gives a directory back (a test
+            # suite, the start benchmark) a refill would only race the next start.
+            now = time.monotonic()
+            if not await asyncio.to_thread(pool_refill.short, root):
+                short_since = None
+                continue
+            short_since = now if short_since is None else short_since
+            if self.materialising or now - short_since < REFILL_AFTER or now - self.last_materialised < REFILL_AFTER:
+                continue
             job = await asyncio.to_thread(pool_refill.plan, list(self.timelines.values()), root, time.monotonic())
             if job is not None:
                 self.refill = asyncio.create_task(pool_refill.fill(job, root))
