@@ -46,11 +46,14 @@ from neonctl.errors import InvalidInput
 
 log = logging.getLogger("pageserver.materialize")
 ReadWal = Callable[[int, int], bytes]
+CopyWal = Callable[[int, int, int, int], None]  # (lsn, length, destination fd, destination offset)
 XLOG_BLCKSZ = 8192  # WAL page size
 
 
-def write_wal(pg_wal: Path, read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int = WAL_SEGMENT_SIZE) -> int:
-    """Segments from redo_lsn's through lsn's into pg_wal, zero after lsn; returns the bytes of WAL written."""
+def write_wal(pg_wal: Path, read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size: int = WAL_SEGMENT_SIZE,
+              copy_wal: CopyWal | None = None) -> int:
+    """Segments from redo_lsn's through lsn's into pg_wal, zero after lsn; returns the bytes of WAL written.
+    ``copy_wal(lsn, n, fd, offset)``, when given, copies the same bytes inside the kernel instead."""
     pg_wal.mkdir(exist_ok=True)
     (pg_wal / "archive_status").mkdir(exist_ok=True)
     for old in pg_wal.iterdir():
@@ -72,6 +75,10 @@ def write_wal(pg_wal: Path, read_wal: ReadWal, redo_lsn: int, lsn: int, seg_size
         try:
             os.fchmod(fd, 0o600)
             for lo, hi in parts:
+                if copy_wal is not None:
+                    if hi > lo:
+                        copy_wal(start + lo, hi - lo, fd, lo)
+                    continue
                 data = read_wal(start + lo, hi - lo) if hi > lo else b""
                 if len(data) != hi - lo:
                     raise InvalidInput(f"WAL for segment {segment_file_name(segno, seg_size=seg_size)} is "
@@ -115,12 +122,13 @@ def prepare_for_recovery(
     method: str,
     label: str,
     seg_size: int = WAL_SEGMENT_SIZE,
+    copy_wal: CopyWal | None = None,
 ) -> int:
     """WAL, slots, auto.conf and backup_label of a restored directory; returns the WAL bytes from R to X.
 
     No check of X against the image's LSN here - ``materialize_from_image`` does that.
     """
-    wal_bytes = write_wal(target / "pg_wal", read_wal, redo_lsn, lsn, seg_size)
+    wal_bytes = write_wal(target / "pg_wal", read_wal, redo_lsn, lsn, seg_size, copy_wal)
     for name in (
         "backup_label",
         "backup_label.old",
@@ -163,6 +171,7 @@ def materialize_from_image(
     recycle: bool = False,
     changed=None,
     skip=None,
+    copy_wal: CopyWal | None = None,
 ) -> int:
     """Build a data directory at ``lsn`` from an image plus WAL; returns the bytes of WAL to replay.
 
@@ -218,6 +227,7 @@ def materialize_from_image(
         label_method,
         f"neonctl image {info.timeline_id}@{format_lsn(info.lsn)} -> {format_lsn(lsn)}",
         seg_size,
+        copy_wal,
     )
     log.info("%s: %s %.0f ms (%s), WAL and label %.0f ms (%d bytes)", target, "rebuild" if changed is not None
              else "restore", (t1 - t0) * 1000, ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in meta.get("timings", {})

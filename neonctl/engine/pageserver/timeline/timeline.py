@@ -302,6 +302,18 @@ class Timeline:
             length -= n
         return bytes(out)
 
+    def copy_wal(self, lsn: int, length: int, dst_fd: int, dst_off: int) -> None:
+        """read_wal's bytes written into dst_fd at dst_off by the kernel (a compute's pg_wal, materialize.py)."""
+        seg = self.meta.wal_seg_size
+        while length > 0:
+            if lsn < self.meta.start_lsn and self.ancestor is not None:
+                n = min(length, self.meta.start_lsn - lsn)
+                self.ancestor.copy_wal(lsn, n, dst_fd, dst_off)
+            else:
+                n = min(length, seg - lsn % seg)
+                self.wal.copy_to(lsn, n, dst_fd, dst_off)
+            lsn, length, dst_off = lsn + n, length - n, dst_off + n
+
     def record_end_at_or_before(self, lsn: int) -> int:
         """The end of the last WAL record that ends at or before lsn (an LSN a compute can start at)."""
         lsn = min(lsn, self.meta.last_record_lsn)
@@ -544,6 +556,7 @@ class Timeline:
         warm.forget(pool)
         try:
             wal = materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size,
+                                         copy_wal=self.copy_wal,
                                          changed=changed, skip=skip)
         except Exception as e:  # noqa: BLE001 - logged; the caller materialises the full way instead
             log.warning("timeline %s: incremental rebuild at %s failed (%s); materialising afresh",
@@ -687,7 +700,8 @@ class Timeline:
                 os.rename(recycle, target)
                 os.chmod(target, 0o700)
                 return materialize_from_image(
-                    image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size, recycle=True
+                    image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size, recycle=True,
+                    copy_wal=self.copy_wal,
                 )
             except Exception as e:  # noqa: BLE001 - logged, then the plain way
                 log.warning(
@@ -699,7 +713,8 @@ class Timeline:
                 shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o700)
-        return materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size)
+        return materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size,
+                                      copy_wal=self.copy_wal)
 
     # -- images ---------------------------------------------------------------
 
