@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
@@ -109,7 +110,7 @@ async def fill(job: RefillJob, root: Path) -> bool:
         sys.executable, "-m", "neonctl.engine.pageserver.pool_refill", "--root", str(root),
         "--record", json.dumps(job.record), "--size", str(job.size), "--max-bytes", str(job.max_bytes),
         *[str(p) for p in job.image.paths], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=lambda: os.nice(NICENESS))  # noqa: PLW1509 - only a nice(2) call, before exec
+        preexec_fn=_lower_priority)  # noqa: PLW1509 - nice(2) and ioprio_set(2) only, before exec
     try:
         out, _ = await proc.communicate()
     except asyncio.CancelledError:
@@ -123,6 +124,18 @@ async def fill(job: RefillJob, root: Path) -> bool:
     log.info("pool refill for %s: image %s@%s, %s (%.1f s)", job.timeline_id, job.image.timeline_id,
              format_lsn(job.image.lsn), text or "done", time.monotonic() - t0)
     return "kept" in text
+
+
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+IOPRIO_IDLE = 3 << 13  # IOPRIO_PRIO_VALUE(IOPRIO_CLASS_IDLE, 0): disk time only when nobody else wants it
+
+
+def _lower_priority() -> None:
+    """In the child before exec: the lowest CPU priority, and the idle I/O class where the kernel has it."""
+    os.nice(NICENESS)
+    nr = _IOPRIO_SET.get(os.uname().machine)
+    if nr is not None:
+        ctypes.CDLL(None, use_errno=True).syscall(nr, 1, 0, IOPRIO_IDLE)  # IOPRIO_WHO_PROCESS, this one
 
 
 def remove_leftovers(root: Path) -> None:
