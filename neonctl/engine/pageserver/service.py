@@ -546,6 +546,8 @@ class Pageserver:
         # every worker and leave none for the builder they wait for.
         loop = asyncio.get_running_loop()
         builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-builder")
+        wanted = asyncio.Event()
+        Timeline.layers_wanted = staticmethod(lambda: loop.call_soon_threadsafe(wanted.set))
         failed: dict[str, str] = {}  # timeline -> the error last logged for it
         while not stop.is_set():
             busy = False
@@ -569,11 +571,17 @@ class Pageserver:
                         failed[tl.timeline_id] = str(e)
                     n = 0
                 busy = busy or n > 0
-            if not busy:  # idle: look again soon (a start that rebuilds a directory waits for the layers)
-                await asyncio.sleep(BUILDER_IDLE_POLL)
+            if not busy:  # idle: look again soon, or at once when a start waits for the layers
+                try:
+                    await asyncio.wait_for(wanted.wait(), BUILDER_IDLE_POLL)
+                except TimeoutError:
+                    pass
+                wanted.clear()
 
     async def wait_layers(self, tl: Timeline, lsn: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        if tl.layer_lsn < lsn:
+            Timeline.layers_wanted()
         while tl.layer_lsn < lsn:
             if time.monotonic() > deadline:
                 raise Timeout(f"layers of {tl.timeline_id} reached {format_lsn(tl.layer_lsn)}, not {format_lsn(lsn)}")

@@ -107,7 +107,15 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.rename(tmp, path)
 
 
+def _nobody() -> None:
+    pass
+
+
 class Timeline:
+    # Wakes the pageserver's layer builder from its idle poll (set by the pageserver; any thread may call it):
+    # a start that waits for the layers of a branch being written should not wait out a poll interval too.
+    layers_wanted: Callable[[], None] = staticmethod(_nobody)
+
     def __init__(self, directory: Path, resolver: Callable[[str], Timeline] | None = None):
         self.dir = directory
         self.resolver = resolver
@@ -611,6 +619,8 @@ class Timeline:
                 return "its history does not pass through the image", None
         deadline = time.monotonic() + wait
         for t, _lo, hi in path:  # every key it wrote must be in a layer: wait for the layer builder
+            if t.layer_lsn < hi:
+                Timeline.layers_wanted()
             while t.layer_lsn < hi:
                 if time.monotonic() > deadline:
                     return f"timeline {t.timeline_id} has layers only up to {format_lsn(t.layer_lsn)}", None
@@ -668,6 +678,8 @@ class Timeline:
         path.append((t, image.lsn, hi))
         deadline = time.monotonic() + wait
         for tl, _lo, hi in path:
+            if tl.layers is not None and tl.layer_lsn < hi:
+                Timeline.layers_wanted()
             while tl.layers is None or tl.layer_lsn < hi:
                 if tl.layers is None or time.monotonic() > deadline:
                     return None
