@@ -216,6 +216,17 @@ def materialise_next_start(project) -> None:
 
 
 @contextmanager
+def pool_size(cli, project, size: int):
+    """The project's pool of kept directories bounded to `size` for a block (a test that needs each start
+    rebuilt from one known directory), back to the default of 2 afterwards."""
+    cli("project", "set", "--pool-size", str(size), "-p", project.name)
+    try:
+        yield
+    finally:
+        cli("project", "set", "--pool-size", "2", "-p", project.name)
+
+
+@contextmanager
 def running_main(project):
     """main's endpoint running for a module's fixture; afterwards every endpoint of the project is stopped,
     so the session-wide project is left without computes for the next module."""

@@ -8,9 +8,11 @@ fails the start. On top of that oracle, every start is checked against the rows 
 from __future__ import annotations
 
 import random
+import re
+from contextlib import contextmanager
 
 import pytest
-from conftest import connect, image_of_running_branch, start_how
+from conftest import connect, image_of_running_branch, pool_size, start_how
 from waiting import wait_until
 
 from neonctl.engine import client
@@ -34,12 +36,8 @@ def _digest(project, branch: str) -> tuple:
 
 
 def test_switching_between_siblings_rewrites_only_what_changed(pg18, cli):
-    p = ["-p", pg18.name]
-    cli("project", "set", "--pool-size", "1", *p)  # one kept directory: each start rebuilds the last stop's
-    try:
-        _switch_between_siblings(pg18, cli, p)
-    finally:
-        cli("project", "set", "--pool-size", "2", *p)
+    with pool_size(cli, pg18, 1):  # one kept directory: each start rebuilds the last stop's
+        _switch_between_siblings(pg18, cli, ["-p", pg18.name])
 
 
 def _switch_between_siblings(pg18, cli, p):
@@ -123,6 +121,16 @@ def test_random_switches_match_the_committed_rows(pg18, cli):
     assert "rebuilt" in how, how
 
 
+@contextmanager
+def stopped_after(cli, project, *branches: str):
+    """The branches' endpoints are stopped after the block, however it ends."""
+    try:
+        yield
+    finally:
+        for b in branches:
+            cli("endpoint", "stop", b, "-p", project.name, ok=False)
+
+
 def _siblings_with_writes(project, cli, base: str, names: tuple[str, str]) -> dict:
     """A parent with data and an image, stopped; two children, each started once and written to."""
     p = ["-p", project.name]
@@ -152,8 +160,7 @@ def test_rebuild_after_compaction_and_gc(pg18, cli):
     a, b = "rgc1", "rgc2"
     # one kept directory: each start is rebuilt from the other sibling's last stop (with more, a branch's own
     # clean stop would be reused as it is, depending on what earlier tests left in the pool)
-    cli("project", "set", "--pool-size", "1", "-p", pg18.name)
-    try:
+    with pool_size(cli, pg18, 1):
         want = _siblings_with_writes(pg18, cli, "rgcbase", (a, b))
         ps = PageserverClient.of(pg18)
         for name in ("rgcbase", a, b):
@@ -164,8 +171,6 @@ def test_rebuild_after_compaction_and_gc(pg18, cli):
             assert start_how(cli, pg18, n) == "rebuilt"
             assert _digest(pg18, n) == want[n]
             cli("endpoint", "stop", n, "-p", pg18.name)
-    finally:
-        cli("project", "set", "--pool-size", "2", "-p", pg18.name)
 
 
 @pytest.mark.daemon_errors(".")  # the pageserver dies mid-request; the CLI's side logs the broken stream
@@ -173,8 +178,7 @@ def test_pageserver_killed_midway_through_a_rebuild(pg18, cli):
     """A rebuild forgets the directory's record before its first write, so a directory left half rewritten by a
     crash is never taken for a known state again: the next start restores in full and shows the right rows."""
     a, b = "rcr1", "rcr2"
-    cli("project", "set", "--pool-size", "1", "-p", pg18.name)  # a's start is rebuilt from b's stop, not reused
-    try:
+    with pool_size(cli, pg18, 1):  # a's start is rebuilt from b's stop, not reused
         want = _siblings_with_writes(pg18, cli, "rcrbase", (a, b))
         ps = PageserverClient.of(pg18)
         pid = pg18.daemon("pageserver").pid()
@@ -194,8 +198,6 @@ def test_pageserver_killed_midway_through_a_rebuild(pg18, cli):
         assert start_how(cli, pg18, b) == "rebuilt"  # and a clean stop is a known state again
         assert _digest(pg18, b) == want[b]
         cli("endpoint", "stop", b, "-p", pg18.name)
-    finally:
-        cli("project", "set", "--pool-size", "2", "-p", pg18.name)
 
 
 def test_pages_the_replay_rewrites_whole_are_left_to_it(pg18, cli):
@@ -204,8 +206,7 @@ def test_pages_the_replay_rewrites_whole_are_left_to_it(pg18, cli):
     them); the oracle proves each one's first record after the redo point does, and compares every other
     byte with a full restore. The rows are the parent's."""
     p = ["-p", pg18.name]
-    cli("project", "set", "--pool-size", "1", *p)  # the reset restarts from the directory its compute left
-    try:
+    with pool_size(cli, pg18, 1), stopped_after(cli, pg18, "rfk", "rfp"):  # the reset restarts from its own stop
         cli("branch", "create", "--name", "rfp", *p)
         cli("endpoint", "start", "rfp", *p)
         with connect(pg18, "rfp") as conn:
@@ -222,15 +223,11 @@ def test_pages_the_replay_rewrites_whole_are_left_to_it(pg18, cli):
             conn.execute("UPDATE rb1 SET v = 'b' WHERE id % 3 = 0")
             want = _digest(pg18, "rfp")
         _, _, err = cli("branch", "reset", "rfk", "--parent", *p)
-        line = next(ln for ln in err.splitlines() if "rebuilt from the stopped compute's directory" in ln)
-        left = int(line.split(" left to the replay")[0].rsplit(",", 1)[1].split()[0])
-        rewritten = int(line.split(": ", 1)[1].split()[0])
-        assert left > 50, line  # rb1's pages, all first touched by a page image after the redo point
-        assert rewritten < left, line
+        m = re.search(r"directory: (\d+) changed page\(s\) rewritten from the image, (\d+) left to the replay", err)
+        assert m, err
+        rewritten, left = int(m.group(1)), int(m.group(2))
+        assert left > 50, err  # rb1's pages, all first touched by a page image after the redo point
+        assert rewritten < left, err
         assert _digest(pg18, "rfk") == want
         with connect(pg18, "rfk") as conn:
             assert conn.execute("SELECT count(*) FROM rb1 WHERE v = 'k'").fetchone()[0] == 0
-    finally:
-        cli("project", "set", "--pool-size", "2", *p)
-        for b in ("rfk", "rfp"):
-            cli("endpoint", "stop", b, *p)

@@ -170,7 +170,7 @@ def materialize_from_image(
     seg_size: int = WAL_SEGMENT_SIZE,
     recycle: bool = False,
     changed=None,
-    skip=None,
+    left=None,
     copy_wal: CopyWal | None = None,
 ) -> int:
     """Build a data directory at ``lsn`` from an image plus WAL; returns the bytes of WAL to replay.
@@ -181,8 +181,9 @@ def materialize_from_image(
     to ``lsn``. ``lsn`` must be a record end at or after the image's LSN: an image's pages may
     hold changes made up to its LSN, so an earlier target is refused. ``recycle``: ``target``
     holds an old data directory to overwrite (``restore_image``). ``changed``: ``target`` holds a stopped
-    compute's directory that differs from the image only in these keys (sorted S18, ``rebuild.py``);
-    ``skip``: keys of pages the replay rewrites whole, left as they are (``replay_inits.py``).
+    compute's directory whose pages with these keys (sorted S18) are rewritten from the image (``rebuild.py``);
+    ``left``: the keys of the other pages it changed, which the replay rewrites whole (``replay_inits.py``) -
+    only the oracle looks at them.
     """
     info = image if isinstance(image, ImageInfo) else image_info_from_layers(image)
     checkpoint_lsn = info.checkpoint_lsn if checkpoint_lsn is None else checkpoint_lsn
@@ -204,9 +205,9 @@ def materialize_from_image(
     target = Path(target)
     t0 = time.perf_counter()
     if changed is not None:
-        meta = rebuild_from_image(info.paths, target, changed, skip)
+        meta = rebuild_from_image(info.paths, target, changed)
         if os.environ.get("NEONCTL_VERIFY_REBUILD"):
-            left = meta["left_to_replay"]
+            left = changed[:0] if left is None else left
             check_replay_inits(read_wal, redo_lsn, lsn, seg_size, left)
             verify_against_restore(info.paths, target, target.parent / "verify-full-restore.tmp",
                                    left_pages(left, meta["relseg_size"]))

@@ -49,11 +49,11 @@ def changed_rows(changed: set[Key]) -> np.ndarray:
     return np.array(sorted(k.to_bytes() for k in changed), dtype="S18")
 
 
-def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.ndarray | None = None) -> dict:
-    """Rewrite `target` (a stopped compute's directory) into the image's files, except the pages in `skip`
-    (sorted S18 keys that the replay rewrites whole: `replay_inits.py`); `changed` are the sorted S18 keys
-    the directory's history changed since the image. Returns the image's metadata plus `pages_written`,
-    `pages_kept` and `left_to_replay` (the keys of `changed` not written, because of `skip`)."""
+def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray) -> dict:
+    """Rewrite `target` (a stopped compute's directory) into the image's files; `changed` are the sorted S18
+    keys of the pages to rewrite (what the directory's history changed since the image, minus the pages the
+    replay rewrites whole: `replay_inits.py`). Returns the image's metadata plus `pages_written`, `pages_kept`
+    and `timings`."""
     t0 = time.perf_counter()
     readers = _open_image(layer_paths)
     written = kept = 0
@@ -65,10 +65,6 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.
         members = extract_aux_files(readers, target)
         t1 = time.perf_counter()
         out = _FileWriter(target, meta["file_mode"], in_place=True)
-        left = changed[:0]
-        if skip is not None and len(skip) and len(changed):
-            overlap = np.isin(changed, skip, assume_unique=True)
-            left, changed = changed[overlap], changed[~overlap]
         present: set[str] = set()
         old_size: dict[str, int] = {}
 
@@ -93,7 +89,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray, skip: np.
         _sweep(target, out.written | present | {os.path.normpath(m.name) for m in members})
         os.chmod(target, meta["dir_mode"])
         timings = {"aux": t1 - t0, "pages": t2 - t1, "sweep": time.perf_counter() - t2}
-        return {**meta, "timings": timings, "pages_written": written, "pages_kept": kept, "left_to_replay": left}
+        return {**meta, "timings": timings, "pages_written": written, "pages_kept": kept}
     finally:
         for r in readers:
             r.close()

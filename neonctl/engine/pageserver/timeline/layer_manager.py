@@ -63,12 +63,16 @@ def first_per_key(rows: list[np.ndarray], inits: list[np.ndarray], lo: int, hi: 
     lsns = np.ascontiguousarray(r[:, KEY_SIZE:]).view(">u8").ravel().astype(np.uint64)
     keep = (lsns >= lo) & (lsns < hi)
     r, w, lsns = r[keep], w[keep], lsns[keep]
-    keys = np.ascontiguousarray(r[:, :KEY_SIZE]).view(f"S{KEY_SIZE}").ravel()
+    return earliest_per_key(np.ascontiguousarray(r[:, :KEY_SIZE]).view(f"S{KEY_SIZE}").ravel(), lsns, w)
+
+
+def earliest_per_key(keys: np.ndarray, lsns: np.ndarray, flags: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(keys, lsns, flags) reduced to each key's row with the lowest LSN, sorted by key."""
     order = np.lexsort((lsns, keys))  # by key, then LSN
-    keys, lsns, w = keys[order], lsns[order], w[order]
+    keys, lsns, flags = keys[order], lsns[order], flags[order]
     first = np.ones(len(keys), dtype=bool)
     first[1:] = keys[1:] != keys[:-1]
-    return keys[first], lsns[first], w[first]
+    return keys[first], lsns[first], flags[first]
 
 
 class LayerStore:

@@ -52,7 +52,7 @@ from neonctl.engine.pageserver.images.replay_inits import (
     merge_first_refs,
     pages_replay_inits,
 )
-from neonctl.engine.pageserver.timeline.layer_manager import LayerStore, image_descs
+from neonctl.engine.pageserver.timeline.layer_manager import LayerStore, earliest_per_key, image_descs
 from neonctl.engine.pageserver.timeline.layer_map import LayerMap
 from neonctl.engine.pageserver.workdir import list_timelines, timeline_dir
 from neonctl.engine.scratch import scratch
@@ -109,6 +109,20 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 def _nobody() -> None:
     pass
+
+
+def _layers_late(path, wait: float):
+    """Wait up to `wait` s until each (timeline, lo, hi) of `path` has its layers built to hi; the first
+    timeline that does not get there (or has no layers), else None."""
+    deadline = time.monotonic() + wait
+    for t, _lo, hi in path:
+        if t.layers is not None and t.layer_lsn < hi:
+            Timeline.layers_wanted()
+        while t.layers is None or t.layer_lsn < hi:
+            if t.layers is None or time.monotonic() > deadline:
+                return t
+            time.sleep(0.02)
+    return None
 
 
 class Timeline:
@@ -522,10 +536,7 @@ class Timeline:
             why, plan = self._rebuild_plan(lsn, pool, wait)
         except (NeonctlError, OSError) as e:
             return None, f"{type(e).__name__}: {e}"
-        if plan is None:
-            return None, why
-        _image, rows, skip = plan
-        return len(rows) - int(np.isin(rows, skip, assume_unique=True).sum()), None
+        return (None, why) if plan is None else (len(plan[1]), None)
 
     def reuse_stopped(self, lsn: int, target: Path, pool: Path) -> dict | None:
         """Take the cleanly stopped compute directory `pool` as the data directory at `lsn` if it is exactly
@@ -554,8 +565,7 @@ class Timeline:
         if plan is None:
             log.info("timeline %s: no incremental rebuild at %s: %s", self.timeline_id, format_lsn(lsn), why)
             return None
-        image, changed, skip = plan
-        rewrite = len(changed) - int(np.isin(changed, skip, assume_unique=True).sum())
+        image, rewrite, left = plan
         t1 = time.perf_counter()
         if target.exists():
             target.rmdir()
@@ -564,8 +574,7 @@ class Timeline:
         warm.forget(pool)
         try:
             wal = materialize_from_image(image, self.read_wal, lsn, target, seg_size=self.meta.wal_seg_size,
-                                         copy_wal=self.copy_wal,
-                                         changed=changed, skip=skip)
+                                         copy_wal=self.copy_wal, changed=rewrite, left=left)
         except Exception as e:  # noqa: BLE001 - logged; the caller materialises the full way instead
             log.warning("timeline %s: incremental rebuild at %s failed (%s); materialising afresh",
                         self.timeline_id, format_lsn(lsn), e)
@@ -573,9 +582,8 @@ class Timeline:
             return None
         log.info("timeline %s: rebuilt at %s from a stopped compute: %d changed key(s) rewritten, %d left to the "
                  "replay's page images, %d WAL bytes to replay (history %.0f ms, files %.0f ms)", self.timeline_id,
-                 format_lsn(lsn), rewrite, len(changed) - rewrite, wal, (t1 - t0) * 1000,
-                 (time.perf_counter() - t1) * 1000)
-        return {"changed_keys": rewrite, "left_to_replay": len(changed) - rewrite, "wal_bytes": wal}
+                 format_lsn(lsn), len(rewrite), len(left), wal, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+        return {"changed_keys": len(rewrite), "left_to_replay": len(left), "wal_bytes": wal}
 
     def _rebuild_plan(self, lsn: int, pool: Path, wait: float):
         record = warm.read_record(pool)
@@ -617,19 +625,17 @@ class Timeline:
             hi, t = t.meta.start_lsn, t.ancestor
             if t is None:
                 return "its history does not pass through the image", None
-        deadline = time.monotonic() + wait
-        for t, _lo, hi in path:  # every key it wrote must be in a layer: wait for the layer builder
-            if t.layer_lsn < hi:
-                Timeline.layers_wanted()
-            while t.layer_lsn < hi:
-                if time.monotonic() > deadline:
-                    return f"timeline {t.timeline_id} has layers only up to {format_lsn(t.layer_lsn)}", None
-                time.sleep(0.02)
+        late = _layers_late(path, wait)  # every key it wrote must be in a layer: wait for the layer builder
+        if late is not None:
+            return f"timeline {late.timeline_id} has layers only up to {format_lsn(late.layer_lsn)}", None
         changed: set = set()
         for t, lo, hi in path:
             changed |= t.layers.keys_written(lo, hi)
         rows = changed_rows(changed)
-        return None, (image, rows, self._replay_inits(image, lsn) if len(rows) else rows)  # none to spare: no scan
+        if not len(rows):  # nothing to spare the rebuild: no need to know what the replay rewrites
+            return None, (image, rows, rows)
+        left = np.isin(rows, self._replay_inits(image, lsn), assume_unique=True)
+        return None, (image, rows[~left], rows[left])
 
     def _replay_inits(self, image, lsn: int) -> np.ndarray:
         """The pages the replay from `image` to `lsn` rewrites whole (images/replay_inits.py); the same for
@@ -651,14 +657,8 @@ class Timeline:
         else:
             earlier = first_refs_from_wal(self.read_wal, image.redo_lsn, image.lsn, seg)
             parts = [t.layers.first_writes(lo, hi) for t, lo, hi in path]
-            later_keys = np.concatenate([p[0] for p in parts])
-            later_lsns = np.concatenate([p[1] for p in parts])
-            later_init = np.concatenate([p[2] for p in parts])
-            order = np.lexsort((later_lsns, later_keys))  # a key on two timelines: the older one is first
-            later_keys, later_init = later_keys[order], later_init[order]
-            first = np.ones(len(later_keys), dtype=bool)
-            first[1:] = later_keys[1:] != later_keys[:-1]
-            keys = merge_first_refs(earlier, (later_keys[first], later_init[first]))
+            later_keys, _lsns, later_init = earliest_per_key(*(np.concatenate(col) for col in zip(*parts, strict=True)))
+            keys = merge_first_refs(earlier, (later_keys, later_init))
             how = "the layers"
         self._inits_cache = ((image.redo_lsn, lsn), keys)
         log.info("timeline %s: the replay from %s to %s rewrites %d page(s) whole (%.0f ms, from %s)",
@@ -676,15 +676,7 @@ class Timeline:
         if t is None or image.lsn > hi:
             return None
         path.append((t, image.lsn, hi))
-        deadline = time.monotonic() + wait
-        for tl, _lo, hi in path:
-            if tl.layers is not None and tl.layer_lsn < hi:
-                Timeline.layers_wanted()
-            while tl.layers is None or tl.layer_lsn < hi:
-                if tl.layers is None or time.monotonic() > deadline:
-                    return None
-                time.sleep(0.02)
-        return path
+        return path if _layers_late(path, wait) is None else None
 
     def materialize(self, lsn: int, target: Path, recycle: Path | None = None) -> int:
         """Build a data directory that Postgres crash-recovers to exactly `lsn`; return WAL bytes to replay.
