@@ -566,6 +566,13 @@ class Pageserver:
                 except Exception as e:  # noqa: BLE001 - keep the builder alive; the error is logged once
                     if self.timelines.get(tl.timeline_id) is not tl:
                         continue  # deleted while it was being built: nothing to report
+                    if not tl.dir.exists():  # removed from under us (not through our delete): nothing to build
+                        log.warning("timeline %s: its directory is gone; the pageserver forgets it", tl.timeline_id)
+                        self.timelines.pop(tl.timeline_id, None)
+                        task = self.receivers.pop(tl.timeline_id, None)
+                        if task:
+                            task.cancel()
+                        continue
                     if failed.get(tl.timeline_id) != str(e):
                         log.exception("building layers for %s failed", tl.timeline_id)
                         failed[tl.timeline_id] = str(e)
