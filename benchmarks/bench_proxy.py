@@ -1,10 +1,11 @@
 """The proxy against the same compute reached directly, in one run: throughput, connection set-up, cold start.
 
 1. pgbench -S (select-only), --clients clients, --seconds each, over --rounds rounds (the order of the
-   sides rotating): direct, through the proxy relaying in the kernel (eBPF sockmap, proxy/kernel_relay.py)
-   and through the proxy relaying in userspace (restarted with NEONCTL_PROXY_KERNEL_RELAY=0); TPS through
-   the proxy / TPS direct for each relay (target >= 0.8). Where the kernel relay cannot be set up (not
-   root, not x86-64) only the userspace relay is measured.
+   sides rotating): direct, and through the proxy with each of its relays - "kernel", as it starts by
+   default (the socket shortcut joining the client's and the backend's sockets, proxy/shortcut.py),
+   "sockmap" (the sk_skb relay through the proxy's own sockets alone, NEONCTL_PROXY_KERNEL_RELAY=sockmap)
+   and "userspace" (NEONCTL_PROXY_KERNEL_RELAY=0); TPS through the proxy / TPS direct for each relay
+   (target >= 0.8). A relay the machine cannot set up (not root, not x86-64, no cgroup v2) is left out.
 2. Connection set-up: --connects sequential connect + `SELECT 1` + close with psycopg (SCRAM both ways):
    median through the proxy / median direct (target <= 2).
 3. Cold start: a branch of a --size-mb database, suspended by the proxy; the time from connect to the first
@@ -95,19 +96,32 @@ def settle(p, limit: float = 90.0) -> None:
         log(f"waiting for the daemons to settle ({busy:.0%} CPU)")
 
 
-def use_relay(p, kernel: bool) -> bool:
-    """Restart the project's proxy relaying in the kernel or in userspace (unless it already does);
-    False if the kernel relay was asked for and the proxy could not set it up."""
-    if relay_status(p)["on"] == kernel:
+RELAYS = {  # side -> (NEONCTL_PROXY_KERNEL_RELAY for the proxy, what /v1/status must then say)
+    "kernel": (None, {"on": True, "shortcut": True}),
+    "sockmap": ("sockmap", {"on": True, "shortcut": False}),
+    "userspace": ("0", {"on": False, "shortcut": False}),
+}
+
+
+def _relay_is(p, side: str) -> bool:
+    st = relay_status(p)
+    return all(st[k] == v for k, v in RELAYS[side][1].items())
+
+
+def use_relay(p, side: str) -> bool:
+    """Restart the project's proxy with the relay of `side` (unless it already has it); False if the
+    proxy could not set that relay up."""
+    if _relay_is(p, side):
         return True
     proxy = p.daemon("proxy")
     proxy.stop()
-    if kernel:
+    switch = RELAYS[side][0]
+    if switch is None:
         os.environ.pop(ENV_SWITCH, None)
     else:
-        os.environ[ENV_SWITCH] = "0"  # inherited by the proxy started next
+        os.environ[ENV_SWITCH] = switch  # inherited by the proxy started next
     proxy.start()
-    return relay_status(p)["on"] == kernel
+    return _relay_is(p, side)
 
 
 def body(env: BenchEnv) -> None:
@@ -120,10 +134,11 @@ def body(env: BenchEnv) -> None:
     pgbench(env.rt, ["-i", "-s", str(a.scale), "-q"], direct, timeout=600)
 
     # 1. throughput
-    sides = ["direct", "kernel", "userspace"]
-    if not use_relay(p, True):
-        log("the proxy cannot relay in the kernel here: measuring the userspace relay only")
-        sides.remove("kernel")
+    sides = ["direct", "kernel", "sockmap", "userspace"]
+    for side in ("kernel", "sockmap"):
+        if not use_relay(p, side):
+            log(f"the proxy cannot set up the {side} relay here: not measured")
+            sides.remove(side)
     settle(p)
     pgbench(env.rt, ["-S", "-c", str(a.clients), "-j", "2", "-T", "3"], direct, timeout=120)  # warm-up, not counted
     tps: dict[str, list[float]] = {side: [] for side in sides}
@@ -131,7 +146,7 @@ def body(env: BenchEnv) -> None:
     for r in range(a.rounds):
         for side in sides[r % len(sides):] + sides[:r % len(sides)]:
             if side != "direct":
-                assert use_relay(p, side == "kernel")
+                assert use_relay(p, side)
                 joined = relay_status(p)["joined"]
                 pid = p.daemon("proxy").pid()
                 cpu = cpu_seconds(pid)
@@ -139,14 +154,14 @@ def body(env: BenchEnv) -> None:
                           proxied if side != "direct" else direct, timeout=a.seconds + 120)
             if side != "direct":  # every pgbench client (and its first connection, which reads the scale)
                 n = relay_status(p)["joined"] - joined  # went the way it was meant to
-                assert n == (a.clients + 1 if side == "kernel" else 0), f"{n} sessions relayed in the kernel"
+                assert n == (0 if side == "userspace" else a.clients + 1), f"{n} sessions relayed in the kernel"
             tps[side].append(parse_pgbench(out)["tps"])
             extra = ""
             if side != "direct":
                 proxy_cpu[side].append(round((cpu_seconds(pid) - cpu) * 1e6 / (tps[side][-1] * a.seconds), 1))
                 extra = f", proxy CPU {proxy_cpu[side][-1]} us per transaction"
             log(f"round {r + 1}: {side} {tps[side][-1]:.0f} TPS{extra}")
-    use_relay(p, "kernel" in sides)  # the rest runs through the proxy as it starts by default
+    use_relay(p, sides[1])  # the rest runs through the proxy as it starts by default
     base = statistics.mean(tps["direct"])
     env.result["select_only"] = {"clients": a.clients, "seconds": a.seconds, "tps": tps,
                                  "proxy_cpu_us_per_tx": proxy_cpu,

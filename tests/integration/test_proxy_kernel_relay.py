@@ -1,4 +1,5 @@
-"""The proxy's kernel relay (eBPF sockmap, `proxy/kernel_relay.py`) with real clients and a real compute.
+"""The proxy's kernel relay (eBPF sockmap, `proxy/kernel_relay.py`, and the socket shortcut, `proxy/shortcut.py`)
+with real clients and a real compute.
 
 Each test checks the proxy's /v1/status counters, so a pass means the kernel really carried the session. The
 test machine must let a process load the relay (root with CAP_BPF on x86-64): where it cannot, these tests
@@ -53,6 +54,10 @@ def joined(p) -> int:
     return relay_status(p)["joined"]
 
 
+def shortcut_joined(p) -> int:
+    return relay_status(p)["shortcut_joined"]
+
+
 @pytest.fixture(scope="module")
 def relayed(pg18):
     """pg18 with main running and its proxy relaying in the kernel (restarted if an earlier module left it
@@ -85,9 +90,10 @@ def _restart_proxy(p, cli) -> None:
 
 def test_queries_big_results_and_copy_are_byte_exact(kernel):
     p = kernel
-    before = joined(p)
+    before, direct_before = joined(p), shortcut_joined(p)
     with psycopg.connect(proxy_uri(p, "main"), autocommit=True) as c, connect(p) as d:
         assert joined(p) == before + 1
+        assert shortcut_joined(p) == direct_before + 1  # the client's and the backend's sockets joined
         assert relay_status(p)["sessions"] >= 1
         for i in range(2000):
             assert c.execute("SELECT %s::int, md5(%s::text)", (i, i)).fetchone() == (i, _md5(i))
@@ -181,10 +187,11 @@ def test_cancel_request_still_reaches_the_backend(kernel):
 
 def test_pooled_sessions_are_relayed_too(kernel):
     p = kernel
-    before = joined(p)
+    before, direct_before = joined(p), shortcut_joined(p)
     with psycopg.connect(proxy_uri(p, "main", pooled=True), autocommit=True, prepare_threshold=None) as c:
         assert c.execute("SELECT sum(g) FROM generate_series(1, 1000) g").fetchone() == (500500,)
         assert joined(p) == before + 1
+        assert shortcut_joined(p) == direct_before  # PgBouncer's Unix socket: the sockmap relay carries it
 
 
 def test_compute_killed_closes_the_client_and_the_next_wakes_a_fresh_one(kernel, cli):
@@ -223,10 +230,11 @@ def test_proxy_killed_and_restarted(kernel, cli):
         conn.execute("SELECT 1")  # the proxy's sockets died with it
     conn.close()
     wait_until(lambda: backend not in _backends(p), timeout=10, what="the orphaned backend to end")
-    assert relay_status(p) == {"on": True, "sessions": 0, "joined": 0}
+    fresh = {"on": True, "sessions": 0, "joined": 0, "shortcut": True, "shortcut_joined": 0}
+    assert relay_status(p) == fresh
     with psycopg.connect(proxy_uri(p, "main"), autocommit=True) as c:
         assert c.execute("SELECT 42").fetchone() == (42,)
-        assert relay_status(p) == {"on": True, "sessions": 1, "joined": 1}
+        assert relay_status(p) == {**fresh, "sessions": 1, "joined": 1, "shortcut_joined": 1}
 
 
 def test_switch_off_relays_in_userspace(relayed, cli, monkeypatch):
@@ -238,9 +246,25 @@ def test_switch_off_relays_in_userspace(relayed, cli, monkeypatch):
         with psycopg.connect(proxy_uri(p, "main"), autocommit=True) as c:
             big = "SELECT string_agg(md5(g::text), '') FROM generate_series(1, 40000) g"
             assert len(c.execute(big).fetchone()[0]) == 40000 * 32
-        assert relay_status(p) == {"on": False, "sessions": 0, "joined": 0}
+        assert relay_status(p) == {"on": False, "sessions": 0, "joined": 0, "shortcut": False, "shortcut_joined": 0}
     finally:
         monkeypatch.delenv(ENV_SWITCH)
         _restart_proxy(p, cli)
     assert relay_status(p)["on"] is KERNEL_RELAY_POSSIBLE
+
+
+def test_sockmap_switch_relays_through_the_proxys_sockets(kernel, cli, monkeypatch):
+    p = kernel
+    monkeypatch.setenv(ENV_SWITCH, "sockmap")
+    _restart_proxy(p, cli)
+    try:
+        with psycopg.connect(proxy_uri(p, "main"), autocommit=True) as c:
+            big = "SELECT string_agg(md5(g::text), '' ORDER BY g) FROM generate_series(1, 40000) g"
+            assert c.execute(big).fetchone()[0] == "".join(_md5(g) for g in range(1, 40001))
+            st = relay_status(p)
+            assert (st["joined"], st["shortcut"], st["shortcut_joined"]) == (1, False, 0)
+    finally:
+        monkeypatch.delenv(ENV_SWITCH)
+        _restart_proxy(p, cli)
+    assert relay_status(p)["shortcut"] is True
 

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from neonctl.engine.proxy import bpf
 from neonctl.engine.proxy import kernel_relay as kr
 from neonctl.engine.proxy.link import Link
 
@@ -19,13 +20,13 @@ ROOT_X86 = os.geteuid() == 0 and platform.machine() == "x86_64"
 
 def test_instruction_encoding():
     # struct bpf_insn: code, dst_reg (low nibble) | src_reg (high nibble), s16 off, s32 imm; little-endian
-    assert kr.insn(0x95) == b"\x95" + bytes(7)
-    assert kr.mov64_reg(kr.R6, kr.R1) == bytes.fromhex("bf16000000000000")
-    assert kr.mov64_imm(kr.R0, 1) == bytes.fromhex("b700000001000000")
-    assert kr.add64_imm(kr.R3, -8) == bytes.fromhex("07030000f8ffffff")
-    assert kr.store64(kr.R10, -8, kr.R0) == bytes.fromhex("7b0af8ff00000000")
-    assert kr.call(72) == bytes.fromhex("8500000048000000")
-    assert kr.load_map_fd(kr.R2, 7) == bytes.fromhex("1812000007000000") + bytes(8)
+    assert bpf.insn(0x95) == b"\x95" + bytes(7)
+    assert bpf.mov64_reg(bpf.R6, bpf.R1) == bytes.fromhex("bf16000000000000")
+    assert bpf.mov64_imm(bpf.R0, 1) == bytes.fromhex("b700000001000000")
+    assert bpf.add64_imm(bpf.R3, -8) == bytes.fromhex("07030000f8ffffff")
+    assert bpf.store64(bpf.R10, -8, bpf.R0) == bytes.fromhex("7b0af8ff00000000")
+    assert bpf.call(72) == bytes.fromhex("8500000048000000")
+    assert bpf.load_map_fd(bpf.R2, 7) == bytes.fromhex("1812000007000000") + bytes(8)
 
 
 def test_verdict_program():
@@ -56,7 +57,7 @@ def test_switch_off_means_no_relay(monkeypatch):
 
 def test_other_architectures_are_refused(monkeypatch):
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    with pytest.raises(kr.BpfError, match="aarch64"):
+    with pytest.raises(bpf.BpfError, match="aarch64"):
         kr.KernelRelay()
     monkeypatch.delenv(kr.ENV_SWITCH, raising=False)
     assert kr.open_kernel_relay() is None

@@ -20,9 +20,11 @@ the proxy's own outgoing port, and Unix sockets have none). What the kernel does
   in an epoll set of its own for EPOLLRDHUP only (HUP and ERR are always reported): a wake-up carrying
   EPOLLIN, which the kernel still sends when data is redirected, does not match it and wakes no one.
 
-There is no clang or bpftool here, so the program is assembled by hand (one function per instruction kind,
-each giving the 8 bytes of a `struct bpf_insn`) and loaded with the bpf(2) syscall through ctypes; the
-verifier's log is kept so a rejection says why.
+The program is assembled by hand and loaded through `bpf.py`. Where the machine allows it, a session goes
+one step further: the socket shortcut (`shortcut.py`) joins the client's and the backend's own sockets, so
+its bytes skip both of the proxy's sockets; a session it cannot take (a client that is not on this
+machine's loopback, a pooled session reaching PgBouncer over its Unix socket) is relayed as above. Both
+ways share the hand-off and the hang-up watch below.
 
 The hand-off (`KernelRelay.join`) must not lose or reorder a byte, so it happens only when both directions
 are quiescent: the proxy holds the compute's ReadyForQuery from start-up, has not sent it, and has nothing
@@ -32,83 +34,53 @@ are closed, as with the userspace relay, so a backend never outlives its client.
 
 `open_kernel_relay()` returns None - with one log line - wherever this cannot work (another architecture,
 no CAP_BPF/CAP_NET_ADMIN, an older kernel) or when NEONCTL_PROXY_KERNEL_RELAY=0: the proxy then relays in
-userspace (`link.splice`), as it does for WebSocket sessions always.
+userspace (`link.splice`), as it does for WebSocket sessions always. NEONCTL_PROXY_KERNEL_RELAY=sockmap
+keeps the relay without the shortcut (for comparisons).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fcntl
 import logging
 import os
-import platform
 import select
 import socket
 import struct
 import sys
 import termios
 
+from neonctl.engine.proxy.bpf import (
+    BPF_MAP_TYPE_SOCKHASH,
+    BPF_PROG_TYPE_SK_SKB,
+    BPF_SK_SKB_STREAM_VERDICT,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R10,
+    SK_PASS,
+    Bpf,
+    BPF_FUNC_get_socket_cookie,
+    BPF_FUNC_sk_redirect_hash,
+    add64_imm,
+    call,
+    exit_,
+    load_map_fd,
+    mov64_imm,
+    mov64_reg,
+    store64,
+)
+from neonctl.engine.proxy.shortcut import Shortcut, open_shortcut
+
 log = logging.getLogger("proxy.kernel_relay")
 
-ENV_SWITCH = "NEONCTL_PROXY_KERNEL_RELAY"  # "0" forces the userspace relay (tests, comparisons)
-
-_SYS_BPF = {"x86_64": 321}  # the bpf(2) syscall number; other architectures are refused, not guessed
+ENV_SWITCH = "NEONCTL_PROXY_KERNEL_RELAY"  # "0": the userspace relay; "sockmap": no socket shortcut
 SO_COOKIE = 57  # getsockopt(SOL_SOCKET): the socket's 64-bit cookie, the key the program looks up
-
-# bpf(2) commands, map, program and attach types (include/uapi/linux/bpf.h)
-BPF_MAP_CREATE, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD, BPF_PROG_ATTACH = 0, 2, 3, 5, 8
-BPF_MAP_TYPE_SOCKHASH = 18
-BPF_PROG_TYPE_SK_SKB = 14
-BPF_SK_SKB_STREAM_VERDICT = 5
-BPF_ANY = 0
-BPF_FUNC_get_socket_cookie = 46
-BPF_FUNC_sk_redirect_hash = 72
-SK_PASS = 1
-
 MAX_SESSIONS = 65536  # sockets in the map: two per relayed session
-
-
-# -- the instruction encoder -----------------------------------------------------------------------------
-# struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; }, little-endian (x86-64).
-
-R0, R1, R2, R3, R4, R5, R6, R10 = 0, 1, 2, 3, 4, 5, 6, 10
-
-
-def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
-    """One 8-byte BPF instruction."""
-    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
-
-
-def mov64_reg(dst: int, src: int) -> bytes:
-    return insn(0xBF, dst, src)  # BPF_ALU64 | BPF_MOV | BPF_X
-
-
-def mov64_imm(dst: int, imm: int) -> bytes:
-    return insn(0xB7, dst, imm=imm)  # BPF_ALU64 | BPF_MOV | BPF_K
-
-
-def add64_imm(dst: int, imm: int) -> bytes:
-    return insn(0x07, dst, imm=imm)  # BPF_ALU64 | BPF_ADD | BPF_K
-
-
-def store64(dst: int, off: int, src: int) -> bytes:
-    """*(u64 *)(dst + off) = src"""
-    return insn(0x7B, dst, src, off)  # BPF_STX | BPF_MEM | BPF_DW
-
-
-def load_map_fd(dst: int, map_fd: int) -> bytes:
-    """dst = the map behind map_fd: a 16-byte ld_imm64 the loader rewrites (src_reg = BPF_PSEUDO_MAP_FD)."""
-    return insn(0x18, dst, 1, imm=map_fd) + insn(0)  # BPF_LD | BPF_IMM | BPF_DW
-
-
-def call(helper: int) -> bytes:
-    return insn(0x85, imm=helper)  # BPF_JMP | BPF_CALL
-
-
-def exit_() -> bytes:
-    return insn(0x95)  # BPF_JMP | BPF_EXIT
 
 
 def verdict_program(map_fd: int) -> bytes:
@@ -130,30 +102,6 @@ def verdict_program(map_fd: int) -> bytes:
         mov64_imm(R0, SK_PASS),
         exit_(),
     ])
-
-
-# -- the bpf(2) syscall -------------------------------------------------------------------------------------
-
-class BpfError(OSError):
-    pass
-
-
-class _Bpf:
-    def __init__(self) -> None:
-        machine = platform.machine()
-        if machine not in _SYS_BPF:
-            raise BpfError(errno.ENOSYS, f"no bpf(2) syscall number known for {machine}")
-        self.nr = _SYS_BPF[machine]
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.syscall.restype = ctypes.c_long
-
-    def __call__(self, cmd: int, attr: bytes, what: str) -> int:
-        buf = ctypes.create_string_buffer(attr, 128)  # bpf_attr, zero-padded
-        ret = self.libc.syscall(ctypes.c_long(self.nr), ctypes.c_int(cmd), buf, ctypes.c_uint(128))
-        if ret < 0:
-            e = ctypes.get_errno()
-            raise BpfError(e, f"{what}: {os.strerror(e)}")
-        return ret
 
 
 # -- which cookie the program sees for a socket -------------------------------------------------------------
@@ -209,29 +157,29 @@ GRACE = 0.05  # after one side ends, time for bytes the kernel still holds for t
 
 
 class _Pair:
-    """One relayed session: its two Links, the relay's own (client, server) sockets, their map keys."""
+    """One relayed session: its two Links, the relay's own (client, server) sockets, how to undo the join
+    (the sockhash keys of the sk_skb relay, or the shortcut's route keys)."""
 
-    __slots__ = ("client", "server", "socks", "keys", "ended")
+    __slots__ = ("client", "server", "socks", "keys", "routes", "ended")
 
-    def __init__(self, client, server, socks, keys):
-        self.client, self.server, self.socks, self.keys = client, server, socks, keys
+    def __init__(self, client, server, socks, keys, routes):
+        self.client, self.server, self.socks, self.keys, self.routes = client, server, socks, keys, routes
         self.ended = False
 
 
 class KernelRelay:
-    """The map, the program and the watch on relayed sockets; one per proxy process."""
+    """The map, the program, the shortcut if any, and the watch on relayed sockets; one per proxy process."""
 
-    def __init__(self) -> None:
-        self.bpf = _Bpf()
-        self.map_fd = self.bpf(BPF_MAP_CREATE, struct.pack("<IIIII", BPF_MAP_TYPE_SOCKHASH, 8, 4, MAX_SESSIONS, 0),
-                               "create the sockhash")
+    def __init__(self, shortcut: bool = True) -> None:
+        self.bpf = Bpf()
+        self.map_fd = self.bpf.create_map(BPF_MAP_TYPE_SOCKHASH, 8, 4, MAX_SESSIONS, "the sockhash")
         try:
-            self.prog_fd = self._load(verdict_program(self.map_fd))
-            self.bpf(BPF_PROG_ATTACH, struct.pack("<IIII", self.map_fd, self.prog_fd, BPF_SK_SKB_STREAM_VERDICT, 0),
-                     "attach the verdict program")
+            self.prog_fd = self.bpf.load(BPF_PROG_TYPE_SK_SKB, verdict_program(self.map_fd), b"neonctl_relay")
+            self.bpf.attach(self.map_fd, self.prog_fd, BPF_SK_SKB_STREAM_VERDICT, "attach the verdict program")
         except BaseException:
             os.close(self.map_fd)
             raise
+        self.shortcut: Shortcut | None = open_shortcut(self.bpf) if shortcut else None
         self.epoll = select.epoll()
         self.pairs: dict[int, _Pair] = {}  # watched fd -> its session
         self.joined = 0  # sessions relayed by the kernel since start (reported by /v1/status)
@@ -241,38 +189,24 @@ class KernelRelay:
         if self._loop is not None:
             self._loop.remove_reader(self.epoll.fileno())
         self.epoll.close()
+        if self.shortcut is not None:
+            self.shortcut.close()
         os.close(self.prog_fd)
         os.close(self.map_fd)
+
+    def listening(self, addr: tuple[str, int]) -> None:
+        """The proxy accepts clients at addr: their sockets may take the shortcut."""
+        if self.shortcut is not None:
+            self.shortcut.watch_remote(addr)
 
     def active(self) -> int:
         return len(self.pairs) // 2
 
-    def _load(self, code: bytes) -> int:
-        insns = ctypes.create_string_buffer(code, len(code))
-        license_ = ctypes.create_string_buffer(b"GPL")
-        logbuf = ctypes.create_string_buffer(65536)
-        attr = struct.pack("<IIQQIIQII16s", BPF_PROG_TYPE_SK_SKB, len(code) // 8, ctypes.addressof(insns),
-                           ctypes.addressof(license_), 1, len(logbuf), ctypes.addressof(logbuf), 0, 0,
-                           b"neonctl_relay")
-        try:
-            return self.bpf(BPF_PROG_LOAD, attr, "load the verdict program")
-        except BpfError as e:
-            raise BpfError(e.errno, f"{e.strerror}; verifier: {logbuf.value.decode(errors='replace').strip()}") \
-                from None
-
     def _update(self, key: int, fd: int) -> None:
-        k, v = ctypes.c_uint64(key), ctypes.c_uint32(fd)
-        self.bpf(BPF_MAP_UPDATE_ELEM, struct.pack("<IIQQQ", self.map_fd, 0, ctypes.addressof(k),
-                                                  ctypes.addressof(v), BPF_ANY), "add a socket to the sockhash")
+        self.bpf.update(self.map_fd, struct.pack("<Q", key), struct.pack("<I", fd), "add a socket to the sockhash")
 
     def _delete(self, key: int) -> None:
-        k = ctypes.c_uint64(key)
-        try:
-            self.bpf(BPF_MAP_DELETE_ELEM, struct.pack("<IIQ", self.map_fd, 0, ctypes.addressof(k)),
-                     "remove a socket from the sockhash")
-        except BpfError as e:
-            if e.errno != errno.ENOENT:  # a closed socket leaves the map by itself
-                raise
+        self.bpf.delete(self.map_fd, struct.pack("<Q", key), "remove a socket from the sockhash")
 
     # -- a session's life ----------------------------------------------------------------------------
 
@@ -291,13 +225,16 @@ class KernelRelay:
         client.transport.pause_reading()
         server.transport.pause_reading()
         keys: list[int] = []
+        routes: tuple[bytes, ...] = ()
         try:
             if queued(fds[0]) or queued(fds[1]):
                 raise OSError(errno.EBUSY, "bytes are waiting in a socket")
-            wanted = (redirect_key(socks[0]), redirect_key(socks[1]))
-            for key, peer_fd in zip(wanted, reversed(fds), strict=True):
-                self._update(key, peer_fd)
-                keys.append(key)
+            routes = self._shortcut(socks)
+            if not routes:
+                wanted = (redirect_key(socks[0]), redirect_key(socks[1]))
+                for key, peer_fd in zip(wanted, reversed(fds), strict=True):
+                    self._update(key, peer_fd)
+                    keys.append(key)
             # Bytes that got into a queue before the program watched it would wait there for the next
             # skb; none can (both sides wait for each other), but a client that pipelines before
             # ReadyForQuery could: such a session stays in userspace.
@@ -306,13 +243,15 @@ class KernelRelay:
         except OSError as e:
             for key in keys:
                 self._delete(key)
+            if routes:
+                self.shortcut.part(routes)
             client.transport.resume_reading()
             server.transport.resume_reading()
             log.warning("session relayed in userspace: %s", e)
             return False
         # The event loop must not poll the sockets any more: the kernel still wakes a socket's waiters
         # when it redirects data (EPOLLIN that then finds nothing), which would wake the proxy per message.
-        pair = _Pair(client, server, (client.hand_over(), server.hand_over()), tuple(keys))
+        pair = _Pair(client, server, (client.hand_over(), server.hand_over()), tuple(keys), routes)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self.epoll.fileno(), self._hangups)
@@ -326,6 +265,16 @@ class KernelRelay:
         except OSError:
             self._end(pair)
         return True
+
+    def _shortcut(self, socks) -> tuple[bytes, ...]:
+        """Join the session's two ends through the socket shortcut; () where it cannot take the session."""
+        if self.shortcut is None or socks[1].family != socket.AF_INET:
+            return ()
+        try:
+            return self.shortcut.join(socks[0], socks[1])
+        except OSError as e:
+            log.info("session relayed without the socket shortcut: %s", e)
+            return ()
 
     def _hangups(self) -> None:
         for fd, _events in self.epoll.poll(0):
@@ -341,6 +290,8 @@ class KernelRelay:
         for sock in pair.socks:
             if self.pairs.pop(sock.fileno(), None) is not None:
                 self.epoll.unregister(sock.fileno())
+        if pair.routes:  # the shortcut holds no bytes in flight: its routes go now, before a 4-tuple can recur
+            self.shortcut.part(pair.routes)
 
         def finish() -> None:
             for key in pair.keys:
@@ -359,9 +310,10 @@ def open_kernel_relay() -> KernelRelay | None:
         log.info("kernel relay off (%s=0): relaying in userspace", ENV_SWITCH)
         return None
     try:
-        relay = KernelRelay()
+        relay = KernelRelay(shortcut=os.environ.get(ENV_SWITCH) != "sockmap")
     except OSError as e:
         log.info("kernel relay unavailable (%s): relaying in userspace", e.strerror or e)
         return None
-    log.info("kernel relay on: established sessions are relayed by an eBPF sockmap")
+    log.info("kernel relay on: established sessions are relayed by an eBPF sockmap%s",
+             ", client and backend sockets joined directly where they can be" if relay.shortcut else "")
     return relay

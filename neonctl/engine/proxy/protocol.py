@@ -133,28 +133,31 @@ def parse_backend_key_data(body: bytes) -> tuple[int, int]:
 # -- server messages --------------------------------------------------------------------------------------
 
 
+AUTH_OK, AUTH_CLEARTEXT, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 0, 3, 10, 11, 12  # Authentication*
+
+
 def _auth(code: int, payload: bytes = b"") -> bytes:
     return message(b"R", struct.pack("!I", code) + payload)
 
 
 def auth_ok() -> bytes:
-    return _auth(0)
+    return _auth(AUTH_OK)
 
 
 def auth_cleartext() -> bytes:
-    return _auth(3)
+    return _auth(AUTH_CLEARTEXT)
 
 
 def auth_sasl(mechanisms: list[str]) -> bytes:
-    return _auth(10, b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0")
+    return _auth(AUTH_SASL, b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0")
 
 
 def auth_sasl_continue(data: bytes) -> bytes:
-    return _auth(11, data)
+    return _auth(AUTH_SASL_CONTINUE, data)
 
 
 def auth_sasl_final(data: bytes) -> bytes:
-    return _auth(12, data)
+    return _auth(AUTH_SASL_FINAL, data)
 
 
 def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:

@@ -5,7 +5,8 @@ The order is Neon's: nothing is started before the client proved its password, s
 startup option `endpoint=BRANCH[@LSN|@TIME][-pooler]` with SCRAM-SHA-256, or - for clients that cannot set
 options - the password `endpoint=BRANCH;PASSWORD` over cleartext, and the default branch when neither names
 one. The proxy authenticates against the project's role verifiers (`engine/roles.py`) and reaches the
-compute over its private Unix socket, where the compute trusts the connection. The client gets the proxy's
+compute over its private Unix socket, where the compute trusts the connection - or, where the kernel can
+join the session's two sockets (`shortcut.py`), over TCP with SCRAM as the session's role. The client gets the proxy's
 own cancel key, so a CancelRequest finds the compute that runs its session (`sessions.py`). An established
 session is relayed by the kernel (`kernel_relay.py`) where the proxy could set that up, else by `link.splice`.
 """
@@ -137,7 +138,7 @@ class Session:
             raise Refused("08004", str(e)) from None
         except NeonctlError as e:
             raise Refused("08006", f"could not wake the compute for {endpoint or 'the default branch'}: {e}") from None
-        await self._connect_and_relay(addr, user, database, rest, params)
+        await self._connect_and_relay(addr, role, database, rest, params)
 
     async def _scram(self, user: str, role: Role | None) -> None:
         # An unknown role runs the whole exchange against a throw-away verifier and fails like a wrong
@@ -173,27 +174,78 @@ class Session:
             raise Refused("28P01", f'password authentication failed for user "{user}"')
         return endpoint
 
-    async def _connect_and_relay(self, addr: ComputeAddress, user: str, database: str, rest: str | None,
-                                 params: dict[str, str]) -> None:
+    async def _open_compute(self, addr: ComputeAddress) -> tuple[Link, tuple[str, int] | None]:
+        """The session's connection to the compute, and the address the shortcut watches for it.
+
+        Over TCP from a socket the shortcut watches where the kernel can join the session's two ends (the
+        compute then asks for the role's password, as it asks any TCP client); else over the compute's
+        (or PgBouncer's) Unix socket, where it trusts the proxy."""
         loop = asyncio.get_running_loop()
+        shortcut = self.kernel.shortcut if self.kernel is not None and self.client.raw else None
+        if shortcut is not None and (addr.host, addr.port) == (addr.pg_host, addr.pg_port):
+            sock = shortcut.backend_socket()
+            watched = sock.getsockname()
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", addr.port)), 10)
+                _t, server = await loop.create_connection(Link, sock=sock)
+            except BaseException:
+                sock.close()
+                shortcut.unwatch_remote(watched)
+                raise
+            return server, watched
+        _t, server = await asyncio.wait_for(loop.create_unix_connection(Link, f"{addr.host}/.s.PGSQL.{addr.port}"), 10)
+        return server, None
+
+    async def _compute_auth(self, server: Link, role: Role, body: bytes, scram_client, endpoint: str):
+        """Answer the compute's authentication request `body` (a TCP connection asks for SCRAM); the
+        client already has its AuthenticationOk from the proxy. Returns the SCRAM state to keep."""
+        code = int.from_bytes(body[:4], "big")
+        if code == protocol.AUTH_OK:
+            return scram_client
+        if code == protocol.AUTH_SASL and b"SCRAM-SHA-256\0" in body[4:] and scram_client is None:
+            scram_client = scram.ScramClient(role.password)
+            first = scram_client.first()
+            server.write(pgwire.message(b"p", b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big") + first))
+            return scram_client
+        if code == protocol.AUTH_SASL_CONTINUE and scram_client is not None:
+            server.write(pgwire.message(b"p", scram_client.final(body[4:])))
+            return scram_client
+        if code == protocol.AUTH_SASL_FINAL and scram_client is not None:
+            scram_client.verify(body[4:])
+            return scram_client
+        raise Refused("08006", f"the compute of {endpoint} asked the proxy for an authentication it does not give")
+
+    async def _connect_and_relay(self, addr: ComputeAddress, role: Role, database: str, rest: str | None,
+                                 params: dict[str, str]) -> None:
         try:
-            _t, server = await asyncio.wait_for(
-                loop.create_unix_connection(Link, f"{addr.host}/.s.PGSQL.{addr.port}"), 10)
+            server, watched = await self._open_compute(addr)
         except (TimeoutError, OSError) as e:
             raise Refused("08006", f"cannot connect to the compute of {addr.endpoint}: {e}") from None
+        try:
+            await self._start_and_relay(server, addr, role, database, rest, params)
+        finally:
+            if watched is not None:  # the backend's socket has long joined the shortcut's map
+                self.kernel.shortcut.unwatch_remote(watched)
+
+    async def _start_and_relay(self, server: Link, addr: ComputeAddress, role: Role, database: str,
+                               rest: str | None, params: dict[str, str]) -> None:
         forward = {k: v for k, v in params.items() if k not in ("user", "database", "options")}
-        forward.update(user=user, database=database)
+        forward.update(user=role.name, database=database)
         if rest:
             forward["options"] = rest
         server.write(pgwire.startup_message(forward))
         out = [protocol.auth_ok()]
         key = None
+        scram_client = None
         try:
             while True:
                 kind, body = await _next(server, self.deadline)
                 if kind == b"R":
-                    if body[:4] != b"\0\0\0\0":
-                        raise Refused("08006", f"the compute of {addr.endpoint} asked the proxy for a password")
+                    try:
+                        scram_client = await self._compute_auth(server, role, body, scram_client, addr.endpoint)
+                    except (scram.AuthenticationFailed, protocol.ProtocolViolation) as e:
+                        raise Refused("08006", f"the compute of {addr.endpoint} failed SCRAM with the proxy: {e}") \
+                            from None
                     continue  # the client already got its AuthenticationOk from us
                 if kind == b"E":  # e.g. the database does not exist: the compute's own words
                     self.client.write(b"".join(out) + pgwire.message(kind, body))

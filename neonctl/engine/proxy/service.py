@@ -100,7 +100,10 @@ class Proxy:
                 "sql_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
                 "kernel_relay": {"on": self.kernel is not None,
                                  "sessions": self.kernel.active() if self.kernel else 0,
-                                 "joined": self.kernel.joined if self.kernel else 0},
+                                 "joined": self.kernel.joined if self.kernel else 0,
+                                 "shortcut": bool(self.kernel and self.kernel.shortcut),
+                                 "shortcut_joined": self.kernel.shortcut.joined
+                                 if self.kernel and self.kernel.shortcut else 0},
             }
         )
 
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             except OSError as e:
                 log.error("cannot listen on %s: %s", addr, e.strerror)
                 os._exit(1)
+            if factory == proxy.accept and proxy.kernel is not None:
+                proxy.kernel.listening((h, int(pt)))
         log.info("proxy for project %s listening on %s%s", project.name, args.listen,
                  f", WebSocket on {args.ws}" if args.ws else "")
         try:

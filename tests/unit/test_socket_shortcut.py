@@ -1,0 +1,160 @@
+"""The socket shortcut (`proxy/shortcut.py`): its programs byte by byte, and a session's client and backend
+sockets joined directly by the kernel, with real TCP sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+
+from neonctl.engine.proxy import bpf
+from neonctl.engine.proxy import kernel_relay as kr
+from neonctl.engine.proxy import shortcut as sc
+from neonctl.engine.proxy.link import Link
+
+
+def test_labels_resolve_to_instruction_offsets():
+    code = bpf.assemble(bpf.mov64_imm(bpf.R0, 0), bpf.Jump(bpf.R0, "==", 0, "end"),
+                        bpf.load_map_fd(bpf.R1, 3), "end", bpf.exit_())
+    insns = [code[i:i + 8] for i in range(0, len(code), 8)]
+    assert len(insns) == 5
+    assert insns[1] == bpf.insn(0x15, bpf.R0, off=2, imm=0)  # skips the 16-byte ld_imm64
+
+
+def test_keys_match_what_the_kernel_shows_the_programs():
+    # remote port: network order, shifted into the upper half; local port: host order
+    assert sc.watch_key(("127.0.0.1", 5432)) == bytes([127, 0, 0, 1]) + struct.pack("<I", 0x3815 << 16)
+    key = sc.tuple_key(("127.0.0.1", 40000), ("127.0.0.2", 5432))
+    assert key[:8] == bytes([127, 0, 0, 1, 127, 0, 0, 2])
+    assert struct.unpack("<II", key[8:]) == (40000, 0x3815 << 16)
+
+
+def test_programs_end_in_pass_and_return_one():
+    for code in (sc.sock_ops_program(3, 4), sc.msg_program(3, 5)):
+        assert len(code) % 8 == 0
+        assert code[-16:] == bpf.mov64_imm(bpf.R0, 1) + bpf.exit_()  # 1: sock_ops' "done", SK_PASS for sk_msg
+    assert bpf.call(bpf.BPF_FUNC_msg_redirect_hash) in sc.msg_program(3, 5)
+    assert bpf.mov64_imm(bpf.R4, bpf.BPF_F_INGRESS) in sc.msg_program(3, 5)
+
+
+def _accepting(fut):
+    link = Link()
+    orig = link.connection_made
+
+    def made(transport):
+        orig(transport)
+        if not fut.done():
+            fut.set_result(link)
+
+    link.connection_made = made
+    return link
+
+
+def _recv_exactly(sock, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+async def _session(relay, watched_backend: bool = True):
+    """A client, a "proxy" with two Links, a TCP "compute": wired as relay.Session wires them."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future = loop.create_future()
+    proxy = await loop.create_server(lambda: _accepting(accepted), "127.0.0.1", 0)
+    relay.listening(proxy.sockets[0].getsockname())
+    compute = socket.create_server(("127.0.0.1", 0))
+    client = await asyncio.to_thread(socket.create_connection, proxy.sockets[0].getsockname())
+    front = await accepted
+    if watched_backend:
+        sock = relay.shortcut.backend_socket()
+    else:
+        sock = socket.socket()
+        sock.setblocking(False)
+    await loop.sock_connect(sock, compute.getsockname())
+    _t, back = await loop.create_connection(Link, sock=sock)
+    backend, _ = await asyncio.to_thread(compute.accept)
+    back.write(b"startup")  # the handshake goes the usual way before the join
+    assert await asyncio.to_thread(_recv_exactly, backend, 7) == b"startup"
+    return client, backend, front, back, (proxy, compute)
+
+
+def test_joined_ends_talk_directly_and_hang_up_through_the_proxy():
+    async def main():
+        relay = kr.KernelRelay()
+        assert relay.shortcut is not None, "the shortcut did not load on a machine that has what it needs"
+        try:
+            client, backend, front, back, servers = await _session(relay)
+            for s in (client, backend):
+                s.settimeout(10)
+            assert relay.join(front, back, b"Z-first")
+            assert relay.shortcut.joined == 1
+            assert _recv_exactly(client, 7) == b"Z-first"
+            proxy_socks = relay.pairs and next(iter(relay.pairs.values())).socks
+            for size in (1, 5000, 3_000_000):
+                up, down = os.urandom(size), os.urandom(size)
+                await asyncio.to_thread(client.sendall, up)
+                assert await asyncio.to_thread(_recv_exactly, backend, size) == up
+                await asyncio.to_thread(backend.sendall, down)
+                assert await asyncio.to_thread(_recv_exactly, client, size) == down
+            for s in proxy_socks:  # the proxy's own sockets saw none of it
+                assert kr.queued(s.fileno()) == 0
+            backend.close()  # the compute goes away: the proxy closes the client
+            assert await asyncio.to_thread(client.recv, 1) == b""
+            await asyncio.sleep(kr.GRACE + 0.1)
+            assert relay.active() == 0 and front.closed and back.closed
+            client.close()
+            for s in servers:
+                s.close()
+        finally:
+            relay.close()
+
+    asyncio.run(main())
+
+
+def test_a_backend_the_program_did_not_see_goes_through_the_sockmap_relay():
+    async def main():
+        relay = kr.KernelRelay()
+        try:
+            client, backend, front, back, servers = await _session(relay, watched_backend=False)
+            for s in (client, backend):
+                s.settimeout(10)
+            assert relay.join(front, back, b"Z")
+            assert relay.shortcut.joined == 0 and relay.joined == 1
+            assert _recv_exactly(client, 1) == b"Z"
+            await asyncio.to_thread(client.sendall, b"query")
+            assert await asyncio.to_thread(_recv_exactly, backend, 5) == b"query"
+            await asyncio.to_thread(backend.sendall, b"rows")
+            assert await asyncio.to_thread(_recv_exactly, client, 4) == b"rows"
+            client.close()
+            assert await asyncio.to_thread(backend.recv, 1) == b""
+            backend.close()
+            for s in servers:
+                s.close()
+        finally:
+            relay.close()
+
+    asyncio.run(main())
+
+
+def test_closing_the_relay_detaches_the_programs():
+    relay = kr.KernelRelay()
+    shortcut = relay.shortcut
+    relay.close()
+    assert shortcut.fds == []
+    # a socket connecting to a formerly watched address is no longer captured: nothing to look it up in,
+    # and a fresh shortcut starts empty
+    again = kr.KernelRelay()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            c = socket.create_connection(srv.getsockname())
+            s, _ = srv.accept()
+            key = sc.tuple_key(c.getsockname(), c.getpeername())
+            assert again.bpf.lookup(again.shortcut.socks, key, 8) is None  # not watched: not captured
+            c.close()
+            s.close()
+    finally:
+        again.close()
