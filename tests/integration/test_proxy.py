@@ -123,6 +123,28 @@ def test_time_travel_through_the_proxy(proxied, cli):
     cli("endpoint", "stop", res["endpoint"], "-p", p.name)
 
 
+def test_time_travel_compute_with_an_older_password(proxied, cli):
+    """A read-only compute keeps the roles it started with; the proxy, which reaches computes over TCP with
+    the role's password for the kernel's socket shortcut, falls back to the trusted Unix socket."""
+    p, _ = proxied
+    cli("roles", "create", "tt_user", "-p", p.name)
+    try:
+        with connect(p) as conn:  # a point where the role exists, with the password it has now
+            lsn = insert_lsn(conn)
+        at = f"main@{format_lsn(lsn)}"
+        rc, out, _ = cli("connection-string", at, "--role", "tt_user", "-o", "json", "-p", p.name)
+        assert q(json.loads(out)["connection_string"], "SELECT current_user") == [("tt_user",)]
+        rc, out, _ = cli("roles", "reset-password", "tt_user", "-o", "json", "-p", p.name)
+        updated = json.loads(out)["computes_updated"]
+        assert "main" in updated and not any("@" in e for e in updated)  # not the read-only one
+        rc, out, _ = cli("connection-string", at, "--role", "tt_user", "-o", "json", "-p", p.name)
+        res = json.loads(out)
+        assert q(res["connection_string"], "SELECT current_user, pg_is_in_recovery()") == [("tt_user", True)]
+        cli("endpoint", "stop", res["endpoint"], "-p", p.name)
+    finally:
+        cli("roles", "delete", "tt_user", "-p", p.name)
+
+
 def test_direct_tcp_needs_the_password(proxied):
     p, _ = proxied
     st = read_state(p, "main")

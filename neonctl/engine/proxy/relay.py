@@ -31,6 +31,10 @@ log = logging.getLogger("proxy.relay")
 HANDSHAKE_TIMEOUT = 30.0  # a client that does not finish start-up and authentication in time is dropped
 
 
+class _PasswordRefusedOverTcp(Exception):
+    """The compute refused the role's password from the spec (it has an older one): try its Unix socket."""
+
+
 class Refused(Exception):
     """Tell the client why (an ErrorResponse with this SQLSTATE) and close."""
 
@@ -174,7 +178,7 @@ class Session:
             raise Refused("28P01", f'password authentication failed for user "{user}"')
         return endpoint
 
-    async def _open_compute(self, addr: ComputeAddress) -> tuple[Link, tuple[str, int] | None]:
+    async def _open_compute(self, addr: ComputeAddress, tcp: bool = True) -> tuple[Link, tuple[str, int] | None]:
         """The session's connection to the compute, and the address the shortcut watches for it.
 
         Over TCP from a socket the shortcut watches where the kernel can join the session's two ends (the
@@ -182,7 +186,7 @@ class Session:
         (or PgBouncer's) Unix socket, where it trusts the proxy."""
         loop = asyncio.get_running_loop()
         shortcut = self.kernel.shortcut if self.kernel is not None and self.client.raw else None
-        if shortcut is not None and (addr.host, addr.port) == (addr.pg_host, addr.pg_port):
+        if tcp and shortcut is not None and (addr.host, addr.port) == (addr.pg_host, addr.pg_port):
             sock = shortcut.backend_socket()
             watched = sock.getsockname()
             try:
@@ -217,18 +221,25 @@ class Session:
 
     async def _connect_and_relay(self, addr: ComputeAddress, role: Role, database: str, rest: str | None,
                                  params: dict[str, str]) -> None:
-        try:
-            server, watched = await self._open_compute(addr)
-        except (TimeoutError, OSError) as e:
-            raise Refused("08006", f"cannot connect to the compute of {addr.endpoint}: {e}") from None
-        try:
-            await self._start_and_relay(server, addr, role, database, rest, params)
-        finally:
-            if watched is not None:  # the backend's socket has long joined the shortcut's map
-                self.kernel.shortcut.unwatch_remote(watched)
+        for tcp in (True, False):
+            try:
+                server, watched = await self._open_compute(addr, tcp)
+            except (TimeoutError, OSError) as e:
+                raise Refused("08006", f"cannot connect to the compute of {addr.endpoint}: {e}") from None
+            try:
+                await self._start_and_relay(server, addr, role, database, rest, params, tcp=watched is not None)
+                return
+            except _PasswordRefusedOverTcp:
+                # A read-only time-travel compute keeps the roles it started with: a password reset (or a
+                # role created) since then is unknown to it. The Unix socket, trusted, does not ask.
+                log.info("the compute of %s refused %s's current password over TCP: using its Unix socket",
+                         addr.endpoint, role.name)
+            finally:
+                if watched is not None:  # the backend's socket has long joined the shortcut's map
+                    self.kernel.shortcut.unwatch_remote(watched)
 
     async def _start_and_relay(self, server: Link, addr: ComputeAddress, role: Role, database: str,
-                               rest: str | None, params: dict[str, str]) -> None:
+                               rest: str | None, params: dict[str, str], tcp: bool) -> None:
         forward = {k: v for k, v in params.items() if k not in ("user", "database", "options")}
         forward.update(user=role.name, database=database)
         if rest:
@@ -247,6 +258,9 @@ class Session:
                         raise Refused("08006", f"the compute of {addr.endpoint} failed SCRAM with the proxy: {e}") \
                             from None
                     continue  # the client already got its AuthenticationOk from us
+                if kind == b"E" and tcp and pgwire.parse_error_fields(body).get("C") in ("28P01", "28000"):
+                    server.close()
+                    raise _PasswordRefusedOverTcp
                 if kind == b"E":  # e.g. the database does not exist: the compute's own words
                     self.client.write(b"".join(out) + pgwire.message(kind, body))
                     server.close()
