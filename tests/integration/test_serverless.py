@@ -24,7 +24,7 @@ import pytest
 from conftest import running_main
 
 from neonctl.cli import main as cli_main
-from neonctl.engine import pgwire
+from neonctl.engine import client, pgwire
 from neonctl.engine.connection import proxy_uri, serverless_config
 from neonctl.engine.process import pid_cmdline
 from neonctl.engine.roles import get_role
@@ -223,6 +223,52 @@ def test_websocket_garbage_and_close_mid_query(driver_env):
     proc = subprocess.run([shutil.which("node"), "driver_check.mjs", "parameterised"], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_websocket_session_through_the_socket_shortcut(driver_env):
+    """With the kernel's socket shortcut the compute's replies reach a WebSocket client as frames the kernel
+    writes (`proxy/shortcut.py`): a pipelined start-up still reads in order, a large result is exact, and a
+    ping answered by the proxy mid-result does not cut into a frame."""
+    import asyncio
+    import hashlib
+
+    import aiohttp
+
+    p, _ = driver_env
+    before = client.status("proxy", p.proxy_http_addr)["kernel_relay"]
+
+    async def run() -> bytes:
+        async with aiohttp.ClientSession() as s, s.ws_connect(_ws_url(p), autoping=False) as ws:
+            pw = "endpoint=main;" + get_role(p, "postgres").password
+            big = "SELECT string_agg(md5(g::text), '' ORDER BY g) FROM generate_series(1, 30000) g"
+            await ws.send_bytes(pgwire.startup_message({"user": "postgres", "database": "postgres"})
+                                + pgwire.message(b"p", pw.encode() + b"\0") + pgwire.query("SELECT 6 * 7"))
+            await ws.send_bytes(pgwire.query(big))
+            await ws.ping(b"mid-result")
+            got, pong = b"", False
+            while got.count(b"Z\x00\x00\x00\x05I") < 3:
+                msg = await ws.receive(timeout=20)
+                if msg.type == aiohttp.WSMsgType.PONG:
+                    pong = msg.data == b"mid-result"
+                    continue
+                assert msg.type == aiohttp.WSMsgType.BINARY, msg
+                got += msg.data
+            assert pong
+            return got
+
+    got = asyncio.run(run())
+    buf = pgwire.MessageBuffer()
+    buf.feed(got)
+    kinds, rows = [], []
+    while (m := buf.next_message()) is not None:
+        kinds.append(m[0])
+        if m[0] == b"D":
+            rows.append(pgwire.parse_data_row(m[1])[0])
+    assert kinds[0] == b"R" and kinds.count(b"Z") == 3 and kinds[-1] == b"Z"
+    assert rows == ["42", "".join(hashlib.md5(str(g).encode()).hexdigest() for g in range(1, 30001))]
+    after = client.status("proxy", p.proxy_http_addr)["kernel_relay"]
+    assert before["shortcut"], "the socket shortcut needs root and cgroup v2 (as the kernel relay tests)"
+    assert after["shortcut_joined"] == before["shortcut_joined"] + 1  # the kernel framed the replies
 
 
 def test_a_project_from_before_the_websocket_port_gets_one_at_start(driver_env, cli):

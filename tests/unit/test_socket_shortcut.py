@@ -8,6 +8,8 @@ import os
 import socket
 import struct
 
+import pytest
+
 from neonctl.engine.proxy import bpf
 from neonctl.engine.proxy import kernel_relay as kr
 from neonctl.engine.proxy import shortcut as sc
@@ -69,6 +71,7 @@ async def _session(relay, watched_backend: bool = True):
     compute = socket.create_server(("127.0.0.1", 0))
     client = await asyncio.to_thread(socket.create_connection, proxy.sockets[0].getsockname())
     front = await accepted
+    relay.adopt(front)  # as relay.Session does first: the proxy's writes to the client take the shortcut too
     if watched_backend:
         sock = relay.shortcut.backend_socket()
     else:
@@ -92,7 +95,10 @@ def test_joined_ends_talk_directly_and_hang_up_through_the_proxy():
                 s.settimeout(10)
             assert relay.join(front, back, b"Z-first")
             assert relay.shortcut.joined == 1
-            assert _recv_exactly(client, 7) == b"Z-first"
+            # a backend's bytes sent before the client read the start-up do not overtake it (both went into
+            # the client's receive queue of the shortcut, which the client reads before its TCP one)
+            await asyncio.to_thread(backend.sendall, b"early")
+            assert _recv_exactly(client, 12) == b"Z-firstearly"
             proxy_socks = relay.pairs and next(iter(relay.pairs.values())).socks
             for size in (1, 5000, 3_000_000):
                 up, down = os.urandom(size), os.urandom(size)
@@ -158,3 +164,67 @@ def test_closing_the_relay_detaches_the_programs():
             s.close()
     finally:
         again.close()
+
+
+def _server_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """Unmasked server frames (FIN + binary) -> their payloads, and the bytes of an incomplete last frame."""
+    out, pos = [], 0
+    while len(data) - pos >= 2:
+        assert data[pos] == 0x82, f"not a final binary frame at {pos}: {data[pos]:#x}"
+        n, head = data[pos + 1], 2
+        assert not n & 0x80, "a server frame is never masked"
+        if n == 126:
+            if len(data) - pos < 4:
+                break
+            n, head = int.from_bytes(data[pos + 2:pos + 4], "big"), 4
+        elif n == 127:
+            if len(data) - pos < 10:
+                break
+            n, head = int.from_bytes(data[pos + 2:pos + 10], "big"), 10
+        if len(data) - pos < head + n:
+            break
+        out.append(data[pos + head:pos + head + n])
+        pos += head + n
+    return out, data[pos:]
+
+
+def test_backend_sends_reach_a_websocket_client_as_frames():
+    relay = kr.KernelRelay()
+    try:
+        sh = relay.shortcut
+        with socket.create_server(("127.0.0.1", 0)) as ws_port, socket.create_server(("127.0.0.1", 0)) as compute:
+            relay.listening(ws_port.getsockname())
+            client = socket.create_connection(ws_port.getsockname())
+            front, _ = ws_port.accept()
+            back = sh.backend_socket()
+            back.setblocking(True)
+            back.connect(compute.getsockname())
+            backend, _ = compute.accept()
+            for s in (client, front, back, backend):
+                s.settimeout(10)
+            with pytest.raises(OSError, match="adopt"):  # the proxy's own writes must take the same way first
+                sh.join(front, back, ws=True)
+            assert sh.adopt(front) is not None
+            front.sendall(b"first")  # what the proxy writes arrives as written (the upgrade, ReadyForQuery)
+            assert _recv_exactly(client, 5) == b"first"
+            assert sh.join(front, back, ws=True) == (sc.tuple_key(backend.getsockname(), backend.getpeername()),)
+            client.sendall(b"masked frames go to the proxy")  # the client's direction is not routed
+            assert _recv_exactly(front, 29) == b"masked frames go to the proxy"
+            sent = [os.urandom(n) for n in (1, 125, 126, 5000, 65535, 65536, 200_000)]
+            got, rest = [], b""
+            for payload in sent:
+                backend.sendall(payload)
+                want = sum(map(len, got)) + len(payload)
+                while sum(map(len, got)) < want:
+                    frames, rest = _server_frames(rest + client.recv(1 << 20))
+                    got += frames
+            assert b"".join(got) == b"".join(sent) and rest == b""
+            assert len(got) >= len(sent) and all(got)  # a large send may go as several whole frames
+            assert kr.queued(back.fileno()) == 0  # nothing reached the proxy's socket
+            sh.part((sc.tuple_key(backend.getsockname(), backend.getpeername()),))
+            backend.sendall(b"after")  # no route: the usual way, unframed, to the proxy's socket
+            assert _recv_exactly(back, 5) == b"after"
+            for s in (client, front, back, backend):
+                s.close()
+    finally:
+        relay.close()

@@ -29,9 +29,11 @@ BPF_F_INGRESS = 1
 BPF_FUNC_map_lookup_elem = 1
 BPF_FUNC_get_socket_cookie = 46
 BPF_FUNC_sock_hash_update = 70
+BPF_FUNC_msg_pull_data = 63
 BPF_FUNC_msg_redirect_hash = 71
 BPF_FUNC_sk_redirect_hash = 72
-SK_PASS = 1
+BPF_FUNC_msg_push_data = 90
+SK_DROP, SK_PASS = 0, 1
 
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 
@@ -59,6 +61,19 @@ def add64_imm(dst: int, imm: int) -> bytes:
 def load32(dst: int, src: int, off: int) -> bytes:
     """dst = *(u32 *)(src + off)"""
     return insn(0x61, dst, src, off)  # BPF_LDX | BPF_MEM | BPF_W
+
+
+def rsh64_imm(dst: int, imm: int) -> bytes:
+    return insn(0x77, dst, imm=imm)  # BPF_ALU64 | BPF_RSH | BPF_K
+
+
+def add64_reg(dst: int, src: int) -> bytes:
+    return insn(0x0F, dst, src)  # BPF_ALU64 | BPF_ADD | BPF_X
+
+
+def store8(dst: int, off: int, src: int) -> bytes:
+    """*(u8 *)(dst + off) = src"""
+    return insn(0x73, dst, src, off)  # BPF_STX | BPF_MEM | BPF_B
 
 
 def load64(dst: int, src: int, off: int) -> bytes:
@@ -90,12 +105,18 @@ def exit_() -> bytes:
 
 
 class Jump:
-    """A conditional jump to a label, resolved by `assemble`: `if dst <op> imm goto label`."""
+    """A jump to a label, resolved by `assemble`: `if dst <op> imm goto label`, or with `src` a register
+    instead of imm (unsigned comparisons); `Jump.always(label)` jumps unconditionally."""
 
-    OPS = {"==": 0x15, "!=": 0x55}  # BPF_JMP | BPF_JEQ / BPF_JNE | BPF_K
+    OPS = {"==": 0x15, "!=": 0x55, ">": 0x25, "always": 0x05}  # BPF_JMP | BPF_JEQ, JNE, JGT (| BPF_K), JA
 
-    def __init__(self, dst: int, op: str, imm: int, label: str):
-        self.code, self.dst, self.imm, self.label = self.OPS[op], dst, imm, label
+    def __init__(self, dst: int, op: str, imm: int, label: str, src: int | None = None):
+        self.code = self.OPS[op] | (0x08 if src is not None else 0)  # BPF_X: compare with a register
+        self.dst, self.src, self.imm, self.label = dst, src or 0, imm, label
+
+    @classmethod
+    def always(cls, label: str) -> Jump:
+        return cls(0, "always", 0, label)
 
 
 def assemble(*parts) -> bytes:
@@ -109,7 +130,7 @@ def assemble(*parts) -> bytes:
     out, pos = [], 0
     for part in parts:
         if isinstance(part, Jump):
-            out.append(insn(part.code, part.dst, off=at[part.label] - pos - 1, imm=part.imm))
+            out.append(insn(part.code, part.dst, part.src, off=at[part.label] - pos - 1, imm=part.imm))
             pos += 1
         elif not isinstance(part, str):
             out.append(part)

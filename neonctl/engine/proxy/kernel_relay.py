@@ -194,6 +194,35 @@ class KernelRelay:
         os.close(self.prog_fd)
         os.close(self.map_fd)
 
+    def adopt(self, link) -> None:
+        """A new client session: from now on the proxy's writes to it take the shortcut as well (so that
+        a later `join` keeps the order of everything the client reads); nothing where that cannot be."""
+        sock = link.transport.get_extra_info("socket") if link.transport is not None else None
+        if self.shortcut is None or sock is None or sock.family != socket.AF_INET:
+            return
+        try:
+            key = self.shortcut.adopt(sock)
+        except OSError as e:
+            log.info("client not adopted by the socket shortcut: %s", e)
+            return
+        if key is not None:
+            link.on_close(lambda: self.shortcut.part((key,)))
+
+    def frame_backend(self, client, server) -> bool:
+        """A WebSocket session: the backend's sends go straight to the client, each as one binary frame
+        (`shortcut.py`); the client's masked frames still come through the proxy. False where the shortcut
+        cannot take the session (the caller relays both ways in userspace)."""
+        socks = (client.transport.get_extra_info("socket"), server.transport.get_extra_info("socket"))
+        if self.shortcut is None or None in socks or server.buf or socks[1].family != socket.AF_INET:
+            return False
+        try:
+            routes = self.shortcut.join(socks[0], socks[1], ws=True)
+        except OSError as e:
+            log.info("WebSocket session relayed in userspace: %s", e)
+            return False
+        server.on_close(lambda: self.shortcut.part(routes))
+        return True
+
     def listening(self, addr: tuple[str, int]) -> None:
         """The proxy accepts clients at addr: their sockets may take the shortcut."""
         if self.shortcut is not None:

@@ -75,6 +75,8 @@ class Session:
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
 
     async def run(self) -> None:
+        if self.kernel is not None:
+            self.kernel.adopt(self.client)
         try:
             await self._run()
         except Refused as e:
@@ -185,7 +187,7 @@ class Session:
         compute then asks for the role's password, as it asks any TCP client); else over the compute's
         (or PgBouncer's) Unix socket, where it trusts the proxy."""
         loop = asyncio.get_running_loop()
-        shortcut = self.kernel.shortcut if self.kernel is not None and self.client.raw else None
+        shortcut = self.kernel.shortcut if self.kernel is not None else None
         if tcp and shortcut is not None and (addr.host, addr.port) == (addr.pg_host, addr.pg_port):
             sock = shortcut.backend_socket()
             watched = sock.getsockname()
@@ -289,5 +291,7 @@ class Session:
         first = b"".join(out)  # ends in ReadyForQuery: until the client has it, neither side sends
         if self.kernel is not None and self.client.raw and self.kernel.join(self.client, server, first):
             return
+        if self.kernel is not None and not self.client.raw and tcp:
+            self.kernel.frame_backend(self.client, server)  # before `first`: the backend is quiet until asked
         self.client.write(first)
         splice(self.client, server)

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             except OSError as e:
                 log.error("cannot listen on %s: %s", addr, e.strerror)
                 os._exit(1)
-            if factory == proxy.accept and proxy.kernel is not None:
+            if proxy.kernel is not None:  # clients of either port may take the socket shortcut
                 proxy.kernel.listening((h, int(pt)))
         log.info("proxy for project %s listening on %s%s", project.name, args.listen,
                  f", WebSocket on {args.ws}" if args.ws else "")

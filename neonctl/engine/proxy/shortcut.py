@@ -43,11 +43,17 @@ from neonctl.engine.proxy.bpf import (
     R2,
     R3,
     R4,
+    R5,
     R6,
+    R8,
+    R9,
     R10,
+    SK_DROP,
     SK_PASS,
     Bpf,
     BPF_FUNC_map_lookup_elem,
+    BPF_FUNC_msg_pull_data,
+    BPF_FUNC_msg_push_data,
     BPF_FUNC_msg_redirect_hash,
     BPF_FUNC_sock_hash_update,
     BpfError,
@@ -61,6 +67,8 @@ from neonctl.engine.proxy.bpf import (
     load_map_fd,
     mov64_imm,
     mov64_reg,
+    rsh64_imm,
+    store8,
     store32,
     store64,
 )
@@ -74,7 +82,8 @@ MAX_WATCHED = 4096  # the listener and the compute connections being set up
 # keep an address in network order and a local port in host order; the remote port is the network-order
 # 16 bits shifted into the upper half (the `<< 16` the kernel's context rewrite does on little-endian).
 OPS_OP, OPS_FAMILY, OPS_REMOTE_IP4, OPS_LOCAL_IP4, OPS_REMOTE_PORT, OPS_LOCAL_PORT = 0, 20, 24, 28, 64, 68
-MSG_REMOTE_IP4, MSG_LOCAL_IP4, MSG_REMOTE_PORT, MSG_LOCAL_PORT = 20, 24, 60, 64
+MSG_DATA, MSG_DATA_END, MSG_REMOTE_IP4, MSG_LOCAL_IP4 = 0, 8, 20, 24
+MSG_REMOTE_PORT, MSG_LOCAL_PORT, MSG_SIZE = 60, 64, 68
 BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB = 4, 5
 
 
@@ -117,11 +126,45 @@ def sock_ops_program(socks_fd: int, watch_fd: int) -> bytes:
     )
 
 
-def msg_program(socks_fd: int, routes_fd: int) -> bytes:
-    """On a send: if the sender's 4-tuple has a route, into the receive queue of the socket it names.
+ROUTE_PLAIN, ROUTE_WS_FRAMES = 0, 1  # a route's flags: bytes as they are; each send as one WebSocket frame
+ROUTE_VALUE = struct.Struct("<16sI4x")  # the target's key, the flags
 
-    SK_PASS whatever the helper said: a route whose target has closed lets the bytes go the usual way (to
-    the proxy's socket, which is closing the session anyway)."""
+
+def _ws_header(size_reg: int, length: int, label: str) -> list:
+    """Push a server frame's header (FIN + binary, unmasked) of `length` bytes in front of the message and
+    write it: 2 bytes for payloads under 126, 4 under 65536, else 10 (RFC 6455 5.2)."""
+    out = [
+        mov64_reg(R1, R6), mov64_imm(R2, 0), mov64_imm(R3, length), mov64_imm(R4, 0),
+        call(BPF_FUNC_msg_push_data), Jump(R0, "!=", 0, "drop"),
+        mov64_reg(R1, R6), mov64_imm(R2, 0), mov64_imm(R3, length), mov64_imm(R4, 0),
+        call(BPF_FUNC_msg_pull_data), Jump(R0, "!=", 0, "drop"),   # the header bytes, linear and writable
+        load64(R2, R6, MSG_DATA), load64(R3, R6, MSG_DATA_END),
+        mov64_reg(R4, R2), add64_imm(R4, length), Jump(R4, ">", 0, "drop", src=R3),  # the verifier's bound
+        mov64_imm(R5, 0x82), store8(R2, 0, R5),
+    ]
+    if length == 2:
+        out += [store8(R2, 1, size_reg)]
+    else:
+        n = 2 if length == 4 else 8
+        out += [mov64_imm(R5, 126 if length == 4 else 127), store8(R2, 1, R5)]
+        for k in range(n):  # the length, big-endian; a message is far below 2**32 bytes: the top ones are 0
+            shift = 8 * (n - 1 - k)
+            if shift >= 32:
+                out += [mov64_imm(R5, 0)]
+            else:
+                out += [mov64_reg(R5, size_reg), rsh64_imm(R5, shift)]
+            out += [store8(R2, 2 + k, R5)]
+    return [*out, Jump.always(label)]
+
+
+def msg_program(socks_fd: int, routes_fd: int) -> bytes:
+    """On a send: if the sender's 4-tuple has a route, into the receive queue of the socket it names,
+    framed as one WebSocket binary frame where the route says so.
+
+    A plain route answers SK_PASS whatever the helper said: a route whose target has closed lets the bytes
+    go the usual way (to the proxy's socket, which is closing the session anyway). A framing route answers
+    SK_DROP where it cannot frame or deliver: the backend's send then fails and the session ends, where
+    letting the bytes through would hand the proxy a frame it would frame again."""
     return assemble(
         mov64_reg(R6, R1),                                        # r6 = ctx (struct sk_msg_md *)
         load32(R2, R6, MSG_LOCAL_IP4), store32(R10, -16, R2),     # the sender's 4-tuple at fp-16
@@ -130,13 +173,29 @@ def msg_program(socks_fd: int, routes_fd: int) -> bytes:
         load32(R2, R6, MSG_REMOTE_PORT), store32(R10, -4, R2),
         load_map_fd(R1, routes_fd), mov64_reg(R2, R10), add64_imm(R2, -16),
         call(BPF_FUNC_map_lookup_elem),
-        Jump(R0, "==", 0, "out"),
+        Jump(R0, "==", 0, "pass"),
         load64(R2, R0, 0), store64(R10, -32, R2),                 # the target's key at fp-32
         load64(R2, R0, 8), store64(R10, -24, R2),
+        load32(R8, R0, 16),                                       # r8 = the route's flags
+        Jump(R8, "==", ROUTE_PLAIN, "redirect"),
+        load32(R9, R6, MSG_SIZE),                                 # r9 = the message's size
+        Jump(R9, ">", 125, "medium"),
+        *_ws_header(R9, 2, "redirect"),
+        "medium",
+        Jump(R9, ">", 65535, "large"),
+        *_ws_header(R9, 4, "redirect"),
+        "large",
+        *_ws_header(R9, 10, "redirect"),
+        "redirect",
         mov64_reg(R1, R6), load_map_fd(R2, socks_fd), mov64_reg(R3, R10), add64_imm(R3, -32),
         mov64_imm(R4, BPF_F_INGRESS),
         call(BPF_FUNC_msg_redirect_hash),
-        "out",
+        Jump(R8, "==", ROUTE_PLAIN, "pass"),
+        exit_(),                                                  # framed: the helper's SK_PASS or SK_DROP
+        "drop",
+        mov64_imm(R0, SK_DROP),
+        exit_(),
+        "pass",
         mov64_imm(R0, SK_PASS),
         exit_(),
     )
@@ -165,7 +224,8 @@ class Shortcut:
         self.fds: list[int] = []
         try:
             self.socks = self._fd(bpf.create_map(BPF_MAP_TYPE_SOCKHASH, 16, 8, MAX_SOCKETS, "the shortcut's sockhash"))
-            self.routes = self._fd(bpf.create_map(BPF_MAP_TYPE_HASH, 16, 16, MAX_SOCKETS, "the route map"))
+            self.routes = self._fd(bpf.create_map(BPF_MAP_TYPE_HASH, 16, ROUTE_VALUE.size, MAX_SOCKETS,
+                                                  "the route map"))
             self.watch = self._fd(bpf.create_map(BPF_MAP_TYPE_HASH, 8, 4, MAX_WATCHED, "the watch map"))
             msg = self._fd(bpf.load(BPF_PROG_TYPE_SK_MSG, msg_program(self.socks, self.routes), b"neonctl_msg"))
             bpf.attach(self.socks, msg, BPF_SK_MSG_VERDICT, "attach the sk_msg program")
@@ -210,22 +270,48 @@ class Shortcut:
         sock.setblocking(False)
         return sock
 
-    def join(self, front: socket.socket, back: socket.socket) -> tuple[bytes, bytes]:
+    def adopt(self, front: socket.socket) -> bytes | None:
+        """Route the proxy's own writes to a client (`front`: the proxy's end) into the client's receive
+        queue too, from the session's first byte on; the route's key, or None if the client's socket is not
+        in the SOCKHASH. A client reads that queue before its TCP one, so everything the proxy sends it must
+        arrive the way the backend's bytes will after `join`, or a reply could overtake the start-up."""
+        client = tuple_key(front.getpeername(), front.getsockname())
+        if self.bpf.lookup(self.socks, client, 8) is None:
+            return None
+        mine = tuple_key(front.getsockname(), front.getpeername())
+        self.bpf.update(self.socks, mine, struct.pack("<Q", front.fileno()), "add the proxy's socket to the sockhash")
+        try:
+            self.bpf.update(self.routes, mine, ROUTE_VALUE.pack(client, ROUTE_PLAIN), "route the proxy's writes")
+        except BaseException:
+            self.bpf.delete(self.socks, mine, "remove the proxy's socket")
+            raise
+        return mine
+
+    def join(self, front: socket.socket, back: socket.socket, ws: bool = False) -> tuple[bytes, ...]:
         """Route the peer of `front` (the client's socket) and the peer of `back` (the backend's) to each
-        other; the route keys to `part` with. OSError if either peer is not in the SOCKHASH."""
+        other; the route keys to `part` with. With `ws`, only the backend's sends take the shortcut, each
+        as one WebSocket frame (the client's frames are masked: the proxy unmasks them). OSError if either
+        peer is not in the SOCKHASH."""
         client = tuple_key(front.getpeername(), front.getsockname())
         backend = tuple_key(back.getpeername(), back.getsockname())
         for key, who in ((client, "the client's"), (backend, "the backend's")):
             if self.bpf.lookup(self.socks, key, 8) is None:
                 raise BpfError(2, f"{who} socket is not in the shortcut's sockhash")
-        self.bpf.update(self.routes, client, backend, "route the client to the backend")
+        if self.bpf.lookup(self.routes, tuple_key(front.getsockname(), front.getpeername()), ROUTE_VALUE.size) is None:
+            raise BpfError(2, "the proxy's writes to the client were not routed from the start (`adopt`)")
+        routes: tuple[bytes, ...] = (backend,) if ws else (backend, client)
+        targets = {backend: client, client: backend}
+        added: list[bytes] = []
+        flags = ROUTE_WS_FRAMES if ws else ROUTE_PLAIN
         try:
-            self.bpf.update(self.routes, backend, client, "route the backend to the client")
+            for key in routes:
+                self.bpf.update(self.routes, key, ROUTE_VALUE.pack(targets[key], flags), "add a route")
+                added.append(key)
         except BaseException:
-            self.part((client,))
+            self.part(added)
             raise
         self.joined += 1
-        return client, backend
+        return routes
 
     def part(self, keys) -> None:
         for key in keys:
