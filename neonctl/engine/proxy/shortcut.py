@@ -14,6 +14,13 @@ backend's socket in the compute - send to each other directly, Cilium's socket-l
   (BPF_F_INGRESS) of the socket stored under the route's target: no TCP, no skb, no kworker, in the
   sender's own system call. A sender without a route (any session before its join) sends as usual.
 
+- A client reads the shortcut's queue before its TCP one, so a reply must never land there while bytes
+  the proxy wrote earlier (the start-up, ReadyForQuery) still wait in TCP: from a session's first byte
+  the proxy's own socket is in the map too, with a route into its client (`adopt`).
+- A WebSocket session (the serverless driver) routes one way only: each of the backend's sends becomes
+  one binary frame - the program pushes the 2-10 byte header in front of the message and writes it in
+  place - while the client's masked frames still come through the proxy, which unmasks them.
+
 So a joined session costs less than the same client connected to the compute directly. The proxy still
 holds its two sockets, and learns from them when either side closes: closing goes through TCP as usual.
 The link is a file descriptor of the proxy process, so the programs go away with the proxy, whatever ends
