@@ -481,8 +481,18 @@ class Safekeeper:
                     continue
                 key = (tl.flush_lsn, tl.commit_lsn, tl.remote_consistent_lsn)
                 if saved.get(tid) != key:
-                    await asyncio.to_thread(tl.write, tl.snapshot())
+                    try:
+                        await asyncio.to_thread(tl.write, tl.snapshot())
+                    except FileNotFoundError:
+                        # Deleted meanwhile: its directory was renamed away under the write, which WAL
+                        # appends do not wait for (a delete waits for those only).
+                        if self.timelines.get(tid) is tl:
+                            raise
+                        saved.pop(tid, None)
+                        continue
                     saved[tid] = key
+            for tid in saved.keys() - self.timelines.keys():
+                del saved[tid]
 
     async def publish_loop(self, stop: asyncio.Event) -> None:
         """Tell the storage broker our timelines' state about once a second."""
