@@ -453,7 +453,7 @@ class Pageserver:
                 try:
                     await asyncio.to_thread(gc_timeline, tl, self.retained_points(tl, {}), self.config)
                 except Exception:  # noqa: BLE001
-                    log.exception("gc of %s failed", tl.timeline_id)
+                    self._log_failure(tl, "gc")
 
     async def create_image(self, request: web.Request) -> web.Response:
         """Make an image at the timeline's head now (the redo worker replays to it)."""
@@ -474,6 +474,14 @@ class Pageserver:
                           "layers": info.names, "file_size": info.file_size,
                           "redo_started_from": "kept directory" if kept else "restored image"})
 
+    def _log_failure(self, tl, what: str) -> None:
+        """A background step failed: an error, unless the timeline was deleted while it ran (its files
+        went from under it), which is expected and only noted."""
+        if self.timelines.get(tl.timeline_id) is tl:
+            log.exception("%s of %s failed", what, tl.timeline_id)
+        else:
+            log.info("%s of %s stopped: the timeline was deleted meanwhile", what, tl.timeline_id)
+
     async def image_loop(self, stop: asyncio.Event) -> None:
         """Create images where much WAL piled up since the newest one, so compute starts replay little."""
         threshold = self.config.image_creation_threshold * self.config.checkpoint_distance
@@ -488,7 +496,7 @@ class Pageserver:
                             log.info("timeline %s: image at %s (redo from %s)", tl.timeline_id,
                                      format_lsn(info.lsn), format_lsn(info.redo_lsn))
                 except Exception:  # noqa: BLE001 - logged; retried next round
-                    log.exception("image creation for %s failed", tl.timeline_id)
+                    self._log_failure(tl, "image creation")
             await asyncio.sleep(5)
 
     async def pool_refill_loop(self, stop: asyncio.Event) -> None:
