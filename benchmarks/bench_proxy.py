@@ -1,8 +1,8 @@
 """The proxy against the same compute reached directly, in one run: throughput, connection set-up, cold start.
 
 1. pgbench -S (select-only), --clients clients, --seconds each, over --rounds rounds (the order of the
-   sides rotating): direct, and through the proxy with each of its relays - "kernel", as it starts by
-   default (the socket shortcut joining the client's and the backend's sockets, proxy/shortcut.py),
+   sides rotating): direct, and through the proxy with each of its relays - "shortcut", as it starts by
+   default (the kernel's socket shortcut joining the client's and the backend's sockets, proxy/shortcut.py),
    "sockmap" (the sk_skb relay through the proxy's own sockets alone, NEONCTL_PROXY_KERNEL_RELAY=sockmap)
    and "userspace" (NEONCTL_PROXY_KERNEL_RELAY=0); TPS through the proxy / TPS direct for each relay
    (target >= 0.8). A relay the machine cannot set up (not root, not x86-64, no cgroup v2) is left out.
@@ -97,7 +97,7 @@ def settle(p, limit: float = 90.0) -> None:
 
 
 RELAYS = {  # side -> (NEONCTL_PROXY_KERNEL_RELAY for the proxy, what /v1/status must then say)
-    "kernel": (None, {"on": True, "shortcut": True}),
+    "shortcut": (None, {"on": True, "shortcut": True}),
     "sockmap": ("sockmap", {"on": True, "shortcut": False}),
     "userspace": ("0", {"on": False, "shortcut": False}),
 }
@@ -134,8 +134,8 @@ def body(env: BenchEnv) -> None:
     pgbench(env.rt, ["-i", "-s", str(a.scale), "-q"], direct, timeout=600)
 
     # 1. throughput
-    sides = ["direct", "kernel", "sockmap", "userspace"]
-    for side in ("kernel", "sockmap"):
+    sides = ["direct", "shortcut", "sockmap", "userspace"]
+    for side in ("shortcut", "sockmap"):
         if not use_relay(p, side):
             log(f"the proxy cannot set up the {side} relay here: not measured")
             sides.remove(side)
@@ -209,7 +209,7 @@ def render(res: dict) -> list[str]:
         out.append(f"pgbench -S, {s['clients']} clients, {s['seconds']} s runs: direct "
                    f"{[round(x) for x in s['tps']['direct']]} TPS")
         for side, ratio in s["ratio"].items():
-            out.append(f"  proxy, {side} relay: {[round(x) for x in s['tps'][side]]} TPS -> ratio {ratio}"
+            out.append(f"  proxy, {side}: {[round(x) for x in s['tps'][side]]} TPS -> ratio {ratio}"
                        f" (target >= 0.8); proxy CPU {s['proxy_cpu_us_per_tx'][side]} us per transaction")
     c = res.get("connect_ms")
     if c:
