@@ -62,7 +62,7 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray) -> dict:
     out = _FileWriter(target, m.meta["file_mode"], in_place=True)
     old_blocks = np.array([out.existing_size(f) // BLCKSZ for f in m.files], dtype=np.int64)
     pick = m.block >= old_blocks[m.file_of]  # past the directory's end of its file
-    if len(changed):
+    if len(changed) and len(m.keys):
         at = np.minimum(np.searchsorted(m.keys, changed), len(m.keys) - 1)
         pick[at[m.keys[at] == changed]] = True
     rows = np.flatnonzero(pick)
