@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -112,6 +113,10 @@ def serve(app: web.Application, host: str, port: int,
             print(f"fatal: cannot listen on {host}:{port}: {e.strerror}", flush=True)
             raise SystemExit(1) from None
         tasks = [asyncio.create_task(supervise(fn, stop)) for fn in background]
+        # What start-up loaded (modules, numba's kernels, timelines) lives as long as the daemon: out of the
+        # collector's generations, a full collection no longer walks it - 20-50 ms in the pageserver, landing
+        # at random in a request (a start's rebuild).
+        gc.freeze()
         await stop.wait()
         for t in tasks:
             t.cancel()

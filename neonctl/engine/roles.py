@@ -159,10 +159,16 @@ def sync_statements(roles: dict[str, Role], current: dict[str, str | None], drop
     return out
 
 
-def apply_roles(project: Project, socket_dir: str, port: int, dropped: list[str] | None = None) -> int:
-    """Bring one running read-write compute in line with the project's roles; returns statements run."""
+LOGIN_ROLES_SQL = "SELECT rolname, rolpassword FROM pg_authid WHERE rolcanlogin"
+
+
+def apply_roles(project: Project, socket_dir: str, port: int, dropped: list[str] | None = None,
+                logins: list[list[str | None]] | None = None) -> int:
+    """Bring one running read-write compute in line with the project's roles; returns statements run.
+    `logins`: the rows of LOGIN_ROLES_SQL when the caller already asked the compute (a start does, on the
+    connection that checks its replay)."""
     roles = load_roles(project)
-    rows = query_rows(socket_dir, port, "SELECT rolname, rolpassword FROM pg_authid WHERE rolcanlogin")
+    rows = query_rows(socket_dir, port, LOGIN_ROLES_SQL) if logins is None else logins
     current = {name: pw for name, pw in rows}
     stmts = sync_statements(roles, current, dropped or [])
     if stmts:

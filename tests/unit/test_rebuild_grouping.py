@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from neonctl.engine.pageserver.images.rebuild import group_rows
+from neonctl.engine.pageserver.images.image_manifest import group_rows
 
 
 def _check(tags: np.ndarray) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from neonctl.engine import ports
 from neonctl.engine.compute import dir_pool, pgbouncer, postmaster
-from neonctl.engine.compute.admin_query import query_row
+from neonctl.engine.compute.admin_query import query_results
 from neonctl.engine.compute.endpoint_state import EndpointState
 from neonctl.engine.compute.scale_to_zero import clear_suspended, suspended_endpoints
 from neonctl.engine.failpoints import failpoint
@@ -31,7 +31,7 @@ from neonctl.engine.lsn import format_lsn
 from neonctl.engine.pageserver.client import PageserverClient
 from neonctl.engine.process import log_tail, pid_alive, pid_cmdline
 from neonctl.engine.project import Project, list_projects
-from neonctl.engine.roles import apply_roles
+from neonctl.engine.roles import LOGIN_ROLES_SQL, apply_roles
 from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.election_driver import attach, elect
 from neonctl.engine.storage import require_running
@@ -159,9 +159,9 @@ def start_endpoint(project: Project, branch: str, port: int | None = None, fsync
                 runtime, pgdata, epdir, logfile, port, auto_port,
                 lambda p: compute_config(project, p, epdir, fsync) + f"neonctl.term = {elected.term}\n",
                 f"PostgreSQL {runtime.version} on branch {branch!r}", progress)
-            verify_replayed(str(epdir), port, lsn, logfile)
+            logins = verify_replayed(str(epdir), port, lsn, logfile, then_sql=LOGIN_ROLES_SQL)
             attach(project, elected, str(epdir), port, lsn)
-            apply_roles(project, str(epdir), port)
+            apply_roles(project, str(epdir), port, logins=logins)
             failpoint("endpoint-start-after-postgres")
         st = EndpointState(branch=branch, timeline_id=b.timeline_id, port=port, pgdata=str(pgdata), start_lsn=lsn,
                            started_at=time.time(), pg_version=runtime.version, fsync=fsync,
@@ -267,20 +267,24 @@ def launch_postgres(runtime, pgdata: Path, epdir: Path, logfile: Path, port: int
     raise AssertionError("unreachable")
 
 
-def verify_replayed(socket_dir: str, port: int, lsn: int, logfile: Path) -> None:
+def verify_replayed(socket_dir: str, port: int, lsn: int, logfile: Path, then_sql: str | None = None
+                    ) -> list[list[str | None]]:
     """Refuse a compute that did not come up at or after the LSN it was built for.
 
     Postgres happily starts from a clean base that lacks a backup_label and
     skips all redo - silently, with none of the later data. The end-of-recovery
     checkpoint is written at the target LSN, so a correctly replayed compute
-    always inserts at or beyond it.
+    always inserts at or beyond it. `then_sql` is asked on the same connection (the first backend of a new
+    compute costs several ms); its rows are returned.
     """
-    in_recovery, insert = query_row(
-        socket_dir, port, "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+    sql = "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
+    results = query_results(socket_dir, port, sql if then_sql is None else f"{sql}; {then_sql}")
+    in_recovery, insert = results[0][0]
     if in_recovery == "t" or int(insert) < lsn:
         raise PostgresError(
             f"compute came up at {format_lsn(int(insert))}, before its target {format_lsn(lsn)}:"
             " WAL was not replayed; refusing to serve stale data", hint=str(logfile))
+    return results[1] if then_sql is not None else []
 
 
 def directory_pool(project: Project) -> Path:

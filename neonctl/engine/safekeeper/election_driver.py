@@ -56,7 +56,12 @@ class ElectionOutcome:
 def _parallel(calls: dict[int, Callable[[], dict]]) -> tuple[dict[int, dict], dict[int, NeonctlError]]:
     ok: dict[int, dict] = {}
     failed: dict[int, NeonctlError] = {}
-    if not calls:
+    if len(calls) <= 1:  # a project's only safekeeper: no thread to start
+        for sk, fn in calls.items():
+            try:
+                ok[sk] = fn()
+            except NeonctlError as e:
+                failed[sk] = e
         return ok, failed
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         futures = {sk: pool.submit(fn) for sk, fn in calls.items()}

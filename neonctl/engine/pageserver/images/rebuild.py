@@ -12,7 +12,8 @@ visibility map forks, both small), every SLRU segment, relation map and pg_contr
 or grown to the image's sizes, pages past the directory's old end are written, and files the image does
 not have are deleted. The result is the tree `restore.restore_image` would write into an empty directory,
 without writing the pages that are already right - which, for a database much larger than its recent
-changes, is nearly all of them.
+changes, is nearly all of them. Where the image keeps which page and file is its manifest's
+(`image_manifest.py`, read once per image), so no start reads the image's whole index.
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ from pathlib import Path
 import numpy as np
 
 from neonctl.engine.failpoints import failpoint
+from neonctl.engine.pageserver.images.image_manifest import manifest_of
 from neonctl.engine.pageserver.images.image_set import BLCKSZ
 from neonctl.engine.pageserver.images.restore import (
     _FileWriter,
-    _load_meta,
-    _open_image,
-    _slru_path,
     _sweep,
-    extract_aux_files,
     rel_path,
     restore_image,
-    write_non_page,
+    write_aux,
 )
-from neonctl.engine.pageserver.key import REL_PREFIX, SIZE_MARKER, Key
-from neonctl.engine.pageserver.key_columns import key_fields
+from neonctl.engine.pageserver.key import REL_PREFIX, Key
+from neonctl.engine.pageserver.storage_layer.image_layer import ImageLayerReader
 from neonctl.errors import CorruptData
-
-FSM_FORK, VM_FORK = 1, 2  # not tracked page by page in the WAL: always rewritten (they are small)
 
 
 def changed_rows(changed: set[Key]) -> np.ndarray:
@@ -53,108 +49,58 @@ def rebuild_from_image(layer_paths, target: Path, changed: np.ndarray) -> dict:
     """Rewrite `target` (a stopped compute's directory) into the image's files; `changed` are the sorted S18
     keys of the pages to rewrite (what the directory's history changed since the image, minus the pages the
     replay rewrites whole: `replay_inits.py`). Returns the image's metadata plus `pages_written`, `pages_kept`
-    and `timings`."""
+    and `timings`.
+
+    Where the image's pages and files are comes from its manifest (`image_manifest.py`, read once per image), so
+    the cost is the pages written plus one stat per file: the changed pages, the pages past the end of a file the
+    directory has shorter, and the pages every rebuild writes (FSM, VM, SLRU), relation maps and pg_control."""
     t0 = time.perf_counter()
-    readers = _open_image(layer_paths)
-    written = kept = 0
+    m = manifest_of(layer_paths)
+    t1 = time.perf_counter()
+    members = write_aux(m.aux, target)
+    t2 = time.perf_counter()
+    out = _FileWriter(target, m.meta["file_mode"], in_place=True)
+    old_blocks = np.array([out.existing_size(f) // BLCKSZ for f in m.files], dtype=np.int64)
+    pick = m.block >= old_blocks[m.file_of]  # past the directory's end of its file
+    if len(changed) and len(m.keys):
+        at = np.minimum(np.searchsorted(m.keys, changed), len(m.keys) - 1)
+        pick[at[m.keys[at] == changed]] = True
+    rows = np.flatnonzero(pick)
+    pages: dict[str, list[tuple[int, bytes]]] = {}
+    for f, off, page in m.always:
+        pages.setdefault(f, []).append((off, page))
+    readers: dict[int, ImageLayerReader] = {}
     try:
-        meta = _load_meta(readers)
-        if meta["blcksz"] != BLCKSZ:
-            raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
-        relseg = meta["relseg_size"]
-        members = extract_aux_files(readers, target)
-        t1 = time.perf_counter()
-        out = _FileWriter(target, meta["file_mode"], in_place=True)
-        present: set[str] = set()
-        old_size: dict[str, int] = {}
-
-        def size_now(relpath: str) -> int:
-            if relpath not in old_size:
-                try:
-                    old_size[relpath] = os.stat(target / relpath).st_size // BLCKSZ
-                except FileNotFoundError:
-                    old_size[relpath] = 0
-            return old_size[relpath]
-
-        try:
-            for r in readers:
-                w, k = _rebuild_layer(r, out, relseg, changed, size_now, present)
-                written, kept = written + w, kept + k
-                failpoint("ps-rebuild-midway")
-        finally:
-            out.close_all()
-        for rel in meta["empty_segments"]:
-            out.write_small(rel, b"")
-        t2 = time.perf_counter()
-        _sweep(target, out.written | present | {os.path.normpath(m.name) for m in members})
-        os.chmod(target, meta["dir_mode"])
-        timings = {"aux": t1 - t0, "pages": t2 - t1, "sweep": time.perf_counter() - t2}
-        return {**meta, "timings": timings, "pages_written": written, "pages_kept": kept}
+        for i, li, off in zip(rows.tolist(), m.layer[rows].tolist(), m.offset[rows].tolist(), strict=True):
+            r = readers.get(li) or readers.setdefault(li, ImageLayerReader(m.paths[li]))
+            pages.setdefault(m.files[m.file_of[i]], []).append((int(m.block[i]) * BLCKSZ, r.value_at(off)))
     finally:
-        for r in readers:
+        for r in readers.values():
             r.close()
-
-
-def _rebuild_layer(r, out: _FileWriter, relseg: int, changed_rows: np.ndarray, size_now, present: set[str]
-                   ) -> tuple[int, int]:
-    """One image layer: its keys classified column-wise from the index alone, then only the values that must
-    be written are read. Returns (pages written, pages left as they were)."""
-    keys, offsets = r.key_array()
-    f1, f2, f3, f4, f5, f6 = key_fields(keys)
-    size = f6 == SIZE_MARKER
-    rel = (f1 == REL_PREFIX) & (f4 != 0)
-    page = rel & ~size
-    rows = np.flatnonzero(page)
-    relpaths = {}  # (spc, db, rel, fork, segno) -> path
-    need = np.zeros(len(keys), dtype=bool)
-    if len(rows):
-        need[rows] = np.isin(keys[rows].view("S18").ravel(), changed_rows) | (f5[rows] == FSM_FORK) | (
-            f5[rows] == VM_FORK)
-        segno = f6[rows] // relseg
-        tags = np.stack([f2[rows], f3[rows], f4[rows], f5[rows].astype(np.uint32), segno], axis=1)
-        uniq, inverse = group_rows(tags)
-        old_blocks = np.empty(len(uniq), dtype=np.int64)
-        for i, (spc, db, relno, fork, seg) in enumerate(uniq.tolist()):
-            path = rel_path(spc, db, relno, fork, seg)
-            relpaths[i] = path
-            present.add(path)
-            old_blocks[i] = size_now(path)
-        beyond = (f6[rows] % relseg).astype(np.int64) >= old_blocks[inverse]
-        need[rows] |= beyond
-        file_of_row = np.empty(len(keys), dtype=np.int64)
-        file_of_row[rows] = inverse
-    written = int(need[rows].sum()) if len(rows) else 0
-    for i in np.flatnonzero(need | ~page).tolist():  # pages to write, and every non-page key
-        value = r.value_at(int(offsets[i]))
-        if page[i]:
-            out.write(relpaths[int(file_of_row[i])], int(f6[i] % relseg) * BLCKSZ, np.frombuffer(value, dtype=np.uint8))
-            continue
-        key = Key.from_bytes(keys[i].tobytes())
-        if key.is_slru_block():
-            out.write(_slru_path(key.field2, key.field4), key.field6 * BLCKSZ, np.frombuffer(value, dtype=np.uint8))
-        else:
-            present.update(write_non_page(out, key, value, relseg, r.path))
-    return written, len(rows) - written
-
-
-def group_rows(tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct rows, index of each row's distinct row) of a 2-D array, like ``np.unique(axis=0,
-    return_inverse=True)``. An image layer's keys come sorted, so its (file) rows are sorted too and equal
-    rows are adjacent: one pass finds them, where np.unique would sort the whole key array again (the
-    largest part of a rebuild's time on a big database). Unsorted input falls back to np.unique."""
-    if len(tags) == 0:
-        return tags, np.empty(0, dtype=np.int64)
-    starts = np.empty(len(tags), dtype=bool)
-    starts[0] = True
-    np.any(tags[1:] != tags[:-1], axis=1, out=starts[1:])
-    uniq = tags[starts]
-    a, b = uniq[:-1], uniq[1:]
-    first = np.argmax(a != b, axis=1)  # the first column where neighbours differ
-    idx = np.arange(len(first))
-    if not np.all(b[idx, first] > a[idx, first]):
-        u, inv = np.unique(tags, axis=0, return_inverse=True)
-        return u, inv.ravel()
-    return uniq, np.cumsum(starts) - 1
+    t3 = time.perf_counter()
+    try:
+        for n, (f, size) in enumerate(m.sizes):
+            for off, page in pages.pop(f, ()):
+                out.write(f, off, np.frombuffer(page, dtype=np.uint8))
+            out.set_size(f, size)
+            out.close_all()
+            if n == len(m.sizes) // 2:
+                failpoint("ps-rebuild-midway")
+        for f, writes in pages.items():  # a page whose file the image does not size (none in practice)
+            for off, page in writes:
+                out.write(f, off, np.frombuffer(page, dtype=np.uint8))
+    finally:
+        out.close_all()
+    for f, data in m.smalls:
+        out.write_small(f, data)
+    for rel in m.meta["empty_segments"]:
+        out.write_small(rel, b"")
+    t4 = time.perf_counter()
+    _sweep(target, out.written | m.present | members)
+    os.chmod(target, m.meta["dir_mode"])
+    timings = {"manifest": t1 - t0, "aux": t2 - t1, "read": t3 - t2, "write": t4 - t3,
+               "sweep": time.perf_counter() - t4}
+    return {**m.meta, "timings": timings, "pages_written": len(rows), "pages_kept": len(m.keys) - len(rows)}
 
 
 def verify_against_restore(layer_paths, target: Path, scratch: Path, left: dict[str, set[int]] | None = None

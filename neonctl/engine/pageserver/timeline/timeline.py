@@ -39,6 +39,7 @@ from neonctl.engine.pageserver.commit_log import (
 from neonctl.engine.pageserver.config import PageserverConfig
 from neonctl.engine.pageserver.images import warm
 from neonctl.engine.pageserver.images.create import create_image
+from neonctl.engine.pageserver.images.image_manifest import manifest_of
 from neonctl.engine.pageserver.images.image_set import ImageInfo
 from neonctl.engine.pageserver.images.materialize import (
     materialize_from_image,
@@ -793,6 +794,7 @@ class Timeline:
             self.layers.add_images(info)
         else:
             register_images(self.dir / "layers", [info])
+        manifest_of(info.paths)  # now, while its layers are cached: the first rebuild from it costs no more
         return info
 
 
