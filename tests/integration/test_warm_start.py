@@ -81,7 +81,9 @@ def _not_exactly_the_target(pg18, cli, p):
     record.write_text(json.dumps({**good, "timeline_id": pg18.branch("warm2").timeline_id}))
     assert not _start(cli, pg18, "warm2")
     cli("endpoint", "stop", "warm2", *p)
-    assert _start(cli, pg18, "warm2")  # (the control: its own clean stop is reused)
+    _, _, err = cli("endpoint", "start", "warm2", *p)  # (the control: its own clean stop is reused)
+    assert "reused (no restore, no replay)" in err, (err, [dir_pool.read_record(s) for s in
+                                                         dir_pool.slots(directory_pool(pg18))])
     cli("endpoint", "stop", "warm2", *p)
     # ...nor a directory whose own copy of the shutdown checkpoint differs from storage's by one bit
     pool = dir_pool.slots(directory_pool(pg18))[0] / "pgdata"  # warm2's, just stopped
