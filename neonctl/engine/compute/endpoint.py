@@ -34,6 +34,7 @@ from neonctl.engine.project import Project, list_projects
 from neonctl.engine.roles import LOGIN_ROLES_SQL, apply_roles
 from neonctl.engine.safekeeper.client import SafekeeperClient
 from neonctl.engine.safekeeper.election_driver import attach, elect
+from neonctl.engine.safekeeper.proposer import quorum
 from neonctl.engine.storage import require_running
 from neonctl.errors import Conflict, CorruptData, InvalidInput, NeonctlError, NotFound, PostgresError, Timeout
 
@@ -356,6 +357,8 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
             raise NotFound(f"no endpoint is running on branch {branch!r}")
         pid = postgres_pid(st.pgdata)
         failpoint("endpoint-stop-before-postgres")
+        if pid and not immediate and st.at_lsn is None:
+            _wait_streaming(project, st.timeline_id)
         if pid:
             try:
                 postmaster.stop(Path(st.pgdata), "immediate" if immediate else "fast", timeout=60)
@@ -369,6 +372,26 @@ def stop_endpoint(project: Project, branch: str, immediate: bool = False) -> End
         _discard(project, st)
         clear_suspended(project, st.name)
         return st
+
+
+def _wait_streaming(project: Project, timeline_id: str, timeout: float = 3.0) -> None:
+    """Before a clean shutdown: wait until a quorum of safekeepers stream from the compute. A walsender still
+    starting up when the shutdown begins is ended with the other backends, and the shutdown checkpoint then
+    never reaches storage: the stopped directory would stand past the branch's WAL, and no start could reuse
+    it (a compute just started and stopped at once, as a test or a script does)."""
+    sks = SafekeeperClient.all_of(project)
+    need = quorum(len(sks))
+    deadline = time.monotonic() + timeout
+    while True:
+        streaming = 0
+        for sk in sks.values():
+            try:
+                streaming += bool(sk.timeline(timeline_id, timeout=2).get("streaming"))
+            except NeonctlError:
+                continue
+        if streaming >= need or time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 def list_endpoints(project: Project) -> list[tuple[EndpointState, str]]:
