@@ -10,6 +10,7 @@ import socket
 import struct
 
 import pytest
+from sockets import accepting_link, recv_exactly
 
 from neonctl.engine.proxy import bpf
 from neonctl.engine.proxy import kernel_relay as kr
@@ -76,10 +77,10 @@ async def _relayed_pair(tmp_path, relay):
     """A TCP client and a Unix "compute", joined through two Links the way relay.Session joins them."""
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future = loop.create_future()
-    tcp = await loop.create_server(lambda: _accepting(accepted), "127.0.0.1", 0)
+    tcp = await loop.create_server(lambda: accepting_link(accepted), "127.0.0.1", 0)
     path = str(tmp_path / "compute.sock")
     compute_side: asyncio.Future = loop.create_future()
-    unix = await loop.create_unix_server(lambda: _accepting(compute_side), path)
+    unix = await loop.create_unix_server(lambda: accepting_link(compute_side), path)
     client = socket.create_connection(tcp.sockets[0].getsockname())
     front = await accepted
     _t, back = await loop.create_unix_connection(Link, path)
@@ -87,28 +88,6 @@ async def _relayed_pair(tmp_path, relay):
     (await compute_side).transport.abort()  # the test talks on the duplicate, blocking
     assert relay.join(front, back, b"Z-first")
     return client, compute, front, back, (tcp, unix)
-
-
-def _accepting(fut):
-    link = Link()
-    orig = link.connection_made
-
-    def made(transport):
-        orig(transport)
-        if not fut.done():
-            fut.set_result(link)
-
-    link.connection_made = made
-    return link
-
-
-def _recv_exactly(sock, n):
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
 
 
 @pytest.mark.skipif(not ROOT_X86, reason="needs root on x86-64")
@@ -119,14 +98,14 @@ def test_tcp_to_unix_both_ways_and_hangup(tmp_path):
             client, compute, front, back, servers = await _relayed_pair(tmp_path, relay)
             client.settimeout(10)
             compute.settimeout(10)
-            assert _recv_exactly(client, 7) == b"Z-first"
+            assert recv_exactly(client, 7) == b"Z-first"
             assert relay.active() == 1
             for size in (1, 5000, 3_000_000):
                 up, down = os.urandom(size), os.urandom(size)
                 await asyncio.to_thread(client.sendall, up)
-                assert await asyncio.to_thread(_recv_exactly, compute, size) == up
+                assert await asyncio.to_thread(recv_exactly, compute, size) == up
                 await asyncio.to_thread(compute.sendall, down)
-                assert await asyncio.to_thread(_recv_exactly, client, size) == down
+                assert await asyncio.to_thread(recv_exactly, client, size) == down
             assert not front.buf and not back.buf  # nothing went through userspace
             compute.close()  # the compute goes away: the client is closed
             assert await asyncio.to_thread(client.recv, 1) == b""

@@ -9,6 +9,7 @@ import socket
 import struct
 
 import pytest
+from sockets import accepting_link, recv_exactly
 
 from neonctl.engine.proxy import bpf
 from neonctl.engine.proxy import kernel_relay as kr
@@ -40,33 +41,11 @@ def test_programs_end_in_pass_and_return_one():
     assert bpf.mov64_imm(bpf.R4, bpf.BPF_F_INGRESS) in sc.msg_program(3, 5)
 
 
-def _accepting(fut):
-    link = Link()
-    orig = link.connection_made
-
-    def made(transport):
-        orig(transport)
-        if not fut.done():
-            fut.set_result(link)
-
-    link.connection_made = made
-    return link
-
-
-def _recv_exactly(sock, n):
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
-
-
 async def _session(relay, watched_backend: bool = True):
     """A client, a "proxy" with two Links, a TCP "compute": wired as relay.Session wires them."""
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future = loop.create_future()
-    proxy = await loop.create_server(lambda: _accepting(accepted), "127.0.0.1", 0)
+    proxy = await loop.create_server(lambda: accepting_link(accepted), "127.0.0.1", 0)
     relay.listening(proxy.sockets[0].getsockname())
     compute = socket.create_server(("127.0.0.1", 0))
     client = await asyncio.to_thread(socket.create_connection, proxy.sockets[0].getsockname())
@@ -80,8 +59,10 @@ async def _session(relay, watched_backend: bool = True):
     await loop.sock_connect(sock, compute.getsockname())
     _t, back = await loop.create_connection(Link, sock=sock)
     backend, _ = await asyncio.to_thread(compute.accept)
+    for s in (client, backend):
+        s.settimeout(10)
     back.write(b"startup")  # the handshake goes the usual way before the join
-    assert await asyncio.to_thread(_recv_exactly, backend, 7) == b"startup"
+    assert await asyncio.to_thread(recv_exactly, backend, 7) == b"startup"
     return client, backend, front, back, (proxy, compute)
 
 
@@ -91,21 +72,19 @@ def test_joined_ends_talk_directly_and_hang_up_through_the_proxy():
         assert relay.shortcut is not None, "the shortcut did not load on a machine that has what it needs"
         try:
             client, backend, front, back, servers = await _session(relay)
-            for s in (client, backend):
-                s.settimeout(10)
             assert relay.join(front, back, b"Z-first")
             assert relay.shortcut.joined == 1
             # a backend's bytes sent before the client read the start-up do not overtake it (both went into
             # the client's receive queue of the shortcut, which the client reads before its TCP one)
             await asyncio.to_thread(backend.sendall, b"early")
-            assert _recv_exactly(client, 12) == b"Z-firstearly"
+            assert recv_exactly(client, 12) == b"Z-firstearly"
             proxy_socks = relay.pairs and next(iter(relay.pairs.values())).socks
             for size in (1, 5000, 3_000_000):
                 up, down = os.urandom(size), os.urandom(size)
                 await asyncio.to_thread(client.sendall, up)
-                assert await asyncio.to_thread(_recv_exactly, backend, size) == up
+                assert await asyncio.to_thread(recv_exactly, backend, size) == up
                 await asyncio.to_thread(backend.sendall, down)
-                assert await asyncio.to_thread(_recv_exactly, client, size) == down
+                assert await asyncio.to_thread(recv_exactly, client, size) == down
             for s in proxy_socks:  # the proxy's own sockets saw none of it
                 assert kr.queued(s.fileno()) == 0
             backend.close()  # the compute goes away: the proxy closes the client
@@ -126,15 +105,13 @@ def test_a_backend_the_program_did_not_see_goes_through_the_sockmap_relay():
         relay = kr.KernelRelay()
         try:
             client, backend, front, back, servers = await _session(relay, watched_backend=False)
-            for s in (client, backend):
-                s.settimeout(10)
             assert relay.join(front, back, b"Z")
             assert relay.shortcut.joined == 0 and relay.joined == 1
-            assert _recv_exactly(client, 1) == b"Z"
+            assert recv_exactly(client, 1) == b"Z"
             await asyncio.to_thread(client.sendall, b"query")
-            assert await asyncio.to_thread(_recv_exactly, backend, 5) == b"query"
+            assert await asyncio.to_thread(recv_exactly, backend, 5) == b"query"
             await asyncio.to_thread(backend.sendall, b"rows")
-            assert await asyncio.to_thread(_recv_exactly, client, 4) == b"rows"
+            assert await asyncio.to_thread(recv_exactly, client, 4) == b"rows"
             client.close()
             assert await asyncio.to_thread(backend.recv, 1) == b""
             backend.close()
@@ -146,24 +123,29 @@ def test_a_backend_the_program_did_not_see_goes_through_the_sockmap_relay():
     asyncio.run(main())
 
 
-def test_closing_the_relay_detaches_the_programs():
+def test_only_sockets_with_a_watched_remote_end_join_and_close_releases_everything():
     relay = kr.KernelRelay()
     shortcut = relay.shortcut
-    relay.close()
-    assert shortcut.fds == []
-    # a socket connecting to a formerly watched address is no longer captured: nothing to look it up in,
-    # and a fresh shortcut starts empty
-    again = kr.KernelRelay()
     try:
         with socket.create_server(("127.0.0.1", 0)) as srv:
-            c = socket.create_connection(srv.getsockname())
-            s, _ = srv.accept()
-            key = sc.tuple_key(c.getsockname(), c.getpeername())
-            assert again.bpf.lookup(again.shortcut.socks, key, 8) is None  # not watched: not captured
-            c.close()
-            s.close()
+            def captured() -> bool:
+                c = socket.create_connection(srv.getsockname())
+                s, _ = srv.accept()
+                try:
+                    return relay.bpf.lookup(shortcut.socks, sc.tuple_key(c.getsockname(), c.getpeername()), 8) \
+                        is not None
+                finally:
+                    c.close()
+                    s.close()
+
+            assert not captured()  # nobody watches this listener
+            relay.listening(srv.getsockname())
+            assert captured()  # a client of a watched listener joins the map when established
+            shortcut.unwatch_remote(srv.getsockname())
+            assert not captured()
     finally:
-        again.close()
+        relay.close()
+    assert shortcut.fds == []  # the maps, the programs and the cgroup link: all closed
 
 
 def _server_frames(data: bytes) -> tuple[list[bytes], bytes]:
@@ -206,10 +188,10 @@ def test_backend_sends_reach_a_websocket_client_as_frames():
                 sh.join(front, back, ws=True)
             assert sh.adopt(front) is not None
             front.sendall(b"first")  # what the proxy writes arrives as written (the upgrade, ReadyForQuery)
-            assert _recv_exactly(client, 5) == b"first"
+            assert recv_exactly(client, 5) == b"first"
             assert sh.join(front, back, ws=True) == (sc.tuple_key(backend.getsockname(), backend.getpeername()),)
             client.sendall(b"masked frames go to the proxy")  # the client's direction is not routed
-            assert _recv_exactly(front, 29) == b"masked frames go to the proxy"
+            assert recv_exactly(front, 29) == b"masked frames go to the proxy"
             sent = [os.urandom(n) for n in (1, 125, 126, 5000, 65535, 65536, 200_000)]
             got, rest = [], b""
             for payload in sent:
@@ -223,7 +205,7 @@ def test_backend_sends_reach_a_websocket_client_as_frames():
             assert kr.queued(back.fileno()) == 0  # nothing reached the proxy's socket
             sh.part((sc.tuple_key(backend.getsockname(), backend.getpeername()),))
             backend.sendall(b"after")  # no route: the usual way, unframed, to the proxy's socket
-            assert _recv_exactly(back, 5) == b"after"
+            assert recv_exactly(back, 5) == b"after"
             for s in (client, front, back, backend):
                 s.close()
     finally:

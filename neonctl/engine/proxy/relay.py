@@ -188,8 +188,13 @@ class Session:
         (or PgBouncer's) Unix socket, where it trusts the proxy."""
         loop = asyncio.get_running_loop()
         shortcut = self.kernel.shortcut if self.kernel is not None else None
+        sock = None
         if tcp and shortcut is not None and (addr.host, addr.port) == (addr.pg_host, addr.pg_port):
-            sock = shortcut.backend_socket()
+            try:
+                sock = shortcut.backend_socket()
+            except OSError as e:  # e.g. the watch map full: this session goes without the shortcut
+                log.info("no socket shortcut for a session of %s: %s", addr.endpoint, e)
+        if sock is not None:
             watched = sock.getsockname()
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", addr.port)), 10)
@@ -202,7 +207,7 @@ class Session:
         _t, server = await asyncio.wait_for(loop.create_unix_connection(Link, f"{addr.host}/.s.PGSQL.{addr.port}"), 10)
         return server, None
 
-    async def _compute_auth(self, server: Link, role: Role, body: bytes, scram_client, endpoint: str):
+    def _compute_auth(self, server: Link, role: Role, body: bytes, scram_client, endpoint: str):
         """Answer the compute's authentication request `body` (a TCP connection asks for SCRAM); the
         client already has its AuthenticationOk from the proxy. Returns the SCRAM state to keep."""
         code = int.from_bytes(body[:4], "big")
@@ -255,7 +260,7 @@ class Session:
                 kind, body = await _next(server, self.deadline)
                 if kind == b"R":
                     try:
-                        scram_client = await self._compute_auth(server, role, body, scram_client, addr.endpoint)
+                        scram_client = self._compute_auth(server, role, body, scram_client, addr.endpoint)
                     except (scram.AuthenticationFailed, protocol.ProtocolViolation) as e:
                         raise Refused("08006", f"the compute of {addr.endpoint} failed SCRAM with the proxy: {e}") \
                             from None

@@ -30,6 +30,7 @@ sk_skb relay carries sessions alone.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -303,9 +304,9 @@ class Shortcut:
         backend = tuple_key(back.getpeername(), back.getsockname())
         for key, who in ((client, "the client's"), (backend, "the backend's")):
             if self.bpf.lookup(self.socks, key, 8) is None:
-                raise BpfError(2, f"{who} socket is not in the shortcut's sockhash")
+                raise BpfError(errno.ENOENT, f"{who} socket is not in the shortcut's sockhash")
         if self.bpf.lookup(self.routes, tuple_key(front.getsockname(), front.getpeername()), ROUTE_VALUE.size) is None:
-            raise BpfError(2, "the proxy's writes to the client were not routed from the start (`adopt`)")
+            raise BpfError(errno.ENOENT, "the proxy's writes to the client were not routed from the start (`adopt`)")
         routes: tuple[bytes, ...] = (backend,) if ws else (backend, client)
         targets = {backend: client, client: backend}
         added: list[bytes] = []

@@ -23,11 +23,11 @@ from neonctl.engine.pageserver.images.image_set import AUX_FILES_KEY, BLCKSZ, IM
 from neonctl.engine.pageserver.images.restore import (
     _U32,
     AuxEntry,
-    _load_meta,
     _open_image,
     _relmap_path,
     _slru_path,
     aux_entries,
+    load_page_meta,
     rel_path,
 )
 from neonctl.engine.pageserver.key import REL_PREFIX, SIZE_MARKER, Key
@@ -83,9 +83,7 @@ def read_manifest(layer_paths: Sequence[str | os.PathLike[str]]) -> ImageManifes
     """One pass over the image's indexes, and a read of each value every rebuild writes."""
     readers = _open_image(layer_paths)
     try:
-        meta = _load_meta(readers)
-        if meta["blcksz"] != BLCKSZ:
-            raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
+        meta = load_page_meta(readers)
         relseg = meta["relseg_size"]
         parts: list[tuple] = []
         files: list[str] = []

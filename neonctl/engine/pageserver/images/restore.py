@@ -116,6 +116,14 @@ def _load_meta(readers: list[ImageLayerReader]) -> dict:
     return meta
 
 
+def load_page_meta(readers: list[ImageLayerReader]) -> dict:
+    """The image's metadata, for reading its pages: refused when its page size is not ours."""
+    meta = _load_meta(readers)
+    if meta["blcksz"] != BLCKSZ:
+        raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
+    return meta
+
+
 def image_info_from_layers(layer_paths: Sequence[str | os.PathLike[str]]) -> ImageInfo:
     readers = _open_image(layer_paths)
     try:
@@ -270,9 +278,7 @@ def restore_image(layer_paths: Sequence[str | os.PathLike[str]], target_dir: str
     target = Path(target_dir)
     readers = _open_image(layer_paths)
     try:
-        meta = _load_meta(readers)
-        if meta["blcksz"] != BLCKSZ:
-            raise CorruptData(f"image has {meta['blcksz']}-byte pages; neonctl handles {BLCKSZ}")
+        meta = load_page_meta(readers)
         relseg = meta["relseg_size"]
         if not recycle and target.exists() and any(target.iterdir()):
             raise InvalidInput(f"target directory {target} is not empty")
